@@ -1,0 +1,49 @@
+//! HTTP handlers, one module per resource. Handlers stay lean: they
+//! authenticate (via the [`Principal`] extractor), validate input, and hand
+//! the work to the stream engine; every failure is an [`ApiError`].
+
+pub mod demo;
+pub mod health;
+pub mod spec;
+pub mod stream;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+
+use crate::app::AppState;
+use crate::auth::{AuthError, Principal, Scope};
+use crate::error::ApiError;
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let auth = &state.config.auth;
+        let token = auth
+            .extract(&parts.headers, parts.uri.query())
+            .ok_or(AuthError::Missing)?;
+        let principal = auth.authenticate(&token).inspect_err(|e| {
+            tracing::info!(reason = e.code(), "authentication refused");
+        })?;
+        Ok(principal)
+    }
+}
+
+/// Refuses with 403 unless the caller holds `scope`.
+pub fn require(principal: &Principal, scope: Scope) -> Result<(), ApiError> {
+    if principal.has(scope) {
+        Ok(())
+    } else {
+        Err(ApiError::MissingScope(scope))
+    }
+}
+
+/// 404 for every unknown path, as problem+json.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+/// 405 for a known path with the wrong method, as problem+json.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

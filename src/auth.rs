@@ -1,0 +1,475 @@
+//! Authentication: finding the token in a request (bearer header, cookie,
+//! query; first present wins), validating it as a JWT against an explicit
+//! algorithm allow-list, and checking scopes. Also mints tokens for the
+//! demo start and `tokengate token`.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::HeaderMap;
+use base64::Engine as _;
+use jsonwebtoken::{
+    Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+/// Bytes that must never be printed: `Debug` shows only the length.
+#[derive(Clone)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// Wraps secret bytes.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    /// The bytes, for the one place that needs them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret([redacted; {} bytes])", self.0.len())
+    }
+}
+
+/// Where the verification key comes from.
+#[derive(Debug, Clone)]
+pub enum KeyMaterial {
+    /// An HMAC secret; `generated` when it is the random per-process one.
+    Secret {
+        /// The secret.
+        secret: Secret,
+        /// True for the random no-config secret.
+        generated: bool,
+    },
+    /// A PEM public key, and optionally its private key for minting.
+    PublicKey {
+        /// PEM of the public key.
+        public_pem: Vec<u8>,
+        /// PEM of the private key, for `tokengate token`.
+        private_pem: Option<Secret>,
+    },
+}
+
+/// Names under which the token may arrive besides `Authorization: Bearer`.
+#[derive(Debug, Clone)]
+pub struct TokenSources {
+    /// Cookie name.
+    pub cookie: String,
+    /// Query parameter name.
+    pub query: String,
+}
+
+/// A permission carried in the token's `scope` claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Open streams.
+    Stream,
+    /// Publish to channels.
+    Publish,
+    /// Any stream of any subject; satisfies every scope check.
+    Admin,
+}
+
+impl Scope {
+    /// The scope's name in tokens.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Stream => "stream",
+            Scope::Publish => "publish",
+            Scope::Admin => "admin",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            Scope::Stream => 1,
+            Scope::Publish => 2,
+            Scope::Admin => 4,
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The token's `sub`; streams are bound to it.
+    pub subject: String,
+    scopes: u8,
+}
+
+impl Principal {
+    /// Whether the caller may do what `scope` guards (`admin` may do all).
+    pub fn has(&self, scope: Scope) -> bool {
+        self.scopes & (scope.bit() | Scope::Admin.bit()) != 0
+    }
+}
+
+/// Why a request was not authenticated. Every variant answers 401 with
+/// `WWW-Authenticate: Bearer error="invalid_token"`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No token in any of the accepted places.
+    #[error(
+        "no token: send `Authorization: Bearer <jwt>`, the token cookie or the token query parameter"
+    )]
+    Missing,
+    /// Not a JWT at all.
+    #[error("the token is not a well-formed JWT")]
+    Malformed,
+    /// Past `exp` (plus leeway).
+    #[error("the token has expired")]
+    Expired,
+    /// Before `nbf` (minus leeway).
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    /// Signature does not verify with the configured key.
+    #[error("the token signature is invalid")]
+    BadSignature,
+    /// Signed with an algorithm outside the allow-list (including `none`).
+    #[error("the token's algorithm `{0}` is not allowed")]
+    Algorithm(String),
+    /// `iss` is not the configured issuer.
+    #[error("the token's issuer is not accepted")]
+    Issuer,
+    /// `aud` is not the configured audience.
+    #[error("the token's audience is not accepted")]
+    Audience,
+    /// A required claim is absent.
+    #[error("the token lacks the required `{0}` claim")]
+    MissingClaim(String),
+    /// Claims present but of the wrong shape.
+    #[error("the token's claims are invalid")]
+    InvalidClaims,
+}
+
+impl AuthError {
+    /// Stable code for the problem body and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_token",
+            AuthError::Malformed => "malformed_token",
+            AuthError::Expired => "token_expired",
+            AuthError::NotYetValid => "token_not_yet_valid",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::Algorithm(_) => "algorithm_not_allowed",
+            AuthError::Issuer => "invalid_issuer",
+            AuthError::Audience => "invalid_audience",
+            AuthError::MissingClaim(_) => "missing_claim",
+            AuthError::InvalidClaims => "invalid_claims",
+        }
+    }
+}
+
+/// `scope` may be a space-separated string (RFC 8693) or an array.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum ScopeClaim {
+    Text(String),
+    List(Vec<String>),
+}
+
+/// The claims tokengate reads and writes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scope: Option<ScopeClaim>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    aud: Option<String>,
+}
+
+/// Validated authentication settings: the key, the algorithm allow-list and
+/// the claim checks.
+#[derive(Clone)]
+pub struct AuthConfig {
+    decoding: DecodingKey,
+    encoding: Option<EncodingKey>,
+    algorithms: Vec<Algorithm>,
+    validation: Validation,
+    issuer: Option<String>,
+    audience: Option<String>,
+    generated_secret: bool,
+    sources: TokenSources,
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("algorithms", &self.algorithms)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("generated_secret", &self.generated_secret)
+            .field("sources", &self.sources)
+            .finish_non_exhaustive()
+    }
+}
+
+fn alg_name(alg: Algorithm) -> String {
+    format!("{alg:?}")
+}
+
+impl AuthConfig {
+    /// Checks the key and allow-list fit together (every allowed algorithm
+    /// must belong to the key's family, which is what rules out algorithm
+    /// confusion) and builds the validator.
+    pub fn new(
+        key: KeyMaterial,
+        algorithms: Option<&[String]>,
+        issuer: Option<String>,
+        audience: Option<String>,
+        leeway: Duration,
+        sources: TokenSources,
+    ) -> Result<Self, ConfigError> {
+        let (decoding, encoding, family, default_alg, generated_secret) = match key {
+            KeyMaterial::Secret { secret, generated } => (
+                DecodingKey::from_secret(secret.expose()),
+                Some(EncodingKey::from_secret(secret.expose())),
+                AlgorithmFamily::Hmac,
+                Algorithm::HS256,
+                generated,
+            ),
+            KeyMaterial::PublicKey {
+                public_pem,
+                private_pem,
+            } => {
+                let (decoding, default_alg) = if let Ok(k) = DecodingKey::from_rsa_pem(&public_pem)
+                {
+                    (k, Algorithm::RS256)
+                } else if let Ok(k) = DecodingKey::from_ec_pem(&public_pem) {
+                    (k, Algorithm::ES256)
+                } else if let Ok(k) = DecodingKey::from_ed_pem(&public_pem) {
+                    (k, Algorithm::EdDSA)
+                } else {
+                    return Err(ConfigError::invalid(
+                        "jwt_public_key_file",
+                        "not a PEM RSA, EC or Ed25519 public key",
+                    ));
+                };
+                let encoding = match private_pem {
+                    None => None,
+                    Some(pem) => Some(
+                        match default_alg {
+                            Algorithm::RS256 => EncodingKey::from_rsa_pem(pem.expose()),
+                            Algorithm::ES256 => EncodingKey::from_ec_pem(pem.expose()),
+                            _ => EncodingKey::from_ed_pem(pem.expose()),
+                        }
+                        .map_err(|e| {
+                            ConfigError::invalid(
+                                "jwt_private_key_file",
+                                format!("not a PEM private key of the public key's type: {e}"),
+                            )
+                        })?,
+                    ),
+                };
+                let family = decoding.family();
+                (decoding, encoding, family, default_alg, false)
+            }
+        };
+        let algorithms = match algorithms {
+            None | Some([]) => vec![default_alg],
+            Some(names) => names
+                .iter()
+                .map(|name| {
+                    let alg = Algorithm::from_str(name.trim()).map_err(|_| {
+                        ConfigError::invalid(
+                            "jwt_algorithms",
+                            format!(
+                                "unknown algorithm `{name}` (use e.g. HS256, RS256, ES256, EdDSA)"
+                            ),
+                        )
+                    })?;
+                    if alg.family() != family {
+                        return Err(ConfigError::invalid(
+                            "jwt_algorithms",
+                            format!("`{name}` does not fit the configured key"),
+                        ));
+                    }
+                    Ok(alg)
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let mut validation = Validation::new(algorithms[0]);
+        validation.algorithms = algorithms.clone();
+        validation.leeway = leeway.as_secs();
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        match &issuer {
+            Some(iss) => {
+                validation.set_issuer(&[iss]);
+                required.push("iss");
+            }
+            None => validation.iss = None,
+        }
+        match &audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
+        Ok(Self {
+            decoding,
+            encoding,
+            algorithms,
+            validation,
+            issuer,
+            audience,
+            generated_secret,
+            sources,
+        })
+    }
+
+    /// True when verifying with an HMAC secret.
+    pub fn key_is_secret(&self) -> bool {
+        self.decoding.family() == AlgorithmFamily::Hmac
+    }
+
+    /// True when the secret is the random per-process one.
+    pub fn generated_secret(&self) -> bool {
+        self.generated_secret
+    }
+
+    /// Allowed algorithms, by name.
+    pub fn algorithms(&self) -> Vec<String> {
+        self.algorithms.iter().copied().map(alg_name).collect()
+    }
+
+    /// Where tokens are looked for.
+    pub fn sources(&self) -> &TokenSources {
+        &self.sources
+    }
+
+    /// Finds the token: `Authorization: Bearer`, then the cookie, then the
+    /// query parameter. An `Authorization` header of another scheme is not
+    /// ours and is passed over.
+    pub fn extract<'a>(&self, headers: &'a HeaderMap, query: Option<&'a str>) -> Option<String> {
+        for value in headers.get_all(axum::http::header::AUTHORIZATION) {
+            if let Ok(text) = value.to_str()
+                && let Some((scheme, token)) = text.trim().split_once(' ')
+                && scheme.eq_ignore_ascii_case("bearer")
+            {
+                return Some(token.trim().to_owned());
+            }
+        }
+        for value in headers.get_all(axum::http::header::COOKIE) {
+            if let Ok(text) = value.to_str() {
+                for pair in text.split(';') {
+                    if let Some((name, token)) = pair.trim().split_once('=')
+                        && name == self.sources.cookie
+                    {
+                        return Some(token.trim_matches('"').to_owned());
+                    }
+                }
+            }
+        }
+        let query = query?;
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(name, _)| *name == self.sources.query.as_str())
+            .map(|(_, token)| token.into_owned())
+    }
+
+    /// Validates a token and returns who it is.
+    pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                ErrorKind::InvalidIssuer => AuthError::Issuer,
+                ErrorKind::InvalidAudience => AuthError::Audience,
+                ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
+                ErrorKind::InvalidClaimFormat(_) => AuthError::InvalidClaims,
+                ErrorKind::InvalidAlgorithm
+                | ErrorKind::InvalidAlgorithmName
+                | ErrorKind::UnsupportedAlgorithm
+                | ErrorKind::MissingAlgorithm
+                | ErrorKind::InvalidEcdsaKey
+                | ErrorKind::InvalidEddsaKey
+                | ErrorKind::InvalidRsaKey(_) => {
+                    AuthError::Algorithm(header_alg(token).unwrap_or_else(|| "unknown".into()))
+                }
+                ErrorKind::Json(_) => match header_alg(token) {
+                    // A readable header with an algorithm jsonwebtoken does not
+                    // even know (`none`, `HS1`, ...) is an algorithm refusal.
+                    Some(alg) if Algorithm::from_str(&alg).is_err() => AuthError::Algorithm(alg),
+                    Some(_) => AuthError::InvalidClaims,
+                    None => AuthError::Malformed,
+                },
+                _ => AuthError::Malformed,
+            })?;
+        let claims = data.claims;
+        if claims.sub.is_empty() {
+            return Err(AuthError::MissingClaim("sub".into()));
+        }
+        let mut scopes = 0;
+        let names: Vec<&str> = match &claims.scope {
+            None => Vec::new(),
+            Some(ScopeClaim::Text(s)) => s.split_ascii_whitespace().collect(),
+            Some(ScopeClaim::List(l)) => l.iter().map(String::as_str).collect(),
+        };
+        for name in names {
+            for scope in [Scope::Stream, Scope::Publish, Scope::Admin] {
+                if name == scope.as_str() {
+                    scopes |= scope.bit();
+                }
+            }
+        }
+        Ok(Principal {
+            subject: claims.sub,
+            scopes,
+        })
+    }
+
+    /// Signs a token for `subject` with `scope` (space separated), valid for
+    /// `ttl`; adds `iss`/`aud` when configured so the token passes here.
+    pub fn mint(&self, subject: &str, scope: &str, ttl: Duration) -> Result<String, MintError> {
+        let key = self.encoding.as_ref().ok_or(MintError::NoSigningKey)?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let claims = Claims {
+            sub: subject.to_owned(),
+            exp: now + ttl.as_secs(),
+            iat: Some(now),
+            scope: Some(ScopeClaim::Text(scope.to_owned())),
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+        };
+        jsonwebtoken::encode(&Header::new(self.algorithms[0]), &claims, key)
+            .map_err(|e| MintError::Sign(e.to_string()))
+    }
+}
+
+/// Why a token could not be minted.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    /// Only a public key is configured.
+    #[error("no signing key: with jwt_public_key_file, set jwt_private_key_file too")]
+    NoSigningKey,
+    /// The crypto backend refused.
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+/// The `alg` of a token's header, read without trusting anything else.
+fn header_alg(token: &str) -> Option<String> {
+    let header = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    value.get("alg")?.as_str().map(str::to_owned)
+}

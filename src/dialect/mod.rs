@@ -1,0 +1,72 @@
+//! Dialects render the engine's typed events on the wire. Generation and
+//! framing never depend on the dialect, so new wire formats (OpenAI chunks,
+//! Anthropic events, ...) are one renderer each.
+//!
+//! [`sse_body`] is the shared framing: it turns any event stream into the
+//! HTTP body, coalescing every event that is already available into one
+//! write (without waiting for events that are not).
+
+pub mod native;
+
+use std::convert::Infallible;
+use std::task::Poll;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+
+use crate::stream::StreamEvent;
+
+/// Stop adding ready events to one write past this many bytes.
+const MAX_WRITE: usize = 16 * 1024;
+
+/// Renders events of one stream into SSE bytes.
+pub trait Dialect: Send + 'static {
+    /// Bytes written before the first event (e.g. `retry:`).
+    fn preamble(&mut self, buf: &mut BytesMut);
+    /// Appends the wire form of one event (possibly nothing).
+    fn render(&mut self, event: &StreamEvent, buf: &mut BytesMut);
+}
+
+/// The HTTP body for a stream of events in `dialect`. Every event that is
+/// ready when the body is polled goes out in the same chunk, so a fast
+/// generator costs one write per batch instead of one per character, while
+/// a paced one is written the moment each event exists.
+pub fn sse_body<S, D>(
+    events: S,
+    mut dialect: D,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static
+where
+    S: Stream<Item = StreamEvent> + Send + 'static,
+    D: Dialect,
+{
+    let mut events = Box::pin(events);
+    let mut buf = BytesMut::with_capacity(512);
+    dialect.preamble(&mut buf);
+    let mut finished = false;
+    futures_util::stream::poll_fn(move |cx| {
+        if finished {
+            return Poll::Ready(None);
+        }
+        loop {
+            match events.poll_next_unpin(cx) {
+                Poll::Ready(Some(event)) => {
+                    dialect.render(&event, &mut buf);
+                    if buf.len() >= MAX_WRITE {
+                        return Poll::Ready(Some(Ok(buf.split().freeze())));
+                    }
+                }
+                Poll::Ready(None) => {
+                    finished = true;
+                    return Poll::Ready((!buf.is_empty()).then(|| Ok(buf.split().freeze())));
+                }
+                Poll::Pending => {
+                    return if buf.is_empty() {
+                        Poll::Pending
+                    } else {
+                        Poll::Ready(Some(Ok(buf.split().freeze())))
+                    };
+                }
+            }
+        }
+    })
+}

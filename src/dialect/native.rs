@@ -1,0 +1,91 @@
+//! tokengate's own wire format (DESIGN.md, "Wire format"):
+//!
+//! ```text
+//! retry: 3000
+//! id: <stream>.0   event: start   data: {"stream_id":"..","generator":".."}
+//! id: <stream>.<n> event: delta   data: {"text":"你"}
+//! id: <stream>.<n> event: done    data: {"finish_reason":"stop","chars":n}
+//! id: <stream>.<n> event: error   data: {"code":"..","message":".."}
+//! retry: 1000      event: shutdown data: {"retry_ms":1000}
+//! : keep-alive
+//! ```
+
+use bytes::{BufMut, BytesMut};
+
+use super::Dialect;
+use crate::sse::{push_comment, push_event, push_json_string, push_retry};
+use crate::stream::{StreamEvent, StreamId};
+
+/// Renders the native dialect.
+#[derive(Debug, Clone)]
+pub struct Native {
+    /// `retry:` hint sent first, in milliseconds.
+    pub retry_ms: u64,
+}
+
+fn push_id(buf: &mut BytesMut, stream_id: StreamId, seq: u64) {
+    // The id is hex plus digits: no CR/LF/NUL possible, so written directly.
+    buf.put_slice(b"id: ");
+    buf.put_slice(&stream_id.to_hex());
+    buf.put_u8(b'.');
+    crate::sse::push_u64(buf, seq);
+    buf.put_u8(b'\n');
+}
+
+impl Dialect for Native {
+    fn preamble(&mut self, buf: &mut BytesMut) {
+        push_retry(buf, self.retry_ms);
+    }
+
+    fn render(&mut self, event: &StreamEvent, buf: &mut BytesMut) {
+        match event {
+            StreamEvent::Delta {
+                stream_id,
+                seq,
+                text,
+            } => {
+                // Hot path: one per character. Pre-shaped, no serializer.
+                push_id(buf, *stream_id, *seq);
+                buf.put_slice(b"event: delta\ndata: {\"text\":");
+                push_json_string(buf, text);
+                buf.put_slice(b"}\n\n");
+            }
+            StreamEvent::Start {
+                stream_id,
+                generator,
+            } => {
+                let data = serde_json::json!({ "stream_id": stream_id.to_string(), "generator": generator });
+                push_id(buf, *stream_id, 0);
+                push_event(buf, None, Some("start"), &data.to_string());
+            }
+            StreamEvent::Done {
+                stream_id,
+                seq,
+                finish_reason,
+                chars,
+            } => {
+                let data =
+                    serde_json::json!({ "finish_reason": finish_reason.as_str(), "chars": chars });
+                push_id(buf, *stream_id, *seq);
+                push_event(buf, None, Some("done"), &data.to_string());
+            }
+            StreamEvent::Error {
+                stream_id,
+                seq,
+                code,
+                message,
+            } => {
+                let data = serde_json::json!({ "code": code, "message": message });
+                push_id(buf, *stream_id, *seq);
+                push_event(buf, None, Some("error"), &data.to_string());
+            }
+            StreamEvent::Shutdown { retry_ms } => {
+                push_retry(buf, *retry_ms);
+                let data =
+                    serde_json::json!({ "reason": "server shutting down", "retry_ms": retry_ms });
+                push_event(buf, None, Some("shutdown"), &data.to_string());
+            }
+            StreamEvent::Heartbeat => push_comment(buf, "keep-alive"),
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The one place where failures become HTTP: [`ApiError`] gathers every
+//! layer's error and its `IntoResponse` picks the status and writes the
+//! RFC 9457 `application/problem+json` body (plus `WWW-Authenticate` or
+//! `Retry-After` where they apply).
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::auth::{AuthError, Scope};
+
+/// Media type of every error body.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Everything a request can fail with, across layers.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Not authenticated.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// Authenticated, but the token lacks a scope.
+    #[error("this request needs the `{}` scope", .0.as_str())]
+    MissingScope(Scope),
+    /// The requested generator does not exist.
+    #[error("unknown generator `{name}`; available: {}", .available.join(", "))]
+    UnknownGenerator {
+        /// What was asked for.
+        name: String,
+        /// What exists.
+        available: Vec<String>,
+    },
+    /// A malformed request (bad JSON, bad query, invalid field).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body is not JSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// The prompt or body exceeds its limit.
+    #[error("{what} exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Which input.
+        what: &'static str,
+        /// The limit.
+        limit: usize,
+    },
+    /// The server is draining for shutdown.
+    #[error("the server is shutting down; retry on another instance")]
+    Draining,
+    /// No such route.
+    #[error("no such resource")]
+    NotFound,
+    /// The route exists but not for this method.
+    #[error("method not allowed on this resource")]
+    MethodNotAllowed,
+    /// A bug or an exhausted OS resource.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// Status, stable code and short title.
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            ApiError::Auth(e) => (StatusCode::UNAUTHORIZED, e.code(), "Unauthorized"),
+            ApiError::MissingScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope", "Forbidden"),
+            ApiError::UnknownGenerator { .. } => (
+                StatusCode::BAD_REQUEST,
+                "unknown_generator",
+                "Unknown generator",
+            ),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", "Bad request"),
+            ApiError::UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "Unsupported media type",
+            ),
+            ApiError::TooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "Payload too large",
+            ),
+            ApiError::Draining => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "Service unavailable",
+            ),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", "Not found"),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "Method not allowed",
+            ),
+            ApiError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal server error",
+            ),
+        }
+    }
+}
+
+/// A quoted-string for an auth-param: no quotes, backslashes or controls.
+fn auth_param(text: &str) -> String {
+    text.chars()
+        .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
+        .collect()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, title) = self.parts();
+        let detail = match &self {
+            // Never echo internals to the client; they are logged instead.
+            ApiError::Internal(msg) => {
+                tracing::error!(error = %msg, "internal error");
+                "internal error".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let mut body = json!({
+            "type": format!("urn:tokengate:problem:{code}"),
+            "title": title,
+            "status": status.as_u16(),
+            "detail": detail,
+            "code": code,
+        });
+        if let (ApiError::UnknownGenerator { available, .. }, Value::Object(map)) =
+            (&self, &mut body)
+        {
+            map.insert("available".into(), json!(available));
+        }
+        let mut response = (status, Json(body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        match &self {
+            ApiError::Auth(e) => {
+                let value = format!(
+                    r#"Bearer realm="tokengate", error="invalid_token", error_description="{}""#,
+                    auth_param(&e.to_string())
+                );
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    headers.insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            ApiError::MissingScope(scope) => {
+                let value = format!(
+                    r#"Bearer realm="tokengate", error="insufficient_scope", scope="{}""#,
+                    scope.as_str()
+                );
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    headers.insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            ApiError::Draining => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl ApiError {
+    /// Maps a JSON body rejection; `body_limit` is named in the 413 detail.
+    pub fn from_json_rejection(rejection: JsonRejection, body_limit: usize) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::TooLarge {
+                what: "request body",
+                limit: body_limit,
+            };
+        }
+        match rejection {
+            JsonRejection::MissingJsonContentType(_) => {
+                ApiError::UnsupportedMediaType("expected `Content-Type: application/json`".into())
+            }
+            other => ApiError::BadRequest(other.body_text()),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::BadRequest(rejection.body_text())
+    }
+}

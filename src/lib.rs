@@ -1,0 +1,30 @@
+//! tokengate: a token streaming gateway. Clients connect with a JWT and
+//! receive generated text as Server-Sent Events, one extended grapheme
+//! cluster per event.
+//!
+//! # Layout
+//! - [`config`]: settings from flags, env and TOML, validated into [`config::Config`].
+//! - [`cli`]: the command line (serve, token).
+//! - [`auth`]: token extraction, JWT validation, scopes, minting.
+//! - [`error`]: [`error::ApiError`], the one mapping of failures to problem+json.
+//! - [`sse`]: the event-stream wire format (encoder and spec parser).
+//! - [`stream`]: the engine: grapheme splitting, pacing, ids, heartbeats.
+//! - [`dialect`]: renders engine events on the wire (native; OpenAI next).
+//! - [`generator`]: the `Generator` trait, registry, `demo` and `echo`.
+//! - [`api`]: HTTP handlers per resource.
+//! - [`app`]: state, route table and layer stack.
+//! - [`shutdown`]: the drain-then-close sequence.
+//! - [`server`]: binding and serving.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod dialect;
+pub mod error;
+pub mod generator;
+pub mod server;
+pub mod shutdown;
+pub mod sse;
+pub mod stream;

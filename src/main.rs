@@ -1,0 +1,154 @@
+//! The `tokengate` binary: parse the command line, set up logging, build the
+//! configuration and run (or mint a token).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tokengate::cli::{Cli, Command};
+use tokengate::config::Config;
+use tokengate::server::Application;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match cli.effective_settings().and_then(Config::from_settings) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("tokengate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Some(Command::Token { sub, scope, ttl }) => mint(&config, &sub, &scope, &ttl),
+        None | Some(Command::Serve) => serve(config),
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn mint(config: &Config, sub: &str, scope: &str, ttl: &str) -> ExitCode {
+    if config.auth.generated_secret() {
+        eprintln!(
+            "tokengate: no key configured (set --jwt-secret, --jwt-secret-file or --jwt-private-key-file): a token signed with a random secret would be useless"
+        );
+        return ExitCode::from(2);
+    }
+    let ttl = match humantime::parse_duration(ttl) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("tokengate: --ttl `{ttl}` is not a duration like 1h ({e})");
+            return ExitCode::from(2);
+        }
+    };
+    match config.auth.mint(sub, scope, ttl) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tokengate: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log_json {
+        subscriber.json().init();
+    } else {
+        subscriber.init();
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tokengate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let app = match Application::build(config).await {
+            Ok(app) => app,
+            Err(e) => {
+                eprintln!("tokengate: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        print_banner(&app);
+        match app.run_until_stopped(shutdown_signal()).await {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "server failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Tells a first-time user what to do next. The demo token is printed only
+/// with the random per-process secret: with a real key, a long-lived token
+/// in stdout (and so in log collectors) would be a leak.
+#[allow(clippy::print_stdout)]
+fn print_banner(app: &Application) {
+    let addr = app.local_addr();
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        addr.ip().to_string()
+    };
+    let base = if addr.is_ipv6() && !addr.ip().is_unspecified() {
+        format!("http://[{host}]:{}", addr.port())
+    } else {
+        format!("http://{host}:{}", addr.port())
+    };
+    println!("tokengate listening on {base}");
+    let auth = &app.state().config.auth;
+    if !auth.generated_secret() {
+        println!(
+            "mint a token with: tokengate token --sub alice --scope \"stream publish\" --ttl 1h"
+        );
+        return;
+    }
+    match auth.mint("demo", "stream publish", Duration::from_secs(24 * 3600)) {
+        Ok(token) => {
+            println!(
+                "no key configured: using a random per-process HS256 secret (tokens die with this process)"
+            );
+            println!(
+                "demo token (sub \"demo\", scope \"stream publish\", valid 24 h):\n\n  {token}\n"
+            );
+            println!(
+                "try it:\n\n  curl -N -H \"Authorization: Bearer {token}\" \"{base}/v1/stream?prompt=hello\"\n"
+            );
+            println!("or open {base}/#token={token}");
+        }
+        Err(e) => eprintln!("tokengate: could not mint the demo token: {e}"),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

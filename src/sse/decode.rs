@@ -1,0 +1,161 @@
+//! Decoding side: an incremental event-stream parser that follows the WHATWG
+//! algorithm step by step (BOM, CR/LF/CRLF line ends split across reads,
+//! field parsing, one optional leading space, `id` with NUL ignored, `retry`
+//! digits only, empty data not dispatched, an unterminated block dropped).
+
+/// One item seen on the stream, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A dispatched event, as an `EventSource` would deliver it.
+    Message {
+        /// The `event:` type, `"message"` when none was given.
+        event: String,
+        /// Data lines joined with LF.
+        data: String,
+        /// The last event id in force when the event was dispatched.
+        id: Option<String>,
+    },
+    /// A comment line (`: ...`); `EventSource` ignores these.
+    Comment(String),
+    /// A valid `retry:` field (milliseconds).
+    Retry(u64),
+}
+
+/// Incremental parser: feed it bytes as they arrive, take events out.
+#[derive(Debug, Default)]
+pub struct Parser {
+    line: Vec<u8>,
+    /// A CR ended the previous read; an LF opening the next one belongs to it.
+    after_cr: bool,
+    started: bool,
+    data: String,
+    event_type: String,
+    last_id: Option<String>,
+}
+
+impl Parser {
+    /// A parser at the start of a stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The last event id seen (what `EventSource` would send as
+    /// `Last-Event-ID` on reconnect).
+    pub fn last_event_id(&self) -> Option<&str> {
+        self.last_id.as_deref()
+    }
+
+    /// Feeds bytes and returns the items they complete.
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<Event> {
+        let mut out = Vec::new();
+        if !self.started {
+            // A leading BOM is dropped; it may itself arrive split across reads.
+            self.line.extend_from_slice(bytes);
+            const BOM: &[u8] = b"\xEF\xBB\xBF";
+            if self.line.len() < BOM.len() && BOM.starts_with(&self.line) {
+                return out;
+            }
+            self.started = true;
+            let mut head = std::mem::take(&mut self.line);
+            if head.starts_with(BOM) {
+                head.drain(..BOM.len());
+            }
+            self.feed_bytes(&head, &mut out);
+            return out;
+        }
+        self.feed_bytes(bytes, &mut out);
+        out
+    }
+
+    fn feed_bytes(&mut self, bytes: &[u8], out: &mut Vec<Event>) {
+        let mut i = 0;
+        if self.after_cr && !bytes.is_empty() {
+            // CRLF split across two reads: the LF ends nothing new.
+            if bytes[0] == b'\n' {
+                i = 1;
+            }
+            self.after_cr = false;
+        }
+        while i < bytes.len() {
+            match bytes[i..].iter().position(|&b| b == b'\r' || b == b'\n') {
+                None => {
+                    self.line.extend_from_slice(&bytes[i..]);
+                    return;
+                }
+                Some(pos) => {
+                    self.line.extend_from_slice(&bytes[i..i + pos]);
+                    let end = i + pos;
+                    i = end + 1;
+                    if bytes[end] == b'\r' {
+                        if i == bytes.len() {
+                            self.after_cr = true;
+                        } else if bytes[i] == b'\n' {
+                            i += 1;
+                        }
+                    }
+                    let line = std::mem::take(&mut self.line);
+                    self.process_line(&String::from_utf8_lossy(&line), out);
+                }
+            }
+        }
+    }
+
+    fn process_line(&mut self, line: &str, out: &mut Vec<Event>) {
+        if line.is_empty() {
+            self.dispatch(out);
+            return;
+        }
+        if let Some(comment) = line.strip_prefix(':') {
+            out.push(Event::Comment(
+                comment.strip_prefix(' ').unwrap_or(comment).to_owned(),
+            ));
+            return;
+        }
+        let (field, value) = match line.find(':') {
+            Some(pos) => {
+                let value = &line[pos + 1..];
+                (&line[..pos], value.strip_prefix(' ').unwrap_or(value))
+            }
+            None => (line, ""),
+        };
+        match field {
+            "event" => self.event_type = value.to_owned(),
+            "data" => {
+                self.data.push_str(value);
+                self.data.push('\n');
+            }
+            "id" if !value.contains('\0') => {
+                self.last_id = Some(value.to_owned());
+            }
+            "retry" => {
+                if !value.is_empty()
+                    && value.bytes().all(|b| b.is_ascii_digit())
+                    && let Ok(ms) = value.parse()
+                {
+                    out.push(Event::Retry(ms));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self, out: &mut Vec<Event>) {
+        let event_type = std::mem::take(&mut self.event_type);
+        if self.data.is_empty() {
+            return;
+        }
+        let mut data = std::mem::take(&mut self.data);
+        if data.ends_with('\n') {
+            data.pop();
+        }
+        out.push(Event::Message {
+            event: if event_type.is_empty() {
+                "message".to_owned()
+            } else {
+                event_type
+            },
+            data,
+            id: self.last_id.clone(),
+        });
+    }
+}

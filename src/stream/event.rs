@@ -1,0 +1,70 @@
+//! The typed events of one stream, before any dialect renders them.
+
+use super::StreamId;
+
+/// Why a stream finished normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The generator ran to its end.
+    Stop,
+}
+
+impl FinishReason {
+    /// The wire name (`finish_reason` in `done`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+        }
+    }
+}
+
+/// One event of a stream, in the order the engine produces them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// First event: which stream this is and who generates it (sequence 0).
+    Start {
+        /// The stream's id.
+        stream_id: StreamId,
+        /// The generator's registry name.
+        generator: String,
+    },
+    /// One extended grapheme cluster of text.
+    Delta {
+        /// The stream's id (for the event id).
+        stream_id: StreamId,
+        /// 1-based sequence number of this delta.
+        seq: u64,
+        /// Exactly one grapheme cluster.
+        text: String,
+    },
+    /// Terminal: the generator finished.
+    Done {
+        /// The stream's id.
+        stream_id: StreamId,
+        /// Sequence number (one past the last delta).
+        seq: u64,
+        /// Why it finished.
+        finish_reason: FinishReason,
+        /// Number of deltas (grapheme clusters) sent.
+        chars: u64,
+    },
+    /// Terminal: the stream failed; `code` is stable and machine-readable.
+    Error {
+        /// The stream's id.
+        stream_id: StreamId,
+        /// Sequence number (one past the last delta).
+        seq: u64,
+        /// Machine-readable code, e.g. `upstream_failed`.
+        code: &'static str,
+        /// Human-readable detail.
+        message: String,
+    },
+    /// Terminal for this connection: the server is going away; reconnect
+    /// after `retry_ms`.
+    Shutdown {
+        /// Reconnect hint in milliseconds.
+        retry_ms: u64,
+    },
+    /// Nothing else was sent for a while; keeps proxies from timing out.
+    Heartbeat,
+}
