@@ -178,8 +178,12 @@ enum ScopeClaim {
 /// The claims tokengate reads and writes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Claims {
-    sub: String,
-    exp: u64,
+    // Optional here so that a missing one is reported as such by the
+    // validator (`missing_claim`) rather than as a shape error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exp: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -411,9 +415,10 @@ impl AuthConfig {
                 _ => AuthError::Malformed,
             })?;
         let claims = data.claims;
-        if claims.sub.is_empty() {
-            return Err(AuthError::MissingClaim("sub".into()));
-        }
+        let subject = match claims.sub {
+            Some(sub) if !sub.is_empty() => sub,
+            _ => return Err(AuthError::MissingClaim("sub".into())),
+        };
         let mut scopes = 0;
         let names: Vec<&str> = match &claims.scope {
             None => Vec::new(),
@@ -427,10 +432,7 @@ impl AuthConfig {
                 }
             }
         }
-        Ok(Principal {
-            subject: claims.sub,
-            scopes,
-        })
+        Ok(Principal { subject, scopes })
     }
 
     /// Signs a token for `subject` with `scope` (space separated), valid for
@@ -441,8 +443,8 @@ impl AuthConfig {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let claims = Claims {
-            sub: subject.to_owned(),
-            exp: now + ttl.as_secs(),
+            sub: Some(subject.to_owned()),
+            exp: Some(now + ttl.as_secs()),
             iat: Some(now),
             scope: Some(ScopeClaim::Text(scope.to_owned())),
             iss: self.issuer.clone(),

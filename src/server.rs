@@ -15,8 +15,8 @@ use crate::config::{Config, ConfigError};
 use crate::generator::{DemoGenerator, EchoGenerator, Registry};
 use crate::shutdown::Shutdown;
 
-/// After streams were told to close, connections still open this much later
-/// (a client that stopped reading, say) no longer hold the process up.
+/// Once the listener closed, connections still open this much later (a
+/// client that stopped reading, say) no longer hold the process up.
 const FORCE_EXIT_AFTER: Duration = Duration::from_secs(5);
 
 /// Why the server could not start.
@@ -135,7 +135,7 @@ impl Application {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 signal.await;
-                shutdown.begin(grace);
+                shutdown.begin(grace).await;
             });
         }
         let app = router(self.state.clone());
@@ -143,17 +143,17 @@ impl Application {
             // One small write per character: Nagle would hold them back.
             let _ = tcp.set_nodelay(true);
         });
-        let draining = shutdown.draining().clone();
+        let stopped = shutdown.stopped().clone();
         let serve = axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(async move { draining.cancelled().await });
-        let closing = shutdown.closing().clone();
+        .with_graceful_shutdown(async move { stopped.cancelled().await });
+        let stopped = shutdown.stopped().clone();
         tokio::select! {
             result = serve => result,
-            () = async { closing.cancelled().await; tokio::time::sleep(FORCE_EXIT_AFTER).await } => {
-                tracing::warn!("connections still open after streams were closed; exiting anyway");
+            () = async { stopped.cancelled().await; tokio::time::sleep(FORCE_EXIT_AFTER).await } => {
+                tracing::warn!("connections still open after the listener closed; exiting anyway");
                 Ok(())
             }
         }

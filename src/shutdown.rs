@@ -1,20 +1,53 @@
-//! Graceful shutdown in two phases, shared by the server and every stream.
+//! Graceful shutdown, shared by the server and every stream.
 //!
-//! 1. *Draining* (on SIGTERM/SIGINT): stop accepting, `/readyz` answers 503,
-//!    new streams are refused, streams in flight keep going.
-//! 2. *Closing* (when the grace period is over): every stream still open
-//!    sends `event: shutdown` with a `retry:` hint and ends, so the server
-//!    can exit instead of waiting forever on endless streams.
+//! On SIGTERM/SIGINT ([`Shutdown::begin`]):
+//! 1. *Draining*: new streams are refused (503 + `Retry-After`) and
+//!    `/readyz` answers 503, while the listener keeps answering so load
+//!    balancers see the 503 and move traffic away; open streams continue.
+//! 2. *Closing*, when every stream has ended or the grace period is over:
+//!    streams still open send `event: shutdown` with a `retry:` hint and end
+//!    (so endless streams cannot hold the process forever).
+//! 3. *Stopped*, once no stream is open (or a short deadline passed): the
+//!    listener closes, idle connections are closed, the process exits.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Cloneable handle to the shutdown state.
+/// How long streams get after `closing` to flush their `shutdown` event.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Default)]
+struct Tracker {
+    open: AtomicUsize,
+    idle: Notify,
+}
+
+/// Cloneable handle to the shutdown state and the count of open streams.
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
     draining: CancellationToken,
     closing: CancellationToken,
+    stopped: CancellationToken,
+    tracker: Arc<Tracker>,
+}
+
+/// Held by each open stream; dropping it (stream ended, client gone)
+/// un-counts the stream.
+#[derive(Debug)]
+pub struct StreamGuard {
+    tracker: Arc<Tracker>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.tracker.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.tracker.idle.notify_waiters();
+        }
+    }
 }
 
 impl Shutdown {
@@ -23,26 +56,56 @@ impl Shutdown {
         Self::default()
     }
 
-    /// Enters phase 1 now and phase 2 after `grace`. Idempotent.
-    pub fn begin(&self, grace: Duration) {
+    /// Counts a stream as open until the guard drops.
+    pub fn track(&self) -> StreamGuard {
+        self.tracker.open.fetch_add(1, Ordering::AcqRel);
+        StreamGuard {
+            tracker: self.tracker.clone(),
+        }
+    }
+
+    /// Streams open right now.
+    pub fn open_streams(&self) -> usize {
+        self.tracker.open.load(Ordering::Acquire)
+    }
+
+    async fn until_idle(&self) {
+        loop {
+            let notified = self.tracker.idle.notified();
+            if self.open_streams() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Runs the whole sequence (draining, closing after `grace` or when idle,
+    /// stopped). Idempotent: a second call waits for the first's outcome.
+    pub async fn begin(&self, grace: Duration) {
         if self.draining.is_cancelled() {
+            self.stopped.cancelled().await;
             return;
         }
         tracing::info!(
             grace_ms = grace.as_millis() as u64,
-            "draining: no new streams, open streams get the grace period"
+            open_streams = self.open_streams(),
+            "draining"
         );
         self.draining.cancel();
-        let closing = self.closing.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = tokio::time::sleep(grace) => {
-                    tracing::info!("grace period over: closing open streams");
-                    closing.cancel();
-                }
-                () = closing.cancelled() => {}
-            }
-        });
+        tokio::select! {
+            () = self.until_idle() => {}
+            () = tokio::time::sleep(grace) => {}
+            () = self.closing.cancelled() => {}
+        }
+        if self.open_streams() > 0 {
+            tracing::info!(
+                open_streams = self.open_streams(),
+                "grace period over: closing open streams"
+            );
+        }
+        self.closing.cancel();
+        let _ = tokio::time::timeout(CLOSE_DEADLINE, self.until_idle()).await;
+        self.stopped.cancel();
     }
 
     /// Skips the rest of the grace period.
@@ -56,13 +119,13 @@ impl Shutdown {
         self.draining.is_cancelled()
     }
 
-    /// Token cancelled when draining starts.
-    pub fn draining(&self) -> &CancellationToken {
-        &self.draining
-    }
-
-    /// Token cancelled when open streams must end.
+    /// Cancelled when open streams must end.
     pub fn closing(&self) -> &CancellationToken {
         &self.closing
+    }
+
+    /// Cancelled when the listener should close.
+    pub fn stopped(&self) -> &CancellationToken {
+        &self.stopped
     }
 }

@@ -7,6 +7,7 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
+use futures_util::StreamExt;
 use serde::Deserialize;
 
 use crate::app::AppState;
@@ -109,13 +110,16 @@ fn open(
         shutdown_retry_ms: state.config.shutdown_retry.as_millis() as u64,
     };
     tracing::debug!(subject = %principal.subject, generator = %name, %stream_id, "stream opened");
+    let guard = state.shutdown.track();
     let text = entry.generator.generate(request);
-    let body = sse_body(
-        events(stream_id, name, text, settings),
-        Native {
-            retry_ms: cfg.retry.as_millis() as u64,
-        },
-    );
+    let native = Native {
+        retry_ms: cfg.retry.as_millis() as u64,
+    };
+    let body = sse_body(events(stream_id, name, text, settings), native).map(move |chunk| {
+        // The guard lives exactly as long as the body: done, error or client gone.
+        let _ = &guard;
+        chunk
+    });
     let mut response = Response::new(Body::from_stream(body));
     let headers = response.headers_mut();
     headers.insert(

@@ -1,1 +1,273 @@
+//! Test harness: the real server on 127.0.0.1:0, test generators that report
+//! what happened to them, token makers and an SSE reader.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokengate::config::{Config, Settings};
+use tokengate::generator::{GenerateRequest, Generator, Registry, TextStream};
+use tokengate::server::{Application, builtin_generators};
+use tokengate::shutdown::Shutdown;
+use tokengate::sse::{Event, Parser};
+use tokio::task::JoinHandle;
+
+/// The HS256 secret every test server uses unless told otherwise.
+pub const SECRET: &str = "test-secret-0123456789-abcdefghijklmnop";
+
+/// Counts what the `probe` generator saw.
+#[derive(Debug, Default)]
+pub struct ProbeStats {
+    /// Times `generate` was called.
+    pub started: AtomicUsize,
+    /// Times a generation was dropped (cancelled or finished).
+    pub dropped: AtomicUsize,
+}
+
+/// Yields its prompt once, then stays silent forever, until dropped; a drop
+/// is counted. This lets tests see heartbeats, cancellation and shutdown.
+pub struct Probe(pub Arc<ProbeStats>);
+
+struct DropCounter(Arc<ProbeStats>);
+impl Drop for DropCounter {
+    fn drop(&mut self) {
+        self.0.dropped.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Generator for Probe {
+    fn description(&self) -> &str {
+        "test probe"
+    }
+    fn generate(&self, request: GenerateRequest) -> TextStream {
+        self.0.started.fetch_add(1, Ordering::SeqCst);
+        let counter = DropCounter(self.0.clone());
+        let text = request.prompt;
+        Box::pin(async_stream::stream! {
+            let _counter = counter;
+            yield Ok(text);
+            std::future::pending::<()>().await;
+        })
+    }
+}
+
+/// Echoes the prompt cut into chunks of 1, 2, 3, ... chars (cycling to 1
+/// after 5), so cuts fall inside grapheme clusters: between the parts of a
+/// ZWJ sequence, before combining marks, between regional indicators, and
+/// between CR and LF.
+pub struct Choppy;
+
+impl Generator for Choppy {
+    fn description(&self) -> &str {
+        "echo in awkward chunks"
+    }
+    fn generate(&self, request: GenerateRequest) -> TextStream {
+        let chars: Vec<char> = request.prompt.chars().collect();
+        let mut chunks = Vec::new();
+        let (mut i, mut size) = (0, 1);
+        while i < chars.len() {
+            let end = (i + size).min(chars.len());
+            chunks.push(Ok(chars[i..end].iter().collect::<String>()));
+            i = end;
+            size = size % 5 + 1;
+        }
+        Box::pin(futures_util::stream::iter(chunks))
+    }
+}
+
+/// A running test server.
+pub struct TestApp {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:port`.
+    pub base: String,
+    /// A client without connection pooling surprises.
+    pub client: reqwest::Client,
+    /// What the probe generator saw.
+    pub probe: Arc<ProbeStats>,
+    /// The server's shutdown handle.
+    pub shutdown: Shutdown,
+    /// The server task; resolves when the server stopped.
+    pub server: JoinHandle<std::io::Result<()>>,
+    /// Triggers the server's shutdown signal.
+    signal: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Settings every test server starts from: loopback port 0, fixed secret,
+/// no pacing.
+pub fn base_settings() -> Settings {
+    Settings {
+        listen: Some("127.0.0.1:0".into()),
+        jwt_secret: Some(SECRET.into()),
+        pace_ms: Some(0),
+        ..Settings::default()
+    }
+}
+
+/// A server with default test settings.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(base_settings()).await
+}
+
+/// A server with the given settings plus the `probe` and `choppy` generators.
+pub async fn spawn_app_with(settings: Settings) -> TestApp {
+    let config = Config::from_settings(settings).unwrap_or_else(|e| panic!("test config: {e}"));
+    let probe = Arc::new(ProbeStats::default());
+    let mut registry: Registry = builtin_generators(&config).unwrap_or_else(|e| panic!("{e}"));
+    registry.register("probe", Arc::new(Probe(probe.clone())), Duration::ZERO);
+    registry.register("choppy", Arc::new(Choppy), Duration::ZERO);
+    let app = Application::build_with(config, registry)
+        .await
+        .unwrap_or_else(|e| panic!("build: {e}"));
+    let addr = app.local_addr();
+    let shutdown = app.state().shutdown.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        addr,
+        base: format!("http://{addr}"),
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap_or_else(|e| panic!("{e}")),
+        probe,
+        shutdown,
+        server,
+        signal: Some(tx),
+    }
+}
+
+impl TestApp {
+    /// Sends the shutdown signal (what SIGTERM does in the binary).
+    pub fn signal_shutdown(&mut self) {
+        if let Some(tx) = self.signal.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// A valid HS256 token for `sub` with `scope`.
+    pub fn token(&self, sub: &str, scope: &str) -> String {
+        hs256(json!({ "sub": sub, "exp": now() + 3600, "scope": scope }))
+    }
+
+    /// `GET path` with a bearer token.
+    pub async fn get(&self, path_and_query: &str, token: Option<&str>) -> reqwest::Response {
+        let mut req = self.client.get(format!("{}{path_and_query}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path_and_query}: {e}"))
+    }
+
+    /// Opens `GET /v1/stream` with a stream-scoped token.
+    pub async fn stream(&self, query: &str) -> reqwest::Response {
+        let token = self.token("alice", "stream");
+        self.get(&format!("/v1/stream?{query}"), Some(&token)).await
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Signs `claims` with the test secret.
+pub fn hs256(claims: Value) -> String {
+    sign(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+        claims,
+    )
+}
+
+/// Signs `claims` with any algorithm and key.
+pub fn sign(alg: Algorithm, key: &EncodingKey, claims: Value) -> String {
+    jsonwebtoken::encode(&Header::new(alg), &claims, key).unwrap_or_else(|e| panic!("sign: {e}"))
+}
+
+/// Reads a whole SSE response (bounded by `limit`) into events.
+pub async fn read_events(resp: reqwest::Response, limit: Duration) -> Vec<Event> {
+    let mut parser = Parser::new();
+    let mut out = Vec::new();
+    let mut body = resp.bytes_stream();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(Ok(bytes))) => out.extend(parser.feed(&bytes)),
+            Ok(Some(Err(e))) => panic!("body error: {e}"),
+            Ok(None) => return out,
+            Err(_) => panic!("stream did not end within {limit:?}; got {out:?}"),
+        }
+    }
+}
+
+/// Reads until `pred` holds for an event (bounded), returning all so far.
+pub async fn read_until(
+    body: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    parser: &mut Parser,
+    limit: Duration,
+    pred: impl Fn(&Event) -> bool,
+) -> Vec<Event> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(Ok(bytes))) => {
+                let evs = parser.feed(&bytes);
+                let hit = evs.iter().any(&pred);
+                out.extend(evs);
+                if hit {
+                    return out;
+                }
+            }
+            Ok(Some(Err(e))) => panic!("body error: {e}"),
+            Ok(None) => panic!("stream ended before the expected event; got {out:?}"),
+            Err(_) => panic!("no expected event within {limit:?}; got {out:?}"),
+        }
+    }
+}
+
+/// `(event, data)` of dispatched messages only.
+pub fn messages(events: &[Event]) -> Vec<(String, Value, Option<String>)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message { event, data, id } => Some((
+                event.clone(),
+                serde_json::from_str(data).unwrap_or(Value::String(data.clone())),
+                id.clone(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The concatenated `delta` texts.
+pub fn delta_text(events: &[Event]) -> String {
+    messages(events)
+        .into_iter()
+        .filter(|(e, _, _)| e == "delta")
+        .map(|(_, d, _)| d["text"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Waits (bounded) until `cond` holds.
+pub async fn eventually(limit: Duration, what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

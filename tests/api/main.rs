@@ -1,1 +1,18 @@
+//! Integration tests: the real server on an ephemeral loopback port, real
+//! HTTP clients, and the real binary for CLI, config and signal behaviour.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs,
+    unreachable_pub
+)]
+
+mod auth;
+mod binary;
+mod cors;
 mod helpers;
+mod lifecycle;
+mod spec;
+mod sse_props;
+mod streaming;
+mod unicode;

@@ -1,0 +1,385 @@
+//! The real `tokengate` binary: the no-config start, config errors and
+//! precedence, the `token` subcommand, SIGTERM, and tokens kept out of logs.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use jsonwebtoken::{DecodingKey, Validation};
+use serde_json::Value;
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokengate");
+
+/// A command with no TOKENGATE_* variables inherited.
+fn cmd() -> Command {
+    let mut c = Command::new(BIN);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TOKENGATE_") {
+            c.env_remove(k);
+        }
+    }
+    c.env_remove("RUST_LOG");
+    c
+}
+
+fn run_fail(args: &[&str], envs: &[(&str, &str)]) -> String {
+    let out = cmd()
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "args {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn invalid_configuration_names_the_setting_and_exits_non_zero() {
+    let dir = tempdir();
+    let bad_toml = dir.join("bad.toml");
+    std::fs::write(&bad_toml, "listen = \"127.0.0.1:0\"\nlisen = 1\n").unwrap();
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (vec!["--listen", "nowhere:99999"], vec![], "listen"),
+        (vec![], vec![("TOKENGATE_LISTEN", "300.1.1.1:80")], "listen"),
+        (vec!["--jwt-secret", "too-short"], vec![], "jwt_secret"),
+        (
+            vec!["--jwt-public-key-file", "/nonexistent/key.pem"],
+            vec![],
+            "jwt_public_key_file",
+        ),
+        (
+            vec!["--jwt-public-key-file", "Cargo.toml"],
+            vec![],
+            "jwt_public_key_file",
+        ),
+        (
+            vec!["--jwt-secret", SECRET, "--jwt-algorithms", "HS999"],
+            vec![],
+            "jwt_algorithms",
+        ),
+        (
+            vec!["--jwt-secret", SECRET, "--jwt-algorithms", "RS256"],
+            vec![],
+            "jwt_algorithms",
+        ),
+        (vec!["--heartbeat", "soon"], vec![], "heartbeat"),
+        (
+            vec!["--config", bad_toml.to_str().unwrap()],
+            vec![],
+            "config",
+        ),
+        (vec!["--config", "/nonexistent.toml"], vec![], "config"),
+        (
+            vec!["--default-generator", "gpt"],
+            vec![],
+            "default_generator",
+        ),
+        (vec!["--generator-pace", "echo"], vec![], "generator_pace"),
+    ];
+    for (args, envs, setting) in cases {
+        let err = run_fail(&args, &envs);
+        assert!(
+            err.contains(&format!("`{setting}`")),
+            "{args:?} should name `{setting}`: {err}"
+        );
+    }
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).unwrap();
+    let dir = std::env::temp_dir().join(format!("tokengate-test-{}", hex::encode(bytes)));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn decode(token: &str, secret: &str) -> Option<Value> {
+    let mut v = Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.validate_aud = false;
+    jsonwebtoken::decode::<Value>(token, &DecodingKey::from_secret(secret.as_bytes()), &v)
+        .ok()
+        .map(|d| d.claims)
+}
+
+fn mint(args: &[&str], envs: &[(&str, &str)]) -> String {
+    let out = cmd()
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn token_subcommand_signs_with_the_configured_key() {
+    let token = mint(
+        &[
+            "token",
+            "--sub",
+            "alice",
+            "--scope",
+            "stream publish",
+            "--ttl",
+            "1h",
+            "--jwt-secret",
+            SECRET,
+        ],
+        &[],
+    );
+    let claims = decode(&token, SECRET).expect("verifies with the secret");
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["scope"], "stream publish");
+    let exp = claims["exp"].as_u64().unwrap();
+    assert!((now() + 3590..=now() + 3610).contains(&exp), "exp {exp}");
+    // With no key there is nothing sensible to sign with.
+    let err = run_fail(&["token", "--sub", "alice"], &[]);
+    assert!(err.contains("no key configured"), "{err}");
+}
+
+#[test]
+fn flags_beat_env_beat_file() {
+    let dir = tempdir();
+    let file = dir.join("tokengate.toml");
+    let (f, e, c) = (
+        "file-secret-0123456789-0123456789-abc",
+        "env-secret-0123456789-0123456789-abcd",
+        "flag-secret-0123456789-0123456789-abc",
+    );
+    std::fs::write(&file, format!("jwt_secret = \"{f}\"\npace_ms = 5\n")).unwrap();
+    let cfg = file.to_str().unwrap();
+    let only_file = mint(&["--config", cfg, "token", "--sub", "a"], &[]);
+    assert!(decode(&only_file, f).is_some());
+    let env_too = mint(
+        &["--config", cfg, "token", "--sub", "a"],
+        &[("TOKENGATE_JWT_SECRET", e)],
+    );
+    assert!(decode(&env_too, e).is_some());
+    let all = mint(
+        &["--config", cfg, "token", "--sub", "a", "--jwt-secret", c],
+        &[("TOKENGATE_JWT_SECRET", e)],
+    );
+    assert!(decode(&all, c).is_some());
+    // The config file may also come from the environment.
+    let via_env = mint(&["token", "--sub", "a"], &[("TOKENGATE_CONFIG", cfg)]);
+    assert!(decode(&via_env, f).is_some());
+}
+
+/// A running binary; killed on drop.
+struct Server {
+    child: Child,
+    stdout: Vec<String>,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary on port 0 and reads its banner up to `last_line`.
+fn start(args: &[&str], envs: &[(&str, &str)], last_line: &str) -> Server {
+    let mut child = cmd()
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("banner incomplete: {lines:?}"));
+        let done = line.contains(last_line);
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let base = lines[0]
+        .strip_prefix("tokengate listening on ")
+        .unwrap_or_else(|| panic!("{lines:?}"))
+        .to_owned();
+    Server {
+        child,
+        stdout: lines,
+        base,
+    }
+}
+
+fn sigterm(server: &mut Server) -> std::process::ExitStatus {
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    for _ in 0..200 {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no exit within 10 s of SIGTERM");
+}
+
+#[tokio::test]
+async fn no_config_start_prints_a_working_demo_token_and_curl_command() {
+    let mut server = start(&[], &[], "or open");
+    let banner = server.stdout.join("\n");
+    let curl = server
+        .stdout
+        .iter()
+        .find(|l| l.trim_start().starts_with("curl "))
+        .unwrap_or_else(|| panic!("{banner}"))
+        .trim()
+        .to_owned();
+    let token = curl
+        .split("Bearer ")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let url = curl.rsplit('"').nth(1).unwrap().to_owned();
+    assert!(url.starts_with(&server.base), "{url}");
+    assert!(
+        banner.contains(&format!("{}/#token={token}", server.base)),
+        "{banner}"
+    );
+    // The demo token: sub demo, scope "stream publish", 24 h.
+    let claims: Value = jsonwebtoken::dangerous::insecure_decode::<Value>(&token)
+        .unwrap()
+        .claims;
+    assert_eq!(claims["sub"], "demo");
+    assert_eq!(claims["scope"], "stream publish");
+    let ttl = claims["exp"].as_u64().unwrap() - now();
+    assert!((86_300..=86_400).contains(&ttl), "{ttl}");
+    // Doing what the banner says streams text.
+    let resp = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let events = read_events(resp, Duration::from_secs(60)).await;
+    assert!(delta_text(&events).chars().count() > 20);
+    assert_eq!(messages(&events)[0].1["generator"], "demo");
+    assert_eq!(messages(&events).pop().unwrap().0, "done");
+    // The demo page is there.
+    let page = reqwest::get(format!("{}/", server.base)).await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("EventSource"));
+    assert_eq!(sigterm(&mut server).code(), Some(0));
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero_and_logs_never_show_tokens() {
+    let mut server = start(
+        &["--jwt-secret", SECRET, "--shutdown-grace", "300ms"],
+        &[("RUST_LOG", "debug")],
+        "listening on",
+    );
+    // With a configured key no token is printed at all.
+    assert!(!server.stdout.join("\n").contains("eyJ"));
+    let client = reqwest::Client::new();
+    let token =
+        |sub: &str| hs256(serde_json::json!({"sub": sub, "exp": now() + 600, "scope": "stream"}));
+    let (t_query, t_cookie, t_bearer, t_bad) = (
+        token("q"),
+        token("c"),
+        token("b"),
+        format!("{}x", token("bad")),
+    );
+    let url = format!("{}/v1/stream?generator=echo&prompt=hi", server.base);
+    let r = client
+        .get(format!("{url}&access_token={t_query}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        delta_text(&read_events(r, Duration::from_secs(10)).await),
+        "hi"
+    );
+    let r = client
+        .get(&url)
+        .header("cookie", format!("tokengate_token={t_cookie}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        delta_text(&read_events(r, Duration::from_secs(10)).await),
+        "hi"
+    );
+    let r = client
+        .get(&url)
+        .bearer_auth(&t_bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        delta_text(&read_events(r, Duration::from_secs(10)).await),
+        "hi"
+    );
+    let r = client
+        .get(format!("{url}&access_token={t_bad}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // A stream that is open when SIGTERM arrives gets `shutdown`.
+    let open = client
+        .get(format!(
+            "{}/v1/stream?generator=echo&pace_ms=1000&prompt=long-text",
+            server.base
+        ))
+        .bearer_auth(&t_bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.status(), 200);
+    let status = sigterm(&mut server);
+    assert_eq!(status.code(), Some(0));
+    let events = read_events(open, Duration::from_secs(10)).await;
+    assert_eq!(messages(&events).pop().unwrap().0, "shutdown");
+
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut server.child.stderr.take().unwrap(), &mut logs).unwrap();
+    assert!(
+        logs.contains("access_token=%5Bredacted%5D") || logs.contains("access_token=[redacted]"),
+        "query logged redacted: {logs}"
+    );
+    assert!(logs.contains("/v1/stream"), "requests are logged: {logs}");
+    for (name, t) in [
+        ("query", &t_query),
+        ("cookie", &t_cookie),
+        ("bearer", &t_bearer),
+        ("bad", &t_bad),
+        ("secret", &SECRET.to_owned()),
+    ] {
+        assert!(!logs.contains(t.as_str()), "{name} token leaked into logs");
+        // Not even the signature part alone.
+        let sig = t.rsplit('.').next().unwrap();
+        assert!(!logs.contains(sig), "{name} signature leaked into logs");
+    }
+}
