@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine or a developer's: provisions what
+# the suite needs when it is missing, then runs formatting and lint checks,
+# every Rust test (unit, property, integration against the real server and
+# binary) and the OpenAPI validator. CI (.ci/run) calls exactly this script.
+#
+# Tests that need an external program fail with a clear message when it is
+# missing; they are never skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+apt_updated=0
+apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "missing $*, and no apt-get to install it: install it and re-run" >&2
+        exit 1
+    fi
+    if [ "$apt_updated" = 0 ]; then
+        apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+log "provisioning"
+command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
+command -v kill >/dev/null || apt_install procps
+command -v python3 >/dev/null || apt_install python3 python3-venv
+# Python tools live in a project-local virtual environment.
+VENV=.venv
+if [ ! -x "$VENV/bin/openapi-spec-validator" ]; then
+    python3 -m venv "$VENV" || { apt_install python3-venv && python3 -m venv "$VENV"; }
+    "$VENV/bin/pip" install -q --disable-pip-version-check openapi-spec-validator
+fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+log "openapi-spec-validator openapi.yaml"
+"$VENV/bin/openapi-spec-validator" openapi.yaml
+
+log "cargo test"
+cargo test --all-targets
