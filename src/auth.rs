@@ -306,7 +306,8 @@ impl AuthConfig {
         };
         let mut validation = Validation::new(algorithms[0]);
         validation.algorithms = algorithms.clone();
-        validation.leeway = leeway.as_secs();
+        // Whole seconds; a fraction rounds up rather than silently to zero.
+        validation.leeway = leeway.as_secs() + u64::from(leeway.subsec_nanos() > 0);
         validation.validate_nbf = true;
         let mut required = vec!["exp", "sub"];
         match &issuer {

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
 fn mint(config: &Config, sub: &str, scope: &str, ttl: &str) -> ExitCode {
     if config.auth.generated_secret() {
         eprintln!(
-            "tokengate: no key configured (set --jwt-secret, --jwt-secret-file or --jwt-private-key-file): a token signed with a random secret would be useless"
+            "tokengate: no key configured (set --jwt-secret, --jwt-secret-file, or --jwt-public-key-file with --jwt-private-key-file): a token signed with a random secret would be useless"
         );
         return ExitCode::from(2);
     }

@@ -122,9 +122,9 @@ impl Application {
         &self.state
     }
 
-    /// Serves until `signal` resolves, then drains: no new connections,
-    /// `/readyz` 503, the grace period for open streams, `shutdown` events,
-    /// exit.
+    /// Serves until `signal` resolves, then runs the sequence in
+    /// [`crate::shutdown`]: draining (new streams and `/readyz` 503), the
+    /// grace period, `shutdown` events, listener closed, return.
     pub async fn run_until_stopped(
         self,
         signal: impl Future<Output = ()> + Send + 'static,

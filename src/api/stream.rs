@@ -44,6 +44,7 @@ pub async fn open_stream_get(
     principal: Principal,
     query: Result<Query<StreamQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    super::require(&principal, Scope::Stream)?;
     let Query(q) = query?;
     let request = GenerateRequest {
         prompt: q.prompt.unwrap_or_default(),
@@ -58,6 +59,7 @@ pub async fn open_stream_post(
     principal: Principal,
     body: Result<Json<StreamBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    super::require(&principal, Scope::Stream)?;
     let Json(b) =
         body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?;
     let request = GenerateRequest {
@@ -68,7 +70,8 @@ pub async fn open_stream_post(
 }
 
 /// Everything is checked before the generator is asked for anything, so a
-/// refused request never starts work.
+/// refused request never starts work. Callers check the scope first, so a
+/// token without `stream` learns nothing about input validation.
 fn open(
     state: &AppState,
     principal: &Principal,
@@ -76,7 +79,6 @@ fn open(
     generator: Option<String>,
     pace_ms: Option<u64>,
 ) -> Result<Response, ApiError> {
-    super::require(principal, Scope::Stream)?;
     let cfg = &state.config.stream;
     let prompt_bytes = request.prompt.len()
         + request

@@ -6,7 +6,7 @@
 //! id: <stream>.<n> event: delta   data: {"text":"你"}
 //! id: <stream>.<n> event: done    data: {"finish_reason":"stop","chars":n}
 //! id: <stream>.<n> event: error   data: {"code":"..","message":".."}
-//! retry: 1000      event: shutdown data: {"retry_ms":1000}
+//! retry: 1000      event: shutdown data: {"reason":"..","retry_ms":1000}
 //! : keep-alive
 //! ```
 
