@@ -5,9 +5,14 @@
 use std::ops::Deref;
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderName, HeaderValue, Method, Request, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -17,7 +22,10 @@ use tracing::Level;
 
 use crate::api;
 use crate::config::Config;
+use crate::error::{ApiError, Refusal};
 use crate::generator::Registry;
+use crate::limits::{RateLimits, StreamSlots, client_ip};
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
 /// Everything a handler may need, shared by all requests.
@@ -28,6 +36,12 @@ pub struct Inner {
     pub generators: Registry,
     /// Shutdown phases.
     pub shutdown: Shutdown,
+    /// Request rate limiters.
+    pub rates: RateLimits,
+    /// Open stream slots.
+    pub slots: Arc<StreamSlots>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Cheaply cloneable application state.
@@ -49,11 +63,7 @@ impl Deref for AppState {
 }
 
 /// One route: path, the methods it answers (besides HEAD for GET), handler.
-pub type RouteEntry = (
-    &'static str,
-    &'static [&'static str],
-    MethodRouter<AppState>,
-);
+pub type RouteEntry = (&'static str, &'static [&'static str], MethodRouter<AppState>);
 
 /// Every route the server serves.
 pub fn route_table() -> Vec<RouteEntry> {
@@ -61,6 +71,7 @@ pub fn route_table() -> Vec<RouteEntry> {
         ("/", &["GET"], get(api::demo::page)),
         ("/healthz", &["GET"], get(api::health::healthz)),
         ("/readyz", &["GET"], get(api::health::readyz)),
+        ("/metrics", &["GET"], get(api::health::metrics)),
         ("/openapi.yaml", &["GET"], get(api::spec::openapi)),
         (
             "/v1/stream",
@@ -74,11 +85,7 @@ pub fn route_table() -> Vec<RouteEntry> {
 pub fn routes() -> Vec<(String, String)> {
     route_table()
         .into_iter()
-        .flat_map(|(path, methods, _)| {
-            methods
-                .iter()
-                .map(move |m| ((*m).to_owned(), path.to_owned()))
-        })
+        .flat_map(|(path, methods, _)| methods.iter().map(move |m| ((*m).to_owned(), path.to_owned())))
         .collect()
 }
 
@@ -100,8 +107,12 @@ pub fn redact_query(query: &str, token_param: &str) -> String {
 ///    anything can log them;
 /// 2. trace: one span per request with the query redacted, one line per
 ///    response, nothing per body chunk (that would be a line per character);
-/// 3. CORS, when configured, answering preflights before auth runs;
-/// 4. body limit for JSON bodies.
+/// 3. refusals: every error response is counted by reason and logged once,
+///    inside the request's span;
+/// 4. CORS, when configured, answering preflights before limits and auth;
+/// 5. per-IP rate limit on `/v1/*`, before authentication, so token
+///    guessing is throttled too;
+/// 6. body limit for JSON bodies.
 pub fn router(state: AppState) -> Router {
     let token_param = state.config.auth.sources().query.clone();
     let mut router = Router::new();
@@ -114,7 +125,11 @@ pub fn router(state: AppState) -> Router {
 
     let trace = TraceLayer::new_for_http()
         .make_span_with(move |req: &Request<_>| {
-            let query = req.uri().query().map(|q| redact_query(q, &token_param)).unwrap_or_default();
+            let query = req
+                .uri()
+                .query()
+                .map(|q| redact_query(q, &token_param))
+                .unwrap_or_default();
             tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), query = %query)
         })
         .on_request(())
@@ -122,11 +137,7 @@ pub fn router(state: AppState) -> Router {
         .on_eos(())
         .on_response(DefaultOnResponse::new().level(Level::INFO));
 
-    let cors = state
-        .config
-        .cors_origins
-        .as_ref()
-        .map(|origins| cors_layer(origins));
+    let cors = state.config.cors_origins.as_ref().map(|origins| cors_layer(origins));
     let body_limit = state.config.max_body_bytes;
 
     router
@@ -137,10 +148,45 @@ pub fn router(state: AppState) -> Router {
                     header::COOKIE,
                 ]))
                 .layer(trace)
+                .layer(middleware::from_fn_with_state(state.clone(), record_refusals))
                 .option_layer(cors)
+                .layer(middleware::from_fn_with_state(state.clone(), limit_ip_rate))
                 .layer(DefaultBodyLimit::max(body_limit)),
         )
         .with_state(state)
+}
+
+/// Counts and logs each refusal once: 5xx at warn, 4xx at info (they are the
+/// clients' doing), with the problem code and never the token.
+async fn record_refusals(State(state): State<AppState>, request: Request<Body>, next: Next) -> Response {
+    let response = next.run(request).await;
+    if let Some(refusal) = response.extensions().get::<Refusal>() {
+        if refusal.auth {
+            state.metrics.auth_failed(refusal.code);
+        } else {
+            state.metrics.refused(refusal.code);
+        }
+        let status = response.status().as_u16();
+        if response.status().is_server_error() {
+            tracing::warn!(status, code = refusal.code, "refused");
+        } else {
+            tracing::info!(status, code = refusal.code, "refused");
+        }
+    }
+    response
+}
+
+/// The per-client-IP rate limit for the API routes.
+async fn limit_ip_rate(State(state): State<AppState>, request: Request<Body>, next: Next) -> Response {
+    if request.uri().path().starts_with("/v1/") {
+        if let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
+            let ip = client_ip(peer.ip(), request.headers(), &state.config.limits.trusted_proxies);
+            if let Err(limited) = state.rates.check_ip(ip) {
+                return ApiError::RateLimited(limited).into_response();
+            }
+        }
+    }
+    next.run(request).await
 }
 
 fn cors_layer(origins: &[String]) -> CorsLayer {
@@ -157,10 +203,6 @@ fn cors_layer(origins: &[String]) -> CorsLayer {
         // and it would hand cookies to every site).
         return base.allow_origin(AllowOrigin::any());
     }
-    let list: Vec<HeaderValue> = origins
-        .iter()
-        .filter_map(|o| HeaderValue::from_str(o).ok())
-        .collect();
-    base.allow_origin(AllowOrigin::list(list))
-        .allow_credentials(true)
+    let list: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    base.allow_origin(AllowOrigin::list(list)).allow_credentials(true)
 }

@@ -9,9 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::HeaderMap;
 use base64::Engine as _;
-use jsonwebtoken::{
-    Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind,
-};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
@@ -116,9 +114,7 @@ impl Principal {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// No token in any of the accepted places.
-    #[error(
-        "no token: send `Authorization: Bearer <jwt>`, the token cookie or the token query parameter"
-    )]
+    #[error("no token: send `Authorization: Bearer <jwt>`, the token cookie or the token query parameter")]
     Missing,
     /// Not a JWT at all.
     #[error("the token is not a well-formed JWT")]
@@ -248,8 +244,7 @@ impl AuthConfig {
                 public_pem,
                 private_pem,
             } => {
-                let (decoding, default_alg) = if let Ok(k) = DecodingKey::from_rsa_pem(&public_pem)
-                {
+                let (decoding, default_alg) = if let Ok(k) = DecodingKey::from_rsa_pem(&public_pem) {
                     (k, Algorithm::RS256)
                 } else if let Ok(k) = DecodingKey::from_ec_pem(&public_pem) {
                     (k, Algorithm::ES256)
@@ -289,9 +284,7 @@ impl AuthConfig {
                     let alg = Algorithm::from_str(name.trim()).map_err(|_| {
                         ConfigError::invalid(
                             "jwt_algorithms",
-                            format!(
-                                "unknown algorithm `{name}` (use e.g. HS256, RS256, ES256, EdDSA)"
-                            ),
+                            format!("unknown algorithm `{name}` (use e.g. HS256, RS256, ES256, EdDSA)"),
                         )
                     })?;
                     if alg.family() != family {
@@ -388,8 +381,8 @@ impl AuthConfig {
 
     /// Validates a token and returns who it is.
     pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
@@ -440,9 +433,7 @@ impl AuthConfig {
     /// `ttl`; adds `iss`/`aud` when configured so the token passes here.
     pub fn mint(&self, subject: &str, scope: &str, ttl: Duration) -> Result<String, MintError> {
         let key = self.encoding.as_ref().ok_or(MintError::NoSigningKey)?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let claims = Claims {
             sub: Some(subject.to_owned()),
             exp: Some(now + ttl.as_secs()),
@@ -451,8 +442,7 @@ impl AuthConfig {
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
         };
-        jsonwebtoken::encode(&Header::new(self.algorithms[0]), &claims, key)
-            .map_err(|e| MintError::Sign(e.to_string()))
+        jsonwebtoken::encode(&Header::new(self.algorithms[0]), &claims, key).map_err(|e| MintError::Sign(e.to_string()))
     }
 }
 

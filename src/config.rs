@@ -10,7 +10,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::num::NonZeroU32;
+
+use ipnet::IpNet;
 use serde::Deserialize;
+
+use crate::limits::Rate;
 
 use crate::auth::{AuthConfig, KeyMaterial, Secret, TokenSources};
 
@@ -45,6 +50,36 @@ pub const DEFAULT_TOKEN_QUERY: &str = "access_token";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 /// Default largest prompt.
 pub const DEFAULT_MAX_PROMPT_BYTES: usize = 64 * 1024;
+/// Default sustained requests per minute per subject.
+pub const DEFAULT_RATE_SUBJECT_PER_MIN: u32 = 120;
+/// Default burst per subject.
+pub const DEFAULT_RATE_SUBJECT_BURST: u32 = 20;
+/// Default sustained requests per minute per client IP.
+pub const DEFAULT_RATE_IP_PER_MIN: u32 = 600;
+/// Default burst per client IP.
+pub const DEFAULT_RATE_IP_BURST: u32 = 100;
+/// Default cap on open streams, server-wide.
+pub const DEFAULT_MAX_STREAMS: usize = 10_000;
+/// Default cap on open streams per subject.
+pub const DEFAULT_MAX_STREAMS_PER_SUBJECT: usize = 16;
+/// Default per-stream send queue, in events.
+pub const DEFAULT_SEND_QUEUE: usize = 256;
+/// Default time a stream may wait on a full send queue before its client is
+/// declared a slow consumer.
+pub const DEFAULT_MAX_LAG: Duration = Duration::from_secs(30);
+/// Default cap on chat messages per request.
+pub const DEFAULT_MAX_MESSAGES: usize = 256;
+/// Default longest stream.
+pub const DEFAULT_MAX_STREAM_DURATION: Duration = Duration::from_secs(30 * 60);
+/// Default largest request head (request line plus headers).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Default time a client gets to send its request headers (and the longest a
+/// kept-alive connection may sit idle).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default cap on open connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 25_000;
+/// Smallest request-head buffer hyper accepts.
+pub const MIN_HEADER_BYTES: usize = 8192;
 /// Shortest HMAC secret accepted (RFC 7518 §3.2: at least the hash size).
 pub const MIN_SECRET_BYTES: usize = 32;
 
@@ -61,12 +96,7 @@ pub struct Settings {
     pub listen_backlog: Option<u32>,
     /// HMAC secret for HS256/384/512 (at least 32 bytes). Without any key a
     /// random per-process secret is generated and a demo token printed.
-    #[arg(
-        long,
-        global = true,
-        env = "TOKENGATE_JWT_SECRET",
-        hide_env_values = true
-    )]
+    #[arg(long, global = true, env = "TOKENGATE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// File holding the HMAC secret (trailing newline ignored).
     #[arg(long, global = true, env = "TOKENGATE_JWT_SECRET_FILE")]
@@ -79,12 +109,7 @@ pub struct Settings {
     pub jwt_private_key_file: Option<PathBuf>,
     /// Allowed JWT algorithms, comma separated (default: HS256 with a
     /// secret, the key's algorithm with a public key).
-    #[arg(
-        long,
-        global = true,
-        env = "TOKENGATE_JWT_ALGORITHMS",
-        value_delimiter = ','
-    )]
+    #[arg(long, global = true, env = "TOKENGATE_JWT_ALGORITHMS", value_delimiter = ',')]
     pub jwt_algorithms: Option<Vec<String>>,
     /// Required `iss` claim.
     #[arg(long, global = true, env = "TOKENGATE_JWT_ISSUER")]
@@ -103,12 +128,7 @@ pub struct Settings {
     pub token_query: Option<String>,
     /// Origins allowed by CORS, comma separated (`*` = any origin, without
     /// credentials).
-    #[arg(
-        long,
-        global = true,
-        env = "TOKENGATE_CORS_ORIGINS",
-        value_delimiter = ','
-    )]
+    #[arg(long, global = true, env = "TOKENGATE_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Option<Vec<String>>,
     /// Heartbeat comment interval (e.g. `15s`).
     #[arg(long, global = true, env = "TOKENGATE_HEARTBEAT")]
@@ -126,12 +146,7 @@ pub struct Settings {
     #[arg(long, global = true, env = "TOKENGATE_PACE_MAX_MS")]
     pub pace_max_ms: Option<u64>,
     /// Per-generator default pace, `name=ms`, comma separated.
-    #[arg(
-        long,
-        global = true,
-        env = "TOKENGATE_GENERATOR_PACE",
-        value_delimiter = ','
-    )]
+    #[arg(long, global = true, env = "TOKENGATE_GENERATOR_PACE", value_delimiter = ',')]
     pub generator_pace: Option<Vec<String>>,
     /// Generator used when a request names none.
     #[arg(long, global = true, env = "TOKENGATE_DEFAULT_GENERATOR")]
@@ -152,6 +167,51 @@ pub struct Settings {
     /// `retry:` hint sent with the `shutdown` event (e.g. `1s`).
     #[arg(long, global = true, env = "TOKENGATE_SHUTDOWN_RETRY")]
     pub shutdown_retry: Option<String>,
+    /// Sustained requests per minute per token subject (0 = no limit).
+    #[arg(long, global = true, env = "TOKENGATE_RATE_SUBJECT_PER_MIN")]
+    pub rate_subject_per_min: Option<u32>,
+    /// Requests a subject may make at once before the rate applies.
+    #[arg(long, global = true, env = "TOKENGATE_RATE_SUBJECT_BURST")]
+    pub rate_subject_burst: Option<u32>,
+    /// Sustained requests per minute per client IP (0 = no limit).
+    #[arg(long, global = true, env = "TOKENGATE_RATE_IP_PER_MIN")]
+    pub rate_ip_per_min: Option<u32>,
+    /// Requests an IP may make at once before the rate applies.
+    #[arg(long, global = true, env = "TOKENGATE_RATE_IP_BURST")]
+    pub rate_ip_burst: Option<u32>,
+    /// Proxies (IPs or CIDRs, comma separated) whose X-Forwarded-For /
+    /// Forwarded headers are believed.
+    #[arg(long, global = true, env = "TOKENGATE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Open streams allowed server-wide (503 beyond).
+    #[arg(long, global = true, env = "TOKENGATE_MAX_STREAMS")]
+    pub max_streams: Option<usize>,
+    /// Open streams allowed per subject (429 beyond).
+    #[arg(long, global = true, env = "TOKENGATE_MAX_STREAMS_PER_SUBJECT")]
+    pub max_streams_per_subject: Option<usize>,
+    /// Events a stream may have waiting for its client.
+    #[arg(long, global = true, env = "TOKENGATE_SEND_QUEUE")]
+    pub send_queue: Option<usize>,
+    /// How long a stream may wait on a full send queue before the client is
+    /// ended as a slow consumer (e.g. `30s`).
+    #[arg(long, global = true, env = "TOKENGATE_MAX_LAG")]
+    pub max_lag: Option<String>,
+    /// Chat messages allowed per request.
+    #[arg(long, global = true, env = "TOKENGATE_MAX_MESSAGES")]
+    pub max_messages: Option<usize>,
+    /// Longest a stream may run (e.g. `30m`).
+    #[arg(long, global = true, env = "TOKENGATE_MAX_STREAM_DURATION")]
+    pub max_stream_duration: Option<String>,
+    /// Largest request head (request line and headers) in bytes.
+    #[arg(long, global = true, env = "TOKENGATE_MAX_HEADER_BYTES")]
+    pub max_header_bytes: Option<usize>,
+    /// Time allowed to send the request headers; also how long a kept-alive
+    /// connection may sit idle (e.g. `10s`).
+    #[arg(long, global = true, env = "TOKENGATE_HEADER_TIMEOUT")]
+    pub header_timeout: Option<String>,
+    /// Open connections allowed (503 and close beyond).
+    #[arg(long, global = true, env = "TOKENGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Log format: `text` or `json`.
     #[arg(long, global = true, env = "TOKENGATE_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -172,16 +232,17 @@ impl Settings {
             jwt_private_key_file, jwt_algorithms, jwt_issuer, jwt_audience, jwt_leeway,
             token_cookie, token_query, cors_origins, heartbeat, retry, pace_ms, pace_min_ms,
             pace_max_ms, generator_pace, default_generator, prompts_dir, max_body_bytes,
-            max_prompt_bytes, shutdown_grace, shutdown_retry, log_format)
+            max_prompt_bytes, shutdown_grace, shutdown_retry, log_format, rate_subject_per_min,
+            rate_subject_burst, rate_ip_per_min, rate_ip_burst, trusted_proxies, max_streams,
+            max_streams_per_subject, send_queue, max_lag, max_messages, max_stream_duration,
+            max_header_bytes, header_timeout, max_connections)
     }
 
     /// Reads a TOML settings file.
     pub fn from_toml_file(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::invalid("config", format!("cannot read {}: {e}", path.display()))
-        })?;
-        toml::from_str(&text)
-            .map_err(|e| ConfigError::invalid("config", format!("{}: {e}", path.display())))
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::invalid("config", format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| ConfigError::invalid("config", format!("{}: {e}", path.display())))
     }
 }
 
@@ -251,6 +312,35 @@ pub struct StreamConfig {
     pub max_prompt_bytes: usize,
 }
 
+/// Limits, validated.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Per-subject request rate (`None`: unlimited).
+    pub rate_subject: Option<Rate>,
+    /// Per-IP request rate (`None`: unlimited).
+    pub rate_ip: Option<Rate>,
+    /// Proxies whose forwarding headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Server-wide open stream cap.
+    pub max_streams: usize,
+    /// Per-subject open stream cap.
+    pub max_streams_per_subject: usize,
+    /// Per-stream send queue (events).
+    pub send_queue: usize,
+    /// Longest wait on a full send queue.
+    pub max_lag: Duration,
+    /// Chat messages per request.
+    pub max_messages: usize,
+    /// Longest stream.
+    pub max_stream_duration: Duration,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+    /// Header read time and keep-alive idle time.
+    pub header_timeout: Duration,
+    /// Open connection cap.
+    pub max_connections: usize,
+}
+
 /// Validated runtime configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -275,27 +365,20 @@ pub struct Config {
     pub shutdown_retry: Duration,
     /// Emit JSON log lines.
     pub log_json: bool,
+    /// Limits.
+    pub limits: LimitsConfig,
 }
 
-fn duration(
-    setting: &'static str,
-    value: Option<&str>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
+fn duration(setting: &'static str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),
-        Some(v) => humantime::parse_duration(v.trim()).map_err(|e| {
-            ConfigError::invalid(
-                setting,
-                format!("`{v}` is not a duration like `15s` or `500ms` ({e})"),
-            )
-        }),
+        Some(v) => humantime::parse_duration(v.trim())
+            .map_err(|e| ConfigError::invalid(setting, format!("`{v}` is not a duration like `15s` or `500ms` ({e})"))),
     }
 }
 
 fn read_file(setting: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path)
-        .map_err(|e| ConfigError::invalid(setting, format!("cannot read {}: {e}", path.display())))
+    std::fs::read(path).map_err(|e| ConfigError::invalid(setting, format!("cannot read {}: {e}", path.display())))
 }
 
 impl Config {
@@ -326,10 +409,7 @@ impl Config {
                     .token_cookie
                     .clone()
                     .unwrap_or_else(|| DEFAULT_TOKEN_COOKIE.to_owned()),
-                query: s
-                    .token_query
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_TOKEN_QUERY.to_owned()),
+                query: s.token_query.clone().unwrap_or_else(|| DEFAULT_TOKEN_QUERY.to_owned()),
             },
         )?;
         if s.jwt_private_key_file.is_some() && auth.key_is_secret() {
@@ -348,9 +428,9 @@ impl Config {
                 .iter()
                 .flatten()
                 .map(|item| {
-                    let (name, ms) = item.split_once('=').ok_or_else(|| {
-                        ConfigError::invalid("generator_pace", format!("`{item}` is not `name=ms`"))
-                    })?;
+                    let (name, ms) = item
+                        .split_once('=')
+                        .ok_or_else(|| ConfigError::invalid("generator_pace", format!("`{item}` is not `name=ms`")))?;
                     let ms: u64 = ms.trim().parse().map_err(|_| {
                         ConfigError::invalid(
                             "generator_pace",
@@ -435,19 +515,111 @@ impl Config {
             cors_origins,
             prompts_dir: s.prompts_dir.clone(),
             max_body_bytes: s.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
-            shutdown_grace: duration(
-                "shutdown_grace",
-                s.shutdown_grace.as_deref(),
-                DEFAULT_SHUTDOWN_GRACE,
-            )?,
-            shutdown_retry: duration(
-                "shutdown_retry",
-                s.shutdown_retry.as_deref(),
-                DEFAULT_SHUTDOWN_RETRY,
-            )?,
+            shutdown_grace: duration("shutdown_grace", s.shutdown_grace.as_deref(), DEFAULT_SHUTDOWN_GRACE)?,
+            shutdown_retry: duration("shutdown_retry", s.shutdown_retry.as_deref(), DEFAULT_SHUTDOWN_RETRY)?,
             log_json,
+            limits: limits(&s)?,
         })
     }
+}
+
+fn rate(
+    per_min_setting: &'static str,
+    per_min: Option<u32>,
+    default_per_min: u32,
+    burst: Option<u32>,
+    default_burst: u32,
+) -> Result<Option<Rate>, ConfigError> {
+    let per_minute = per_min.unwrap_or(default_per_min);
+    let Some(per_minute) = NonZeroU32::new(per_minute) else {
+        return Ok(None);
+    };
+    let burst = NonZeroU32::new(burst.unwrap_or(default_burst))
+        .ok_or_else(|| ConfigError::invalid(per_min_setting, "its burst must be at least 1"))?;
+    if per_minute.get() > 60_000_000 {
+        return Err(ConfigError::invalid(per_min_setting, "at most 60000000 per minute"));
+    }
+    Ok(Some(Rate { per_minute, burst }))
+}
+
+fn at_least_one(setting: &'static str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    match value.unwrap_or(default) {
+        0 => Err(ConfigError::invalid(setting, "must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+fn limits(s: &Settings) -> Result<LimitsConfig, ConfigError> {
+    let trusted_proxies = s
+        .trusted_proxies
+        .iter()
+        .flatten()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<IpNet>()
+                .or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    ConfigError::invalid(
+                        "trusted_proxies",
+                        format!("`{p}` is not an IP address or CIDR like 10.0.0.0/8"),
+                    )
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let max_header_bytes = s.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+    if max_header_bytes < MIN_HEADER_BYTES {
+        return Err(ConfigError::invalid(
+            "max_header_bytes",
+            format!("must be at least {MIN_HEADER_BYTES}"),
+        ));
+    }
+    let max_lag = duration("max_lag", s.max_lag.as_deref(), DEFAULT_MAX_LAG)?;
+    let header_timeout = duration("header_timeout", s.header_timeout.as_deref(), DEFAULT_HEADER_TIMEOUT)?;
+    let max_stream_duration = duration(
+        "max_stream_duration",
+        s.max_stream_duration.as_deref(),
+        DEFAULT_MAX_STREAM_DURATION,
+    )?;
+    for (setting, d) in [
+        ("max_lag", max_lag),
+        ("header_timeout", header_timeout),
+        ("max_stream_duration", max_stream_duration),
+    ] {
+        if d.is_zero() {
+            return Err(ConfigError::invalid(setting, "must be above zero"));
+        }
+    }
+    Ok(LimitsConfig {
+        rate_subject: rate(
+            "rate_subject_per_min",
+            s.rate_subject_per_min,
+            DEFAULT_RATE_SUBJECT_PER_MIN,
+            s.rate_subject_burst,
+            DEFAULT_RATE_SUBJECT_BURST,
+        )?,
+        rate_ip: rate(
+            "rate_ip_per_min",
+            s.rate_ip_per_min,
+            DEFAULT_RATE_IP_PER_MIN,
+            s.rate_ip_burst,
+            DEFAULT_RATE_IP_BURST,
+        )?,
+        trusted_proxies,
+        max_streams: at_least_one("max_streams", s.max_streams, DEFAULT_MAX_STREAMS)?,
+        max_streams_per_subject: at_least_one(
+            "max_streams_per_subject",
+            s.max_streams_per_subject,
+            DEFAULT_MAX_STREAMS_PER_SUBJECT,
+        )?,
+        send_queue: at_least_one("send_queue", s.send_queue, DEFAULT_SEND_QUEUE)?,
+        max_lag,
+        max_messages: s.max_messages.unwrap_or(DEFAULT_MAX_MESSAGES),
+        max_stream_duration,
+        max_header_bytes,
+        header_timeout,
+        max_connections: at_least_one("max_connections", s.max_connections, DEFAULT_MAX_CONNECTIONS)?,
+    })
 }
 
 fn key_material(s: &Settings) -> Result<KeyMaterial, ConfigError> {
@@ -502,12 +674,8 @@ fn key_material(s: &Settings) -> Result<KeyMaterial, ConfigError> {
         });
     }
     let mut bytes = vec![0u8; MIN_SECRET_BYTES];
-    getrandom::fill(&mut bytes).map_err(|e| {
-        ConfigError::invalid(
-            "jwt_secret",
-            format!("no key configured and the OS RNG failed: {e}"),
-        )
-    })?;
+    getrandom::fill(&mut bytes)
+        .map_err(|e| ConfigError::invalid("jwt_secret", format!("no key configured and the OS RNG failed: {e}")))?;
     Ok(KeyMaterial::Secret {
         secret: Secret::new(bytes),
         generated: true,

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::auth::{AuthError, Scope};
+use crate::limits::{RateLimited, RateScope, SlotRefused};
 
 /// Media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -45,6 +46,20 @@ pub enum ApiError {
         /// The limit.
         limit: usize,
     },
+    /// Too many requests from this subject or client IP.
+    #[error("too many requests; retry in {} s", retry_after_secs(.0.retry_after))]
+    RateLimited(RateLimited),
+    /// No stream slot free.
+    #[error(transparent)]
+    NoSlot(#[from] SlotRefused),
+    /// More chat messages than allowed.
+    #[error("{count} chat messages exceed the limit of {limit}")]
+    TooManyMessages {
+        /// Messages sent.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The server is draining for shutdown.
     #[error("the server is shutting down; retry on another instance")]
     Draining,
@@ -65,38 +80,39 @@ impl ApiError {
         match self {
             ApiError::Auth(e) => (StatusCode::UNAUTHORIZED, e.code(), "Unauthorized"),
             ApiError::MissingScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope", "Forbidden"),
-            ApiError::UnknownGenerator { .. } => (
-                StatusCode::BAD_REQUEST,
-                "unknown_generator",
-                "Unknown generator",
-            ),
+            ApiError::UnknownGenerator { .. } => (StatusCode::BAD_REQUEST, "unknown_generator", "Unknown generator"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", "Bad request"),
             ApiError::UnsupportedMediaType(_) => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
                 "Unsupported media type",
             ),
-            ApiError::TooLarge { .. } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "Payload too large",
-            ),
-            ApiError::Draining => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "draining",
-                "Service unavailable",
-            ),
+            ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "Payload too large"),
+            ApiError::RateLimited(r) => match r.scope {
+                RateScope::Subject => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited_subject",
+                    "Too many requests",
+                ),
+                RateScope::Ip => (StatusCode::TOO_MANY_REQUESTS, "rate_limited_ip", "Too many requests"),
+            },
+            ApiError::NoSlot(SlotRefused::Subject { .. }) => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_streams", "Too many streams")
+            }
+            ApiError::NoSlot(SlotRefused::Global { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server_busy", "Service unavailable")
+            }
+            ApiError::TooManyMessages { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "too_many_messages", "Payload too large")
+            }
+            ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining", "Service unavailable"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", "Not found"),
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 "Method not allowed",
             ),
-            ApiError::Internal(_) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "Internal server error",
-            ),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal server error"),
         }
     }
 }
@@ -126,9 +142,7 @@ impl IntoResponse for ApiError {
             "detail": detail,
             "code": code,
         });
-        if let (ApiError::UnknownGenerator { available, .. }, Value::Object(map)) =
-            (&self, &mut body)
-        {
+        if let (ApiError::UnknownGenerator { available, .. }, Value::Object(map)) = (&self, &mut body) {
             map.insert("available".into(), json!(available));
         }
         let mut response = (status, Json(body)).into_response();
@@ -153,13 +167,40 @@ impl IntoResponse for ApiError {
                     headers.insert(header::WWW_AUTHENTICATE, v);
                 }
             }
-            ApiError::Draining => {
+            ApiError::RateLimited(r) => {
+                let secs = HeaderValue::from(retry_after_secs(r.retry_after));
+                headers.insert(header::RETRY_AFTER, secs.clone());
+                headers.insert("ratelimit-limit", HeaderValue::from(r.limit));
+                headers.insert("ratelimit-remaining", HeaderValue::from_static("0"));
+                headers.insert("ratelimit-reset", secs);
+            }
+            ApiError::Draining | ApiError::NoSlot(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }
+        response.extensions_mut().insert(Refusal {
+            code,
+            auth: matches!(self, ApiError::Auth(_)),
+        });
         response
     }
+}
+
+/// Marks an error response so the refusal middleware can count and log it
+/// once, with the request's context, without the handler doing so.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal {
+    /// The problem `code`.
+    pub code: &'static str,
+    /// True for authentication failures.
+    pub auth: bool,
+}
+
+/// Whole seconds to wait, rounded up and at least 1 (`Retry-After: 0`
+/// invites an immediate retry storm).
+pub fn retry_after_secs(d: std::time::Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
 impl ApiError {

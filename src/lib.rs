@@ -8,13 +8,16 @@
 //! - [`auth`]: token extraction, JWT validation, scopes, minting.
 //! - [`error`]: [`error::ApiError`], the one mapping of failures to problem+json.
 //! - [`sse`]: the event-stream wire format (encoder and spec parser).
-//! - [`stream`]: the engine: grapheme splitting, pacing, ids, heartbeats.
+//! - [`stream`]: the engine (grapheme splitting, pacing, ids, heartbeats)
+//!   and the per-stream task with its bounded queue.
 //! - [`dialect`]: renders engine events on the wire (native; OpenAI next).
 //! - [`generator`]: the `Generator` trait, registry, `demo` and `echo`.
+//! - [`limits`]: request rates, stream slots, client IP behind proxies.
+//! - [`metrics`]: Prometheus counters and gauges, per application.
 //! - [`api`]: HTTP handlers per resource.
 //! - [`app`]: state, route table and layer stack.
 //! - [`shutdown`]: the drain-then-close sequence.
-//! - [`server`]: binding and serving.
+//! - [`server`]: binding, connections and their limits, serving.
 
 pub mod api;
 pub mod app;
@@ -24,6 +27,8 @@ pub mod config;
 pub mod dialect;
 pub mod error;
 pub mod generator;
+pub mod limits;
+pub mod metrics;
 pub mod server;
 pub mod shutdown;
 pub mod sse;

@@ -110,22 +110,14 @@ fn print_banner(app: &Application) {
     println!("tokengate listening on {base}");
     let auth = &app.state().config.auth;
     if !auth.generated_secret() {
-        println!(
-            "mint a token with: tokengate token --sub alice --scope \"stream publish\" --ttl 1h"
-        );
+        println!("mint a token with: tokengate token --sub alice --scope \"stream publish\" --ttl 1h");
         return;
     }
     match auth.mint("demo", "stream publish", Duration::from_secs(24 * 3600)) {
         Ok(token) => {
-            println!(
-                "no key configured: using a random per-process HS256 secret (tokens die with this process)"
-            );
-            println!(
-                "demo token (sub \"demo\", scope \"stream publish\", valid 24 h):\n\n  {token}\n"
-            );
-            println!(
-                "try it:\n\n  curl -N -H \"Authorization: Bearer {token}\" \"{base}/v1/stream?prompt=hello\"\n"
-            );
+            println!("no key configured: using a random per-process HS256 secret (tokens die with this process)");
+            println!("demo token (sub \"demo\", scope \"stream publish\", valid 24 h):\n\n  {token}\n");
+            println!("try it:\n\n  curl -N -H \"Authorization: Bearer {token}\" \"{base}/v1/stream?prompt=hello\"\n");
             println!("or open {base}/#token={token}");
         }
         Err(e) => eprintln!("tokengate: could not mint the demo token: {e}"),

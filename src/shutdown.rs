@@ -10,44 +10,21 @@
 //! 3. *Stopped*, once no stream is open (or a short deadline passed): the
 //!    listener closes, idle connections are closed, the process exits.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use crate::limits::StreamSlots;
 
 /// How long streams get after `closing` to flush their `shutdown` event.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Default)]
-struct Tracker {
-    open: AtomicUsize,
-    idle: Notify,
-}
-
-/// Cloneable handle to the shutdown state and the count of open streams.
+/// Cloneable handle to the shutdown state.
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
     draining: CancellationToken,
     closing: CancellationToken,
     stopped: CancellationToken,
-    tracker: Arc<Tracker>,
-}
-
-/// Held by each open stream; dropping it (stream ended, client gone)
-/// un-counts the stream.
-#[derive(Debug)]
-pub struct StreamGuard {
-    tracker: Arc<Tracker>,
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        if self.tracker.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.tracker.idle.notify_waiters();
-        }
-    }
 }
 
 impl Shutdown {
@@ -56,55 +33,29 @@ impl Shutdown {
         Self::default()
     }
 
-    /// Counts a stream as open until the guard drops.
-    pub fn track(&self) -> StreamGuard {
-        self.tracker.open.fetch_add(1, Ordering::AcqRel);
-        StreamGuard {
-            tracker: self.tracker.clone(),
-        }
-    }
-
-    /// Streams open right now.
-    pub fn open_streams(&self) -> usize {
-        self.tracker.open.load(Ordering::Acquire)
-    }
-
-    async fn until_idle(&self) {
-        loop {
-            let notified = self.tracker.idle.notified();
-            if self.open_streams() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-
     /// Runs the whole sequence (draining, closing after `grace` or when idle,
     /// stopped). Idempotent: a second call waits for the first's outcome.
-    pub async fn begin(&self, grace: Duration) {
+    pub async fn begin(&self, grace: Duration, streams: &StreamSlots) {
         if self.draining.is_cancelled() {
             self.stopped.cancelled().await;
             return;
         }
         tracing::info!(
             grace_ms = grace.as_millis() as u64,
-            open_streams = self.open_streams(),
+            open_streams = streams.open(),
             "draining"
         );
         self.draining.cancel();
         tokio::select! {
-            () = self.until_idle() => {}
+            () = streams.until_idle() => {}
             () = tokio::time::sleep(grace) => {}
             () = self.closing.cancelled() => {}
         }
-        if self.open_streams() > 0 {
-            tracing::info!(
-                open_streams = self.open_streams(),
-                "grace period over: closing open streams"
-            );
+        if streams.open() > 0 {
+            tracing::info!(open_streams = streams.open(), "grace period over: closing open streams");
         }
         self.closing.cancel();
-        let _ = tokio::time::timeout(CLOSE_DEADLINE, self.until_idle()).await;
+        let _ = tokio::time::timeout(CLOSE_DEADLINE, streams.until_idle()).await;
         self.stopped.cancel();
     }
 

@@ -22,9 +22,11 @@ impl FromRequestParts<AppState> for Principal {
         let token = auth
             .extract(&parts.headers, parts.uri.query())
             .ok_or(AuthError::Missing)?;
-        let principal = auth.authenticate(&token).inspect_err(|e| {
-            tracing::info!(reason = e.code(), "authentication refused");
-        })?;
+        let principal = auth.authenticate(&token)?;
+        state
+            .rates
+            .check_subject(&principal.subject)
+            .map_err(ApiError::RateLimited)?;
         Ok(principal)
     }
 }

@@ -7,7 +7,6 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
-use futures_util::StreamExt;
 use serde::Deserialize;
 
 use crate::app::AppState;
@@ -15,7 +14,7 @@ use crate::auth::{Principal, Scope};
 use crate::dialect::{native::Native, sse_body};
 use crate::error::ApiError;
 use crate::generator::{ChatMessage, GenerateRequest};
-use crate::stream::{EngineSettings, StreamId, events};
+use crate::stream::{EngineSettings, RunContext, RunSettings, StreamId, events, spawn};
 
 /// Query of `GET /v1/stream`. Other parameters (the token, later
 /// `last_event_id`) are allowed and ignored here.
@@ -60,8 +59,7 @@ pub async fn open_stream_post(
     body: Result<Json<StreamBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     super::require(&principal, Scope::Stream)?;
-    let Json(b) =
-        body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?;
+    let Json(b) = body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?;
     let request = GenerateRequest {
         prompt: b.prompt,
         messages: b.messages,
@@ -80,12 +78,14 @@ fn open(
     pace_ms: Option<u64>,
 ) -> Result<Response, ApiError> {
     let cfg = &state.config.stream;
-    let prompt_bytes = request.prompt.len()
-        + request
-            .messages
-            .iter()
-            .map(|m| m.content.len())
-            .sum::<usize>();
+    let limits = &state.config.limits;
+    if request.messages.len() > limits.max_messages {
+        return Err(ApiError::TooManyMessages {
+            count: request.messages.len(),
+            limit: limits.max_messages,
+        });
+    }
+    let prompt_bytes = request.prompt.len() + request.messages.iter().map(|m| m.content.len()).sum::<usize>();
     if prompt_bytes > cfg.max_prompt_bytes {
         return Err(ApiError::TooLarge {
             what: "prompt",
@@ -93,35 +93,43 @@ fn open(
         });
     }
     let name = generator.unwrap_or_else(|| cfg.default_generator.clone());
-    let entry = state
-        .generators
-        .get(&name)
-        .ok_or_else(|| ApiError::UnknownGenerator {
-            name: name.clone(),
-            available: state.generators.names(),
-        })?;
+    let entry = state.generators.get(&name).ok_or_else(|| ApiError::UnknownGenerator {
+        name: name.clone(),
+        available: state.generators.names(),
+    })?;
     if state.shutdown.is_draining() {
         return Err(ApiError::Draining);
     }
-    let stream_id =
-        StreamId::random().map_err(|e| ApiError::Internal(format!("OS RNG failed: {e}")))?;
+    let permit = state.slots.try_acquire(&principal.subject)?;
+    let stream_id = StreamId::random().map_err(|e| ApiError::Internal(format!("OS RNG failed: {e}")))?;
     let settings = EngineSettings {
         pace: cfg.pace.resolve(entry.pace, pace_ms),
         heartbeat: cfg.heartbeat,
         closing: state.shutdown.closing().clone(),
         shutdown_retry_ms: state.config.shutdown_retry.as_millis() as u64,
+        max_duration: limits.max_stream_duration,
     };
     tracing::debug!(subject = %principal.subject, generator = %name, %stream_id, "stream opened");
-    let guard = state.shutdown.track();
     let text = entry.generator.generate(request);
-    let native = Native {
-        retry_ms: cfg.retry.as_millis() as u64,
+    let engine = events(stream_id, name.clone(), text, settings);
+    let ctx = RunContext {
+        stream_id,
+        subject: principal.subject.clone(),
+        generator: name,
+        permit,
+        slots: state.slots.clone(),
+        metrics: state.metrics.clone(),
     };
-    let body = sse_body(events(stream_id, name, text, settings), native).map(move |chunk| {
-        // The guard lives exactly as long as the body: done, error or client gone.
-        let _ = &guard;
-        chunk
-    });
+    let run = RunSettings {
+        queue: limits.send_queue,
+        max_lag: limits.max_lag,
+    };
+    let body = sse_body(
+        spawn(engine, ctx, run),
+        Native {
+            retry_ms: cfg.retry.as_millis() as u64,
+        },
+    );
     let mut response = Response::new(Body::from_stream(body));
     let headers = response.headers_mut();
     headers.insert(

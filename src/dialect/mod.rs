@@ -31,10 +31,7 @@ pub trait Dialect: Send + 'static {
 /// ready when the body is polled goes out in the same chunk, so a fast
 /// generator costs one write per batch instead of one per character, while
 /// a paced one is written the moment each event exists.
-pub fn sse_body<S, D>(
-    events: S,
-    mut dialect: D,
-) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static
+pub fn sse_body<S, D>(events: S, mut dialect: D) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static
 where
     S: Stream<Item = StreamEvent> + Send + 'static,
     D: Dialect,

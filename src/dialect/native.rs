@@ -39,21 +39,14 @@ impl Dialect for Native {
 
     fn render(&mut self, event: &StreamEvent, buf: &mut BytesMut) {
         match event {
-            StreamEvent::Delta {
-                stream_id,
-                seq,
-                text,
-            } => {
+            StreamEvent::Delta { stream_id, seq, text } => {
                 // Hot path: one per character. Pre-shaped, no serializer.
                 push_id(buf, *stream_id, *seq);
                 buf.put_slice(b"event: delta\ndata: {\"text\":");
                 push_json_string(buf, text);
                 buf.put_slice(b"}\n\n");
             }
-            StreamEvent::Start {
-                stream_id,
-                generator,
-            } => {
+            StreamEvent::Start { stream_id, generator } => {
                 let data = serde_json::json!({ "stream_id": stream_id.to_string(), "generator": generator });
                 push_id(buf, *stream_id, 0);
                 push_event(buf, None, Some("start"), &data.to_string());
@@ -64,8 +57,7 @@ impl Dialect for Native {
                 finish_reason,
                 chars,
             } => {
-                let data =
-                    serde_json::json!({ "finish_reason": finish_reason.as_str(), "chars": chars });
+                let data = serde_json::json!({ "finish_reason": finish_reason.as_str(), "chars": chars });
                 push_id(buf, *stream_id, *seq);
                 push_event(buf, None, Some("done"), &data.to_string());
             }
@@ -81,8 +73,7 @@ impl Dialect for Native {
             }
             StreamEvent::Shutdown { retry_ms } => {
                 push_retry(buf, *retry_ms);
-                let data =
-                    serde_json::json!({ "reason": "server shutting down", "retry_ms": retry_ms });
+                let data = serde_json::json!({ "reason": "server shutting down", "retry_ms": retry_ms });
                 push_event(buf, None, Some("shutdown"), &data.to_string());
             }
             StreamEvent::Heartbeat => push_comment(buf, "keep-alive"),

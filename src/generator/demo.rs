@@ -65,10 +65,7 @@ impl DemoGenerator {
             }
         }
         if prompts.is_empty() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no *.txt files",
-            ));
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no *.txt files"));
         }
         prompts.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Self { prompts })
@@ -82,11 +79,7 @@ impl DemoGenerator {
     /// The text a prompt selects.
     pub fn choose(&self, prompt: &str) -> &Prompt {
         let key = prompt.trim();
-        if let Some(p) = self
-            .prompts
-            .iter()
-            .find(|p| p.name.eq_ignore_ascii_case(key))
-        {
+        if let Some(p) = self.prompts.iter().find(|p| p.name.eq_ignore_ascii_case(key)) {
             return p;
         }
         let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
@@ -137,9 +130,7 @@ mod tests {
         assert_eq!(d.choose(" Emoji ").name, "emoji");
         assert_eq!(d.choose("hello there"), d.choose("hello there"));
         // Different prompts reach more than one text.
-        let names: std::collections::BTreeSet<_> = (0..50)
-            .map(|i| d.choose(&format!("q{i}")).name.clone())
-            .collect();
+        let names: std::collections::BTreeSet<_> = (0..50).map(|i| d.choose(&format!("q{i}")).name.clone()).collect();
         assert!(names.len() > 1);
     }
 

@@ -29,12 +29,7 @@ impl Registry {
     }
 
     /// Adds (or replaces) a generator under `name`.
-    pub fn register(
-        &mut self,
-        name: impl Into<String>,
-        generator: Arc<dyn Generator>,
-        pace: Duration,
-    ) {
+    pub fn register(&mut self, name: impl Into<String>, generator: Arc<dyn Generator>, pace: Duration) {
         self.entries.insert(name.into(), Entry { generator, pace });
     }
 

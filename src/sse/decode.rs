@@ -106,9 +106,7 @@ impl Parser {
             return;
         }
         if let Some(comment) = line.strip_prefix(':') {
-            out.push(Event::Comment(
-                comment.strip_prefix(' ').unwrap_or(comment).to_owned(),
-            ));
+            out.push(Event::Comment(comment.strip_prefix(' ').unwrap_or(comment).to_owned()));
             return;
         }
         let (field, value) = match line.find(':') {

@@ -81,10 +81,7 @@ pub fn push_json_string(buf: &mut BytesMut, s: &str) {
 
 fn push_field(buf: &mut BytesMut, name: &[u8], value: &str, is_id: bool) {
     buf.put_slice(name);
-    if value
-        .bytes()
-        .any(|b| b == b'\r' || b == b'\n' || (is_id && b == 0))
-    {
+    if value.bytes().any(|b| b == b'\r' || b == b'\n' || (is_id && b == 0)) {
         for b in value.bytes() {
             if b != b'\r' && b != b'\n' && !(is_id && b == 0) {
                 buf.put_u8(b);
@@ -109,11 +106,7 @@ fn split_lines(s: &str) -> impl Iterator<Item = &str> {
                 Some(current)
             }
             Some(pos) => {
-                let skip = if current[pos..].starts_with("\r\n") {
-                    2
-                } else {
-                    1
-                };
+                let skip = if current[pos..].starts_with("\r\n") { 2 } else { 1 };
                 rest = Some(&current[pos + skip..]);
                 Some(&current[..pos])
             }
@@ -167,10 +160,7 @@ mod tests {
     #[test]
     fn multi_line_data_becomes_several_data_lines() {
         let s = enc(|b| push_event(b, Some("s.1"), Some("delta"), "a\r\nb\rc\nd"));
-        assert_eq!(
-            s,
-            "id: s.1\nevent: delta\ndata: a\ndata: b\ndata: c\ndata: d\n\n"
-        );
+        assert_eq!(s, "id: s.1\nevent: delta\ndata: a\ndata: b\ndata: c\ndata: d\n\n");
     }
 
     #[test]
@@ -188,14 +178,7 @@ mod tests {
 
     #[test]
     fn json_string_matches_serde() {
-        for s in [
-            "",
-            "plain",
-            "q\"b\\s",
-            "\n\r\t\u{0}\u{1f}\u{7f}",
-            "你好👩‍👩‍👧",
-            "\u{2028}",
-        ] {
+        for s in ["", "plain", "q\"b\\s", "\n\r\t\u{0}\u{1f}\u{7f}", "你好👩‍👩‍👧", "\u{2028}"] {
             let ours = enc(|b| push_json_string(b, s));
             let back: String = serde_json::from_str(&ours).unwrap_or_default();
             assert_eq!(back, s, "{ours}");

@@ -30,6 +30,8 @@ pub struct EngineSettings {
     pub closing: CancellationToken,
     /// The `retry:` hint sent with `shutdown`, in milliseconds.
     pub shutdown_retry_ms: u64,
+    /// The stream ends with an `error` (`max_duration`) after this long.
+    pub max_duration: Duration,
 }
 
 /// The event sequence of one stream: `Start`, `Delta`s, then `Done` or
@@ -42,6 +44,7 @@ pub fn events(
 ) -> impl Stream<Item = StreamEvent> + Send + 'static {
     async_stream::stream! {
         yield StreamEvent::Start { stream_id, generator };
+        let deadline = Instant::now() + settings.max_duration;
         let mut last_sent = Instant::now();
         let mut next_delta = Instant::now();
         let mut splitter = GraphemeSplitter::new();
@@ -60,6 +63,10 @@ pub fn events(
                         biased;
                         () = settings.closing.cancelled() => {
                             yield StreamEvent::Shutdown { retry_ms: settings.shutdown_retry_ms };
+                            return;
+                        }
+                        () = sleep_until(deadline) => {
+                            yield max_duration_error(stream_id, seq, settings.max_duration);
                             return;
                         }
                         () = sleep_until(next_delta) => {}
@@ -118,12 +125,28 @@ pub fn events(
                         text_ended = true;
                     }
                 },
+                () = sleep_until(deadline) => {
+                    yield max_duration_error(stream_id, seq, settings.max_duration);
+                    return;
+                }
                 () = sleep_until(heartbeat_at) => {
                     yield StreamEvent::Heartbeat;
                     last_sent = Instant::now();
                 }
             }
         }
+    }
+}
+
+fn max_duration_error(stream_id: StreamId, seq: u64, limit: Duration) -> StreamEvent {
+    StreamEvent::Error {
+        stream_id,
+        seq: seq + 1,
+        code: "max_duration",
+        message: format!(
+            "the stream reached its maximum duration of {}",
+            humantime::format_duration(limit)
+        ),
     }
 }
 
@@ -139,6 +162,7 @@ mod tests {
             heartbeat: Duration::from_secs(15),
             closing: CancellationToken::new(),
             shutdown_retry_ms: 1000,
+            max_duration: Duration::from_secs(3600),
         }
     }
 
@@ -158,8 +182,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn paced_deltas_are_spaced_by_the_pace() {
-        let text: TextStream =
-            Box::pin(stream::iter(vec![Ok("ab".to_owned()), Ok("c".to_owned())]));
+        let text: TextStream = Box::pin(stream::iter(vec![Ok("ab".to_owned()), Ok("c".to_owned())]));
         let mut s = Box::pin(events(id(), "t".into(), text, settings(100)));
         let start = Instant::now();
         let mut times = Vec::new();
@@ -170,11 +193,7 @@ mod tests {
         }
         assert_eq!(
             times,
-            [
-                Duration::ZERO,
-                Duration::from_millis(100),
-                Duration::from_millis(200)
-            ]
+            [Duration::ZERO, Duration::from_millis(100), Duration::from_millis(200)]
         );
     }
 
@@ -188,14 +207,7 @@ mod tests {
         let beats = all.iter().filter(|e| **e == StreamEvent::Heartbeat).count();
         assert_eq!(beats, 2, "{all:?}");
         assert_eq!(texts(&all), ["x"]);
-        assert!(matches!(
-            all.last(),
-            Some(StreamEvent::Done {
-                chars: 1,
-                seq: 2,
-                ..
-            })
-        ));
+        assert!(matches!(all.last(), Some(StreamEvent::Done { chars: 1, seq: 2, .. })));
     }
 
     #[tokio::test(start_paused = true)]
@@ -217,21 +229,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn max_duration_ends_with_an_error() {
+        let mut s = settings(1000);
+        s.max_duration = Duration::from_millis(2500);
+        let text: TextStream = Box::pin(stream::iter(vec![Ok("abcdefgh".to_owned())]));
+        let all: Vec<StreamEvent> = events(id(), "t".into(), text, s).collect().await;
+        // Deltas at 0, 1 and 2 s; the limit strikes at 2.5 s.
+        assert_eq!(texts(&all), ["a", "b", "c"]);
+        assert!(
+            matches!(
+                all.last(),
+                Some(StreamEvent::Error {
+                    code: "max_duration",
+                    seq: 4,
+                    ..
+                })
+            ),
+            "{all:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn closing_ends_with_shutdown() {
         let s = settings(1000);
         let closing = s.closing.clone();
         let text: TextStream = Box::pin(stream::iter(vec![Ok("abcdef".to_owned())]));
         let mut st = Box::pin(events(id(), "t".into(), text, s));
         assert!(matches!(st.next().await, Some(StreamEvent::Start { .. })));
-        assert!(matches!(
-            st.next().await,
-            Some(StreamEvent::Delta { seq: 1, .. })
-        ));
+        assert!(matches!(st.next().await, Some(StreamEvent::Delta { seq: 1, .. })));
         closing.cancel();
-        assert_eq!(
-            st.next().await,
-            Some(StreamEvent::Shutdown { retry_ms: 1000 })
-        );
+        assert_eq!(st.next().await, Some(StreamEvent::Shutdown { retry_ms: 1000 }));
         assert_eq!(st.next().await, None);
     }
 }

@@ -68,3 +68,24 @@ pub enum StreamEvent {
     /// Nothing else was sent for a while; keeps proxies from timing out.
     Heartbeat,
 }
+
+impl StreamEvent {
+    /// True for the events after which nothing more is sent on a stream.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            StreamEvent::Done { .. } | StreamEvent::Error { .. } | StreamEvent::Shutdown { .. }
+        )
+    }
+
+    /// The outcome label of a terminal event (`done`, the error code,
+    /// `shutdown`).
+    pub fn outcome(&self) -> Option<&'static str> {
+        match self {
+            StreamEvent::Done { .. } => Some("done"),
+            StreamEvent::Error { code, .. } => Some(code),
+            StreamEvent::Shutdown { .. } => Some("shutdown"),
+            _ => None,
+        }
+    }
+}

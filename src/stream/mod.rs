@@ -7,8 +7,10 @@ mod engine;
 mod event;
 mod graphemes;
 mod id;
+mod run;
 
 pub use engine::{EngineSettings, events};
 pub use event::{FinishReason, StreamEvent};
 pub use graphemes::GraphemeSplitter;
 pub use id::StreamId;
+pub use run::{RunContext, RunSettings, spawn};

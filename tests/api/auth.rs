@@ -12,10 +12,7 @@ use crate::helpers::*;
 async fn expect_401(resp: reqwest::Response, code: &str) {
     assert_eq!(resp.status(), 401, "expected 401 {code}");
     assert_eq!(resp.headers()["content-type"], "application/problem+json");
-    let www = resp.headers()["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let www = resp.headers()["www-authenticate"].to_str().unwrap().to_owned();
     assert!(www.starts_with("Bearer "), "{www}");
     assert!(www.contains(r#"error="invalid_token""#), "{www}");
     assert!(www.contains("error_description=\""), "{www}");
@@ -27,8 +24,7 @@ async fn expect_401(resp: reqwest::Response, code: &str) {
 }
 
 async fn probe_with(app: &TestApp, token: &str) -> reqwest::Response {
-    app.get("/v1/stream?generator=probe&prompt=x", Some(token))
-        .await
+    app.get("/v1/stream?generator=probe&prompt=x", Some(token)).await
 }
 
 #[tokio::test]
@@ -36,13 +32,7 @@ async fn each_transport_is_accepted() {
     let app = spawn_app().await;
     let token = app.token("alice", "stream");
     let url = format!("{}/v1/stream?generator=echo&prompt=ok", app.base);
-    let bearer = app
-        .client
-        .get(&url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let bearer = app.client.get(&url).bearer_auth(&token).send().await.unwrap();
     let cookie = app
         .client
         .get(&url)
@@ -200,14 +190,8 @@ async fn every_bad_token_is_refused_and_starts_nothing() {
             ),
             "algorithm_not_allowed",
         ),
-        (
-            hs256(json!({"exp": now + 3600, "scope": "stream"})),
-            "missing_claim",
-        ),
-        (
-            hs256(json!({"sub": "alice", "scope": "stream"})),
-            "missing_claim",
-        ),
+        (hs256(json!({"exp": now + 3600, "scope": "stream"})), "missing_claim"),
+        (hs256(json!({"sub": "alice", "scope": "stream"})), "missing_claim"),
         (
             hs256(json!({"sub": "alice", "exp": "tomorrow", "scope": "stream"})),
             "invalid_claims",
@@ -216,11 +200,7 @@ async fn every_bad_token_is_refused_and_starts_nothing() {
     for (token, code) in &cases {
         expect_401(probe_with(&app, token).await, code).await;
     }
-    expect_401(
-        app.get("/v1/stream?generator=probe", None).await,
-        "missing_token",
-    )
-    .await;
+    expect_401(app.get("/v1/stream?generator=probe", None).await, "missing_token").await;
     assert_eq!(app.probe.started.load(Ordering::SeqCst), 0);
 }
 
@@ -243,10 +223,7 @@ async fn missing_scope_is_403() {
     assert_eq!(app.probe.started.load(Ordering::SeqCst), 0);
     // `admin` may do everything; scope may also be a JSON array.
     let admin = app
-        .get(
-            "/v1/stream?generator=echo&prompt=a",
-            Some(&app.token("root", "admin")),
-        )
+        .get("/v1/stream?generator=echo&prompt=a", Some(&app.token("root", "admin")))
         .await;
     assert_eq!(admin.status(), 200);
     let array = hs256(json!({"sub": "bob", "exp": now() + 60, "scope": ["publish", "stream"]}));
@@ -265,13 +242,10 @@ async fn issuer_and_audience_are_checked_when_configured() {
     settings.jwt_audience = Some("tokengate".into());
     let app = spawn_app_with(settings).await;
     let exp = now() + 3600;
-    let ok = hs256(
-        json!({"sub": "a", "exp": exp, "scope": "stream", "iss": "https://issuer.test", "aud": "tokengate"}),
-    );
+    let ok =
+        hs256(json!({"sub": "a", "exp": exp, "scope": "stream", "iss": "https://issuer.test", "aud": "tokengate"}));
     assert_eq!(
-        app.get("/v1/stream?generator=echo&prompt=a", Some(&ok))
-            .await
-            .status(),
+        app.get("/v1/stream?generator=echo&prompt=a", Some(&ok)).await.status(),
         200
     );
     let cases = [
@@ -340,11 +314,7 @@ async fn asymmetric_algorithms_verify_with_pem_public_keys() {
             "{alg:?}"
         );
         // An HS256 token is not accepted by an asymmetric server.
-        expect_401(
-            probe_with(&app, &hs256(claims())).await,
-            "algorithm_not_allowed",
-        )
-        .await;
+        expect_401(probe_with(&app, &hs256(claims())).await, "algorithm_not_allowed").await;
     }
 }
 
@@ -370,11 +340,7 @@ async fn algorithm_confusion_is_rejected() {
         );
         let mut parts: Vec<String> = t.split('.').map(str::to_owned).collect();
         let sig = parts[2].clone();
-        parts[2] = format!(
-            "{}{}",
-            if sig.starts_with('A') { "B" } else { "A" },
-            &sig[1..]
-        );
+        parts[2] = format!("{}{}", if sig.starts_with('A') { "B" } else { "A" }, &sig[1..]);
         parts.join(".")
     };
     expect_401(probe_with(&app, &ok_alg_wrong_sig).await, "bad_signature").await;

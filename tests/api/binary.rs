@@ -66,17 +66,9 @@ fn invalid_configuration_names_the_setting_and_exits_non_zero() {
             "jwt_algorithms",
         ),
         (vec!["--heartbeat", "soon"], vec![], "heartbeat"),
-        (
-            vec!["--config", bad_toml.to_str().unwrap()],
-            vec![],
-            "config",
-        ),
+        (vec!["--config", bad_toml.to_str().unwrap()], vec![], "config"),
         (vec!["--config", "/nonexistent.toml"], vec![], "config"),
-        (
-            vec!["--default-generator", "gpt"],
-            vec![],
-            "default_generator",
-        ),
+        (vec!["--default-generator", "gpt"], vec![], "default_generator"),
         (vec!["--generator-pace", "echo"], vec![], "generator_pace"),
     ];
     for (args, envs, setting) in cases {
@@ -105,11 +97,7 @@ fn decode(token: &str, secret: &str) -> Option<Value> {
 }
 
 fn mint(args: &[&str], envs: &[(&str, &str)]) -> String {
-    let out = cmd()
-        .args(args)
-        .envs(envs.iter().copied())
-        .output()
-        .unwrap();
+    let out = cmd().args(args).envs(envs.iter().copied()).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
@@ -225,13 +213,7 @@ fn start(args: &[&str], envs: &[(&str, &str)], last_line: &str) -> Server {
 
 fn sigterm(server: &mut Server) -> std::process::ExitStatus {
     let pid = server.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     for _ in 0..200 {
         if let Some(status) = server.child.try_wait().unwrap() {
             return status;
@@ -262,10 +244,7 @@ async fn no_config_start_prints_a_working_demo_token_and_curl_command() {
         .to_owned();
     let url = curl.rsplit('"').nth(1).unwrap().to_owned();
     assert!(url.starts_with(&server.base), "{url}");
-    assert!(
-        banner.contains(&format!("{}/#token={token}", server.base)),
-        "{banner}"
-    );
+    assert!(banner.contains(&format!("{}/#token={token}", server.base)), "{banner}");
     // The demo token: sub demo, scope "stream publish", 24 h.
     let claims: Value = jsonwebtoken::dangerous::insecure_decode::<Value>(&token)
         .unwrap()
@@ -303,49 +282,25 @@ async fn sigterm_drains_and_exits_zero_and_logs_never_show_tokens() {
     // With a configured key no token is printed at all.
     assert!(!server.stdout.join("\n").contains("eyJ"));
     let client = reqwest::Client::new();
-    let token =
-        |sub: &str| hs256(serde_json::json!({"sub": sub, "exp": now() + 600, "scope": "stream"}));
-    let (t_query, t_cookie, t_bearer, t_bad) = (
-        token("q"),
-        token("c"),
-        token("b"),
-        format!("{}x", token("bad")),
-    );
+    let token = |sub: &str| hs256(serde_json::json!({"sub": sub, "exp": now() + 600, "scope": "stream"}));
+    let (t_query, t_cookie, t_bearer, t_bad) = (token("q"), token("c"), token("b"), format!("{}x", token("bad")));
     let url = format!("{}/v1/stream?generator=echo&prompt=hi", server.base);
     let r = client
         .get(format!("{url}&access_token={t_query}"))
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        delta_text(&read_events(r, Duration::from_secs(10)).await),
-        "hi"
-    );
+    assert_eq!(delta_text(&read_events(r, Duration::from_secs(10)).await), "hi");
     let r = client
         .get(&url)
         .header("cookie", format!("tokengate_token={t_cookie}"))
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        delta_text(&read_events(r, Duration::from_secs(10)).await),
-        "hi"
-    );
-    let r = client
-        .get(&url)
-        .bearer_auth(&t_bearer)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        delta_text(&read_events(r, Duration::from_secs(10)).await),
-        "hi"
-    );
-    let r = client
-        .get(format!("{url}&access_token={t_bad}"))
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(delta_text(&read_events(r, Duration::from_secs(10)).await), "hi");
+    let r = client.get(&url).bearer_auth(&t_bearer).send().await.unwrap();
+    assert_eq!(delta_text(&read_events(r, Duration::from_secs(10)).await), "hi");
+    let r = client.get(format!("{url}&access_token={t_bad}")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     // A stream that is open when SIGTERM arrives gets `shutdown`.
     let open = client

@@ -7,10 +7,7 @@ async fn preflight(app: &TestApp, origin: &str) -> reqwest::Response {
         .request(reqwest::Method::OPTIONS, format!("{}/v1/stream", app.base))
         .header("origin", origin)
         .header("access-control-request-method", "GET")
-        .header(
-            "access-control-request-headers",
-            "authorization, last-event-id",
-        )
+        .header("access-control-request-headers", "authorization, last-event-id")
         .send()
         .await
         .unwrap()
@@ -19,20 +16,14 @@ async fn preflight(app: &TestApp, origin: &str) -> reqwest::Response {
 #[tokio::test]
 async fn allow_list_with_credentials() {
     let mut settings = base_settings();
-    settings.cors_origins = Some(vec![
-        "https://chat.example.com".into(),
-        "http://localhost:5173".into(),
-    ]);
+    settings.cors_origins = Some(vec!["https://chat.example.com".into(), "http://localhost:5173".into()]);
     let app = spawn_app_with(settings).await;
     let resp = preflight(&app, "https://chat.example.com").await;
     assert!(resp.status().is_success());
     let h = resp.headers();
     assert_eq!(h["access-control-allow-origin"], "https://chat.example.com");
     assert_eq!(h["access-control-allow-credentials"], "true");
-    let allowed = h["access-control-allow-headers"]
-        .to_str()
-        .unwrap()
-        .to_ascii_lowercase();
+    let allowed = h["access-control-allow-headers"].to_str().unwrap().to_ascii_lowercase();
     assert!(
         allowed.contains("authorization") && allowed.contains("last-event-id"),
         "{allowed}"
@@ -45,10 +36,7 @@ async fn allow_list_with_credentials() {
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        resp.headers()["access-control-allow-origin"],
-        "http://localhost:5173"
-    );
+    assert_eq!(resp.headers()["access-control-allow-origin"], "http://localhost:5173");
     // Another origin gets nothing.
     let resp = preflight(&app, "https://evil.example").await;
     assert!(resp.headers().get("access-control-allow-origin").is_none());
@@ -61,11 +49,7 @@ async fn wildcard_never_comes_with_credentials() {
     let app = spawn_app_with(settings).await;
     let resp = preflight(&app, "https://anyone.example").await;
     assert_eq!(resp.headers()["access-control-allow-origin"], "*");
-    assert!(
-        resp.headers()
-            .get("access-control-allow-credentials")
-            .is_none()
-    );
+    assert!(resp.headers().get("access-control-allow-credentials").is_none());
 }
 
 #[tokio::test]

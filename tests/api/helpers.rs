@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
+use tokengate::app::AppState;
 use tokengate::config::{Config, Settings};
 use tokengate::generator::{GenerateRequest, Generator, Registry, TextStream};
 use tokengate::server::{Application, builtin_generators};
@@ -91,6 +92,8 @@ pub struct TestApp {
     pub probe: Arc<ProbeStats>,
     /// The server's shutdown handle.
     pub shutdown: Shutdown,
+    /// The server's state (slots, limiters, metrics).
+    pub state: AppState,
     /// The server task; resolves when the server stopped.
     pub server: JoinHandle<std::io::Result<()>>,
     /// Triggers the server's shutdown signal.
@@ -98,12 +101,14 @@ pub struct TestApp {
 }
 
 /// Settings every test server starts from: loopback port 0, fixed secret,
-/// no pacing.
+/// no pacing, and rate limits out of the way (tests of limits set their own).
 pub fn base_settings() -> Settings {
     Settings {
         listen: Some("127.0.0.1:0".into()),
         jwt_secret: Some(SECRET.into()),
         pace_ms: Some(0),
+        rate_subject_per_min: Some(0),
+        rate_ip_per_min: Some(0),
         ..Settings::default()
     }
 }
@@ -124,7 +129,8 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
         .await
         .unwrap_or_else(|e| panic!("build: {e}"));
     let addr = app.local_addr();
-    let shutdown = app.state().shutdown.clone();
+    let state = app.state().clone();
+    let shutdown = state.shutdown.clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async move {
         let _ = rx.await;
@@ -138,6 +144,7 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
             .unwrap_or_else(|e| panic!("{e}")),
         probe,
         shutdown,
+        state,
         server,
         signal: Some(tx),
     }
@@ -162,9 +169,7 @@ impl TestApp {
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
-        req.send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {path_and_query}: {e}"))
+        req.send().await.unwrap_or_else(|e| panic!("GET {path_and_query}: {e}"))
     }
 
     /// Opens `GET /v1/stream` with a stream-scoped token.
@@ -176,18 +181,12 @@ impl TestApp {
 
 /// Seconds since the epoch.
 pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Signs `claims` with the test secret.
 pub fn hs256(claims: Value) -> String {
-    sign(
-        Algorithm::HS256,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-        claims,
-    )
+    sign(Algorithm::HS256, &EncodingKey::from_secret(SECRET.as_bytes()), claims)
 }
 
 /// Signs `claims` with any algorithm and key.

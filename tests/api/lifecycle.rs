@@ -55,10 +55,7 @@ async fn client_disconnect_drops_the_generator() {
         app.probe.dropped.load(Ordering::SeqCst) == 1
     })
     .await;
-    eventually(LIMIT, "stream un-counted", || {
-        app.shutdown.open_streams() == 0
-    })
-    .await;
+    eventually(LIMIT, "stream un-counted", || app.state.slots.open() == 0).await;
 }
 
 #[tokio::test]
@@ -66,16 +63,10 @@ async fn health_and_readiness() {
     let app = spawn_app().await;
     let resp = app.get("/healthz", None).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(
-        resp.json::<serde_json::Value>().await.unwrap()["status"],
-        "ok"
-    );
+    assert_eq!(resp.json::<serde_json::Value>().await.unwrap()["status"], "ok");
     let resp = app.get("/readyz", None).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(
-        resp.json::<serde_json::Value>().await.unwrap()["status"],
-        "ready"
-    );
+    assert_eq!(resp.json::<serde_json::Value>().await.unwrap()["status"], "ready");
 }
 
 #[tokio::test]
@@ -94,10 +85,7 @@ async fn shutdown_drains_then_sends_shutdown_and_stops() {
     // While draining: not ready, no new streams, the open one still runs.
     let ready = app.get("/readyz", None).await;
     assert_eq!(ready.status(), 503);
-    assert_eq!(
-        ready.json::<serde_json::Value>().await.unwrap()["code"],
-        "draining"
-    );
+    assert_eq!(ready.json::<serde_json::Value>().await.unwrap()["code"], "draining");
     let refused = app.stream("generator=probe&prompt=late").await;
     assert_eq!(refused.status(), 503);
     assert!(refused.headers().contains_key("retry-after"));
@@ -110,10 +98,7 @@ async fn shutdown_drains_then_sends_shutdown_and_stops() {
     while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, body.next()).await {
         rest.extend(parser.feed(&chunk.unwrap()));
     }
-    let tail: Vec<&Event> = rest
-        .iter()
-        .filter(|e| !matches!(e, Event::Comment(_)))
-        .collect();
+    let tail: Vec<&Event> = rest.iter().filter(|e| !matches!(e, Event::Comment(_))).collect();
     assert_eq!(tail.len(), 2, "{rest:?}");
     assert_eq!(*tail[0], Event::Retry(1500));
     let Event::Message { event, data, .. } = tail[1] else {

@@ -1,11 +1,6 @@
 //! Integration tests: the real server on an ephemeral loopback port, real
 //! HTTP clients, and the real binary for CLI, config and signal behaviour.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    missing_docs,
-    unreachable_pub
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, unreachable_pub)]
 
 mod auth;
 mod binary;

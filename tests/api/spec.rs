@@ -30,10 +30,7 @@ fn spec_and_router_list_the_same_routes() {
         undocumented.is_empty(),
         "served but not in openapi.yaml: {undocumented:?}"
     );
-    assert!(
-        unserved.is_empty(),
-        "in openapi.yaml but not served: {unserved:?}"
-    );
+    assert!(unserved.is_empty(), "in openapi.yaml but not served: {unserved:?}");
 }
 
 #[tokio::test]
@@ -46,12 +43,7 @@ async fn router_answers_exactly_the_listed_methods() {
             path.replace("{id}", "0123456789abcdef0123456789abcdef")
         );
         for method in ["GET", "POST", "PUT", "DELETE", "PATCH"] {
-            let resp = app
-                .client
-                .request(method.parse().unwrap(), &url)
-                .send()
-                .await
-                .unwrap();
+            let resp = app.client.request(method.parse().unwrap(), &url).send().await.unwrap();
             if methods.contains(&method) {
                 assert!(
                     resp.status() != 404 && resp.status() != 405,
@@ -66,10 +58,7 @@ async fn router_answers_exactly_the_listed_methods() {
     }
     let resp = app.get("/nope", None).await;
     assert_eq!(resp.status(), 404);
-    assert_eq!(
-        resp.json::<serde_json::Value>().await.unwrap()["code"],
-        "not_found"
-    );
+    assert_eq!(resp.json::<serde_json::Value>().await.unwrap()["code"], "not_found");
 }
 
 #[tokio::test]

@@ -29,12 +29,7 @@ async fn get_stream_speaks_the_wire_format() {
     assert!(stream_id.bytes().all(|b| b.is_ascii_hexdigit()));
     assert_eq!(msgs[0].1["generator"], "echo");
     let ids: Vec<String> = msgs.iter().map(|(_, _, id)| id.clone().unwrap()).collect();
-    assert_eq!(
-        ids,
-        (0..4)
-            .map(|i| format!("{stream_id}.{i}"))
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(ids, (0..4).map(|i| format!("{stream_id}.{i}")).collect::<Vec<_>>());
     assert_eq!(msgs[1].1, json!({"text": "h"}));
     assert_eq!(msgs[2].1, json!({"text": "i"}));
     assert_eq!(msgs[3].1, json!({"finish_reason": "stop", "chars": 2}));
@@ -46,12 +41,7 @@ async fn stream_ids_are_unique() {
     let mut ids = std::collections::HashSet::new();
     for _ in 0..20 {
         let events = read_events(app.stream("prompt=x&generator=echo").await, LIMIT).await;
-        ids.insert(
-            messages(&events)[0].1["stream_id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.insert(messages(&events)[0].1["stream_id"].as_str().unwrap().to_owned());
     }
     assert_eq!(ids.len(), 20);
 }
@@ -83,8 +73,7 @@ async fn demo_streams_the_selected_shipped_text() {
         assert_eq!(messages(&events)[0].1["generator"], "demo");
         assert_eq!(delta_text(&events), expected, "{name}");
         let done = messages(&events).pop().unwrap();
-        let clusters =
-            unicode_segmentation::UnicodeSegmentation::graphemes(expected.as_str(), true).count();
+        let clusters = unicode_segmentation::UnicodeSegmentation::graphemes(expected.as_str(), true).count();
         assert_eq!(done.1["chars"], clusters);
     }
     // Any prompt picks one of them, the same one every time.
@@ -103,10 +92,7 @@ async fn unknown_generator_is_400_listing_the_available_ones() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["code"], "unknown_generator");
     assert_eq!(body["status"], 400);
-    assert_eq!(
-        body["available"],
-        json!(["choppy", "demo", "echo", "probe"])
-    );
+    assert_eq!(body["available"], json!(["choppy", "demo", "echo", "probe"]));
     assert!(body["detail"].as_str().unwrap().contains("gpt-9"));
 }
 
@@ -125,11 +111,7 @@ async fn bad_bodies_are_clear_problems() {
     let cases = [
         ("{not json", "application/json", 400),
         (r#"{"prompt": 5}"#, "application/json", 400),
-        (
-            r#"{"prompt": "x", "tempreature": 1}"#,
-            "application/json",
-            400,
-        ),
+        (r#"{"prompt": "x", "tempreature": 1}"#, "application/json", 400),
         (r#"{"prompt": "x"}"#, "text/plain", 415),
     ];
     for (body, ctype, status) in cases {
@@ -141,10 +123,7 @@ async fn bad_bodies_are_clear_problems() {
     }
     // pace_ms must be a number.
     assert_eq!(app.stream("prompt=x&pace_ms=fast").await.status(), 400);
-    assert_eq!(
-        app.probe.started.load(std::sync::atomic::Ordering::SeqCst),
-        0
-    );
+    assert_eq!(app.probe.started.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
 #[tokio::test]
@@ -153,9 +132,7 @@ async fn oversized_prompt_and_body_are_413() {
     settings.max_prompt_bytes = Some(100);
     settings.max_body_bytes = Some(1000);
     let app = spawn_app_with(settings).await;
-    let resp = app
-        .stream(&format!("generator=probe&prompt={}", "a".repeat(101)))
-        .await;
+    let resp = app.stream(&format!("generator=probe&prompt={}", "a".repeat(101))).await;
     assert_eq!(resp.status(), 413);
     assert_eq!(
         resp.json::<serde_json::Value>().await.unwrap()["code"],
@@ -172,10 +149,7 @@ async fn oversized_prompt_and_body_are_413() {
     assert_eq!(resp.status(), 413);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert!(body["detail"].as_str().unwrap().contains("1000"), "{body}");
-    assert_eq!(
-        app.probe.started.load(std::sync::atomic::Ordering::SeqCst),
-        0
-    );
+    assert_eq!(app.probe.started.load(std::sync::atomic::Ordering::SeqCst), 0);
     // At the limit is fine.
     assert_eq!(
         app.stream(&format!("generator=echo&prompt={}", "a".repeat(100)))
@@ -193,12 +167,7 @@ async fn request_pace_is_clamped_to_the_configured_bounds() {
     let started = Instant::now();
     // Asking for 100 s per delta gets 40 ms: 4 deltas take >= 120 ms, and the
     // read would time out if the clamp were missing.
-    let events = read_events(
-        app.stream("generator=echo&prompt=abcd&pace_ms=100000")
-            .await,
-        LIMIT,
-    )
-    .await;
+    let events = read_events(app.stream("generator=echo&prompt=abcd&pace_ms=100000").await, LIMIT).await;
     assert_eq!(delta_text(&events), "abcd");
     assert!(started.elapsed() >= Duration::from_millis(120));
 }

@@ -39,11 +39,7 @@ fn check(text: &str, deltas: &[String]) {
         text.as_bytes(),
         "concatenation differs for {text:?}"
     );
-    assert_eq!(
-        deltas,
-        expected.as_slice(),
-        "cluster split differs for {text:?}"
-    );
+    assert_eq!(deltas, expected.as_slice(), "cluster split differs for {text:?}");
 }
 
 #[tokio::test]

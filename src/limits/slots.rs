@@ -1,0 +1,146 @@
+//! Concurrent stream slots: a global cap and a per-subject cap. A slot is an
+//! RAII permit taken before the generator starts and moved into the stream's
+//! task, so it is freed the moment the stream ends for any reason (done,
+//! error, client gone, cancel, shutdown). The count doubles as "streams
+//! open", which shutdown waits on.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+/// Why no slot was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SlotRefused {
+    /// The subject already holds its maximum.
+    #[error("this subject already has {limit} streams open")]
+    Subject {
+        /// The per-subject cap.
+        limit: usize,
+    },
+    /// The server holds its maximum.
+    #[error("the server is at its limit of {limit} open streams")]
+    Global {
+        /// The global cap.
+        limit: usize,
+    },
+}
+
+/// The slot table.
+#[derive(Debug)]
+pub struct StreamSlots {
+    global: Arc<Semaphore>,
+    max_global: usize,
+    max_per_subject: usize,
+    /// Open streams per subject; an entry is removed at zero, so the map
+    /// holds only subjects with open streams.
+    per_subject: Mutex<HashMap<String, usize>>,
+    open: AtomicUsize,
+    idle: Notify,
+}
+
+/// One open stream's slot.
+#[derive(Debug)]
+pub struct SlotPermit {
+    slots: Arc<StreamSlots>,
+    subject: String,
+    _global: OwnedSemaphorePermit,
+}
+
+impl StreamSlots {
+    /// A table with the given caps.
+    pub fn new(max_global: usize, max_per_subject: usize) -> Arc<Self> {
+        Arc::new(Self {
+            global: Arc::new(Semaphore::new(max_global)),
+            max_global,
+            max_per_subject,
+            per_subject: Mutex::new(HashMap::new()),
+            open: AtomicUsize::new(0),
+            idle: Notify::new(),
+        })
+    }
+
+    /// Takes a slot for `subject`, or says which cap is in the way (the
+    /// subject's first: its own excess should not look like server load).
+    pub fn try_acquire(self: &Arc<Self>, subject: &str) -> Result<SlotPermit, SlotRefused> {
+        let mut table = self.per_subject.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = table.get(subject).copied().unwrap_or(0);
+        if held >= self.max_per_subject {
+            return Err(SlotRefused::Subject {
+                limit: self.max_per_subject,
+            });
+        }
+        let global = self
+            .global
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SlotRefused::Global { limit: self.max_global })?;
+        table.insert(subject.to_owned(), held + 1);
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Ok(SlotPermit {
+            slots: self.clone(),
+            subject: subject.to_owned(),
+            _global: global,
+        })
+    }
+
+    /// Streams open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Subjects with at least one open stream.
+    pub fn subjects(&self) -> usize {
+        self.per_subject.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Resolves once no stream is open.
+    pub async fn until_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.open() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for SlotPermit {
+    fn drop(&mut self) {
+        let mut table = self.slots.per_subject.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(held) = table.get_mut(&self.subject) {
+            *held -= 1;
+            if *held == 0 {
+                table.remove(&self.subject);
+            }
+        }
+        drop(table);
+        if self.slots.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.slots.idle.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_and_release() {
+        let slots = StreamSlots::new(3, 2);
+        let a1 = slots.try_acquire("a");
+        let a2 = slots.try_acquire("a");
+        assert!(a1.is_ok() && a2.is_ok());
+        assert_eq!(slots.try_acquire("a").err(), Some(SlotRefused::Subject { limit: 2 }));
+        let b1 = slots.try_acquire("b");
+        assert!(b1.is_ok());
+        assert_eq!(slots.try_acquire("c").err(), Some(SlotRefused::Global { limit: 3 }));
+        assert_eq!((slots.open(), slots.subjects()), (3, 2));
+        drop(a1);
+        assert!(slots.try_acquire("c").is_ok());
+        drop((a2, b1));
+        assert_eq!((slots.open(), slots.subjects()), (0, 0));
+    }
+}
