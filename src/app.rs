@@ -178,12 +178,12 @@ async fn record_refusals(State(state): State<AppState>, request: Request<Body>, 
 
 /// The per-client-IP rate limit for the API routes.
 async fn limit_ip_rate(State(state): State<AppState>, request: Request<Body>, next: Next) -> Response {
-    if request.uri().path().starts_with("/v1/") {
-        if let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
-            let ip = client_ip(peer.ip(), request.headers(), &state.config.limits.trusted_proxies);
-            if let Err(limited) = state.rates.check_ip(ip) {
-                return ApiError::RateLimited(limited).into_response();
-            }
+    if request.uri().path().starts_with("/v1/")
+        && let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>()
+    {
+        let ip = client_ip(peer.ip(), request.headers(), &state.config.limits.trusted_proxies);
+        if let Err(limited) = state.rates.check_ip(ip) {
+            return ApiError::RateLimited(limited).into_response();
         }
     }
     next.run(request).await

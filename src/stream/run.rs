@@ -71,7 +71,8 @@ async fn produce(
     settings: RunSettings,
 ) {
     let started = Instant::now();
-    let mut events = std::pin::pin!(events);
+    // Boxed (not stack-pinned) so it can be dropped before the slot is freed.
+    let mut events = Box::pin(events);
     let mut outcome = "client_gone";
     let mut last_seq = 0;
     let mut deepest = 0;
@@ -89,7 +90,7 @@ async fn produce(
         let finished = event.outcome();
         match tokio::time::timeout(settings.max_lag, tx.send(event)).await {
             Ok(Ok(())) => {
-                deepest = deepest.max(settings.queue - tx.capacity());
+                deepest = deepest.max(settings.queue.saturating_sub(tx.capacity()));
                 last_seq = delta_seq.unwrap_or(last_seq);
             }
             Ok(Err(_)) => break,

@@ -56,6 +56,28 @@ impl Generator for Probe {
     }
 }
 
+/// Produces text as fast as it is pulled, forever, counting pulls and drops:
+/// shows whether a stream whose client stopped reading still polls it.
+pub struct Firehose(pub Arc<ProbeStats>, pub Arc<AtomicUsize>);
+
+impl Generator for Firehose {
+    fn description(&self) -> &str {
+        "endless fast text"
+    }
+    fn generate(&self, _request: GenerateRequest) -> TextStream {
+        self.0.started.fetch_add(1, Ordering::SeqCst);
+        let counter = DropCounter(self.0.clone());
+        let pulls = self.1.clone();
+        Box::pin(async_stream::stream! {
+            let _counter = counter;
+            loop {
+                pulls.fetch_add(1, Ordering::SeqCst);
+                yield Ok("0123456789".to_owned());
+            }
+        })
+    }
+}
+
 /// Echoes the prompt cut into chunks of 1, 2, 3, ... chars (cycling to 1
 /// after 5), so cuts fall inside grapheme clusters: between the parts of a
 /// ZWJ sequence, before combining marks, between regional indicators, and
@@ -90,6 +112,10 @@ pub struct TestApp {
     pub client: reqwest::Client,
     /// What the probe generator saw.
     pub probe: Arc<ProbeStats>,
+    /// What the firehose generator saw, and how many chunks it gave.
+    pub firehose: Arc<ProbeStats>,
+    /// Chunks the firehose produced.
+    pub firehose_pulls: Arc<AtomicUsize>,
     /// The server's shutdown handle.
     pub shutdown: Shutdown,
     /// The server's state (slots, limiters, metrics).
@@ -125,6 +151,13 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
     let mut registry: Registry = builtin_generators(&config).unwrap_or_else(|e| panic!("{e}"));
     registry.register("probe", Arc::new(Probe(probe.clone())), Duration::ZERO);
     registry.register("choppy", Arc::new(Choppy), Duration::ZERO);
+    let firehose = Arc::new(ProbeStats::default());
+    let firehose_pulls = Arc::new(AtomicUsize::new(0));
+    registry.register(
+        "firehose",
+        Arc::new(Firehose(firehose.clone(), firehose_pulls.clone())),
+        Duration::ZERO,
+    );
     let app = Application::build_with(config, registry)
         .await
         .unwrap_or_else(|e| panic!("build: {e}"));
@@ -143,6 +176,8 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
             .build()
             .unwrap_or_else(|e| panic!("{e}")),
         probe,
+        firehose,
+        firehose_pulls,
         shutdown,
         state,
         server,
@@ -170,6 +205,14 @@ impl TestApp {
             req = req.bearer_auth(t);
         }
         req.send().await.unwrap_or_else(|e| panic!("GET {path_and_query}: {e}"))
+    }
+
+    /// The value of one Prometheus series from `/metrics` (0 when absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.get("/metrics", None).await.text().await.unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or(0.0)
     }
 
     /// Opens `GET /v1/stream` with a stream-scoped token.

@@ -7,6 +7,7 @@ mod binary;
 mod cors;
 mod helpers;
 mod lifecycle;
+mod limits;
 mod spec;
 mod sse_props;
 mod streaming;

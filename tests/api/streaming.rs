@@ -92,7 +92,10 @@ async fn unknown_generator_is_400_listing_the_available_ones() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["code"], "unknown_generator");
     assert_eq!(body["status"], 400);
-    assert_eq!(body["available"], json!(["choppy", "demo", "echo", "probe"]));
+    assert_eq!(
+        body["available"],
+        json!(["choppy", "demo", "echo", "firehose", "probe"])
+    );
     assert!(body["detail"].as_str().unwrap().contains("gpt-9"));
 }
 
