@@ -232,9 +232,20 @@ impl Application {
                 request
             });
             let connection = graceful.watch(http.serve_connection(io, TowerToHyperService::new(service)));
+            let metrics = state.metrics.clone();
             tokio::spawn(async move {
                 if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    // Connection-level refusals never reach the router, so
+                    // they are counted and logged here, once.
+                    if e.is_timeout() {
+                        metrics.refused("header_timeout");
+                        tracing::info!(%peer, "request headers not received in time; connection closed");
+                    } else if e.is_parse_too_large() {
+                        metrics.refused("header_too_large");
+                        tracing::info!(%peer, "request head too large; answered 431");
+                    } else {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
                 }
                 drop(permit);
             });

@@ -296,6 +296,11 @@ async fn oversized_headers_are_refused() {
     );
     let answer = raw_request(&app, &big).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(
+        app.metric("tokengate_refusals_total{reason=\"header_too_large\"}")
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -324,6 +329,10 @@ async fn slow_loris_headers_are_cut_off() {
         }
     }
     assert!(closed, "connection still open after {:?}", started.elapsed());
+    assert_eq!(
+        app.metric("tokengate_refusals_total{reason=\"header_timeout\"}").await,
+        1.0
+    );
     // An idle kept-alive connection is closed after the same time.
     let mut idle = TcpStream::connect(app.addr).await.unwrap();
     let mut buf = [0u8; 16];
