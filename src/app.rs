@@ -27,6 +27,7 @@ use crate::generator::Registry;
 use crate::limits::{RateLimits, StreamSlots, client_ip};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::store::{ChannelHub, StreamHub};
 
 /// Everything a handler may need, shared by all requests.
 pub struct Inner {
@@ -42,6 +43,10 @@ pub struct Inner {
     pub slots: Arc<StreamSlots>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Streams produced here, with their logs.
+    pub hub: Arc<StreamHub>,
+    /// Broadcast channels.
+    pub channels: Arc<ChannelHub>,
 }
 
 /// Cheaply cloneable application state.
@@ -77,6 +82,16 @@ pub fn route_table() -> Vec<RouteEntry> {
             "/v1/stream",
             &["GET", "POST"],
             get(api::stream::open_stream_get).post(api::stream::open_stream_post),
+        ),
+        (
+            "/v1/streams/{id}",
+            &["GET", "DELETE"],
+            get(api::streams::resume_stream).delete(api::streams::cancel_stream),
+        ),
+        (
+            "/v1/channels/{name}",
+            &["GET", "POST"],
+            get(api::channels::subscribe).post(api::channels::publish),
         ),
     ]
 }
@@ -196,6 +211,13 @@ fn cors_layer(origins: &[String]) -> CorsLayer {
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
             HeaderName::from_static("last-event-id"),
+        ])
+        // Cross-origin `fetch` clients may read when to retry.
+        .expose_headers([
+            header::RETRY_AFTER,
+            HeaderName::from_static("ratelimit-limit"),
+            HeaderName::from_static("ratelimit-remaining"),
+            HeaderName::from_static("ratelimit-reset"),
         ])
         .max_age(std::time::Duration::from_secs(600));
     if origins.iter().any(|o| o == "*") {

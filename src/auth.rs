@@ -103,6 +103,11 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// Whether the token carries `admin` (any subject's streams).
+    pub fn is_admin(&self) -> bool {
+        self.scopes & Scope::Admin.bit() != 0
+    }
+
     /// Whether the caller may do what `scope` guards (`admin` may do all).
     pub fn has(&self, scope: Scope) -> bool {
         self.scopes & (scope.bit() | Scope::Admin.bit()) != 0

@@ -80,6 +80,19 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 25_000;
 /// Smallest request-head buffer hyper accepts.
 pub const MIN_HEADER_BYTES: usize = 8192;
+/// Default time generation continues after its client left, so a reconnect
+/// can resume.
+pub const DEFAULT_DETACH_GRACE: Duration = Duration::from_secs(15);
+/// Default time a finished stream stays resumable.
+pub const DEFAULT_STREAM_TTL: Duration = Duration::from_secs(300);
+/// Default events kept per stream log.
+pub const DEFAULT_STREAM_MAX_EVENTS: usize = 20_000;
+/// Default events kept per channel log.
+pub const DEFAULT_CHANNEL_MAX_EVENTS: usize = 1000;
+/// Default time an unused channel (no subscriber, no publish) is kept.
+pub const DEFAULT_CHANNEL_TTL: Duration = Duration::from_secs(3600);
+/// Default largest published `data` (as JSON text).
+pub const DEFAULT_MAX_PUBLISH_BYTES: usize = 64 * 1024;
 /// Shortest HMAC secret accepted (RFC 7518 §3.2: at least the hash size).
 pub const MIN_SECRET_BYTES: usize = 32;
 
@@ -212,6 +225,25 @@ pub struct Settings {
     /// Open connections allowed (503 and close beyond).
     #[arg(long, global = true, env = "TOKENGATE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// How long generation continues after its client left, so a reconnect
+    /// can resume (e.g. `15s`; `0s` cancels at once).
+    #[arg(long, global = true, env = "TOKENGATE_DETACH_GRACE")]
+    pub detach_grace: Option<String>,
+    /// How long a finished stream stays resumable (e.g. `5m`).
+    #[arg(long, global = true, env = "TOKENGATE_STREAM_TTL")]
+    pub stream_ttl: Option<String>,
+    /// Events kept per stream for resume; older ones are dropped.
+    #[arg(long, global = true, env = "TOKENGATE_STREAM_MAX_EVENTS")]
+    pub stream_max_events: Option<usize>,
+    /// Events kept per channel for `Last-Event-ID` replay.
+    #[arg(long, global = true, env = "TOKENGATE_CHANNEL_MAX_EVENTS")]
+    pub channel_max_events: Option<usize>,
+    /// How long a channel without subscribers or publishes is kept (e.g. `1h`).
+    #[arg(long, global = true, env = "TOKENGATE_CHANNEL_TTL")]
+    pub channel_ttl: Option<String>,
+    /// Largest published `data`, in bytes of JSON.
+    #[arg(long, global = true, env = "TOKENGATE_MAX_PUBLISH_BYTES")]
+    pub max_publish_bytes: Option<usize>,
     /// Log format: `text` or `json`.
     #[arg(long, global = true, env = "TOKENGATE_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -235,7 +267,8 @@ impl Settings {
             max_prompt_bytes, shutdown_grace, shutdown_retry, log_format, rate_subject_per_min,
             rate_subject_burst, rate_ip_per_min, rate_ip_burst, trusted_proxies, max_streams,
             max_streams_per_subject, send_queue, max_lag, max_messages, max_stream_duration,
-            max_header_bytes, header_timeout, max_connections)
+            max_header_bytes, header_timeout, max_connections, detach_grace, stream_ttl,
+            stream_max_events, channel_max_events, channel_ttl, max_publish_bytes)
     }
 
     /// Reads a TOML settings file.
@@ -341,6 +374,23 @@ pub struct LimitsConfig {
     pub max_connections: usize,
 }
 
+/// Stream and channel retention, validated.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Generation continues this long without a client.
+    pub detach_grace: Duration,
+    /// A finished stream stays resumable this long.
+    pub stream_ttl: Duration,
+    /// Events kept per stream.
+    pub stream_max_events: usize,
+    /// Events kept per channel.
+    pub channel_max_events: usize,
+    /// Unused channels are dropped after this long.
+    pub channel_ttl: Duration,
+    /// Largest published `data`.
+    pub max_publish_bytes: usize,
+}
+
 /// Validated runtime configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -367,6 +417,8 @@ pub struct Config {
     pub log_json: bool,
     /// Limits.
     pub limits: LimitsConfig,
+    /// Stream and channel retention.
+    pub store: StoreConfig,
 }
 
 fn duration(setting: &'static str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
@@ -519,6 +571,18 @@ impl Config {
             shutdown_retry: duration("shutdown_retry", s.shutdown_retry.as_deref(), DEFAULT_SHUTDOWN_RETRY)?,
             log_json,
             limits: limits(&s)?,
+            store: StoreConfig {
+                detach_grace: duration("detach_grace", s.detach_grace.as_deref(), DEFAULT_DETACH_GRACE)?,
+                stream_ttl: duration("stream_ttl", s.stream_ttl.as_deref(), DEFAULT_STREAM_TTL)?,
+                stream_max_events: at_least_one("stream_max_events", s.stream_max_events, DEFAULT_STREAM_MAX_EVENTS)?,
+                channel_max_events: at_least_one(
+                    "channel_max_events",
+                    s.channel_max_events,
+                    DEFAULT_CHANNEL_MAX_EVENTS,
+                )?,
+                channel_ttl: duration("channel_ttl", s.channel_ttl.as_deref(), DEFAULT_CHANNEL_TTL)?,
+                max_publish_bytes: s.max_publish_bytes.unwrap_or(DEFAULT_MAX_PUBLISH_BYTES),
+            },
         })
     }
 }

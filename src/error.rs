@@ -60,6 +60,10 @@ pub enum ApiError {
         /// The limit.
         limit: usize,
     },
+    /// No such stream for this subject (unknown, expired, or another
+    /// subject's: the answer does not tell which).
+    #[error("no such stream (unknown, expired, or not yours)")]
+    StreamNotFound,
     /// The server is draining for shutdown.
     #[error("the server is shutting down; retry on another instance")]
     Draining,
@@ -105,6 +109,7 @@ impl ApiError {
             ApiError::TooManyMessages { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too_many_messages", "Payload too large")
             }
+            ApiError::StreamNotFound => (StatusCode::NOT_FOUND, "stream_not_found", "Not found"),
             ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining", "Service unavailable"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", "Not found"),
             ApiError::MethodNotAllowed => (

@@ -10,6 +10,7 @@
 //! - [`sse`]: the event-stream wire format (encoder and spec parser).
 //! - [`stream`]: the engine (grapheme splitting, pacing, ids, heartbeats)
 //!   and the per-stream task with its bounded queue.
+//! - [`store`]: stream logs (resume) and channel logs (broadcast).
 //! - [`dialect`]: renders engine events on the wire (native; OpenAI next).
 //! - [`generator`]: the `Generator` trait, registry, `demo` and `echo`.
 //! - [`limits`]: request rates, stream slots, client IP behind proxies.
@@ -32,4 +33,5 @@ pub mod metrics;
 pub mod server;
 pub mod shutdown;
 pub mod sse;
+pub mod store;
 pub mod stream;

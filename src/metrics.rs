@@ -61,8 +61,14 @@ impl Metrics {
     }
 
     /// A stream ended, by outcome (`done`, an error code, `client_gone`, ...).
-    pub fn stream_ended(&self, outcome: &'static str) {
-        self.counter("tokengate_streams_total", "outcome", outcome).increment(1);
+    pub fn stream_ended(&self, outcome: impl Into<std::borrow::Cow<'static, str>>) {
+        let label = match outcome.into() {
+            std::borrow::Cow::Borrowed(s) => Label::new("outcome", s),
+            std::borrow::Cow::Owned(s) => Label::new("outcome", s),
+        };
+        self.recorder
+            .register_counter(&Key::from_parts("tokengate_streams_total", vec![label]), &META)
+            .increment(1);
     }
 
     /// The number of open streams changed.

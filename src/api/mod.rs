@@ -2,10 +2,12 @@
 //! authenticate (via the [`Principal`] extractor), validate input, and hand
 //! the work to the stream engine; every failure is an [`ApiError`].
 
+pub mod channels;
 pub mod demo;
 pub mod health;
 pub mod spec;
 pub mod stream;
+pub mod streams;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;

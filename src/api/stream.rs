@@ -1,12 +1,17 @@
 //! `GET /v1/stream` (EventSource) and `POST /v1/stream` (JSON body): open a
-//! stream and answer it as Server-Sent Events in the native dialect.
+//! stream, or, when the request carries `Last-Event-ID` (header, or
+//! `last_event_id` query for clients that cannot set headers), resume the
+//! stream that id names. A browser `EventSource` reconnecting to the same URL
+//! therefore resumes; it never starts a second generation.
+
+use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query, State};
-use axum::http::{HeaderValue, header};
-use axum::response::Response;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use crate::app::AppState;
@@ -14,15 +19,17 @@ use crate::auth::{Principal, Scope};
 use crate::dialect::{native::Native, sse_body};
 use crate::error::ApiError;
 use crate::generator::{ChatMessage, GenerateRequest};
+use crate::store::{Attach, LiveStream, Reader, follow};
 use crate::stream::{EngineSettings, RunContext, RunSettings, StreamId, events, spawn};
 
-/// Query of `GET /v1/stream`. Other parameters (the token, later
-/// `last_event_id`) are allowed and ignored here.
+/// Query of `GET /v1/stream`. Other parameters (the token) are allowed and
+/// ignored here.
 #[derive(Debug, Deserialize)]
 pub struct StreamQuery {
     prompt: Option<String>,
     generator: Option<String>,
     pace_ms: Option<u64>,
+    last_event_id: Option<String>,
 }
 
 /// Body of `POST /v1/stream`.
@@ -41,10 +48,14 @@ pub struct StreamBody {
 pub async fn open_stream_get(
     State(state): State<AppState>,
     principal: Principal,
+    headers: HeaderMap,
     query: Result<Query<StreamQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     super::require(&principal, Scope::Stream)?;
     let Query(q) = query?;
+    if let Some(last) = last_event_id(&headers, q.last_event_id.as_deref()) {
+        return resume_from_event_id(&state, &principal, last);
+    }
     let request = GenerateRequest {
         prompt: q.prompt.unwrap_or_default(),
         messages: Vec::new(),
@@ -56,15 +67,87 @@ pub async fn open_stream_get(
 pub async fn open_stream_post(
     State(state): State<AppState>,
     principal: Principal,
+    headers: HeaderMap,
     body: Result<Json<StreamBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     super::require(&principal, Scope::Stream)?;
+    if let Some(last) = last_event_id(&headers, None) {
+        return resume_from_event_id(&state, &principal, last);
+    }
     let Json(b) = body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?;
     let request = GenerateRequest {
         prompt: b.prompt,
         messages: b.messages,
     };
     open(&state, &principal, request, b.generator, b.pace_ms)
+}
+
+/// The resume position a client sent: the header wins over the query.
+pub fn last_event_id<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .or(query)
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+/// Splits `<stream_id>.<seq>`.
+pub fn parse_event_id(value: &str) -> Result<(StreamId, u64), ApiError> {
+    let bad = || ApiError::BadRequest(format!("`{value}` is not a stream event id (`<stream_id>.<seq>`)"));
+    let (id, seq) = value.split_once('.').ok_or_else(bad)?;
+    Ok((StreamId::parse(id).ok_or_else(bad)?, seq.parse().map_err(|_| bad())?))
+}
+
+fn resume_from_event_id(state: &AppState, principal: &Principal, last: &str) -> Result<Response, ApiError> {
+    let (id, seq) = parse_event_id(last)?;
+    let stream = owned_stream(state, principal, &id)?;
+    Ok(resume(state, &stream, seq + 1))
+}
+
+/// A retained stream the caller may see: its own, or any with `admin`.
+/// Another subject's stream is reported exactly like an unknown one.
+pub fn owned_stream(state: &AppState, principal: &Principal, id: &StreamId) -> Result<Arc<LiveStream>, ApiError> {
+    state
+        .hub
+        .get(id)
+        .filter(|s| s.owner == principal.subject || principal.is_admin())
+        .ok_or(ApiError::StreamNotFound)
+}
+
+/// Replays `stream` from sequence `from` and follows it live; `204 No
+/// Content` when the client already has everything (it makes `EventSource`
+/// stop reconnecting).
+pub fn resume(state: &AppState, stream: &Arc<LiveStream>, from: u64) -> Response {
+    if stream.attach_check(from) == Attach::Complete {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    sse_response(state, stream.attach(from))
+}
+
+fn sse_response(state: &AppState, reader: Reader) -> Response {
+    let cfg = &state.config;
+    let events = follow(
+        reader,
+        cfg.stream.heartbeat,
+        state.shutdown.closing().clone(),
+        cfg.shutdown_retry.as_millis() as u64,
+    );
+    let body = sse_body(
+        events,
+        Native {
+            retry_ms: cfg.stream.retry.as_millis() as u64,
+        },
+    );
+    let mut response = Response::new(Body::from_stream(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
 }
 
 /// Everything is checked before the generator is asked for anything, so a
@@ -104,39 +187,25 @@ fn open(
     let stream_id = StreamId::random().map_err(|e| ApiError::Internal(format!("OS RNG failed: {e}")))?;
     let settings = EngineSettings {
         pace: cfg.pace.resolve(entry.pace, pace_ms),
-        heartbeat: cfg.heartbeat,
-        closing: state.shutdown.closing().clone(),
-        shutdown_retry_ms: state.config.shutdown_retry.as_millis() as u64,
         max_duration: limits.max_stream_duration,
     };
     tracing::debug!(subject = %principal.subject, generator = %name, %stream_id, "stream opened");
-    let text = entry.generator.generate(request);
-    let engine = events(stream_id, name.clone(), text, settings);
+    let stream = state.hub.create(stream_id, &principal.subject, &name);
+    // The first reader is attached before the producer starts.
+    let reader = stream.attach(0);
+    let engine = events(stream_id, name, entry.generator.generate(request), settings);
     let ctx = RunContext {
-        stream_id,
         subject: principal.subject.clone(),
-        generator: name,
         permit,
         slots: state.slots.clone(),
         metrics: state.metrics.clone(),
+        closing: state.shutdown.closing().clone(),
     };
     let run = RunSettings {
-        queue: limits.send_queue,
+        window: limits.send_queue,
         max_lag: limits.max_lag,
+        detach_grace: state.config.store.detach_grace,
     };
-    let body = sse_body(
-        spawn(engine, ctx, run),
-        Native {
-            retry_ms: cfg.retry.as_millis() as u64,
-        },
-    );
-    let mut response = Response::new(Body::from_stream(body));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    spawn(engine, stream, ctx, run);
+    Ok(sse_response(state, reader))
 }

@@ -33,7 +33,8 @@ pub trait Dialect: Send + 'static {
 /// a paced one is written the moment each event exists.
 pub fn sse_body<S, D>(events: S, mut dialect: D) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static
 where
-    S: Stream<Item = StreamEvent> + Send + 'static,
+    S: Stream + Send + 'static,
+    S::Item: AsRef<StreamEvent>,
     D: Dialect,
 {
     let mut events = Box::pin(events);
@@ -47,7 +48,7 @@ where
         loop {
             match events.poll_next_unpin(cx) {
                 Poll::Ready(Some(event)) => {
-                    dialect.render(&event, &mut buf);
+                    dialect.render(event.as_ref(), &mut buf);
                     if buf.len() >= MAX_WRITE {
                         return Poll::Ready(Some(Ok(buf.split().freeze())));
                     }

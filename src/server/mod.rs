@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -28,10 +29,12 @@ use crate::generator::{DemoGenerator, EchoGenerator, Registry};
 use crate::limits::{RateLimits, StreamSlots};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::store::{ChannelHub, ChannelSettings, HubSettings, StreamHub};
 
 mod stall;
 
-/// How often idle rate-limiter keys are pruned.
+/// How often idle rate-limiter keys, expired streams and unused channels
+/// are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// TCP keepalive idle time and probe interval (finds half-open peers).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
@@ -128,6 +131,15 @@ impl Application {
         let rates = RateLimits::new(limits.rate_subject, limits.rate_ip);
         let slots = StreamSlots::new(limits.max_streams, limits.max_streams_per_subject);
         let metrics = Arc::new(Metrics::new());
+        let store = &config.store;
+        let hub = StreamHub::new(HubSettings {
+            max_events: store.stream_max_events,
+            ttl: store.stream_ttl,
+        });
+        let channels = ChannelHub::new(ChannelSettings {
+            max_events: store.channel_max_events,
+            ttl: store.channel_ttl,
+        });
         let state = AppState::new(Inner {
             config,
             generators,
@@ -135,6 +147,8 @@ impl Application {
             rates,
             slots,
             metrics,
+            hub,
+            channels,
         });
         Ok(Self {
             listener,
@@ -179,7 +193,11 @@ impl Application {
                 loop {
                     tokio::select! {
                         () = state.shutdown.stopped().cancelled() => break,
-                        _ = tick.tick() => state.rates.prune(),
+                        _ = tick.tick() => {
+                            state.rates.prune();
+                            state.hub.sweep();
+                            state.channels.sweep();
+                        }
                     }
                 }
             });
@@ -227,7 +245,10 @@ impl Application {
                     .with_interval(TCP_KEEPALIVE),
             );
             let io = TokioIo::new(StallGuard::new(tcp, write_stall));
+            let served = Arc::new(AtomicUsize::new(0));
+            let counter = served.clone();
             let service = app.clone().map_request(move |mut request: Request<Incoming>| {
+                counter.fetch_add(1, Ordering::Relaxed);
                 request.extensions_mut().insert(ConnectInfo(peer));
                 request
             });
@@ -237,9 +258,13 @@ impl Application {
                 if let Err(e) = connection.await {
                     // Connection-level refusals never reach the router, so
                     // they are counted and logged here, once.
-                    if e.is_timeout() {
+                    if e.is_timeout() && served.load(Ordering::Relaxed) == 0 {
                         metrics.refused("header_timeout");
                         tracing::info!(%peer, "request headers not received in time; connection closed");
+                    } else if e.is_timeout() {
+                        // The same timer closes kept-alive connections that
+                        // sit idle after a request: routine, not a refusal.
+                        tracing::debug!(%peer, "idle connection closed");
                     } else if e.is_parse_too_large() {
                         metrics.refused("header_too_large");
                         tracing::info!(%peer, "request head too large; answered 431");

@@ -1,5 +1,7 @@
 //! The typed events of one stream, before any dialect renders them.
 
+use std::borrow::Cow;
+
 use super::StreamId;
 
 /// Why a stream finished normally.
@@ -54,8 +56,8 @@ pub enum StreamEvent {
         stream_id: StreamId,
         /// Sequence number (one past the last delta).
         seq: u64,
-        /// Machine-readable code, e.g. `upstream_failed`.
-        code: &'static str,
+        /// Machine-readable code, e.g. `generator_failed`.
+        code: Cow<'static, str>,
         /// Human-readable detail.
         message: String,
     },
@@ -80,12 +82,30 @@ impl StreamEvent {
 
     /// The outcome label of a terminal event (`done`, the error code,
     /// `shutdown`).
-    pub fn outcome(&self) -> Option<&'static str> {
+    pub fn outcome(&self) -> Option<Cow<'static, str>> {
         match self {
-            StreamEvent::Done { .. } => Some("done"),
-            StreamEvent::Error { code, .. } => Some(code),
-            StreamEvent::Shutdown { .. } => Some("shutdown"),
+            StreamEvent::Done { .. } => Some(Cow::Borrowed("done")),
+            StreamEvent::Error { code, .. } => Some(code.clone()),
+            StreamEvent::Shutdown { .. } => Some(Cow::Borrowed("shutdown")),
             _ => None,
         }
+    }
+
+    /// The sequence number of a logged event (`None` for heartbeat and
+    /// shutdown, which belong to a connection, not to the stream).
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            StreamEvent::Start { .. } => Some(0),
+            StreamEvent::Delta { seq, .. } | StreamEvent::Done { seq, .. } | StreamEvent::Error { seq, .. } => {
+                Some(*seq)
+            }
+            StreamEvent::Shutdown { .. } | StreamEvent::Heartbeat => None,
+        }
+    }
+}
+
+impl AsRef<StreamEvent> for StreamEvent {
+    fn as_ref(&self) -> &StreamEvent {
+        self
     }
 }

@@ -1,134 +1,156 @@
-//! Runs a stream's engine in its own task, decoupled from the HTTP body by a
-//! bounded queue.
+//! The producer: runs a stream's engine in its own task and appends every
+//! event to the stream's log, decoupled from any HTTP connection.
 //!
-//! - Backpressure: when the client stops reading, the queue fills and the
-//!   task stops pulling from the engine, so the generator is not polled
-//!   further; memory per stream is bounded by the queue.
-//! - Slow consumers: a client that leaves the queue full for longer than
-//!   `max_lag` is ended with a terminal `error` (`slow_consumer`) delivered
-//!   after what is queued; the generator is dropped and the slot freed at
-//!   once, whether or not the client ever reads again.
-//! - Client gone: the task notices the body was dropped even while waiting
-//!   on the generator, and drops the generator promptly.
-//! - The slot permit lives in the task: it is freed exactly when the stream
-//!   ends, for whatever reason.
+//! - Backpressure: the producer stays at most `window` events ahead of the
+//!   slowest attached reader, so a client that stops reading stops the
+//!   generator from being polled.
+//! - Slow consumers: a window that stays full past `max_lag` ends the
+//!   stream with `error: slow_consumer`; the generator is dropped and the
+//!   slot freed at once, whether or not the client ever reads again.
+//! - Detach: with no reader attached, generation continues into the log for
+//!   `detach_grace` (so a reconnect can resume), then ends (`client_gone`).
+//! - Cancel (`DELETE`) ends it with `error: cancelled`; server shutdown with
+//!   `error: generator_lost`, which a resume on another replica delivers.
+//! - The slot permit lives in the task: freed exactly when the stream ends.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
-use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 
-use super::{StreamEvent, StreamId};
+use super::StreamEvent;
 use crate::limits::{SlotPermit, StreamSlots};
 use crate::metrics::Metrics;
+use crate::store::{LiveStream, Wait};
 
-/// Queue and lag bounds for one stream.
+/// Flow-control bounds for one stream.
 #[derive(Debug, Clone, Copy)]
 pub struct RunSettings {
-    /// Events that may wait for the client.
-    pub queue: usize,
-    /// Longest the task waits on a full queue.
+    /// Events the producer may be ahead of its slowest reader.
+    pub window: usize,
+    /// Longest the producer waits on a full window.
     pub max_lag: Duration,
+    /// How long generation continues with no reader attached.
+    pub detach_grace: Duration,
 }
 
-/// Who and what a stream is, for accounting and the end-of-stream log line.
+/// Accounting for one stream.
 pub struct RunContext {
-    /// The stream's id.
-    pub stream_id: StreamId,
     /// The token subject.
     pub subject: String,
-    /// The generator's name.
-    pub generator: String,
     /// The slot, freed when the task ends.
     pub permit: SlotPermit,
-    /// Where the slot table lives (for the open-streams gauge).
+    /// The slot table (for the open-streams gauge).
     pub slots: Arc<StreamSlots>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Fired when the server stops streams for shutdown.
+    pub closing: CancellationToken,
 }
 
-/// Spawns the engine's task and returns the events for the HTTP body.
+enum Stop {
+    Cancelled,
+    Closing,
+    SlowConsumer,
+    Abandoned,
+}
+
+/// Spawns the producer of `stream`. Attach the first reader before calling.
 pub fn spawn(
-    events: impl Stream<Item = StreamEvent> + Send + 'static,
+    engine: impl Stream<Item = StreamEvent> + Send + 'static,
+    stream: Arc<LiveStream>,
     ctx: RunContext,
     settings: RunSettings,
-) -> impl Stream<Item = StreamEvent> + Send + 'static {
-    let (tx, rx) = mpsc::channel(settings.queue);
-    let (tail_tx, tail_rx) = oneshot::channel::<StreamEvent>();
+) {
     ctx.metrics.set_open_streams(ctx.slots.open());
-    tokio::spawn(produce(events, tx, tail_tx, ctx, settings));
-    ReceiverStream::new(rx).chain(futures_util::stream::once(tail_rx).filter_map(|tail| async move { tail.ok() }))
+    tokio::spawn(produce(engine, stream, ctx, settings));
 }
 
 async fn produce(
-    events: impl Stream<Item = StreamEvent> + Send + 'static,
-    tx: mpsc::Sender<StreamEvent>,
-    tail: oneshot::Sender<StreamEvent>,
+    engine: impl Stream<Item = StreamEvent> + Send + 'static,
+    stream: Arc<LiveStream>,
     ctx: RunContext,
     settings: RunSettings,
 ) {
     let started = Instant::now();
     // Boxed (not stack-pinned) so it can be dropped before the slot is freed.
-    let mut events = Box::pin(events);
-    let mut outcome = "client_gone";
-    let mut last_seq = 0;
-    let mut deepest = 0;
-    loop {
+    let mut engine = Box::pin(engine);
+    let mut deepest: u64 = 0;
+    let mut outcome: Cow<'static, str> = Cow::Borrowed("internal");
+    let stop = loop {
+        let wait = tokio::select! {
+            biased;
+            () = stream.cancelled().cancelled() => break Some(Stop::Cancelled),
+            () = ctx.closing.cancelled() => break Some(Stop::Closing),
+            wait = stream.wait_for_room(settings.window, settings.max_lag, settings.detach_grace) => wait,
+        };
+        match wait {
+            Wait::Go => {}
+            Wait::SlowConsumer => break Some(Stop::SlowConsumer),
+            Wait::Abandoned => break Some(Stop::Abandoned),
+        }
         let event = tokio::select! {
             biased;
-            () = tx.closed() => break,
-            event = events.next() => event,
+            () = stream.cancelled().cancelled() => break Some(Stop::Cancelled),
+            () = ctx.closing.cancelled() => break Some(Stop::Closing),
+            () = stream.abandoned(settings.detach_grace) => break Some(Stop::Abandoned),
+            event = engine.next() => event,
         };
-        let Some(event) = event else { break };
-        let delta_seq = match &event {
-            StreamEvent::Delta { seq, .. } => Some(*seq),
-            _ => None,
-        };
+        let Some(event) = event else { break None };
+        deepest = deepest.max(stream.lag());
         let finished = event.outcome();
-        match tokio::time::timeout(settings.max_lag, tx.send(event)).await {
-            Ok(Ok(())) => {
-                deepest = deepest.max(settings.queue.saturating_sub(tx.capacity()));
-                last_seq = delta_seq.unwrap_or(last_seq);
-            }
-            Ok(Err(_)) => break,
-            Err(_) => {
-                outcome = "slow_consumer";
-                let _ = tail.send(StreamEvent::Error {
-                    stream_id: ctx.stream_id,
-                    seq: last_seq + 1,
-                    code: "slow_consumer",
-                    message: format!(
-                        "the client did not read for {}",
-                        humantime::format_duration(settings.max_lag)
-                    ),
-                });
-                break;
-            }
-        }
+        stream.append(event);
         if let Some(finished) = finished {
             outcome = finished;
-            break;
+            break None;
         }
+    };
+    if let Some(stop) = stop {
+        let (code, message) = match stop {
+            Stop::Cancelled => ("cancelled", "the stream was cancelled".to_owned()),
+            Stop::Closing => (
+                "generator_lost",
+                "the server generating this stream shut down".to_owned(),
+            ),
+            Stop::SlowConsumer => (
+                "slow_consumer",
+                format!(
+                    "the client did not read for {}",
+                    humantime::format_duration(settings.max_lag)
+                ),
+            ),
+            Stop::Abandoned => (
+                "client_gone",
+                "no client was connected for the detach grace period".to_owned(),
+            ),
+        };
+        outcome = Cow::Borrowed(code);
+        stream.append(StreamEvent::Error {
+            stream_id: stream.id,
+            seq: stream.next_seq(),
+            code: code.into(),
+            message,
+        });
     }
     // Generator first, then the slot: nothing runs on a freed slot.
-    drop(events);
+    drop(engine);
     drop(ctx.permit);
     ctx.metrics.set_open_streams(ctx.slots.open());
-    ctx.metrics.observe_queue_depth(deepest);
-    ctx.metrics.stream_ended(outcome);
+    ctx.metrics.observe_queue_depth(deepest as usize);
     if outcome == "slow_consumer" {
         ctx.metrics.refused("slow_consumer");
     }
     tracing::info!(
-        stream_id = %ctx.stream_id,
+        stream_id = %stream.id,
         subject = %ctx.subject,
-        generator = %ctx.generator,
-        outcome,
-        chars = last_seq,
+        generator = %stream.generator,
+        outcome = %outcome,
+        chars = stream.next_seq().saturating_sub(2),
         duration_ms = started.elapsed().as_millis() as u64,
         "stream ended"
     );
+    ctx.metrics.stream_ended(outcome);
 }

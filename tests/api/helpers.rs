@@ -135,6 +135,8 @@ pub fn base_settings() -> Settings {
         pace_ms: Some(0),
         rate_subject_per_min: Some(0),
         rate_ip_per_min: Some(0),
+        // A client that leaves cancels at once unless a test wants resume.
+        detach_grace: Some("0s".into()),
         ..Settings::default()
     }
 }
@@ -312,4 +314,9 @@ pub async fn eventually(limit: Duration, what: &str, cond: impl Fn() -> bool) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Percent-encodes a query value.
+pub fn urlencode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }

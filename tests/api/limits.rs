@@ -333,13 +333,23 @@ async fn slow_loris_headers_are_cut_off() {
         app.metric("tokengate_refusals_total{reason=\"header_timeout\"}").await,
         1.0
     );
-    // An idle kept-alive connection is closed after the same time.
+    // A kept-alive connection that sits idle after a request is closed by
+    // the same timer, and that is not counted as a refusal.
     let mut idle = TcpStream::connect(app.addr).await.unwrap();
-    let mut buf = [0u8; 16];
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     let read = tokio::time::timeout(LIMIT, idle.read(&mut buf))
         .await
         .expect("idle connection closed");
     assert!(matches!(read, Ok(0) | Err(_)));
+    assert_eq!(
+        app.metric("tokengate_refusals_total{reason=\"header_timeout\"}").await,
+        1.0
+    );
 }
 
 #[tokio::test]

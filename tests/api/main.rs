@@ -4,10 +4,12 @@
 
 mod auth;
 mod binary;
+mod channels;
 mod cors;
 mod helpers;
 mod lifecycle;
 mod limits;
+mod resume;
 mod spec;
 mod sse_props;
 mod streaming;

@@ -1,0 +1,64 @@
+//! `GET /v1/streams/{id}` resumes a stream explicitly (from `Last-Event-ID`
+//! or `last_event_id`, else from its start); `DELETE /v1/streams/{id}`
+//! cancels it: the generator (and any upstream request) is dropped and
+//! every connected reader gets a terminal `error` with code `cancelled`.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::stream::{last_event_id, owned_stream, parse_event_id, resume};
+use crate::app::AppState;
+use crate::auth::{Principal, Scope};
+use crate::error::ApiError;
+use crate::stream::StreamId;
+
+/// Query of `GET /v1/streams/{id}`.
+#[derive(Debug, Deserialize)]
+pub struct ResumeQuery {
+    last_event_id: Option<String>,
+}
+
+fn stream_id(id: &str) -> Result<StreamId, ApiError> {
+    StreamId::parse(id).ok_or(ApiError::StreamNotFound)
+}
+
+/// `GET /v1/streams/{id}`
+pub async fn resume_stream(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<ResumeQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    super::require(&principal, Scope::Stream)?;
+    let Query(q) = query?;
+    let id = stream_id(&id)?;
+    let stream = owned_stream(&state, &principal, &id)?;
+    let from = match last_event_id(&headers, q.last_event_id.as_deref()) {
+        None => 0,
+        Some(last) => {
+            let (last_id, seq) = parse_event_id(last)?;
+            if last_id != id {
+                return Err(ApiError::BadRequest("Last-Event-ID names another stream".into()));
+            }
+            seq + 1
+        }
+    };
+    Ok(resume(&state, &stream, from))
+}
+
+/// `DELETE /v1/streams/{id}`: 204 whether it was running or had finished.
+pub async fn cancel_stream(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    super::require(&principal, Scope::Stream)?;
+    let stream = owned_stream(&state, &principal, &stream_id(&id)?)?;
+    stream.cancel();
+    tracing::info!(stream_id = %stream.id, subject = %principal.subject, "stream cancelled");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -1,0 +1,393 @@
+//! In-memory stream logs: the [`StreamHub`] of streams produced by this
+//! process, each a bounded, expiring [`LiveStream`] log that readers follow.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::sync::Notify;
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::stream::{StreamEvent, StreamId};
+
+/// Retention and flow-control settings of stream logs.
+#[derive(Debug, Clone, Copy)]
+pub struct HubSettings {
+    /// Events kept per stream; older ones are dropped (resuming before them
+    /// is a `resume_gap`).
+    pub max_events: usize,
+    /// How long a finished stream stays resumable.
+    pub ttl: Duration,
+}
+
+/// The streams produced by this process, by id.
+#[derive(Debug)]
+pub struct StreamHub {
+    streams: Mutex<HashMap<StreamId, Arc<LiveStream>>>,
+    settings: HubSettings,
+}
+
+#[derive(Debug)]
+struct LogState {
+    events: VecDeque<Arc<StreamEvent>>,
+    /// Sequence number of `events[0]`.
+    first_seq: u64,
+    finished_at: Option<Instant>,
+    /// Next sequence each attached local reader needs.
+    readers: Vec<Arc<AtomicU64>>,
+    /// Since when no reader is attached.
+    detached_since: Option<Instant>,
+}
+
+/// One stream's log, owner and controls.
+#[derive(Debug)]
+pub struct LiveStream {
+    /// The stream's id.
+    pub id: StreamId,
+    /// The subject that created it.
+    pub owner: String,
+    /// Its generator.
+    pub generator: String,
+    max_events: usize,
+    state: Mutex<LogState>,
+    /// Woken on every append (readers wait on it).
+    appended: Notify,
+    /// Woken when readers attach, detach or advance (the producer waits).
+    progress: Notify,
+    /// Cancelled by `DELETE /v1/streams/{id}`.
+    cancel: CancellationToken,
+}
+
+/// Why a reader could not attach at the requested position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// Attached; events will follow.
+    Attached,
+    /// The stream is finished and the reader has seen its last event.
+    Complete,
+}
+
+/// What the producer should do next (see [`LiveStream::wait_for_room`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Room in every attached reader's window: produce.
+    Go,
+    /// The slowest reader left its window full longer than allowed.
+    SlowConsumer,
+    /// No reader came back within the detach grace.
+    Abandoned,
+}
+
+fn lock(m: &Mutex<LogState>) -> MutexGuard<'_, LogState> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl StreamHub {
+    /// An empty hub.
+    pub fn new(settings: HubSettings) -> Arc<Self> {
+        Arc::new(Self {
+            streams: Mutex::new(HashMap::new()),
+            settings,
+        })
+    }
+
+    /// Registers a new stream.
+    pub fn create(&self, id: StreamId, owner: &str, generator: &str) -> Arc<LiveStream> {
+        let stream = Arc::new(LiveStream {
+            id,
+            owner: owner.to_owned(),
+            generator: generator.to_owned(),
+            max_events: self.settings.max_events.max(1),
+            state: Mutex::new(LogState {
+                events: VecDeque::new(),
+                first_seq: 0,
+                finished_at: None,
+                readers: Vec::new(),
+                detached_since: Some(Instant::now()),
+            }),
+            appended: Notify::new(),
+            progress: Notify::new(),
+            cancel: CancellationToken::new(),
+        });
+        self.streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, stream.clone());
+        stream
+    }
+
+    /// A stream produced here, if it is still retained.
+    pub fn get(&self, id: &StreamId) -> Option<Arc<LiveStream>> {
+        self.streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    /// Streams retained (running or finished within the TTL).
+    pub fn len(&self) -> usize {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// True when no stream is retained.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets finished streams older than the TTL.
+    pub fn sweep(&self) {
+        let ttl = self.settings.ttl;
+        let now = Instant::now();
+        self.streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, s| lock(&s.state).finished_at.is_none_or(|at| now.duration_since(at) < ttl));
+    }
+}
+
+impl LiveStream {
+    /// Appends the next event (the producer only). Past `max_events` the
+    /// oldest is dropped.
+    pub fn append(&self, event: StreamEvent) {
+        let terminal = event.is_terminal();
+        {
+            let mut state = lock(&self.state);
+            state.events.push_back(Arc::new(event));
+            if state.events.len() > self.max_events {
+                state.events.pop_front();
+                state.first_seq += 1;
+            }
+            if terminal {
+                state.finished_at = Some(Instant::now());
+            }
+        }
+        self.appended.notify_waiters();
+    }
+
+    /// The next sequence number to be appended.
+    pub fn next_seq(&self) -> u64 {
+        let state = lock(&self.state);
+        state.first_seq + state.events.len() as u64
+    }
+
+    /// True once the terminal event is in the log.
+    pub fn is_finished(&self) -> bool {
+        lock(&self.state).finished_at.is_some()
+    }
+
+    /// Requests cancellation (the producer appends `error: cancelled`).
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Cancelled by a `DELETE`.
+    pub fn cancelled(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Events from `from` on (at most `max`), or `Err(first_kept)` when
+    /// `from` was already dropped from the log.
+    fn read_from(&self, from: u64, max: usize) -> Result<Vec<Arc<StreamEvent>>, u64> {
+        let state = lock(&self.state);
+        if from < state.first_seq {
+            return Err(state.first_seq);
+        }
+        let skip = (from - state.first_seq) as usize;
+        Ok(state.events.iter().skip(skip).take(max).cloned().collect())
+    }
+
+    /// Checks whether a reader that has seen everything before `from` has
+    /// anything left to read.
+    pub fn attach_check(&self, from: u64) -> Attach {
+        let state = lock(&self.state);
+        let next = state.first_seq + state.events.len() as u64;
+        if state.finished_at.is_some() && from >= next {
+            Attach::Complete
+        } else {
+            Attach::Attached
+        }
+    }
+
+    /// Attaches a reader that needs events from `from` on. Attach before the
+    /// producer starts, so a new stream never looks abandoned.
+    pub fn attach(self: &Arc<Self>, from: u64) -> Reader {
+        let position = Arc::new(AtomicU64::new(from));
+        {
+            let mut state = lock(&self.state);
+            state.readers.push(position.clone());
+            state.detached_since = None;
+        }
+        self.progress.notify_waiters();
+        Reader {
+            stream: self.clone(),
+            position,
+            from,
+        }
+    }
+
+    /// How far ahead the producer is of its slowest attached reader.
+    pub fn lag(&self) -> u64 {
+        let state = lock(&self.state);
+        let next = state.first_seq + state.events.len() as u64;
+        state
+            .readers
+            .iter()
+            .map(|r| next.saturating_sub(r.load(Ordering::Acquire)))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits until the producer may append another event: every attached
+    /// reader is fewer than `window` events behind. Gives up with
+    /// [`Wait::SlowConsumer`] after `max_lag` of a full window, and with
+    /// [`Wait::Abandoned`] when no reader has been attached for `grace`.
+    pub async fn wait_for_room(&self, window: usize, max_lag: Duration, grace: Duration) -> Wait {
+        let mut full_since: Option<Instant> = None;
+        loop {
+            let notified = self.progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let deadline = {
+                let state = lock(&self.state);
+                match state.detached_since {
+                    Some(since) if Instant::now() >= since + grace => return Wait::Abandoned,
+                    // Nobody reading: generation continues into the log
+                    // (bounded by max_events) for the grace period.
+                    Some(_) => return Wait::Go,
+                    None => {}
+                }
+                drop(state);
+                if self.lag() < window as u64 {
+                    return Wait::Go;
+                }
+                let since = *full_since.get_or_insert_with(Instant::now);
+                if Instant::now() >= since + max_lag {
+                    return Wait::SlowConsumer;
+                }
+                since + max_lag
+            };
+            tokio::select! {
+                () = &mut notified => {}
+                () = sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    /// Resolves when no reader has been attached for `grace` (the producer
+    /// races this against the generator, which may be slow or silent).
+    pub async fn abandoned(&self, grace: Duration) {
+        loop {
+            let notified = self.progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let detached_since = lock(&self.state).detached_since;
+            match detached_since {
+                Some(since) => {
+                    tokio::select! {
+                        () = &mut notified => {}
+                        () = sleep_until(since + grace) => {
+                            if lock(&self.state).detached_since.is_some() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+}
+
+/// An attached reader; dropping it detaches (which may start the detach
+/// grace).
+#[derive(Debug)]
+pub struct Reader {
+    stream: Arc<LiveStream>,
+    position: Arc<AtomicU64>,
+    from: u64,
+}
+
+impl Reader {
+    fn advance(&self, next: u64) {
+        self.position.store(next, Ordering::Release);
+        self.stream.progress.notify_waiters();
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        {
+            let mut state = lock(&self.stream.state);
+            state.readers.retain(|r| !Arc::ptr_eq(r, &self.position));
+            if state.readers.is_empty() {
+                state.detached_since = Some(Instant::now());
+            }
+        }
+        self.stream.progress.notify_waiters();
+    }
+}
+
+/// Most events handed on per log read.
+const BATCH: usize = 256;
+
+/// Follows a stream's log from sequence `from` on: replays what is logged,
+/// then waits for more, until the terminal event. Adds heartbeats while
+/// quiet and ends with `shutdown` when `closing` fires. A `from` already
+/// dropped from the log gives a terminal `error` with code `resume_gap`:
+/// never a silent skip.
+pub fn follow(
+    reader: Reader,
+    heartbeat: Duration,
+    closing: CancellationToken,
+    shutdown_retry_ms: u64,
+) -> impl Stream<Item = Arc<StreamEvent>> + Send + 'static {
+    async_stream::stream! {
+        let stream = reader.stream.clone();
+        let mut next = reader.from;
+        loop {
+            if closing.is_cancelled() {
+                yield Arc::new(StreamEvent::Shutdown { retry_ms: shutdown_retry_ms });
+                return;
+            }
+            let appended = stream.appended.notified();
+            tokio::pin!(appended);
+            appended.as_mut().enable();
+            match stream.read_from(next, BATCH) {
+                Err(first_kept) => {
+                    yield Arc::new(StreamEvent::Error {
+                        stream_id: stream.id,
+                        seq: next,
+                        code: "resume_gap".into(),
+                        message: format!("events from {next} on are no longer retained (oldest kept: {first_kept}); start a new stream"),
+                    });
+                    return;
+                }
+                Ok(batch) if !batch.is_empty() => {
+                    for event in batch {
+                        let terminal = event.is_terminal();
+                        next = event.seq().map_or(next, |s| s + 1);
+                        yield event;
+                        // Reached only once the consumer asked for more:
+                        // the event was taken.
+                        reader.advance(next);
+                        if terminal {
+                            return;
+                        }
+                    }
+                }
+                Ok(_) => {
+                    tokio::select! {
+                        biased;
+                        () = closing.cancelled() => {}
+                        () = &mut appended => {}
+                        () = sleep(heartbeat) => yield Arc::new(StreamEvent::Heartbeat),
+                    }
+                }
+            }
+        }
+    }
+}
