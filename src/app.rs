@@ -27,7 +27,7 @@ use crate::generator::Registry;
 use crate::limits::{RateLimits, StreamSlots, client_ip};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::store::{ChannelHub, StreamHub};
+use crate::store::{ChannelHub, ChannelTail, RedisStore, StreamHub};
 
 /// Everything a handler may need, shared by all requests.
 pub struct Inner {
@@ -47,6 +47,12 @@ pub struct Inner {
     pub hub: Arc<StreamHub>,
     /// Broadcast channels.
     pub channels: Arc<ChannelHub>,
+    /// The shared store, when configured.
+    pub redis: Option<Arc<RedisStore>>,
+    /// Tails shared channels for local subscribers (with `redis`).
+    pub tail: Option<Arc<ChannelTail>>,
+    /// This process's id among replicas (random per start).
+    pub replica_id: String,
 }
 
 /// Cheaply cloneable application state.

@@ -244,6 +244,10 @@ pub struct Settings {
     /// Largest published `data`, in bytes of JSON.
     #[arg(long, global = true, env = "TOKENGATE_MAX_PUBLISH_BYTES")]
     pub max_publish_bytes: Option<usize>,
+    /// Redis URL (`redis://host:6379/0`): stream logs and channels shared by
+    /// all replicas. Without it everything is in this process's memory.
+    #[arg(long, global = true, env = "TOKENGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
     /// Log format: `text` or `json`.
     #[arg(long, global = true, env = "TOKENGATE_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -268,7 +272,7 @@ impl Settings {
             rate_subject_burst, rate_ip_per_min, rate_ip_burst, trusted_proxies, max_streams,
             max_streams_per_subject, send_queue, max_lag, max_messages, max_stream_duration,
             max_header_bytes, header_timeout, max_connections, detach_grace, stream_ttl,
-            stream_max_events, channel_max_events, channel_ttl, max_publish_bytes)
+            stream_max_events, channel_max_events, channel_ttl, max_publish_bytes, redis_url)
     }
 
     /// Reads a TOML settings file.
@@ -389,6 +393,8 @@ pub struct StoreConfig {
     pub channel_ttl: Duration,
     /// Largest published `data`.
     pub max_publish_bytes: usize,
+    /// The shared store, if any (the URL may carry a password: never logged).
+    pub redis_url: Option<Secret>,
 }
 
 /// Validated runtime configuration.
@@ -582,6 +588,22 @@ impl Config {
                 )?,
                 channel_ttl: duration("channel_ttl", s.channel_ttl.as_deref(), DEFAULT_CHANNEL_TTL)?,
                 max_publish_bytes: s.max_publish_bytes.unwrap_or(DEFAULT_MAX_PUBLISH_BYTES),
+                redis_url: match &s.redis_url {
+                    None => None,
+                    Some(url)
+                        if url.starts_with("redis://")
+                            || url.starts_with("rediss://")
+                            || url.starts_with("redis+unix://") =>
+                    {
+                        Some(Secret::new(url.clone().into_bytes()))
+                    }
+                    Some(_) => {
+                        return Err(ConfigError::invalid(
+                            "redis_url",
+                            "must start with redis://, rediss:// or redis+unix://",
+                        ));
+                    }
+                },
             },
         })
     }

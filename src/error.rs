@@ -64,6 +64,9 @@ pub enum ApiError {
     /// subject's: the answer does not tell which).
     #[error("no such stream (unknown, expired, or not yours)")]
     StreamNotFound,
+    /// The shared store (Redis) cannot be reached.
+    #[error("the shared store is unavailable; retry shortly")]
+    StoreUnavailable,
     /// The server is draining for shutdown.
     #[error("the server is shutting down; retry on another instance")]
     Draining,
@@ -110,6 +113,11 @@ impl ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too_many_messages", "Payload too large")
             }
             ApiError::StreamNotFound => (StatusCode::NOT_FOUND, "stream_not_found", "Not found"),
+            ApiError::StoreUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "Service unavailable",
+            ),
             ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining", "Service unavailable"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", "Not found"),
             ApiError::MethodNotAllowed => (
@@ -179,7 +187,7 @@ impl IntoResponse for ApiError {
                 headers.insert("ratelimit-remaining", HeaderValue::from_static("0"));
                 headers.insert("ratelimit-reset", secs);
             }
-            ApiError::Draining | ApiError::NoSlot(_) => {
+            ApiError::Draining | ApiError::NoSlot(_) | ApiError::StoreUnavailable => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -229,5 +237,12 @@ impl ApiError {
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
         ApiError::BadRequest(rejection.body_text())
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        tracing::warn!(error = %e, "shared store request failed");
+        ApiError::StoreUnavailable
     }
 }

@@ -8,6 +8,8 @@
 //! `Last-Event-ID` whatever it missed that the channel still holds. If it
 //! missed more than that, it gets `event: gap` first: never a silent skip.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -24,7 +26,7 @@ use crate::app::AppState;
 use crate::auth::{Principal, Scope};
 use crate::error::ApiError;
 use crate::sse::{push_comment, push_event, push_retry};
-use crate::store::Subscription;
+use crate::store::{ChannelEvent, RedisStore, Start, Subscription, TailGuard};
 use crate::stream::StreamId;
 
 /// Longest channel name.
@@ -46,6 +48,36 @@ fn check_name(name: &str) -> Result<(), ApiError> {
             "channel names are 1 to {MAX_CHANNEL_NAME} characters of A-Z, a-z, 0-9, `_`, `-`, `.` and `:`"
         )))
     }
+}
+
+/// Shared mode: the channel stays tailed and this subscriber counted while
+/// the response streams.
+type SharedGuards = (TailGuard, CountedSubscriber);
+
+/// This replica's share of a channel's subscriber count in Redis.
+struct CountedSubscriber {
+    redis: Arc<RedisStore>,
+    name: String,
+    replica: String,
+}
+
+impl Drop for CountedSubscriber {
+    fn drop(&mut self) {
+        let (redis, name, replica) = (
+            self.redis.clone(),
+            std::mem::take(&mut self.name),
+            std::mem::take(&mut self.replica),
+        );
+        tokio::spawn(async move {
+            let _ = redis.count_subscriber(&name, &replica, -1).await;
+        });
+    }
+}
+
+/// A Redis stream entry id: `<ms>-<seq>`.
+fn is_redis_id(s: &str) -> bool {
+    s.split_once('-')
+        .is_some_and(|(a, b)| a.parse::<u64>().is_ok() && b.parse::<u64>().is_ok())
 }
 
 /// Query of `GET /v1/channels/{name}`.
@@ -73,13 +105,7 @@ pub async fn subscribe(
     super::require(&principal, Scope::Stream)?;
     check_name(&name)?;
     let Query(q) = query?;
-    let after = match last_event_id(&headers, q.last_event_id.as_deref()) {
-        None => None,
-        Some(id) => Some(
-            id.parse::<u64>()
-                .map_err(|_| ApiError::BadRequest(format!("`{id}` is not a channel event id (a number)")))?,
-        ),
-    };
+    let last = last_event_id(&headers, q.last_event_id.as_deref()).map(str::to_owned);
     let subscriber_id = StreamId::random().map_err(|e| ApiError::Internal(format!("OS RNG failed: {e}")))?;
     let cfg = &state.config;
     let retry_ms = cfg.stream.retry.as_millis() as u64;
@@ -88,23 +114,85 @@ pub async fn subscribe(
     push_retry(&mut first, retry_ms);
     let connected = json!({ "subscriber_id": subscriber_id.to_string(), "channel": name });
     push_event(&mut first, None, Some("connected"), &connected.to_string());
-    let events = state
-        .channels
-        .subscribe(&name, after, cfg.stream.heartbeat, state.shutdown.closing().clone());
+    let closing = state.shutdown.closing().clone();
+    let heartbeat = cfg.stream.heartbeat;
+    let (history, guards, events): (Vec<Subscription>, Option<SharedGuards>, _) = match (&state.redis, &state.tail) {
+        (Some(redis), Some(tail)) => {
+            // Shared: history from Redis, then live events as this
+            // replica's tail feeds them into the local log.
+            let (history, start_id) = match &last {
+                Some(after) => {
+                    if !is_redis_id(after) {
+                        return Err(ApiError::BadRequest(format!("`{after}` is not a channel event id")));
+                    }
+                    let (entries, gap) = redis.channel_read(&name, after, cfg.store.channel_max_events).await?;
+                    let mut items = Vec::new();
+                    if gap {
+                        let first_id = entries.first().map(|(id, _)| id.clone()).unwrap_or_default();
+                        items.push(Subscription::Gap { first_id });
+                    }
+                    let mut newest = after.clone();
+                    for (id, mut fields) in entries {
+                        newest = id.clone();
+                        let data = fields.remove("d").unwrap_or_else(|| "null".to_owned());
+                        let event = ChannelEvent {
+                            seq: 0,
+                            id,
+                            event: fields.remove("e"),
+                            data,
+                        };
+                        items.push(Subscription::Event(std::sync::Arc::new(event)));
+                    }
+                    (items, newest)
+                }
+                None => (Vec::new(), redis.channel_last_id(&name).await?),
+            };
+            let tail_guard = tail.watch(&name, &start_id);
+            redis.count_subscriber(&name, &state.replica_id, 1).await?;
+            let counted = CountedSubscriber {
+                redis: redis.clone(),
+                name: name.clone(),
+                replica: state.replica_id.clone(),
+            };
+            let events = state
+                .channels
+                .subscribe(&name, Start::AfterId(start_id), heartbeat, closing);
+            (history, Some((tail_guard, counted)), events)
+        }
+        _ => {
+            let start = match &last {
+                None => Start::New,
+                Some(id) => Start::AfterSeq(
+                    id.parse::<u64>()
+                        .map_err(|_| ApiError::BadRequest(format!("`{id}` is not a channel event id (a number)")))?,
+                ),
+            };
+            (
+                Vec::new(),
+                None,
+                state.channels.subscribe(&name, start, heartbeat, closing),
+            )
+        }
+    };
+    let events = futures_util::stream::iter(history).chain(events).map(move |item| {
+        // Keeps the tail and the shared subscriber count while streaming.
+        let _ = &guards;
+        item
+    });
     let body = futures_util::stream::once(async move { first.freeze() })
         .chain(events.map(move |item| {
             let mut buf = BytesMut::new();
             match item {
                 Subscription::Event(e) => push_event(
                     &mut buf,
-                    Some(&e.seq.to_string()),
+                    Some(&e.id),
                     Some(e.event.as_deref().unwrap_or("message")),
                     &e.data,
                 ),
-                Subscription::Gap { first_kept } => {
+                Subscription::Gap { first_id } => {
                     let data = json!({
                         "code": "resume_gap",
-                        "first_id": first_kept.to_string(),
+                        "first_id": first_id,
                         "message": "some events are no longer retained; continuing with the oldest kept",
                     });
                     push_event(&mut buf, None, Some("gap"), &data.to_string());
@@ -156,7 +244,18 @@ pub async fn publish(
     if data.len() > limit {
         return Err(ApiError::TooLarge { what: "`data`", limit });
     }
-    let (seq, subscribers) = state.channels.publish(&name, body.event, data);
-    tracing::debug!(channel = %name, subject = %principal.subject, seq, subscribers, "published");
-    Ok(Json(json!({ "id": seq.to_string(), "subscribers": subscribers })))
+    let (id, subscribers) = match &state.redis {
+        // Shared: Redis orders and stores it; every replica's tail (this
+        // one's included) delivers it to local subscribers.
+        Some(redis) => {
+            let id = redis.channel_publish(&name, body.event.as_deref(), &data).await?;
+            (id, redis.channel_subscribers(&name).await?)
+        }
+        None => {
+            let (seq, subscribers) = state.channels.publish(&name, body.event, data);
+            (seq.to_string(), subscribers)
+        }
+    };
+    tracing::debug!(channel = %name, subject = %principal.subject, %id, subscribers, "published");
+    Ok(Json(json!({ "id": id, "subscribers": subscribers })))
 }

@@ -20,6 +20,9 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     if state.shutdown.is_draining() {
         return Err(ApiError::Draining);
     }
+    if state.redis.as_ref().is_some_and(|r| !r.is_healthy()) {
+        return Err(ApiError::StoreUnavailable);
+    }
     Ok(Json(json!({ "status": "ready" })))
 }
 

@@ -12,6 +12,7 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
 use serde::Deserialize;
 
 use crate::app::AppState;
@@ -19,8 +20,8 @@ use crate::auth::{Principal, Scope};
 use crate::dialect::{native::Native, sse_body};
 use crate::error::ApiError;
 use crate::generator::{ChatMessage, GenerateRequest};
-use crate::store::{Attach, LiveStream, Reader, follow};
-use crate::stream::{EngineSettings, RunContext, RunSettings, StreamId, events, spawn};
+use crate::store::{Attach, LiveStream, Replicator, follow, follow_remote};
+use crate::stream::{EngineSettings, RunContext, RunSettings, StreamEvent, StreamId, events, spawn};
 
 /// Query of `GET /v1/stream`. Other parameters (the token) are allowed and
 /// ignored here.
@@ -54,13 +55,13 @@ pub async fn open_stream_get(
     super::require(&principal, Scope::Stream)?;
     let Query(q) = query?;
     if let Some(last) = last_event_id(&headers, q.last_event_id.as_deref()) {
-        return resume_from_event_id(&state, &principal, last);
+        return resume_from_event_id(&state, &principal, last).await;
     }
     let request = GenerateRequest {
         prompt: q.prompt.unwrap_or_default(),
         messages: Vec::new(),
     };
-    open(&state, &principal, request, q.generator, q.pace_ms)
+    open(&state, &principal, request, q.generator, q.pace_ms).await
 }
 
 /// `POST /v1/stream` with `{"prompt", "messages"?, "generator"?, "pace_ms"?}`.
@@ -72,14 +73,14 @@ pub async fn open_stream_post(
 ) -> Result<Response, ApiError> {
     super::require(&principal, Scope::Stream)?;
     if let Some(last) = last_event_id(&headers, None) {
-        return resume_from_event_id(&state, &principal, last);
+        return resume_from_event_id(&state, &principal, last).await;
     }
     let Json(b) = body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?;
     let request = GenerateRequest {
         prompt: b.prompt,
         messages: b.messages,
     };
-    open(&state, &principal, request, b.generator, b.pace_ms)
+    open(&state, &principal, request, b.generator, b.pace_ms).await
 }
 
 /// The resume position a client sent: the header wins over the query.
@@ -99,44 +100,76 @@ pub fn parse_event_id(value: &str) -> Result<(StreamId, u64), ApiError> {
     Ok((StreamId::parse(id).ok_or_else(bad)?, seq.parse().map_err(|_| bad())?))
 }
 
-fn resume_from_event_id(state: &AppState, principal: &Principal, last: &str) -> Result<Response, ApiError> {
+async fn resume_from_event_id(state: &AppState, principal: &Principal, last: &str) -> Result<Response, ApiError> {
     let (id, seq) = parse_event_id(last)?;
-    let stream = owned_stream(state, principal, &id)?;
-    Ok(resume(state, &stream, seq + 1))
+    let located = locate(state, principal, &id).await?;
+    resume(state, located, seq + 1).await
 }
 
-/// A retained stream the caller may see: its own, or any with `admin`.
+/// Where a stream the caller may see lives.
+pub enum Located {
+    /// Produced by this process.
+    Local(Arc<LiveStream>),
+    /// Produced by another replica; readable through the shared store.
+    Remote(StreamId),
+}
+
+/// Finds a stream the caller may see: its own, or any with `admin`.
 /// Another subject's stream is reported exactly like an unknown one.
-pub fn owned_stream(state: &AppState, principal: &Principal, id: &StreamId) -> Result<Arc<LiveStream>, ApiError> {
-    state
-        .hub
-        .get(id)
-        .filter(|s| s.owner == principal.subject || principal.is_admin())
-        .ok_or(ApiError::StreamNotFound)
+pub async fn locate(state: &AppState, principal: &Principal, id: &StreamId) -> Result<Located, ApiError> {
+    let allowed = |owner: &str| owner == principal.subject || principal.is_admin();
+    if let Some(stream) = state.hub.get(id) {
+        return if allowed(&stream.owner) {
+            Ok(Located::Local(stream))
+        } else {
+            Err(ApiError::StreamNotFound)
+        };
+    }
+    let Some(redis) = &state.redis else {
+        return Err(ApiError::StreamNotFound);
+    };
+    match redis.meta(id).await? {
+        Some(meta) if allowed(&meta.owner) => Ok(Located::Remote(*id)),
+        _ => Err(ApiError::StreamNotFound),
+    }
 }
 
-/// Replays `stream` from sequence `from` and follows it live; `204 No
+/// Replays a stream from sequence `from` and follows it live; `204 No
 /// Content` when the client already has everything (it makes `EventSource`
 /// stop reconnecting).
-pub fn resume(state: &AppState, stream: &Arc<LiveStream>, from: u64) -> Response {
-    if stream.attach_check(from) == Attach::Complete {
-        return StatusCode::NO_CONTENT.into_response();
+pub async fn resume(state: &AppState, located: Located, from: u64) -> Result<Response, ApiError> {
+    let cfg = &state.config;
+    let closing = state.shutdown.closing().clone();
+    let retry_ms = cfg.shutdown_retry.as_millis() as u64;
+    match located {
+        Located::Local(stream) => {
+            if stream.attach_check(from) == Attach::Complete {
+                return Ok(StatusCode::NO_CONTENT.into_response());
+            }
+            Ok(sse_response(
+                state,
+                follow(stream.attach(from), cfg.stream.heartbeat, closing, retry_ms),
+            ))
+        }
+        Located::Remote(id) => {
+            let redis = state.redis.clone().ok_or(ApiError::StreamNotFound)?;
+            if let Some((last, true)) = redis.last_event(&id).await?
+                && from > last {
+                    return Ok(StatusCode::NO_CONTENT.into_response());
+                }
+            Ok(sse_response(
+                state,
+                follow_remote(redis, id, from, cfg.stream.heartbeat, closing, retry_ms),
+            ))
+        }
     }
-    sse_response(state, stream.attach(from))
 }
 
-fn sse_response(state: &AppState, reader: Reader) -> Response {
-    let cfg = &state.config;
-    let events = follow(
-        reader,
-        cfg.stream.heartbeat,
-        state.shutdown.closing().clone(),
-        cfg.shutdown_retry.as_millis() as u64,
-    );
+fn sse_response(state: &AppState, events: impl Stream<Item = Arc<StreamEvent>> + Send + 'static) -> Response {
     let body = sse_body(
         events,
         Native {
-            retry_ms: cfg.stream.retry.as_millis() as u64,
+            retry_ms: state.config.stream.retry.as_millis() as u64,
         },
     );
     let mut response = Response::new(Body::from_stream(body));
@@ -153,7 +186,7 @@ fn sse_response(state: &AppState, reader: Reader) -> Response {
 /// Everything is checked before the generator is asked for anything, so a
 /// refused request never starts work. Callers check the scope first, so a
 /// token without `stream` learns nothing about input validation.
-fn open(
+async fn open(
     state: &AppState,
     principal: &Principal,
     request: GenerateRequest,
@@ -183,8 +216,22 @@ fn open(
     if state.shutdown.is_draining() {
         return Err(ApiError::Draining);
     }
+    if state.redis.as_ref().is_some_and(|r| !r.is_healthy()) {
+        return Err(ApiError::StoreUnavailable);
+    }
     let permit = state.slots.try_acquire(&principal.subject)?;
     let stream_id = StreamId::random().map_err(|e| ApiError::Internal(format!("OS RNG failed: {e}")))?;
+    let replicator = match &state.redis {
+        None => None,
+        Some(redis) => {
+            redis.create_stream(&stream_id, &principal.subject, &name).await?;
+            Some(Replicator::start(
+                redis.clone(),
+                stream_id,
+                state.config.store.stream_max_events,
+            ))
+        }
+    };
     let settings = EngineSettings {
         pace: cfg.pace.resolve(entry.pace, pace_ms),
         max_duration: limits.max_stream_duration,
@@ -200,6 +247,7 @@ fn open(
         slots: state.slots.clone(),
         metrics: state.metrics.clone(),
         closing: state.shutdown.closing().clone(),
+        replicator,
     };
     let run = RunSettings {
         window: limits.send_queue,
@@ -207,5 +255,12 @@ fn open(
         detach_grace: state.config.store.detach_grace,
     };
     spawn(engine, stream, ctx, run);
-    Ok(sse_response(state, reader))
+    let cfg = &state.config;
+    let events = follow(
+        reader,
+        cfg.stream.heartbeat,
+        state.shutdown.closing().clone(),
+        cfg.shutdown_retry.as_millis() as u64,
+    );
+    Ok(sse_response(state, events))
 }

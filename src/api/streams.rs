@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::stream::{last_event_id, owned_stream, parse_event_id, resume};
+use super::stream::{Located, last_event_id, locate, parse_event_id, resume};
 use crate::app::AppState;
 use crate::auth::{Principal, Scope};
 use crate::error::ApiError;
@@ -36,7 +36,7 @@ pub async fn resume_stream(
     super::require(&principal, Scope::Stream)?;
     let Query(q) = query?;
     let id = stream_id(&id)?;
-    let stream = owned_stream(&state, &principal, &id)?;
+    let located = locate(&state, &principal, &id).await?;
     let from = match last_event_id(&headers, q.last_event_id.as_deref()) {
         None => 0,
         Some(last) => {
@@ -47,7 +47,7 @@ pub async fn resume_stream(
             seq + 1
         }
     };
-    Ok(resume(&state, &stream, from))
+    resume(&state, located, from).await
 }
 
 /// `DELETE /v1/streams/{id}`: 204 whether it was running or had finished.
@@ -57,8 +57,15 @@ pub async fn cancel_stream(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     super::require(&principal, Scope::Stream)?;
-    let stream = owned_stream(&state, &principal, &stream_id(&id)?)?;
-    stream.cancel();
-    tracing::info!(stream_id = %stream.id, subject = %principal.subject, "stream cancelled");
+    let id = stream_id(&id)?;
+    match locate(&state, &principal, &id).await? {
+        Located::Local(stream) => stream.cancel(),
+        Located::Remote(id) => {
+            if let Some(redis) = &state.redis {
+                redis.publish_cancel(&id).await?;
+            }
+        }
+    }
+    tracing::info!(stream_id = %id, subject = %principal.subject, "stream cancelled");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -29,13 +29,16 @@ use crate::generator::{DemoGenerator, EchoGenerator, Registry};
 use crate::limits::{RateLimits, StreamSlots};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::store::{ChannelHub, ChannelSettings, HubSettings, StreamHub};
+use crate::store::{ChannelHub, ChannelSettings, ChannelTail, HubSettings, RedisSettings, RedisStore, StreamHub};
+use crate::stream::StreamId;
 
 mod stall;
 
 /// How often idle rate-limiter keys, expired streams and unused channels
 /// are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
+/// How often Redis health is probed (feeds `/readyz` and admission).
+const REDIS_PROBE_EVERY: Duration = Duration::from_millis(500);
 /// TCP keepalive idle time and probe interval (finds half-open peers).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Concurrent tasks answering connections over the cap; beyond, they are
@@ -140,6 +143,26 @@ impl Application {
             max_events: store.channel_max_events,
             ttl: store.channel_ttl,
         });
+        let redis = match &store.redis_url {
+            None => None,
+            Some(url) => {
+                let url = String::from_utf8_lossy(url.expose()).into_owned();
+                let settings = RedisSettings {
+                    stream_max_events: store.stream_max_events,
+                    stream_ttl: store.stream_ttl,
+                    channel_max_events: store.channel_max_events,
+                    channel_ttl: store.channel_ttl,
+                };
+                Some(
+                    RedisStore::connect(&url, settings)
+                        .map_err(|e| ConfigError::invalid("redis_url", e.to_string()))?,
+                )
+            }
+        };
+        let tail = redis.as_ref().map(|r| ChannelTail::new(r.clone(), channels.clone()));
+        let replica_id = StreamId::random()
+            .map(|id| id.to_string())
+            .unwrap_or_else(|_| "replica".to_owned());
         let state = AppState::new(Inner {
             config,
             generators,
@@ -149,6 +172,9 @@ impl Application {
             metrics,
             hub,
             channels,
+            redis,
+            tail,
+            replica_id,
         });
         Ok(Self {
             listener,
@@ -201,6 +227,14 @@ impl Application {
                     }
                 }
             });
+        }
+        if let Some(redis) = &state.redis {
+            let stop = shutdown.stopped().clone();
+            tokio::spawn(redis.clone().probe(REDIS_PROBE_EVERY, stop.clone()));
+            tokio::spawn(redis.clone().listen_for_cancels(state.hub.clone(), stop.clone()));
+            if let Some(tail) = &state.tail {
+                tokio::spawn(tail.clone().run(stop));
+            }
         }
         let limits = &state.config.limits;
         let app = router(state.clone());

@@ -24,8 +24,11 @@ pub struct ChannelSettings {
 /// One published event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelEvent {
-    /// Position in the channel (1-based); the SSE id.
+    /// Position in this process's log of the channel (1-based).
     pub seq: u64,
+    /// The SSE id: the position in memory mode, the Redis entry id with a
+    /// shared store.
+    pub id: String,
     /// The SSE event name (`message` when `None`).
     pub event: Option<String>,
     /// The payload, as compact JSON text.
@@ -39,8 +42,8 @@ pub enum Subscription {
     Event(Arc<ChannelEvent>),
     /// The requested position is older than the log: some events are lost.
     Gap {
-        /// The oldest position still kept.
-        first_kept: u64,
+        /// The id of the oldest event still kept.
+        first_id: String,
     },
     /// Nothing happened for a while.
     Heartbeat,
@@ -71,6 +74,18 @@ pub struct ChannelHub {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// Only events published from now on.
+    New,
+    /// After the event at this position (memory mode ids).
+    AfterSeq(u64),
+    /// After the event with this id (shared-store ids); events already in
+    /// the local log with a later id are delivered.
+    AfterId(String),
 }
 
 /// Counts a subscriber while it lives.
@@ -113,34 +128,63 @@ impl ChannelHub {
     /// connected to receive it.
     pub fn publish(&self, name: &str, event: Option<String>, data: String) -> (u64, usize) {
         let channel = self.channel(name);
-        let seq = {
-            let mut log = lock(&channel.log);
-            let seq = log.next_seq;
-            log.next_seq += 1;
-            log.events.push_back(Arc::new(ChannelEvent { seq, event, data }));
-            if log.events.len() > self.settings.max_events.max(1) {
-                log.events.pop_front();
-            }
-            log.last_activity = Instant::now();
-            seq
-        };
+        let seq = Self::push(&channel, self.settings.max_events, None, event, data);
         channel.appended.notify_waiters();
         (seq, channel.subscribers.load(Ordering::Acquire))
     }
 
-    /// Subscribes: events after position `after` (all retained history when
-    /// `Some(0)`, only new ones when `None`), then live ones.
+    /// Adds an event read from the shared store (ids in store order).
+    pub fn ingest(&self, name: &str, id: String, event: Option<String>, data: String) {
+        let channel = self.channel(name);
+        Self::push(&channel, self.settings.max_events, Some(id), event, data);
+        channel.appended.notify_waiters();
+    }
+
+    /// Subscribers of `name` connected to this process.
+    pub fn local_subscribers(&self, name: &str) -> usize {
+        lock(&self.channels)
+            .get(name)
+            .map_or(0, |c| c.subscribers.load(Ordering::Acquire))
+    }
+
+    fn push(channel: &Channel, max_events: usize, id: Option<String>, event: Option<String>, data: String) -> u64 {
+        {
+            let mut log = lock(&channel.log);
+            let seq = log.next_seq;
+            log.next_seq += 1;
+            let id = id.unwrap_or_else(|| seq.to_string());
+            log.events.push_back(Arc::new(ChannelEvent { seq, id, event, data }));
+            if log.events.len() > max_events.max(1) {
+                log.events.pop_front();
+            }
+            log.last_activity = Instant::now();
+            seq
+        }
+    }
+
+    /// Subscribes from `start`, then follows live events.
     pub fn subscribe(
         &self,
         name: &str,
-        after: Option<u64>,
+        start: Start,
         heartbeat: Duration,
         closing: CancellationToken,
     ) -> impl Stream<Item = Subscription> + Send + 'static {
         let channel = self.channel(name);
         channel.subscribers.fetch_add(1, Ordering::AcqRel);
         let guard = Subscriber(channel.clone());
-        let mut next = after.map_or_else(|| lock(&channel.log).next_seq, |a| a + 1);
+        let mut next = {
+            let log = lock(&channel.log);
+            match start {
+                Start::New => log.next_seq,
+                Start::AfterSeq(after) => after + 1,
+                Start::AfterId(after) => log
+                    .events
+                    .iter()
+                    .find(|e| super::redis::id_after(&e.id, &after))
+                    .map_or(log.next_seq, |e| e.seq),
+            }
+        };
         async_stream::stream! {
             let _guard = guard;
             loop {
@@ -151,14 +195,15 @@ impl ChannelHub {
                 let appended = channel.appended.notified();
                 tokio::pin!(appended);
                 appended.as_mut().enable();
-                let (batch, first_kept) = {
+                let (batch, first_kept, first_id) = {
                     let log = lock(&channel.log);
                     let first_kept = log.events.front().map_or(log.next_seq, |e| e.seq);
+                    let first_id = log.events.front().map(|e| e.id.clone()).unwrap_or_default();
                     let batch: Vec<Arc<ChannelEvent>> = log.events.iter().filter(|e| e.seq >= next).take(256).cloned().collect();
-                    (batch, first_kept)
+                    (batch, first_kept, first_id)
                 };
                 if next < first_kept {
-                    yield Subscription::Gap { first_kept };
+                    yield Subscription::Gap { first_id };
                     next = first_kept;
                     continue;
                 }

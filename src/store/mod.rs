@@ -6,9 +6,17 @@
 //! its [`LiveStream`]'s log and every reader, the first connection or a
 //! resume, follows the log the same way. Detach, resume, cancel and slow
 //! readers are all rules on that one log.
+//!
+//! With `--redis-url` ([`RedisStore`]) every log is also replicated to
+//! Redis: readers on other replicas follow it there, and channels are
+//! published through Redis and fanned out locally by one tail per replica.
 
 mod channels;
+mod redis;
+mod remote;
 mod streams;
 
-pub use channels::{ChannelEvent, ChannelHub, ChannelSettings, Subscription};
+pub use channels::{ChannelEvent, ChannelHub, ChannelSettings, Start, Subscription};
+pub use redis::{RedisSettings, RedisStore, Replicator, StoreError};
+pub use remote::{ChannelTail, TailGuard, follow_remote};
 pub use streams::{Attach, HubSettings, LiveStream, Reader, StreamHub, Wait, follow};

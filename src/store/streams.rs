@@ -152,11 +152,12 @@ impl StreamHub {
 impl LiveStream {
     /// Appends the next event (the producer only). Past `max_events` the
     /// oldest is dropped.
-    pub fn append(&self, event: StreamEvent) {
+    pub fn append(&self, event: StreamEvent) -> Arc<StreamEvent> {
         let terminal = event.is_terminal();
+        let event = Arc::new(event);
         {
             let mut state = lock(&self.state);
-            state.events.push_back(Arc::new(event));
+            state.events.push_back(event.clone());
             if state.events.len() > self.max_events {
                 state.events.pop_front();
                 state.first_seq += 1;
@@ -166,6 +167,7 @@ impl LiveStream {
             }
         }
         self.appended.notify_waiters();
+        event
     }
 
     /// The next sequence number to be appended.

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::StreamEvent;
 use crate::limits::{SlotPermit, StreamSlots};
 use crate::metrics::Metrics;
-use crate::store::{LiveStream, Wait};
+use crate::store::{LiveStream, Replicator, Wait};
 
 /// Flow-control bounds for one stream.
 #[derive(Debug, Clone, Copy)]
@@ -49,9 +49,12 @@ pub struct RunContext {
     pub metrics: Arc<Metrics>,
     /// Fired when the server stops streams for shutdown.
     pub closing: CancellationToken,
+    /// Copies the log to the shared store, when there is one.
+    pub replicator: Option<Replicator>,
 }
 
 enum Stop {
+    StoreFailed,
     Cancelled,
     Closing,
     SlowConsumer,
@@ -72,9 +75,13 @@ pub fn spawn(
 async fn produce(
     engine: impl Stream<Item = StreamEvent> + Send + 'static,
     stream: Arc<LiveStream>,
-    ctx: RunContext,
+    mut ctx: RunContext,
     settings: RunSettings,
 ) {
+    let replicator = ctx.replicator.take();
+    let store_failed = replicator
+        .as_ref()
+        .map_or_else(CancellationToken::new, |r| r.failed.clone());
     let started = Instant::now();
     // Boxed (not stack-pinned) so it can be dropped before the slot is freed.
     let mut engine = Box::pin(engine);
@@ -83,6 +90,7 @@ async fn produce(
     let stop = loop {
         let wait = tokio::select! {
             biased;
+            () = store_failed.cancelled() => break Some(Stop::StoreFailed),
             () = stream.cancelled().cancelled() => break Some(Stop::Cancelled),
             () = ctx.closing.cancelled() => break Some(Stop::Closing),
             wait = stream.wait_for_room(settings.window, settings.max_lag, settings.detach_grace) => wait,
@@ -94,6 +102,7 @@ async fn produce(
         }
         let event = tokio::select! {
             biased;
+            () = store_failed.cancelled() => break Some(Stop::StoreFailed),
             () = stream.cancelled().cancelled() => break Some(Stop::Cancelled),
             () = ctx.closing.cancelled() => break Some(Stop::Closing),
             () = stream.abandoned(settings.detach_grace) => break Some(Stop::Abandoned),
@@ -102,7 +111,10 @@ async fn produce(
         let Some(event) = event else { break None };
         deepest = deepest.max(stream.lag());
         let finished = event.outcome();
-        stream.append(event);
+        let logged = stream.append(event);
+        if let Some(replicator) = &replicator {
+            replicator.push(logged);
+        }
         if let Some(finished) = finished {
             outcome = finished;
             break None;
@@ -110,6 +122,10 @@ async fn produce(
     };
     if let Some(stop) = stop {
         let (code, message) = match stop {
+            Stop::StoreFailed => (
+                "store_unavailable",
+                "the shared store failed; the stream cannot continue".to_owned(),
+            ),
             Stop::Cancelled => ("cancelled", "the stream was cancelled".to_owned()),
             Stop::Closing => (
                 "generator_lost",
