@@ -27,6 +27,8 @@ apt_install() {
 log "provisioning"
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 command -v kill >/dev/null || apt_install procps
+# The shared-store tests start a real redis-server on a loopback port.
+command -v redis-server >/dev/null || apt_install redis-server
 command -v python3 >/dev/null || apt_install python3 python3-venv
 # Python tools live in a project-local virtual environment.
 VENV=.venv

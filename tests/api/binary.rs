@@ -157,10 +157,10 @@ fn flags_beat_env_beat_file() {
 }
 
 /// A running binary; killed on drop.
-struct Server {
-    child: Child,
-    stdout: Vec<String>,
-    base: String,
+pub struct Server {
+    pub child: Child,
+    pub stdout: Vec<String>,
+    pub base: String,
 }
 
 impl Drop for Server {
@@ -171,7 +171,7 @@ impl Drop for Server {
 }
 
 /// Starts the binary on port 0 and reads its banner up to `last_line`.
-fn start(args: &[&str], envs: &[(&str, &str)], last_line: &str) -> Server {
+pub fn start(args: &[&str], envs: &[(&str, &str)], last_line: &str) -> Server {
     let mut child = cmd()
         .args(["--listen", "127.0.0.1:0"])
         .args(args)

@@ -3,12 +3,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, unreachable_pub)]
 
 mod auth;
-mod binary;
+pub mod binary;
 mod channels;
 mod cors;
 mod helpers;
 mod lifecycle;
 mod limits;
+mod redis;
 mod resume;
 mod spec;
 mod sse_props;

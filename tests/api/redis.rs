@@ -1,0 +1,411 @@
+//! The shared store against a real `redis-server` started by the test on a
+//! free loopback port: two replicas, cross-replica resume and channels,
+//! cancel across replicas, Redis killed and restarted, a replica killed
+//! mid-stream. A missing `redis-server` fails these tests; it never skips.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokengate::sse::{Event, Parser};
+
+use crate::helpers::*;
+
+const LIMIT: Duration = Duration::from_secs(15);
+
+/// A `redis-server` on 127.0.0.1, killed on drop.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut server = Self { child: None, port };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts (again) on the same port and waits until it answers.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run redis-server ({e}): install it (Debian: apt-get install redis-server) or run scripts/test.sh, which does")
+            });
+        self.child = Some(child);
+        for _ in 0..200 {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                let mut buf = [0u8; 16];
+                if s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG")) {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not answer on port {}", self.port);
+    }
+
+    /// Kills it (SIGKILL: an outage, not a shutdown).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn shared(redis: &RedisServer) -> tokengate::config::Settings {
+    let mut s = base_settings();
+    s.redis_url = Some(redis.url());
+    s.detach_grace = Some("10s".into());
+    s
+}
+
+async fn ready(app: &TestApp) {
+    for _ in 0..200 {
+        if app.get("/readyz", None).await.status() == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("replica never became ready");
+}
+
+fn seq_of(id: &Option<String>) -> u64 {
+    id.as_deref()
+        .and_then(|i| i.rsplit('.').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+#[tokio::test]
+async fn a_stream_generated_on_a_resumes_on_b_with_the_exact_text() {
+    let redis = RedisServer::start();
+    let a = spawn_app_with(shared(&redis)).await;
+    let b = spawn_app_with(shared(&redis)).await;
+    ready(&a).await;
+    ready(&b).await;
+    let text = "Cross-replica: 你好 👩‍👩‍👧 e\u{301} 🇯🇵 — the end.";
+    let path = format!("/v1/stream?generator=echo&pace_ms=15&prompt={}", urlencode(text));
+    let token = a.token("alice", "stream");
+    let resp = a.get(&path, Some(&token)).await;
+    let mut body = resp.bytes_stream();
+    let mut parser = Parser::new();
+    let mut first = Vec::new();
+    while delta_text(&first).chars().count() < 8 {
+        first.extend(
+            read_until(
+                &mut body,
+                &mut parser,
+                LIMIT,
+                |e| matches!(e, Event::Message { event, .. } if event == "delta"),
+            )
+            .await,
+        );
+    }
+    drop(body);
+    let last = parser.last_event_id().unwrap().to_owned();
+    // Same URL, other replica: B replays A's events and follows live ones.
+    let resp = b
+        .client
+        .get(format!("{}{path}", b.base))
+        .bearer_auth(&token)
+        .header("last-event-id", &last)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let second = read_events(resp, LIMIT).await;
+    assert_eq!(format!("{}{}", delta_text(&first), delta_text(&second)), text);
+    let seqs: Vec<u64> = messages(&first)
+        .iter()
+        .chain(messages(&second).iter())
+        .map(|m| seq_of(&m.2))
+        .collect();
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(messages(&second).last().unwrap().0, "done");
+    assert_eq!(b.state.hub.len(), 0, "B generated nothing");
+    // Fully delivered: 204 on B too; another subject sees nothing.
+    let done_id = messages(&second).last().unwrap().2.clone().unwrap();
+    let resp = b
+        .client
+        .get(format!("{}{path}", b.base))
+        .bearer_auth(&token)
+        .header("last-event-id", &done_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let sid = done_id.split('.').next().unwrap();
+    assert_eq!(
+        b.get(&format!("/v1/streams/{sid}"), Some(&b.token("mallory", "stream")))
+            .await
+            .status(),
+        404
+    );
+}
+
+#[tokio::test]
+async fn a_publish_on_a_reaches_subscribers_on_b_and_history_replays() {
+    let redis = RedisServer::start();
+    let a = spawn_app_with(shared(&redis)).await;
+    let b = spawn_app_with(shared(&redis)).await;
+    ready(&a).await;
+    ready(&b).await;
+    let resp = b.get("/v1/channels/room", Some(&b.token("bob", "stream"))).await;
+    let mut body = resp.bytes_stream();
+    let mut parser = Parser::new();
+    read_until(
+        &mut body,
+        &mut parser,
+        LIMIT,
+        |e| matches!(e, Event::Message { event, .. } if event == "connected"),
+    )
+    .await;
+    let publish = |data: Value| {
+        a.client
+            .post(format!("{}/v1/channels/room", a.base))
+            .bearer_auth(a.token("pub", "publish"))
+            .json(&json!({"event": "note", "data": data}))
+            .send()
+    };
+    let reply: Value = publish(json!({"n": 1})).await.unwrap().json().await.unwrap();
+    assert_eq!(reply["subscribers"], 1, "{reply}");
+    let first_id = reply["id"].as_str().unwrap().to_owned();
+    publish(json!({"n": 2})).await.unwrap();
+    let got = read_until(
+        &mut body,
+        &mut parser,
+        LIMIT,
+        |e| matches!(e, Event::Message { data, .. } if data.contains("\"n\":2")),
+    )
+    .await;
+    let notes: Vec<(String, Value, Option<String>)> = messages(&got).into_iter().filter(|m| m.0 == "note").collect();
+    assert_eq!(notes.len(), 2);
+    assert_eq!(notes[0].1, json!({"n": 1}));
+    assert_eq!(notes[0].2.as_deref(), Some(first_id.as_str()));
+    drop(body);
+    // Reconnect to A with the first id: only the second is replayed.
+    let resp = a
+        .client
+        .get(format!("{}/v1/channels/room", a.base))
+        .bearer_auth(a.token("bob", "stream"))
+        .header("last-event-id", &first_id)
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let got = read_until(
+        &mut body,
+        &mut Parser::new(),
+        LIMIT,
+        |e| matches!(e, Event::Message { event, .. } if event == "note"),
+    )
+    .await;
+    let notes: Vec<Value> = messages(&got)
+        .into_iter()
+        .filter(|m| m.0 == "note")
+        .map(|m| m.1)
+        .collect();
+    assert_eq!(notes, [json!({"n": 2})]);
+}
+
+#[tokio::test]
+async fn delete_on_b_cancels_the_generation_on_a() {
+    let redis = RedisServer::start();
+    let a = spawn_app_with(shared(&redis)).await;
+    let b = spawn_app_with(shared(&redis)).await;
+    ready(&a).await;
+    ready(&b).await;
+    let resp = a.stream("generator=probe&prompt=xy").await;
+    let mut body = resp.bytes_stream();
+    let mut parser = Parser::new();
+    let seen = read_until(
+        &mut body,
+        &mut parser,
+        LIMIT,
+        |e| matches!(e, Event::Message { event, .. } if event == "delta"),
+    )
+    .await;
+    let sid = messages(&seen)[0].1["stream_id"].as_str().unwrap().to_owned();
+    let resp = b
+        .client
+        .delete(format!("{}/v1/streams/{sid}", b.base))
+        .bearer_auth(b.token("alice", "stream"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let rest = read_until(
+        &mut body,
+        &mut parser,
+        LIMIT,
+        |e| matches!(e, Event::Message { event, .. } if event == "error"),
+    )
+    .await;
+    assert_eq!(messages(&rest).pop().unwrap().1["code"], "cancelled");
+    eventually(LIMIT, "A's generator dropped", || {
+        a.probe.dropped.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_outage_refuses_new_streams_ends_open_ones_and_recovers() {
+    let mut redis = RedisServer::start();
+    let app = spawn_app_with(shared(&redis)).await;
+    ready(&app).await;
+    let resp = app.stream("generator=probe&prompt=ab").await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut parser = Parser::new();
+    read_until(
+        &mut body,
+        &mut parser,
+        LIMIT,
+        |e| matches!(e, Event::Message { event, .. } if event == "delta"),
+    )
+    .await;
+
+    redis.kill();
+    // The open stream ends with a terminal error, never a hang.
+    let rest = read_until(
+        &mut body,
+        &mut parser,
+        LIMIT,
+        |e| matches!(e, Event::Message { event, .. } if event == "error"),
+    )
+    .await;
+    assert_eq!(messages(&rest).pop().unwrap().1["code"], "store_unavailable");
+    eventually(LIMIT, "generator dropped", || {
+        app.probe.dropped.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Not ready, and new streams are refused with a clear 503.
+    let mut status = 0;
+    for _ in 0..200 {
+        status = app.get("/readyz", None).await.status().as_u16();
+        if status == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(status, 503);
+    let refused = tokio::time::timeout(LIMIT, app.stream("generator=probe&prompt=x"))
+        .await
+        .expect("no hang");
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(refused.json::<Value>().await.unwrap()["code"], "store_unavailable");
+    assert_eq!(app.probe.started.load(Ordering::SeqCst), 1);
+
+    // Redis returns: the service recovers by itself.
+    redis.restart();
+    ready(&app).await;
+    let events = read_events(app.stream("generator=echo&prompt=back").await, LIMIT).await;
+    assert_eq!(delta_text(&events), "back");
+}
+
+#[tokio::test]
+async fn a_replica_killed_mid_stream_gives_everything_logged_then_generator_lost() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut a = crate::binary::start(
+        &[
+            "--jwt-secret",
+            SECRET,
+            "--redis-url",
+            &url,
+            "--pace-ms",
+            "40",
+            "--detach-grace",
+            "30s",
+        ],
+        &[],
+        "listening on",
+    );
+    let b = spawn_app_with(shared(&redis)).await;
+    ready(&b).await;
+    let token = b.token("alice", "stream");
+    let client = reqwest::Client::new();
+    let mut resp = None;
+    for _ in 0..100 {
+        let r = client
+            .get(format!("{}/v1/stream?generator=demo&prompt=english", a.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            resp = Some(r);
+            break;
+        }
+        // A may still be connecting to Redis.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut body = resp.expect("A accepted the stream").bytes_stream();
+    let mut parser = Parser::new();
+    let mut first = Vec::new();
+    while delta_text(&first).chars().count() < 5 {
+        first.extend(
+            read_until(
+                &mut body,
+                &mut parser,
+                LIMIT,
+                |e| matches!(e, Event::Message { event, .. } if event == "delta"),
+            )
+            .await,
+        );
+    }
+    // SIGKILL: no goodbye, the lease just stops being refreshed.
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    let _ = tokio::time::timeout(Duration::from_secs(2), body.next()).await;
+    let last = parser.last_event_id().unwrap().to_owned();
+    let resp = b
+        .client
+        .get(format!("{}/v1/stream", b.base))
+        .bearer_auth(&token)
+        .header("last-event-id", &last)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rest = read_events(resp, LIMIT).await;
+    let msgs = messages(&rest);
+    let (kind, data, _) = msgs.last().unwrap();
+    assert_eq!(
+        (kind.as_str(), data["code"].as_str()),
+        ("error", Some("generator_lost"))
+    );
+    // What arrived is exactly the start of the text, with no gap.
+    let expected = std::fs::read_to_string("prompts/english.txt").unwrap();
+    let got = format!("{}{}", delta_text(&first), delta_text(&rest));
+    assert!(expected.starts_with(&got), "{got:?}");
+    let seqs: Vec<u64> = messages(&first)
+        .iter()
+        .chain(msgs[..msgs.len() - 1].iter())
+        .map(|m| seq_of(&m.2))
+        .collect();
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
+}
