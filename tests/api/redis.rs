@@ -409,3 +409,85 @@ async fn a_replica_killed_mid_stream_gives_everything_logged_then_generator_lost
         .collect();
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn sigterm_on_a_sends_shutdown_and_the_client_resumes_on_b_without_losing_a_character() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut a = crate::binary::start(
+        &[
+            "--jwt-secret",
+            SECRET,
+            "--redis-url",
+            &url,
+            "--pace-ms",
+            "30",
+            "--shutdown-grace",
+            "200ms",
+        ],
+        &[],
+        "listening on",
+    );
+    let b = spawn_app_with(shared(&redis)).await;
+    ready(&b).await;
+    let token = b.token("alice", "stream");
+    let client = reqwest::Client::new();
+    let mut resp = None;
+    for _ in 0..100 {
+        let r = client
+            .get(format!("{}/v1/stream?generator=demo&prompt=chinese", a.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            resp = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut body = resp.expect("A accepted the stream").bytes_stream();
+    let mut parser = Parser::new();
+    let mut first = read_until(
+        &mut body,
+        &mut parser,
+        LIMIT,
+        |e| matches!(e, Event::Message { event, .. } if event == "delta"),
+    )
+    .await;
+    let pid = a.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    first.extend(
+        read_until(
+            &mut body,
+            &mut parser,
+            LIMIT,
+            |e| matches!(e, Event::Message { event, .. } if event == "shutdown"),
+        )
+        .await,
+    );
+    assert_eq!(a.child.wait().unwrap().code(), Some(0));
+    let last = parser.last_event_id().unwrap().to_owned();
+    let resp = b
+        .client
+        .get(format!("{}/v1/stream", b.base))
+        .bearer_auth(&token)
+        .header("last-event-id", &last)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rest = read_events(resp, LIMIT).await;
+    let msgs = messages(&rest);
+    assert_eq!(msgs.last().unwrap().1["code"], "generator_lost");
+    let expected = std::fs::read_to_string("prompts/chinese.txt").unwrap();
+    let got = format!("{}{}", delta_text(&first), delta_text(&rest));
+    assert!(expected.starts_with(&got) && got.chars().count() >= 2, "{got:?}");
+    let seqs: Vec<u64> = messages(&first)
+        .iter()
+        .filter(|m| m.0 != "shutdown")
+        .chain(msgs[..msgs.len() - 1].iter())
+        .map(|m| seq_of(&m.2))
+        .collect();
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "no duplicate, no gap");
+}
