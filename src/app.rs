@@ -84,21 +84,9 @@ pub fn route_table() -> Vec<RouteEntry> {
         ("/readyz", &["GET"], get(api::health::readyz)),
         ("/metrics", &["GET"], get(api::health::metrics)),
         ("/openapi.yaml", &["GET"], get(api::spec::openapi)),
-        (
-            "/v1/stream",
-            &["GET", "POST"],
-            get(api::stream::open_stream_get).post(api::stream::open_stream_post),
-        ),
-        (
-            "/v1/streams/{id}",
-            &["GET", "DELETE"],
-            get(api::streams::resume_stream).delete(api::streams::cancel_stream),
-        ),
-        (
-            "/v1/channels/{name}",
-            &["GET", "POST"],
-            get(api::channels::subscribe).post(api::channels::publish),
-        ),
+        ("/v1/stream", &["GET", "POST"], get(api::stream::open_stream_get).post(api::stream::open_stream_post)),
+        ("/v1/streams/{id}", &["GET", "DELETE"], get(api::streams::resume_stream).delete(api::streams::cancel_stream)),
+        ("/v1/channels/{name}", &["GET", "POST"], get(api::channels::subscribe).post(api::channels::publish)),
     ]
 }
 
@@ -140,17 +128,11 @@ pub fn router(state: AppState) -> Router {
     for (path, _, method_router) in route_table() {
         router = router.route(path, method_router);
     }
-    let router = router
-        .fallback(api::not_found)
-        .method_not_allowed_fallback(api::method_not_allowed);
+    let router = router.fallback(api::not_found).method_not_allowed_fallback(api::method_not_allowed);
 
     let trace = TraceLayer::new_for_http()
         .make_span_with(move |req: &Request<_>| {
-            let query = req
-                .uri()
-                .query()
-                .map(|q| redact_query(q, &token_param))
-                .unwrap_or_default();
+            let query = req.uri().query().map(|q| redact_query(q, &token_param)).unwrap_or_default();
             tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), query = %query)
         })
         .on_request(())
@@ -164,10 +146,7 @@ pub fn router(state: AppState) -> Router {
     router
         .layer(
             ServiceBuilder::new()
-                .layer(SetSensitiveRequestHeadersLayer::new([
-                    header::AUTHORIZATION,
-                    header::COOKIE,
-                ]))
+                .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION, header::COOKIE]))
                 .layer(trace)
                 .layer(middleware::from_fn_with_state(state.clone(), record_refusals))
                 .option_layer(cors)
@@ -213,11 +192,7 @@ async fn limit_ip_rate(State(state): State<AppState>, request: Request<Body>, ne
 fn cors_layer(origins: &[String]) -> CorsLayer {
     let base = CorsLayer::new()
         .allow_methods([Method::GET, Method::POST, Method::DELETE])
-        .allow_headers([
-            header::AUTHORIZATION,
-            header::CONTENT_TYPE,
-            HeaderName::from_static("last-event-id"),
-        ])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, HeaderName::from_static("last-event-id")])
         // Cross-origin `fetch` clients may read when to retry.
         .expose_headers([
             header::RETRY_AFTER,

@@ -245,10 +245,7 @@ impl AuthConfig {
                 Algorithm::HS256,
                 generated,
             ),
-            KeyMaterial::PublicKey {
-                public_pem,
-                private_pem,
-            } => {
+            KeyMaterial::PublicKey { public_pem, private_pem } => {
                 let (decoding, default_alg) = if let Ok(k) = DecodingKey::from_rsa_pem(&public_pem) {
                     (k, Algorithm::RS256)
                 } else if let Ok(k) = DecodingKey::from_ec_pem(&public_pem) {
@@ -256,10 +253,7 @@ impl AuthConfig {
                 } else if let Ok(k) = DecodingKey::from_ed_pem(&public_pem) {
                     (k, Algorithm::EdDSA)
                 } else {
-                    return Err(ConfigError::invalid(
-                        "jwt_public_key_file",
-                        "not a PEM RSA, EC or Ed25519 public key",
-                    ));
+                    return Err(ConfigError::invalid("jwt_public_key_file", "not a PEM RSA, EC or Ed25519 public key"));
                 };
                 let encoding = match private_pem {
                     None => None,
@@ -323,16 +317,7 @@ impl AuthConfig {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
-        Ok(Self {
-            decoding,
-            encoding,
-            algorithms,
-            validation,
-            issuer,
-            audience,
-            generated_secret,
-            sources,
-        })
+        Ok(Self { decoding, encoding, algorithms, validation, issuer, audience, generated_secret, sources })
     }
 
     /// True when verifying with an HMAC secret.
@@ -465,9 +450,7 @@ pub enum MintError {
 /// The `alg` of a token's header, read without trusting anything else.
 fn header_alg(token: &str) -> Option<String> {
     let header = token.split('.').next()?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(header.trim_end_matches('='))
-        .ok()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header.trim_end_matches('=')).ok()?;
     let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     value.get("alg")?.as_str().map(str::to_owned)
 }

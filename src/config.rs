@@ -296,12 +296,7 @@ pub struct ConfigError {
 impl ConfigError {
     /// An error about `setting` (its TOML name).
     pub fn invalid(setting: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            setting,
-            flag: setting.replace('_', "-"),
-            env: setting.to_ascii_uppercase(),
-            reason: reason.into(),
-        }
+        Self { setting, flag: setting.replace('_', "-"), env: setting.to_ascii_uppercase(), reason: reason.into() }
     }
 
     /// The TOML name of the offending setting.
@@ -445,10 +440,7 @@ impl Config {
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
         let listen_text = s.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let listen: SocketAddr = listen_text.parse().map_err(|e| {
-            ConfigError::invalid(
-                "listen",
-                format!("`{listen_text}` is not an address like 127.0.0.1:8080 ({e})"),
-            )
+            ConfigError::invalid("listen", format!("`{listen_text}` is not an address like 127.0.0.1:8080 ({e})"))
         })?;
         let listen_backlog = s.listen_backlog.unwrap_or(DEFAULT_LISTEN_BACKLOG);
         if listen_backlog == 0 {
@@ -463,18 +455,12 @@ impl Config {
             s.jwt_audience.clone(),
             duration("jwt_leeway", s.jwt_leeway.as_deref(), DEFAULT_JWT_LEEWAY)?,
             TokenSources {
-                cookie: s
-                    .token_cookie
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_TOKEN_COOKIE.to_owned()),
+                cookie: s.token_cookie.clone().unwrap_or_else(|| DEFAULT_TOKEN_COOKIE.to_owned()),
                 query: s.token_query.clone().unwrap_or_else(|| DEFAULT_TOKEN_QUERY.to_owned()),
             },
         )?;
         if s.jwt_private_key_file.is_some() && auth.key_is_secret() {
-            return Err(ConfigError::invalid(
-                "jwt_private_key_file",
-                "only meaningful with jwt_public_key_file",
-            ));
+            return Err(ConfigError::invalid("jwt_private_key_file", "only meaningful with jwt_public_key_file"));
         }
 
         let pace = PaceConfig {
@@ -510,16 +496,9 @@ impl Config {
         let cors_origins = match &s.cors_origins {
             None => None,
             Some(list) => {
-                let list: Vec<String> = list
-                    .iter()
-                    .map(|o| o.trim().to_owned())
-                    .filter(|o| !o.is_empty())
-                    .collect();
+                let list: Vec<String> = list.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
                 if list.iter().any(|o| o == "*") && list.len() > 1 {
-                    return Err(ConfigError::invalid(
-                        "cors_origins",
-                        "`*` cannot be combined with explicit origins",
-                    ));
+                    return Err(ConfigError::invalid("cors_origins", "`*` cannot be combined with explicit origins"));
                 }
                 for origin in list.iter().filter(|o| *o != "*") {
                     let ok = (origin.starts_with("http://") || origin.starts_with("https://"))
@@ -540,20 +519,14 @@ impl Config {
             None | Some("text") => false,
             Some("json") => true,
             Some(other) => {
-                return Err(ConfigError::invalid(
-                    "log_format",
-                    format!("`{other}` is neither `text` nor `json`"),
-                ));
+                return Err(ConfigError::invalid("log_format", format!("`{other}` is neither `text` nor `json`")));
             }
         };
 
         if let Some(dir) = &s.prompts_dir
             && !dir.is_dir()
         {
-            return Err(ConfigError::invalid(
-                "prompts_dir",
-                format!("{} is not a directory", dir.display()),
-            ));
+            return Err(ConfigError::invalid("prompts_dir", format!("{} is not a directory", dir.display())));
         }
 
         Ok(Config {
@@ -564,10 +537,7 @@ impl Config {
                 heartbeat,
                 retry: duration("retry", s.retry.as_deref(), DEFAULT_RETRY)?,
                 pace,
-                default_generator: s
-                    .default_generator
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_GENERATOR.to_owned()),
+                default_generator: s.default_generator.clone().unwrap_or_else(|| DEFAULT_GENERATOR.to_owned()),
                 max_prompt_bytes: s.max_prompt_bytes.unwrap_or(DEFAULT_MAX_PROMPT_BYTES),
             },
             cors_origins,
@@ -643,35 +613,22 @@ fn limits(s: &Settings) -> Result<LimitsConfig, ConfigError> {
         .map(|p| p.trim())
         .filter(|p| !p.is_empty())
         .map(|p| {
-            p.parse::<IpNet>()
-                .or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    ConfigError::invalid(
-                        "trusted_proxies",
-                        format!("`{p}` is not an IP address or CIDR like 10.0.0.0/8"),
-                    )
-                })
+            p.parse::<IpNet>().or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from)).map_err(|_| {
+                ConfigError::invalid("trusted_proxies", format!("`{p}` is not an IP address or CIDR like 10.0.0.0/8"))
+            })
         })
         .collect::<Result<_, _>>()?;
     let max_header_bytes = s.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
     if max_header_bytes < MIN_HEADER_BYTES {
-        return Err(ConfigError::invalid(
-            "max_header_bytes",
-            format!("must be at least {MIN_HEADER_BYTES}"),
-        ));
+        return Err(ConfigError::invalid("max_header_bytes", format!("must be at least {MIN_HEADER_BYTES}")));
     }
     let max_lag = duration("max_lag", s.max_lag.as_deref(), DEFAULT_MAX_LAG)?;
     let header_timeout = duration("header_timeout", s.header_timeout.as_deref(), DEFAULT_HEADER_TIMEOUT)?;
-    let max_stream_duration = duration(
-        "max_stream_duration",
-        s.max_stream_duration.as_deref(),
-        DEFAULT_MAX_STREAM_DURATION,
-    )?;
-    for (setting, d) in [
-        ("max_lag", max_lag),
-        ("header_timeout", header_timeout),
-        ("max_stream_duration", max_stream_duration),
-    ] {
+    let max_stream_duration =
+        duration("max_stream_duration", s.max_stream_duration.as_deref(), DEFAULT_MAX_STREAM_DURATION)?;
+    for (setting, d) in
+        [("max_lag", max_lag), ("header_timeout", header_timeout), ("max_stream_duration", max_stream_duration)]
+    {
         if d.is_zero() {
             return Err(ConfigError::invalid(setting, "must be above zero"));
         }
@@ -709,14 +666,10 @@ fn limits(s: &Settings) -> Result<LimitsConfig, ConfigError> {
 }
 
 fn key_material(s: &Settings) -> Result<KeyMaterial, ConfigError> {
-    let configured = [
-        s.jwt_secret.is_some(),
-        s.jwt_secret_file.is_some(),
-        s.jwt_public_key_file.is_some(),
-    ]
-    .iter()
-    .filter(|x| **x)
-    .count();
+    let configured = [s.jwt_secret.is_some(), s.jwt_secret_file.is_some(), s.jwt_public_key_file.is_some()]
+        .iter()
+        .filter(|x| **x)
+        .count();
     if configured > 1 {
         return Err(ConfigError::invalid(
             "jwt_secret",
@@ -727,16 +680,10 @@ fn key_material(s: &Settings) -> Result<KeyMaterial, ConfigError> {
         if bytes.len() < MIN_SECRET_BYTES {
             return Err(ConfigError::invalid(
                 setting,
-                format!(
-                    "the secret is {} bytes; at least {MIN_SECRET_BYTES} are required",
-                    bytes.len()
-                ),
+                format!("the secret is {} bytes; at least {MIN_SECRET_BYTES} are required", bytes.len()),
             ));
         }
-        Ok(KeyMaterial::Secret {
-            secret: Secret::new(bytes),
-            generated: false,
-        })
+        Ok(KeyMaterial::Secret { secret: Secret::new(bytes), generated: false })
     };
     if let Some(text) = &s.jwt_secret {
         return secret("jwt_secret", text.as_bytes().to_vec());
@@ -754,16 +701,10 @@ fn key_material(s: &Settings) -> Result<KeyMaterial, ConfigError> {
             Some(p) => Some(Secret::new(read_file("jwt_private_key_file", p)?)),
             None => None,
         };
-        return Ok(KeyMaterial::PublicKey {
-            public_pem,
-            private_pem,
-        });
+        return Ok(KeyMaterial::PublicKey { public_pem, private_pem });
     }
     let mut bytes = vec![0u8; MIN_SECRET_BYTES];
     getrandom::fill(&mut bytes)
         .map_err(|e| ConfigError::invalid("jwt_secret", format!("no key configured and the OS RNG failed: {e}")))?;
-    Ok(KeyMaterial::Secret {
-        secret: Secret::new(bytes),
-        generated: true,
-    })
+    Ok(KeyMaterial::Secret { secret: Secret::new(bytes), generated: true })
 }

@@ -89,18 +89,12 @@ impl ApiError {
             ApiError::MissingScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope", "Forbidden"),
             ApiError::UnknownGenerator { .. } => (StatusCode::BAD_REQUEST, "unknown_generator", "Unknown generator"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", "Bad request"),
-            ApiError::UnsupportedMediaType(_) => (
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "Unsupported media type",
-            ),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "Unsupported media type")
+            }
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "Payload too large"),
             ApiError::RateLimited(r) => match r.scope {
-                RateScope::Subject => (
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited_subject",
-                    "Too many requests",
-                ),
+                RateScope::Subject => (StatusCode::TOO_MANY_REQUESTS, "rate_limited_subject", "Too many requests"),
                 RateScope::Ip => (StatusCode::TOO_MANY_REQUESTS, "rate_limited_ip", "Too many requests"),
             },
             ApiError::NoSlot(SlotRefused::Subject { .. }) => {
@@ -113,18 +107,10 @@ impl ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too_many_messages", "Payload too large")
             }
             ApiError::StreamNotFound => (StatusCode::NOT_FOUND, "stream_not_found", "Not found"),
-            ApiError::StoreUnavailable => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "Service unavailable",
-            ),
+            ApiError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "Service unavailable"),
             ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining", "Service unavailable"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", "Not found"),
-            ApiError::MethodNotAllowed => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "Method not allowed",
-            ),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Method not allowed"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal server error"),
         }
     }
@@ -132,9 +118,7 @@ impl ApiError {
 
 /// A quoted-string for an auth-param: no quotes, backslashes or controls.
 fn auth_param(text: &str) -> String {
-    text.chars()
-        .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
-        .collect()
+    text.chars().filter(|c| *c != '"' && *c != '\\' && !c.is_control()).collect()
 }
 
 impl IntoResponse for ApiError {
@@ -172,10 +156,8 @@ impl IntoResponse for ApiError {
                 }
             }
             ApiError::MissingScope(scope) => {
-                let value = format!(
-                    r#"Bearer realm="tokengate", error="insufficient_scope", scope="{}""#,
-                    scope.as_str()
-                );
+                let value =
+                    format!(r#"Bearer realm="tokengate", error="insufficient_scope", scope="{}""#, scope.as_str());
                 if let Ok(v) = HeaderValue::from_str(&value) {
                     headers.insert(header::WWW_AUTHENTICATE, v);
                 }
@@ -192,10 +174,7 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
-        response.extensions_mut().insert(Refusal {
-            code,
-            auth: matches!(self, ApiError::Auth(_)),
-        });
+        response.extensions_mut().insert(Refusal { code, auth: matches!(self, ApiError::Auth(_)) });
         response
     }
 }
@@ -220,10 +199,7 @@ impl ApiError {
     /// Maps a JSON body rejection; `body_limit` is named in the 413 detail.
     pub fn from_json_rejection(rejection: JsonRejection, body_limit: usize) -> Self {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            return ApiError::TooLarge {
-                what: "request body",
-                limit: body_limit,
-            };
+            return ApiError::TooLarge { what: "request body", limit: body_limit };
         }
         match rejection {
             JsonRejection::MissingJsonContentType(_) => {

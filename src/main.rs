@@ -54,9 +54,7 @@ fn mint(config: &Config, sub: &str, scope: &str, ttl: &str) -> ExitCode {
 
 fn serve(config: Config) -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if config.log_json {
         subscriber.json().init();
     } else {
@@ -97,11 +95,7 @@ fn serve(config: Config) -> ExitCode {
 #[allow(clippy::print_stdout)]
 fn print_banner(app: &Application) {
     let addr = app.local_addr();
-    let host = if addr.ip().is_unspecified() {
-        "127.0.0.1".to_owned()
-    } else {
-        addr.ip().to_string()
-    };
+    let host = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
     let base = if addr.is_ipv6() && !addr.ip().is_unspecified() {
         format!("http://[{host}]:{}", addr.port())
     } else {

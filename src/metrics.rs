@@ -36,17 +36,11 @@ impl Metrics {
         let open_streams = recorder.register_gauge(&Key::from_static_name("tokengate_open_streams"), &META);
         let queue_high_water =
             recorder.register_gauge(&Key::from_static_name("tokengate_send_queue_high_water_events"), &META);
-        Self {
-            recorder,
-            open_streams,
-            queue_high_water,
-            queue_high_water_value: AtomicU64::new(0),
-        }
+        Self { recorder, open_streams, queue_high_water, queue_high_water_value: AtomicU64::new(0) }
     }
 
     fn counter(&self, name: &'static str, label: &'static str, value: &'static str) -> Counter {
-        self.recorder
-            .register_counter(&Key::from_parts(name, vec![Label::new(label, value)]), &META)
+        self.recorder.register_counter(&Key::from_parts(name, vec![Label::new(label, value)]), &META)
     }
 
     /// A request or stream refused by a limit or a bound, by reason.
@@ -56,8 +50,7 @@ impl Metrics {
 
     /// An authentication failure, by reason.
     pub fn auth_failed(&self, reason: &'static str) {
-        self.counter("tokengate_auth_failures_total", "reason", reason)
-            .increment(1);
+        self.counter("tokengate_auth_failures_total", "reason", reason).increment(1);
     }
 
     /// A stream ended, by outcome (`done`, an error code, `client_gone`, ...).
@@ -66,9 +59,7 @@ impl Metrics {
             std::borrow::Cow::Borrowed(s) => Label::new("outcome", s),
             std::borrow::Cow::Owned(s) => Label::new("outcome", s),
         };
-        self.recorder
-            .register_counter(&Key::from_parts("tokengate_streams_total", vec![label]), &META)
-            .increment(1);
+        self.recorder.register_counter(&Key::from_parts("tokengate_streams_total", vec![label]), &META).increment(1);
     }
 
     /// The number of open streams changed.

@@ -40,11 +40,7 @@ impl Shutdown {
             self.stopped.cancelled().await;
             return;
         }
-        tracing::info!(
-            grace_ms = grace.as_millis() as u64,
-            open_streams = streams.open(),
-            "draining"
-        );
+        tracing::info!(grace_ms = grace.as_millis() as u64, open_streams = streams.open(), "draining");
         self.draining.cancel();
         tokio::select! {
             () = streams.until_idle() => {}

@@ -38,9 +38,7 @@ pub const MAX_EVENT_NAME: usize = 64;
 fn check_name(name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_CHANNEL_NAME
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
     if ok {
         Ok(())
     } else {
@@ -63,11 +61,8 @@ struct CountedSubscriber {
 
 impl Drop for CountedSubscriber {
     fn drop(&mut self) {
-        let (redis, name, replica) = (
-            self.redis.clone(),
-            std::mem::take(&mut self.name),
-            std::mem::take(&mut self.replica),
-        );
+        let (redis, name, replica) =
+            (self.redis.clone(), std::mem::take(&mut self.name), std::mem::take(&mut self.replica));
         tokio::spawn(async move {
             let _ = redis.count_subscriber(&name, &replica, -1).await;
         });
@@ -76,8 +71,7 @@ impl Drop for CountedSubscriber {
 
 /// A Redis stream entry id: `<ms>-<seq>`.
 fn is_redis_id(s: &str) -> bool {
-    s.split_once('-')
-        .is_some_and(|(a, b)| a.parse::<u64>().is_ok() && b.parse::<u64>().is_ok())
+    s.split_once('-').is_some_and(|(a, b)| a.parse::<u64>().is_ok() && b.parse::<u64>().is_ok())
 }
 
 /// Query of `GET /v1/channels/{name}`.
@@ -135,12 +129,7 @@ pub async fn subscribe(
                     for (id, mut fields) in entries {
                         newest = id.clone();
                         let data = fields.remove("d").unwrap_or_else(|| "null".to_owned());
-                        let event = ChannelEvent {
-                            seq: 0,
-                            id,
-                            event: fields.remove("e"),
-                            data,
-                        };
+                        let event = ChannelEvent { seq: 0, id, event: fields.remove("e"), data };
                         items.push(Subscription::Event(std::sync::Arc::new(event)));
                     }
                     (items, newest)
@@ -149,14 +138,9 @@ pub async fn subscribe(
             };
             let tail_guard = tail.watch(&name, &start_id);
             redis.count_subscriber(&name, &state.replica_id, 1).await?;
-            let counted = CountedSubscriber {
-                redis: redis.clone(),
-                name: name.clone(),
-                replica: state.replica_id.clone(),
-            };
-            let events = state
-                .channels
-                .subscribe(&name, Start::AfterId(start_id), heartbeat, closing);
+            let counted =
+                CountedSubscriber { redis: redis.clone(), name: name.clone(), replica: state.replica_id.clone() };
+            let events = state.channels.subscribe(&name, Start::AfterId(start_id), heartbeat, closing);
             (history, Some((tail_guard, counted)), events)
         }
         _ => {
@@ -167,11 +151,7 @@ pub async fn subscribe(
                         .map_err(|_| ApiError::BadRequest(format!("`{id}` is not a channel event id (a number)")))?,
                 ),
             };
-            (
-                Vec::new(),
-                None,
-                state.channels.subscribe(&name, start, heartbeat, closing),
-            )
+            (Vec::new(), None, state.channels.subscribe(&name, start, heartbeat, closing))
         }
     };
     let events = futures_util::stream::iter(history).chain(events).map(move |item| {
@@ -183,12 +163,9 @@ pub async fn subscribe(
         .chain(events.map(move |item| {
             let mut buf = BytesMut::new();
             match item {
-                Subscription::Event(e) => push_event(
-                    &mut buf,
-                    Some(&e.id),
-                    Some(e.event.as_deref().unwrap_or("message")),
-                    &e.data,
-                ),
+                Subscription::Event(e) => {
+                    push_event(&mut buf, Some(&e.id), Some(e.event.as_deref().unwrap_or("message")), &e.data)
+                }
                 Subscription::Gap { first_id } => {
                     let data = json!({
                         "code": "resume_gap",
@@ -209,10 +186,7 @@ pub async fn subscribe(
         .map(Ok::<_, std::convert::Infallible>);
     let mut response = Response::new(Body::from_stream(body));
     let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)

@@ -21,25 +21,16 @@ impl FromRequestParts<AppState> for Principal {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let auth = &state.config.auth;
-        let token = auth
-            .extract(&parts.headers, parts.uri.query())
-            .ok_or(AuthError::Missing)?;
+        let token = auth.extract(&parts.headers, parts.uri.query()).ok_or(AuthError::Missing)?;
         let principal = auth.authenticate(&token)?;
-        state
-            .rates
-            .check_subject(&principal.subject)
-            .map_err(ApiError::RateLimited)?;
+        state.rates.check_subject(&principal.subject).map_err(ApiError::RateLimited)?;
         Ok(principal)
     }
 }
 
 /// Refuses with 403 unless the caller holds `scope`.
 pub fn require(principal: &Principal, scope: Scope) -> Result<(), ApiError> {
-    if principal.has(scope) {
-        Ok(())
-    } else {
-        Err(ApiError::MissingScope(scope))
-    }
+    if principal.has(scope) { Ok(()) } else { Err(ApiError::MissingScope(scope)) }
 }
 
 /// 404 for every unknown path, as problem+json.

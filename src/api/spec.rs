@@ -8,8 +8,5 @@ pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
 
 /// Serves [`OPENAPI_YAML`].
 pub async fn openapi() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/yaml; charset=utf-8")],
-        OPENAPI_YAML,
-    )
+    ([(header::CONTENT_TYPE, "application/yaml; charset=utf-8")], OPENAPI_YAML)
 }

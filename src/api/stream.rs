@@ -57,10 +57,7 @@ pub async fn open_stream_get(
     if let Some(last) = last_event_id(&headers, q.last_event_id.as_deref()) {
         return resume_from_event_id(&state, &principal, last).await;
     }
-    let request = GenerateRequest {
-        prompt: q.prompt.unwrap_or_default(),
-        messages: Vec::new(),
-    };
+    let request = GenerateRequest { prompt: q.prompt.unwrap_or_default(), ..GenerateRequest::default() };
     open(&state, &principal, request, q.generator, q.pace_ms).await
 }
 
@@ -76,21 +73,13 @@ pub async fn open_stream_post(
         return resume_from_event_id(&state, &principal, last).await;
     }
     let Json(b) = body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?;
-    let request = GenerateRequest {
-        prompt: b.prompt,
-        messages: b.messages,
-    };
+    let request = GenerateRequest { prompt: b.prompt, messages: b.messages, ..GenerateRequest::default() };
     open(&state, &principal, request, b.generator, b.pace_ms).await
 }
 
 /// The resume position a client sent: the header wins over the query.
 pub fn last_event_id<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
-    headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .or(query)
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
+    headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(query).map(str::trim).filter(|v| !v.is_empty())
 }
 
 /// Splits `<stream_id>.<seq>`.
@@ -119,11 +108,7 @@ pub enum Located {
 pub async fn locate(state: &AppState, principal: &Principal, id: &StreamId) -> Result<Located, ApiError> {
     let allowed = |owner: &str| owner == principal.subject || principal.is_admin();
     if let Some(stream) = state.hub.get(id) {
-        return if allowed(&stream.owner) {
-            Ok(Located::Local(stream))
-        } else {
-            Err(ApiError::StreamNotFound)
-        };
+        return if allowed(&stream.owner) { Ok(Located::Local(stream)) } else { Err(ApiError::StreamNotFound) };
     }
     let Some(redis) = &state.redis else {
         return Err(ApiError::StreamNotFound);
@@ -146,38 +131,25 @@ pub async fn resume(state: &AppState, located: Located, from: u64) -> Result<Res
             if stream.attach_check(from) == Attach::Complete {
                 return Ok(StatusCode::NO_CONTENT.into_response());
             }
-            Ok(sse_response(
-                state,
-                follow(stream.attach(from), cfg.stream.heartbeat, closing, retry_ms),
-            ))
+            Ok(sse_response(state, follow(stream.attach(from), cfg.stream.heartbeat, closing, retry_ms)))
         }
         Located::Remote(id) => {
             let redis = state.redis.clone().ok_or(ApiError::StreamNotFound)?;
             if let Some((last, true)) = redis.last_event(&id).await?
-                && from > last {
-                    return Ok(StatusCode::NO_CONTENT.into_response());
-                }
-            Ok(sse_response(
-                state,
-                follow_remote(redis, id, from, cfg.stream.heartbeat, closing, retry_ms),
-            ))
+                && from > last
+            {
+                return Ok(StatusCode::NO_CONTENT.into_response());
+            }
+            Ok(sse_response(state, follow_remote(redis, id, from, cfg.stream.heartbeat, closing, retry_ms)))
         }
     }
 }
 
 fn sse_response(state: &AppState, events: impl Stream<Item = Arc<StreamEvent>> + Send + 'static) -> Response {
-    let body = sse_body(
-        events,
-        Native {
-            retry_ms: state.config.stream.retry.as_millis() as u64,
-        },
-    );
+    let body = sse_body(events, Native { retry_ms: state.config.stream.retry.as_millis() as u64 });
     let mut response = Response::new(Body::from_stream(body));
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
@@ -196,23 +168,17 @@ async fn open(
     let cfg = &state.config.stream;
     let limits = &state.config.limits;
     if request.messages.len() > limits.max_messages {
-        return Err(ApiError::TooManyMessages {
-            count: request.messages.len(),
-            limit: limits.max_messages,
-        });
+        return Err(ApiError::TooManyMessages { count: request.messages.len(), limit: limits.max_messages });
     }
     let prompt_bytes = request.prompt.len() + request.messages.iter().map(|m| m.content.len()).sum::<usize>();
     if prompt_bytes > cfg.max_prompt_bytes {
-        return Err(ApiError::TooLarge {
-            what: "prompt",
-            limit: cfg.max_prompt_bytes,
-        });
+        return Err(ApiError::TooLarge { what: "prompt", limit: cfg.max_prompt_bytes });
     }
     let name = generator.unwrap_or_else(|| cfg.default_generator.clone());
-    let entry = state.generators.get(&name).ok_or_else(|| ApiError::UnknownGenerator {
-        name: name.clone(),
-        available: state.generators.names(),
-    })?;
+    let entry = state
+        .generators
+        .get(&name)
+        .ok_or_else(|| ApiError::UnknownGenerator { name: name.clone(), available: state.generators.names() })?;
     if state.shutdown.is_draining() {
         return Err(ApiError::Draining);
     }
@@ -225,17 +191,11 @@ async fn open(
         None => None,
         Some(redis) => {
             redis.create_stream(&stream_id, &principal.subject, &name).await?;
-            Some(Replicator::start(
-                redis.clone(),
-                stream_id,
-                state.config.store.stream_max_events,
-            ))
+            Some(Replicator::start(redis.clone(), stream_id, state.config.store.stream_max_events))
         }
     };
-    let settings = EngineSettings {
-        pace: cfg.pace.resolve(entry.pace, pace_ms),
-        max_duration: limits.max_stream_duration,
-    };
+    let settings =
+        EngineSettings { pace: cfg.pace.resolve(entry.pace, pace_ms), max_duration: limits.max_stream_duration };
     tracing::debug!(subject = %principal.subject, generator = %name, %stream_id, "stream opened");
     let stream = state.hub.create(stream_id, &principal.subject, &name);
     // The first reader is attached before the producer starts.
@@ -256,11 +216,7 @@ async fn open(
     };
     spawn(engine, stream, ctx, run);
     let cfg = &state.config;
-    let events = follow(
-        reader,
-        cfg.stream.heartbeat,
-        state.shutdown.closing().clone(),
-        cfg.shutdown_retry.as_millis() as u64,
-    );
+    let events =
+        follow(reader, cfg.stream.heartbeat, state.shutdown.closing().clone(), cfg.shutdown_retry.as_millis() as u64);
     Ok(sse_response(state, events))
 }

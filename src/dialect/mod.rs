@@ -58,11 +58,7 @@ where
                     return Poll::Ready((!buf.is_empty()).then(|| Ok(buf.split().freeze())));
                 }
                 Poll::Pending => {
-                    return if buf.is_empty() {
-                        Poll::Pending
-                    } else {
-                        Poll::Ready(Some(Ok(buf.split().freeze())))
-                    };
+                    return if buf.is_empty() { Poll::Pending } else { Poll::Ready(Some(Ok(buf.split().freeze()))) };
                 }
             }
         }

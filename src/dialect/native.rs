@@ -51,22 +51,15 @@ impl Dialect for Native {
                 push_id(buf, *stream_id, 0);
                 push_event(buf, None, Some("start"), &data.to_string());
             }
-            StreamEvent::Done {
-                stream_id,
-                seq,
-                finish_reason,
-                chars,
-            } => {
-                let data = serde_json::json!({ "finish_reason": finish_reason.as_str(), "chars": chars });
+            StreamEvent::Done { stream_id, seq, finish_reason, chars, usage } => {
+                let mut data = serde_json::json!({ "finish_reason": finish_reason.as_str(), "chars": chars });
+                if let (Some(usage), Some(map)) = (usage, data.as_object_mut()) {
+                    map.insert("usage".into(), serde_json::json!(usage));
+                }
                 push_id(buf, *stream_id, *seq);
                 push_event(buf, None, Some("done"), &data.to_string());
             }
-            StreamEvent::Error {
-                stream_id,
-                seq,
-                code,
-                message,
-            } => {
+            StreamEvent::Error { stream_id, seq, code, message } => {
                 let data = serde_json::json!({ "code": code, "message": message });
                 push_id(buf, *stream_id, *seq);
                 push_event(buf, None, Some("error"), &data.to_string());

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use futures_util::stream;
 
-use super::{GenerateRequest, Generator, TextStream};
+use super::{Chunk, GenerateRequest, Generator, TextStream};
 
 /// One demo text and the name (file stem) that selects it directly.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,10 +42,7 @@ impl DemoGenerator {
         Self {
             prompts: SHIPPED
                 .iter()
-                .map(|(name, text)| Prompt {
-                    name: (*name).to_owned(),
-                    text: (*text).to_owned(),
-                })
+                .map(|(name, text)| Prompt { name: (*name).to_owned(), text: (*text).to_owned() })
                 .collect(),
         }
     }
@@ -57,10 +54,7 @@ impl DemoGenerator {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "txt") {
                 let text = std::fs::read_to_string(&path)?;
-                let name = path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
+                let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
                 prompts.push(Prompt { name, text });
             }
         }
@@ -82,9 +76,7 @@ impl DemoGenerator {
         if let Some(p) = self.prompts.iter().find(|p| p.name.eq_ignore_ascii_case(key)) {
             return p;
         }
-        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
+        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         // `prompts` is never empty (both constructors guarantee it).
         &self.prompts[(hash % self.prompts.len() as u64) as usize]
     }
@@ -97,7 +89,7 @@ impl Generator for DemoGenerator {
 
     fn generate(&self, request: GenerateRequest) -> TextStream {
         let text = self.choose(request.effective_prompt()).text.clone();
-        Box::pin(stream::iter(token_like_chunks(&text).into_iter().map(Ok)))
+        Box::pin(stream::iter(token_like_chunks(&text).into_iter().map(|c| Ok(Chunk::Text(c)))))
     }
 }
 

@@ -2,7 +2,7 @@
 
 use futures_util::stream;
 
-use super::{GenerateRequest, Generator, TextStream};
+use super::{Chunk, GenerateRequest, Generator, TextStream};
 
 /// Answers with the request's own text; the simplest way to see exactly
 /// what the engine does to any given input.
@@ -16,6 +16,6 @@ impl Generator for EchoGenerator {
 
     fn generate(&self, request: GenerateRequest) -> TextStream {
         let text = request.effective_prompt().to_owned();
-        Box::pin(stream::iter((!text.is_empty()).then_some(Ok(text))))
+        Box::pin(stream::iter((!text.is_empty()).then_some(Ok(Chunk::Text(text)))))
     }
 }

@@ -26,6 +26,33 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// Common sampling options, passed to upstreams that understand them and
+/// ignored by the built-in generators.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplingOptions {
+    /// Sampling temperature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling mass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Most tokens to generate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Stop sequence(s): a string or a list of strings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<serde_json::Value>,
+    /// Presence penalty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f64>,
+    /// Frequency penalty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f64>,
+    /// Sampling seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+}
+
 /// What a generator is asked for.
 #[derive(Debug, Clone, Default)]
 pub struct GenerateRequest {
@@ -33,6 +60,40 @@ pub struct GenerateRequest {
     pub prompt: String,
     /// Optional chat history, oldest first.
     pub messages: Vec<ChatMessage>,
+    /// Sampling options.
+    pub options: SamplingOptions,
+}
+
+/// Token counts an upstream reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens in the prompt.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub completion_tokens: u64,
+    /// Their sum.
+    pub total_tokens: u64,
+}
+
+/// What a generator yields: text, or (once, usually last) token usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chunk {
+    /// Some text; may end anywhere between code points.
+    Text(String),
+    /// Token usage for the whole generation.
+    Usage(Usage),
+}
+
+impl From<String> for Chunk {
+    fn from(text: String) -> Self {
+        Chunk::Text(text)
+    }
+}
+
+impl From<&str> for Chunk {
+    fn from(text: &str) -> Self {
+        Chunk::Text(text.to_owned())
+    }
 }
 
 impl GenerateRequest {
@@ -42,11 +103,7 @@ impl GenerateRequest {
         if !self.prompt.is_empty() {
             return &self.prompt;
         }
-        self.messages
-            .iter()
-            .rev()
-            .find(|m| m.role == "user")
-            .map_or("", |m| m.content.as_str())
+        self.messages.iter().rev().find(|m| m.role == "user").map_or("", |m| m.content.as_str())
     }
 }
 
@@ -57,6 +114,15 @@ pub enum GeneratorError {
     /// Any failure of the text source itself.
     #[error("generator failed: {0}")]
     Failed(String),
+    /// An upstream model server failed; `code` says how (e.g.
+    /// `upstream_rate_limited`, `upstream_idle_timeout`).
+    #[error("{message}")]
+    Upstream {
+        /// Machine-readable code.
+        code: &'static str,
+        /// Human-readable detail (never the API key).
+        message: String,
+    },
 }
 
 impl GeneratorError {
@@ -64,13 +130,14 @@ impl GeneratorError {
     pub fn code(&self) -> &'static str {
         match self {
             GeneratorError::Failed(_) => "generator_failed",
+            GeneratorError::Upstream { code, .. } => code,
         }
     }
 }
 
 /// The chunks a generator yields. Chunks may be cut anywhere between code
 /// points; an `Err` ends the stream.
-pub type TextStream = Pin<Box<dyn Stream<Item = Result<String, GeneratorError>> + Send + 'static>>;
+pub type TextStream = Pin<Box<dyn Stream<Item = Result<Chunk, GeneratorError>> + Send + 'static>>;
 
 /// A source of text. Object-safe so the registry can hold any mix of them.
 ///

@@ -55,10 +55,7 @@ fn forwarded_for(headers: &HeaderMap) -> Vec<IpAddr> {
         .filter_map(|element| {
             element.split(';').find_map(|pair| {
                 let (k, v) = pair.trim().split_once('=')?;
-                k.trim()
-                    .eq_ignore_ascii_case("for")
-                    .then(|| parse_node(v.trim().trim_matches('"')))
-                    .flatten()
+                k.trim().eq_ignore_ascii_case("for").then(|| parse_node(v.trim().trim_matches('"'))).flatten()
             })
         })
         .collect()

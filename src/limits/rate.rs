@@ -63,14 +63,11 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
     }
 
     fn check(&self, key: &K, scope: RateScope) -> Result<(), RateLimited> {
-        self.limiter
-            .check_key(key)
-            .map(|_| ())
-            .map_err(|not_until| RateLimited {
-                scope,
-                limit: self.burst,
-                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
-            })
+        self.limiter.check_key(key).map(|_| ()).map_err(|not_until| RateLimited {
+            scope,
+            limit: self.burst,
+            retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+        })
     }
 
     fn prune(&self) {
@@ -88,10 +85,7 @@ pub struct RateLimits {
 impl RateLimits {
     /// Limiters for the given rates (`None` disables one).
     pub fn new(subject: Option<Rate>, ip: Option<Rate>) -> Self {
-        Self {
-            subject: subject.and_then(Limiter::new),
-            ip: ip.and_then(Limiter::new),
-        }
+        Self { subject: subject.and_then(Limiter::new), ip: ip.and_then(Limiter::new) }
     }
 
     /// Counts one request from `ip`.
@@ -120,10 +114,7 @@ impl RateLimits {
 
     /// Keys currently held: (subjects, IPs).
     pub fn tracked_keys(&self) -> (usize, usize) {
-        (
-            self.subject.as_ref().map_or(0, |l| l.limiter.len()),
-            self.ip.as_ref().map_or(0, |l| l.limiter.len()),
-        )
+        (self.subject.as_ref().map_or(0, |l| l.limiter.len()), self.ip.as_ref().map_or(0, |l| l.limiter.len()))
     }
 }
 
@@ -132,10 +123,7 @@ mod tests {
     use super::*;
 
     fn rate(per_minute: u32, burst: u32) -> Option<Rate> {
-        Some(Rate {
-            per_minute: NonZeroU32::new(per_minute)?,
-            burst: NonZeroU32::new(burst)?,
-        })
+        Some(Rate { per_minute: NonZeroU32::new(per_minute)?, burst: NonZeroU32::new(burst)? })
     }
 
     #[test]
@@ -144,21 +132,13 @@ mod tests {
         assert!(limits.check_subject("a").is_ok());
         assert!(limits.check_subject("a").is_ok());
         let refused = limits.check_subject("a").err();
-        let refused = refused.as_ref().map(|r| {
-            (
-                r.scope,
-                r.limit,
-                r.retry_after > Duration::ZERO && r.retry_after <= Duration::from_secs(1),
-            )
-        });
+        let refused = refused
+            .as_ref()
+            .map(|r| (r.scope, r.limit, r.retry_after > Duration::ZERO && r.retry_after <= Duration::from_secs(1)));
         assert_eq!(refused, Some((RateScope::Subject, 2, true)));
         // Other keys are independent; the disabled IP limiter allows all.
         assert!(limits.check_subject("b").is_ok());
-        assert!(
-            limits
-                .check_ip("127.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])))
-                .is_ok()
-        );
+        assert!(limits.check_ip("127.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))).is_ok());
     }
 
     #[test]

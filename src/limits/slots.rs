@@ -67,22 +67,13 @@ impl StreamSlots {
         let mut table = self.per_subject.lock().unwrap_or_else(PoisonError::into_inner);
         let held = table.get(subject).copied().unwrap_or(0);
         if held >= self.max_per_subject {
-            return Err(SlotRefused::Subject {
-                limit: self.max_per_subject,
-            });
+            return Err(SlotRefused::Subject { limit: self.max_per_subject });
         }
-        let global = self
-            .global
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| SlotRefused::Global { limit: self.max_global })?;
+        let global =
+            self.global.clone().try_acquire_owned().map_err(|_| SlotRefused::Global { limit: self.max_global })?;
         table.insert(subject.to_owned(), held + 1);
         self.open.fetch_add(1, Ordering::AcqRel);
-        Ok(SlotPermit {
-            slots: self.clone(),
-            subject: subject.to_owned(),
-            _global: global,
-        })
+        Ok(SlotPermit { slots: self.clone(), subject: subject.to_owned(), _global: global })
     }
 
     /// Streams open now.

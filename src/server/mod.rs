@@ -99,10 +99,7 @@ impl Application {
             if !generators.set_pace(name, *pace) {
                 return Err(ConfigError::invalid(
                     "generator_pace",
-                    format!(
-                        "unknown generator `{name}` (available: {})",
-                        generators.names().join(", ")
-                    ),
+                    format!("unknown generator `{name}` (available: {})", generators.names().join(", ")),
                 )
                 .into());
             }
@@ -120,12 +117,7 @@ impl Application {
         }
         let addr = config.listen;
         let bind_err = |source| ServerError::Bind { addr, source };
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-        .map_err(bind_err)?;
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(bind_err)?;
         socket.set_reuseaddr(true).map_err(bind_err)?;
         socket.bind(addr).map_err(bind_err)?;
         let listener = socket.listen(config.listen_backlog).map_err(bind_err)?;
@@ -135,14 +127,9 @@ impl Application {
         let slots = StreamSlots::new(limits.max_streams, limits.max_streams_per_subject);
         let metrics = Arc::new(Metrics::new());
         let store = &config.store;
-        let hub = StreamHub::new(HubSettings {
-            max_events: store.stream_max_events,
-            ttl: store.stream_ttl,
-        });
-        let channels = ChannelHub::new(ChannelSettings {
-            max_events: store.channel_max_events,
-            ttl: store.channel_ttl,
-        });
+        let hub = StreamHub::new(HubSettings { max_events: store.stream_max_events, ttl: store.stream_ttl });
+        let channels =
+            ChannelHub::new(ChannelSettings { max_events: store.channel_max_events, ttl: store.channel_ttl });
         let redis = match &store.redis_url {
             None => None,
             Some(url) => {
@@ -160,9 +147,7 @@ impl Application {
             }
         };
         let tail = redis.as_ref().map(|r| ChannelTail::new(r.clone(), channels.clone()));
-        let replica_id = StreamId::random()
-            .map(|id| id.to_string())
-            .unwrap_or_else(|_| "replica".to_owned());
+        let replica_id = StreamId::random().map(|id| id.to_string()).unwrap_or_else(|_| "replica".to_owned());
         let state = AppState::new(Inner {
             config,
             generators,
@@ -176,11 +161,7 @@ impl Application {
             tail,
             replica_id,
         });
-        Ok(Self {
-            listener,
-            local_addr,
-            state,
-        })
+        Ok(Self { listener, local_addr, state })
     }
 
     /// The bound address (with the real port when 0 was asked for).
@@ -273,11 +254,8 @@ impl Application {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(
-                &socket2::TcpKeepalive::new()
-                    .with_time(TCP_KEEPALIVE)
-                    .with_interval(TCP_KEEPALIVE),
-            );
+            let _ = socket2::SockRef::from(&tcp)
+                .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE).with_interval(TCP_KEEPALIVE));
             let io = TokioIo::new(StallGuard::new(tcp, write_stall));
             let served = Arc::new(AtomicUsize::new(0));
             let counter = served.clone();

@@ -23,11 +23,7 @@ pub(super) struct StallGuard<T> {
 impl<T> StallGuard<T> {
     /// Wraps `inner`.
     pub(super) fn new(inner: T, limit: Duration) -> Self {
-        Self {
-            inner,
-            limit,
-            stalled: None,
-        }
+        Self { inner, limit, stalled: None }
     }
 
     fn on_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {

@@ -147,11 +147,7 @@ impl Parser {
             data.pop();
         }
         out.push(Event::Message {
-            event: if event_type.is_empty() {
-                "message".to_owned()
-            } else {
-                event_type
-            },
+            event: if event_type.is_empty() { "message".to_owned() } else { event_type },
             data,
             id: self.last_id.clone(),
         });

@@ -127,10 +127,7 @@ impl DecimalBuf {
 }
 
 fn itoa_buf(mut n: u64) -> DecimalBuf {
-    let mut out = DecimalBuf {
-        bytes: [0; 20],
-        start: 20,
-    };
+    let mut out = DecimalBuf { bytes: [0; 20], start: 20 };
     loop {
         out.start -= 1;
         out.bytes[out.start] = b'0' + (n % 10) as u8;

@@ -101,10 +101,7 @@ impl Drop for Subscriber {
 impl ChannelHub {
     /// No channels yet.
     pub fn new(settings: ChannelSettings) -> Arc<Self> {
-        Arc::new(Self {
-            channels: Mutex::new(HashMap::new()),
-            settings,
-        })
+        Arc::new(Self { channels: Mutex::new(HashMap::new()), settings })
     }
 
     fn channel(&self, name: &str) -> Arc<Channel> {
@@ -112,11 +109,7 @@ impl ChannelHub {
             .entry(name.to_owned())
             .or_insert_with(|| {
                 Arc::new(Channel {
-                    log: Mutex::new(Log {
-                        events: VecDeque::new(),
-                        next_seq: 1,
-                        last_activity: Instant::now(),
-                    }),
+                    log: Mutex::new(Log { events: VecDeque::new(), next_seq: 1, last_activity: Instant::now() }),
                     appended: Notify::new(),
                     subscribers: AtomicUsize::new(0),
                 })
@@ -142,9 +135,7 @@ impl ChannelHub {
 
     /// Subscribers of `name` connected to this process.
     pub fn local_subscribers(&self, name: &str) -> usize {
-        lock(&self.channels)
-            .get(name)
-            .map_or(0, |c| c.subscribers.load(Ordering::Acquire))
+        lock(&self.channels).get(name).map_or(0, |c| c.subscribers.load(Ordering::Acquire))
     }
 
     fn push(channel: &Channel, max_events: usize, id: Option<String>, event: Option<String>, data: String) -> u64 {
@@ -178,11 +169,9 @@ impl ChannelHub {
             match start {
                 Start::New => log.next_seq,
                 Start::AfterSeq(after) => after + 1,
-                Start::AfterId(after) => log
-                    .events
-                    .iter()
-                    .find(|e| super::redis::id_after(&e.id, &after))
-                    .map_or(log.next_seq, |e| e.seq),
+                Start::AfterId(after) => {
+                    log.events.iter().find(|e| super::redis::id_after(&e.id, &after)).map_or(log.next_seq, |e| e.seq)
+                }
             }
         };
         async_stream::stream! {

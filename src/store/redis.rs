@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::StreamHub;
+use crate::generator::Usage;
 use crate::stream::{FinishReason, StreamEvent, StreamId};
 
 /// How long a producer's lease lives without a refresh.
@@ -83,7 +84,11 @@ enum Stored {
     #[serde(rename = "d")]
     Delta { x: String },
     #[serde(rename = "f")]
-    Done { n: u64 },
+    Done {
+        n: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        u: Option<Usage>,
+    },
     #[serde(rename = "e")]
     Error { c: String, m: String },
 }
@@ -92,11 +97,8 @@ fn encode(event: &StreamEvent) -> Option<String> {
     let stored = match event {
         StreamEvent::Start { generator, .. } => Stored::Start { g: generator.clone() },
         StreamEvent::Delta { text, .. } => Stored::Delta { x: text.clone() },
-        StreamEvent::Done { chars, .. } => Stored::Done { n: *chars },
-        StreamEvent::Error { code, message, .. } => Stored::Error {
-            c: code.to_string(),
-            m: message.clone(),
-        },
+        StreamEvent::Done { chars, usage, .. } => Stored::Done { n: *chars, u: *usage },
+        StreamEvent::Error { code, message, .. } => Stored::Error { c: code.to_string(), m: message.clone() },
         StreamEvent::Shutdown { .. } | StreamEvent::Heartbeat => return None,
     };
     serde_json::to_string(&stored).ok()
@@ -104,27 +106,10 @@ fn encode(event: &StreamEvent) -> Option<String> {
 
 fn decode(stream_id: StreamId, seq: u64, json: &str) -> Option<StreamEvent> {
     Some(match serde_json::from_str::<Stored>(json).ok()? {
-        Stored::Start { g } => StreamEvent::Start {
-            stream_id,
-            generator: g,
-        },
-        Stored::Delta { x } => StreamEvent::Delta {
-            stream_id,
-            seq,
-            text: x,
-        },
-        Stored::Done { n } => StreamEvent::Done {
-            stream_id,
-            seq,
-            finish_reason: FinishReason::Stop,
-            chars: n,
-        },
-        Stored::Error { c, m } => StreamEvent::Error {
-            stream_id,
-            seq,
-            code: c.into(),
-            message: m,
-        },
+        Stored::Start { g } => StreamEvent::Start { stream_id, generator: g },
+        Stored::Delta { x } => StreamEvent::Delta { stream_id, seq, text: x },
+        Stored::Done { n, u } => StreamEvent::Done { stream_id, seq, finish_reason: FinishReason::Stop, chars: n, usage: u },
+        Stored::Error { c, m } => StreamEvent::Error { stream_id, seq, code: c.into(), message: m },
     })
 }
 
@@ -159,9 +144,7 @@ pub struct RedisStore {
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore")
-            .field("healthy", &self.is_healthy())
-            .finish_non_exhaustive()
+        f.debug_struct("RedisStore").field("healthy", &self.is_healthy()).finish_non_exhaustive()
     }
 }
 
@@ -176,12 +159,7 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(1))
             .set_number_of_retries(1);
         let conn = client.get_connection_manager_lazy(config)?;
-        Ok(Arc::new(Self {
-            client,
-            conn,
-            healthy: AtomicBool::new(false),
-            settings,
-        }))
+        Ok(Arc::new(Self { client, conn, healthy: AtomicBool::new(false), settings }))
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -276,12 +254,7 @@ impl RedisStore {
         let ttl = self.settings.stream_ttl.as_secs().max(1) as i64;
         if finished {
             // Finished: resumable for the TTL, no lease needed any more.
-            pipe.expire(&key, ttl)
-                .ignore()
-                .expire(meta_key(id), ttl)
-                .ignore()
-                .del(lease_key(id))
-                .ignore();
+            pipe.expire(&key, ttl).ignore().expire(meta_key(id), ttl).ignore().del(lease_key(id)).ignore();
         } else {
             // Running: kept while the producer lives (lease) plus the TTL.
             pipe.expire(&key, ttl + 3600).ignore();
@@ -292,9 +265,7 @@ impl RedisStore {
 
     /// Refreshes the producer's lease.
     pub async fn refresh_lease(&self, id: &StreamId) -> Result<(), StoreError> {
-        self.conn()
-            .set_ex::<_, _, ()>(lease_key(id), 1, LEASE.as_secs())
-            .await?;
+        self.conn().set_ex::<_, _, ()>(lease_key(id), 1, LEASE.as_secs()).await?;
         Ok(())
     }
 
@@ -302,10 +273,7 @@ impl RedisStore {
     pub async fn meta(&self, id: &StreamId) -> Result<Option<RemoteMeta>, StoreError> {
         let map: HashMap<String, String> = self.conn().hgetall(meta_key(id)).await?;
         Ok(match (map.get("owner"), map.get("generator")) {
-            (Some(owner), Some(generator)) => Some(RemoteMeta {
-                owner: owner.clone(),
-                generator: generator.clone(),
-            }),
+            (Some(owner), Some(generator)) => Some(RemoteMeta { owner: owner.clone(), generator: generator.clone() }),
             _ => None,
         })
     }
@@ -388,20 +356,13 @@ impl RedisStore {
     pub async fn channel_publish(&self, name: &str, event: Option<&str>, data: &str) -> Result<String, StoreError> {
         let key = channel_key(name);
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(&key)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.settings.channel_max_events)
-            .arg("*")
-            .arg("d")
-            .arg(data);
+        cmd.arg(&key).arg("MAXLEN").arg("~").arg(self.settings.channel_max_events).arg("*").arg("d").arg(data);
         if let Some(event) = event {
             cmd.arg("e").arg(event);
         }
         let mut conn = self.conn();
         let id: String = cmd.query_async(&mut conn).await?;
-        conn.expire::<_, ()>(&key, self.settings.channel_ttl.as_secs().max(1) as i64)
-            .await?;
+        conn.expire::<_, ()>(&key, self.settings.channel_ttl.as_secs().max(1) as i64).await?;
         Ok(id)
     }
 
@@ -484,11 +445,7 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT")
-            .arg(256)
-            .arg("BLOCK")
-            .arg(block.as_millis() as u64)
-            .arg("STREAMS");
+        cmd.arg("COUNT").arg(256).arg("BLOCK").arg(block.as_millis() as u64).arg("STREAMS");
         for (name, _) in positions {
             cmd.arg(channel_key(name));
         }
@@ -519,10 +476,7 @@ impl RedisStore {
             .arg(1)
             .query_async(&mut self.conn())
             .await?;
-        Ok(entries
-            .into_iter()
-            .next()
-            .map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+        Ok(entries.into_iter().next().map_or_else(|| "0-0".to_owned(), |(id, _)| id))
     }
 }
 

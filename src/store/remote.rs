@@ -135,11 +135,7 @@ const TAIL_BLOCK: Duration = Duration::from_millis(100);
 impl ChannelTail {
     /// A tail feeding `hub`.
     pub fn new(redis: Arc<RedisStore>, hub: Arc<ChannelHub>) -> Arc<Self> {
-        Arc::new(Self {
-            redis,
-            hub,
-            wanted: Mutex::new(HashMap::new()),
-        })
+        Arc::new(Self { redis, hub, wanted: Mutex::new(HashMap::new()) })
     }
 
     /// Tails `name` from after `from` (an id) while the guard lives.
@@ -147,15 +143,9 @@ impl ChannelTail {
         let mut wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
         // A channel already tailed keeps its position: what it ingested
         // after `from` is in the local log, where the subscriber starts.
-        let want = wanted.entry(name.to_owned()).or_insert_with(|| Want {
-            last: from.to_owned(),
-            watchers: 0,
-        });
+        let want = wanted.entry(name.to_owned()).or_insert_with(|| Want { last: from.to_owned(), watchers: 0 });
         want.watchers += 1;
-        TailGuard {
-            tail: self.clone(),
-            name: name.to_owned(),
-        }
+        TailGuard { tail: self.clone(), name: name.to_owned() }
     }
 
     /// Runs until `stop`, reconnecting after failures.
@@ -173,10 +163,7 @@ impl ChannelTail {
             loop {
                 let positions: Vec<(String, String)> = {
                     let wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
-                    wanted
-                        .iter()
-                        .map(|(name, want)| (name.clone(), want.last.clone()))
-                        .collect()
+                    wanted.iter().map(|(name, want)| (name.clone(), want.last.clone())).collect()
                 };
                 let result = tokio::select! {
                     () = stop.cancelled() => return,

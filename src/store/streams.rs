@@ -88,10 +88,7 @@ fn lock(m: &Mutex<LogState>) -> MutexGuard<'_, LogState> {
 impl StreamHub {
     /// An empty hub.
     pub fn new(settings: HubSettings) -> Arc<Self> {
-        Arc::new(Self {
-            streams: Mutex::new(HashMap::new()),
-            settings,
-        })
+        Arc::new(Self { streams: Mutex::new(HashMap::new()), settings })
     }
 
     /// Registers a new stream.
@@ -112,20 +109,13 @@ impl StreamHub {
             progress: Notify::new(),
             cancel: CancellationToken::new(),
         });
-        self.streams
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, stream.clone());
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner).insert(id, stream.clone());
         stream
     }
 
     /// A stream produced here, if it is still retained.
     pub fn get(&self, id: &StreamId) -> Option<Arc<LiveStream>> {
-        self.streams
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(id)
-            .cloned()
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner).get(id).cloned()
     }
 
     /// Streams retained (running or finished within the TTL).
@@ -207,11 +197,7 @@ impl LiveStream {
     pub fn attach_check(&self, from: u64) -> Attach {
         let state = lock(&self.state);
         let next = state.first_seq + state.events.len() as u64;
-        if state.finished_at.is_some() && from >= next {
-            Attach::Complete
-        } else {
-            Attach::Attached
-        }
+        if state.finished_at.is_some() && from >= next { Attach::Complete } else { Attach::Attached }
     }
 
     /// Attaches a reader that needs events from `from` on. Attach before the
@@ -224,23 +210,14 @@ impl LiveStream {
             state.detached_since = None;
         }
         self.progress.notify_waiters();
-        Reader {
-            stream: self.clone(),
-            position,
-            from,
-        }
+        Reader { stream: self.clone(), position, from }
     }
 
     /// How far ahead the producer is of its slowest attached reader.
     pub fn lag(&self) -> u64 {
         let state = lock(&self.state);
         let next = state.first_seq + state.events.len() as u64;
-        state
-            .readers
-            .iter()
-            .map(|r| next.saturating_sub(r.load(Ordering::Acquire)))
-            .max()
-            .unwrap_or(0)
+        state.readers.iter().map(|r| next.saturating_sub(r.load(Ordering::Acquire))).max().unwrap_or(0)
     }
 
     /// Waits until the producer may append another event: every attached

@@ -16,7 +16,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::time::{Instant, sleep_until};
 
 use super::{FinishReason, GraphemeSplitter, StreamEvent, StreamId};
-use crate::generator::TextStream;
+use crate::generator::{Chunk, TextStream};
 
 /// Per-generation settings resolved from config and the request.
 #[derive(Debug, Clone)]
@@ -44,6 +44,7 @@ pub fn events(
         let mut ready: VecDeque<String> = VecDeque::new();
         let mut seq: u64 = 0;
         let mut text_ended = false;
+        let mut usage = None;
         loop {
             if let Some(cluster) = ready.pop_front() {
                 if Instant::now() < next_delta {
@@ -66,13 +67,14 @@ pub fn events(
                 continue;
             }
             if text_ended {
-                yield StreamEvent::Done { stream_id, seq: seq + 1, finish_reason: FinishReason::Stop, chars: seq };
+                yield StreamEvent::Done { stream_id, seq: seq + 1, finish_reason: FinishReason::Stop, chars: seq, usage };
                 return;
             }
             tokio::select! {
                 biased;
                 chunk = text.next() => match chunk {
-                    Some(Ok(chunk)) => splitter.push(&chunk, |g| ready.push_back(g.to_owned())),
+                    Some(Ok(Chunk::Text(chunk))) => splitter.push(&chunk, |g| ready.push_back(g.to_owned())),
+                    Some(Ok(Chunk::Usage(reported))) => usage = Some(reported),
                     Some(Err(err)) => {
                         // Everything the generator produced before failing is
                         // delivered, then the error.
@@ -103,10 +105,7 @@ fn max_duration_error(stream_id: StreamId, seq: u64, limit: Duration) -> StreamE
         stream_id,
         seq: seq + 1,
         code: "max_duration".into(),
-        message: format!(
-            "the stream reached its maximum duration of {}",
-            humantime::format_duration(limit)
-        ),
+        message: format!("the stream reached its maximum duration of {}", humantime::format_duration(limit)),
     }
 }
 
@@ -117,10 +116,7 @@ mod tests {
     use futures_util::stream;
 
     fn settings(pace_ms: u64) -> EngineSettings {
-        EngineSettings {
-            pace: Duration::from_millis(pace_ms),
-            max_duration: Duration::from_secs(3600),
-        }
+        EngineSettings { pace: Duration::from_millis(pace_ms), max_duration: Duration::from_secs(3600) }
     }
 
     fn id() -> StreamId {
@@ -139,7 +135,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn paced_deltas_are_spaced_by_the_pace() {
-        let text: TextStream = Box::pin(stream::iter(vec![Ok("ab".to_owned()), Ok("c".to_owned())]));
+        let text: TextStream = Box::pin(stream::iter(vec![Ok("ab".into()), Ok("c".into())]));
         let mut s = Box::pin(events(id(), "t".into(), text, settings(100)));
         let start = Instant::now();
         let mut times = Vec::new();
@@ -148,18 +144,13 @@ mod tests {
                 times.push(Instant::now() - start);
             }
         }
-        assert_eq!(
-            times,
-            [Duration::ZERO, Duration::from_millis(100), Duration::from_millis(200)]
-        );
+        assert_eq!(times, [Duration::ZERO, Duration::from_millis(100), Duration::from_millis(200)]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn generator_error_is_terminal_error_event() {
-        let text: TextStream = Box::pin(stream::iter(vec![
-            Ok("hi".to_owned()),
-            Err(GeneratorError::Failed("boom".into())),
-        ]));
+        let text: TextStream =
+            Box::pin(stream::iter(vec![Ok("hi".into()), Err(GeneratorError::Failed("boom".into()))]));
         let all: Vec<StreamEvent> = events(id(), "t".into(), text, settings(0)).collect().await;
         assert_eq!(texts(&all), ["h", "i"]);
         assert!(matches!(all.last(), Some(StreamEvent::Error { code, seq: 3, .. }) if code == "generator_failed"));
@@ -169,7 +160,7 @@ mod tests {
     async fn max_duration_ends_with_an_error() {
         let mut s = settings(1000);
         s.max_duration = Duration::from_millis(2500);
-        let text: TextStream = Box::pin(stream::iter(vec![Ok("abcdefgh".to_owned())]));
+        let text: TextStream = Box::pin(stream::iter(vec![Ok("abcdefgh".into())]));
         let all: Vec<StreamEvent> = events(id(), "t".into(), text, s).collect().await;
         // Deltas at 0, 1 and 2 s; the limit strikes at 2.5 s.
         assert_eq!(texts(&all), ["a", "b", "c"]);

@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 
 use super::StreamId;
+use crate::generator::Usage;
 
 /// Why a stream finished normally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +50,8 @@ pub enum StreamEvent {
         finish_reason: FinishReason,
         /// Number of deltas (grapheme clusters) sent.
         chars: u64,
+        /// Token usage, when the generator reported it.
+        usage: Option<Usage>,
     },
     /// Terminal: the stream failed; `code` is stable and machine-readable.
     Error {
@@ -74,10 +77,7 @@ pub enum StreamEvent {
 impl StreamEvent {
     /// True for the events after which nothing more is sent on a stream.
     pub fn is_terminal(&self) -> bool {
-        matches!(
-            self,
-            StreamEvent::Done { .. } | StreamEvent::Error { .. } | StreamEvent::Shutdown { .. }
-        )
+        matches!(self, StreamEvent::Done { .. } | StreamEvent::Error { .. } | StreamEvent::Shutdown { .. })
     }
 
     /// The outcome label of a terminal event (`done`, the error code,

@@ -41,11 +41,7 @@ impl GraphemeSplitter {
 
     /// The text ended: whatever is held back is complete.
     pub fn finish(&mut self) -> Option<String> {
-        if self.pending.is_empty() {
-            None
-        } else {
-            Some(std::mem::take(&mut self.pending))
-        }
+        if self.pending.is_empty() { None } else { Some(std::mem::take(&mut self.pending)) }
     }
 }
 

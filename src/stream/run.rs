@@ -79,9 +79,7 @@ async fn produce(
     settings: RunSettings,
 ) {
     let replicator = ctx.replicator.take();
-    let store_failed = replicator
-        .as_ref()
-        .map_or_else(CancellationToken::new, |r| r.failed.clone());
+    let store_failed = replicator.as_ref().map_or_else(CancellationToken::new, |r| r.failed.clone());
     let started = Instant::now();
     // Boxed (not stack-pinned) so it can be dropped before the slot is freed.
     let mut engine = Box::pin(engine);
@@ -122,34 +120,19 @@ async fn produce(
     };
     if let Some(stop) = stop {
         let (code, message) = match stop {
-            Stop::StoreFailed => (
-                "store_unavailable",
-                "the shared store failed; the stream cannot continue".to_owned(),
-            ),
+            Stop::StoreFailed => {
+                ("store_unavailable", "the shared store failed; the stream cannot continue".to_owned())
+            }
             Stop::Cancelled => ("cancelled", "the stream was cancelled".to_owned()),
-            Stop::Closing => (
-                "generator_lost",
-                "the server generating this stream shut down".to_owned(),
-            ),
+            Stop::Closing => ("generator_lost", "the server generating this stream shut down".to_owned()),
             Stop::SlowConsumer => (
                 "slow_consumer",
-                format!(
-                    "the client did not read for {}",
-                    humantime::format_duration(settings.max_lag)
-                ),
+                format!("the client did not read for {}", humantime::format_duration(settings.max_lag)),
             ),
-            Stop::Abandoned => (
-                "client_gone",
-                "no client was connected for the detach grace period".to_owned(),
-            ),
+            Stop::Abandoned => ("client_gone", "no client was connected for the detach grace period".to_owned()),
         };
         outcome = Cow::Borrowed(code);
-        stream.append(StreamEvent::Error {
-            stream_id: stream.id,
-            seq: stream.next_seq(),
-            code: code.into(),
-            message,
-        });
+        stream.append(StreamEvent::Error { stream_id: stream.id, seq: stream.next_seq(), code: code.into(), message });
     }
     // Generator first, then the slot: nothing runs on a freed slot.
     drop(engine);

@@ -33,25 +33,12 @@ async fn each_transport_is_accepted() {
     let token = app.token("alice", "stream");
     let url = format!("{}/v1/stream?generator=echo&prompt=ok", app.base);
     let bearer = app.client.get(&url).bearer_auth(&token).send().await.unwrap();
-    let cookie = app
-        .client
-        .get(&url)
-        .header("cookie", format!("theme=dark; tokengate_token={token}"))
-        .send()
-        .await
-        .unwrap();
-    let query = app
-        .client
-        .get(format!("{url}&access_token={token}"))
-        .send()
-        .await
-        .unwrap();
+    let cookie =
+        app.client.get(&url).header("cookie", format!("theme=dark; tokengate_token={token}")).send().await.unwrap();
+    let query = app.client.get(format!("{url}&access_token={token}")).send().await.unwrap();
     for resp in [bearer, cookie, query] {
         assert_eq!(resp.status(), 200);
-        assert_eq!(
-            delta_text(&read_events(resp, std::time::Duration::from_secs(5)).await),
-            "ok"
-        );
+        assert_eq!(delta_text(&read_events(resp, std::time::Duration::from_secs(5)).await), "ok");
     }
 }
 
@@ -61,14 +48,7 @@ async fn first_present_source_wins() {
     let good = app.token("alice", "stream");
     let url = format!("{}/v1/stream?generator=echo&prompt=ok", app.base);
     // Bearer first: a bad cookie behind a good bearer does not matter ...
-    let r = app
-        .client
-        .get(&url)
-        .bearer_auth(&good)
-        .header("cookie", "tokengate_token=junk")
-        .send()
-        .await
-        .unwrap();
+    let r = app.client.get(&url).bearer_auth(&good).header("cookie", "tokengate_token=junk").send().await.unwrap();
     assert_eq!(r.status(), 200);
     // ... and a bad bearer is not rescued by a good cookie or query token.
     let r = app
@@ -109,41 +89,11 @@ async fn configured_source_names_replace_the_defaults() {
     let app = spawn_app_with(settings).await;
     let token = app.token("alice", "stream");
     let url = format!("{}/v1/stream?generator=echo&prompt=ok", app.base);
-    assert_eq!(
-        app.client
-            .get(&url)
-            .header("cookie", format!("sess={token}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        app.client
-            .get(format!("{url}&t={token}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.client.get(&url).header("cookie", format!("sess={token}")).send().await.unwrap().status(), 200);
+    assert_eq!(app.client.get(format!("{url}&t={token}")).send().await.unwrap().status(), 200);
+    expect_401(app.client.get(format!("{url}&access_token={token}")).send().await.unwrap(), "missing_token").await;
     expect_401(
-        app.client
-            .get(format!("{url}&access_token={token}"))
-            .send()
-            .await
-            .unwrap(),
-        "missing_token",
-    )
-    .await;
-    expect_401(
-        app.client
-            .get(&url)
-            .header("cookie", format!("tokengate_token={token}"))
-            .send()
-            .await
-            .unwrap(),
+        app.client.get(&url).header("cookie", format!("tokengate_token={token}")).send().await.unwrap(),
         "missing_token",
     )
     .await;
@@ -165,20 +115,13 @@ async fn every_bad_token_is_refused_and_starts_nothing() {
     let cases: Vec<(String, &str)> = vec![
         ("not-a-jwt".into(), "malformed_token"),
         ("a.b.c".into(), "malformed_token"),
-        (
-            hs256(json!({"sub": "alice", "exp": now - 3600, "scope": "stream"})),
-            "token_expired",
-        ),
+        (hs256(json!({"sub": "alice", "exp": now - 3600, "scope": "stream"})), "token_expired"),
         (
             hs256(json!({"sub": "alice", "exp": now + 3600, "nbf": now + 3600, "scope": "stream"})),
             "token_not_yet_valid",
         ),
         (
-            sign(
-                Algorithm::HS256,
-                &other_key,
-                json!({"sub": "alice", "exp": now + 3600, "scope": "stream"}),
-            ),
+            sign(Algorithm::HS256, &other_key, json!({"sub": "alice", "exp": now + 3600, "scope": "stream"})),
             "bad_signature",
         ),
         (none_token, "algorithm_not_allowed"),
@@ -192,10 +135,7 @@ async fn every_bad_token_is_refused_and_starts_nothing() {
         ),
         (hs256(json!({"exp": now + 3600, "scope": "stream"})), "missing_claim"),
         (hs256(json!({"sub": "alice", "scope": "stream"})), "missing_claim"),
-        (
-            hs256(json!({"sub": "alice", "exp": "tomorrow", "scope": "stream"})),
-            "invalid_claims",
-        ),
+        (hs256(json!({"sub": "alice", "exp": "tomorrow", "scope": "stream"})), "invalid_claims"),
     ];
     for (token, code) in &cases {
         expect_401(probe_with(&app, token).await, code).await;
@@ -210,29 +150,17 @@ async fn missing_scope_is_403() {
     for scope in ["", "publish", "streaming"] {
         let resp = probe_with(&app, &app.token("alice", scope)).await;
         assert_eq!(resp.status(), 403);
-        assert!(
-            resp.headers()["www-authenticate"]
-                .to_str()
-                .unwrap()
-                .contains("insufficient_scope")
-        );
+        assert!(resp.headers()["www-authenticate"].to_str().unwrap().contains("insufficient_scope"));
         let body: Value = resp.json().await.unwrap();
         assert_eq!(body["code"], "insufficient_scope");
         assert!(body["detail"].as_str().unwrap().contains("stream"));
     }
     assert_eq!(app.probe.started.load(Ordering::SeqCst), 0);
     // `admin` may do everything; scope may also be a JSON array.
-    let admin = app
-        .get("/v1/stream?generator=echo&prompt=a", Some(&app.token("root", "admin")))
-        .await;
+    let admin = app.get("/v1/stream?generator=echo&prompt=a", Some(&app.token("root", "admin"))).await;
     assert_eq!(admin.status(), 200);
     let array = hs256(json!({"sub": "bob", "exp": now() + 60, "scope": ["publish", "stream"]}));
-    assert_eq!(
-        app.get("/v1/stream?generator=echo&prompt=a", Some(&array))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(app.get("/v1/stream?generator=echo&prompt=a", Some(&array)).await.status(), 200);
 }
 
 #[tokio::test]
@@ -244,10 +172,7 @@ async fn issuer_and_audience_are_checked_when_configured() {
     let exp = now() + 3600;
     let ok =
         hs256(json!({"sub": "a", "exp": exp, "scope": "stream", "iss": "https://issuer.test", "aud": "tokengate"}));
-    assert_eq!(
-        app.get("/v1/stream?generator=echo&prompt=a", Some(&ok)).await.status(),
-        200
-    );
+    assert_eq!(app.get("/v1/stream?generator=echo&prompt=a", Some(&ok)).await.status(), 200);
     let cases = [
         (
             json!({"sub": "a", "exp": exp, "scope": "stream", "iss": "https://evil.test", "aud": "tokengate"}),
@@ -257,14 +182,8 @@ async fn issuer_and_audience_are_checked_when_configured() {
             json!({"sub": "a", "exp": exp, "scope": "stream", "iss": "https://issuer.test", "aud": "other"}),
             "invalid_audience",
         ),
-        (
-            json!({"sub": "a", "exp": exp, "scope": "stream", "aud": "tokengate"}),
-            "missing_claim",
-        ),
-        (
-            json!({"sub": "a", "exp": exp, "scope": "stream", "iss": "https://issuer.test"}),
-            "missing_claim",
-        ),
+        (json!({"sub": "a", "exp": exp, "scope": "stream", "aud": "tokengate"}), "missing_claim"),
+        (json!({"sub": "a", "exp": exp, "scope": "stream", "iss": "https://issuer.test"}), "missing_claim"),
     ];
     for (claims, code) in cases {
         expect_401(probe_with(&app, &hs256(claims)).await, code).await;
@@ -287,32 +206,14 @@ async fn public_key_app(public: &str) -> TestApp {
 async fn asymmetric_algorithms_verify_with_pem_public_keys() {
     let claims = || json!({"sub": "alice", "exp": now() + 3600, "scope": "stream"});
     let cases = [
-        (
-            "rsa_public.pem",
-            Algorithm::RS256,
-            EncodingKey::from_rsa_pem(&fixture("rsa_private.pem")).unwrap(),
-        ),
-        (
-            "ec_public.pem",
-            Algorithm::ES256,
-            EncodingKey::from_ec_pem(&fixture("ec_private.pem")).unwrap(),
-        ),
-        (
-            "ed_public.pem",
-            Algorithm::EdDSA,
-            EncodingKey::from_ed_pem(&fixture("ed_private.pem")).unwrap(),
-        ),
+        ("rsa_public.pem", Algorithm::RS256, EncodingKey::from_rsa_pem(&fixture("rsa_private.pem")).unwrap()),
+        ("ec_public.pem", Algorithm::ES256, EncodingKey::from_ec_pem(&fixture("ec_private.pem")).unwrap()),
+        ("ed_public.pem", Algorithm::EdDSA, EncodingKey::from_ed_pem(&fixture("ed_private.pem")).unwrap()),
     ];
     for (public, alg, key) in cases {
         let app = public_key_app(public).await;
         let good = sign(alg, &key, claims());
-        assert_eq!(
-            app.get("/v1/stream?generator=echo&prompt=a", Some(&good))
-                .await
-                .status(),
-            200,
-            "{alg:?}"
-        );
+        assert_eq!(app.get("/v1/stream?generator=echo&prompt=a", Some(&good)).await.status(), 200, "{alg:?}");
         // An HS256 token is not accepted by an asymmetric server.
         expect_401(probe_with(&app, &hs256(claims())).await, "algorithm_not_allowed").await;
     }
@@ -333,11 +234,7 @@ async fn algorithm_confusion_is_rejected() {
     // And a token for another RSA key fails its signature.
     let ok_alg_wrong_sig = {
         let key = EncodingKey::from_rsa_pem(&fixture("rsa_private.pem")).unwrap();
-        let t = sign(
-            Algorithm::RS256,
-            &key,
-            json!({"sub": "a", "exp": now() + 3600, "scope": "stream"}),
-        );
+        let t = sign(Algorithm::RS256, &key, json!({"sub": "a", "exp": now() + 3600, "scope": "stream"}));
         let mut parts: Vec<String> = t.split('.').map(str::to_owned).collect();
         let sig = parts[2].clone();
         parts[2] = format!("{}{}", if sig.starts_with('A') { "B" } else { "A" }, &sig[1..]);

@@ -25,12 +25,7 @@ fn cmd() -> Command {
 }
 
 fn run_fail(args: &[&str], envs: &[(&str, &str)]) -> String {
-    let out = cmd()
-        .args(args)
-        .envs(envs.iter().copied())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = cmd().args(args).envs(envs.iter().copied()).stdin(Stdio::null()).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "args {args:?}: {out:?}");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -45,26 +40,10 @@ fn invalid_configuration_names_the_setting_and_exits_non_zero() {
         (vec!["--listen", "nowhere:99999"], vec![], "listen"),
         (vec![], vec![("TOKENGATE_LISTEN", "300.1.1.1:80")], "listen"),
         (vec!["--jwt-secret", "too-short"], vec![], "jwt_secret"),
-        (
-            vec!["--jwt-public-key-file", "/nonexistent/key.pem"],
-            vec![],
-            "jwt_public_key_file",
-        ),
-        (
-            vec!["--jwt-public-key-file", "Cargo.toml"],
-            vec![],
-            "jwt_public_key_file",
-        ),
-        (
-            vec!["--jwt-secret", SECRET, "--jwt-algorithms", "HS999"],
-            vec![],
-            "jwt_algorithms",
-        ),
-        (
-            vec!["--jwt-secret", SECRET, "--jwt-algorithms", "RS256"],
-            vec![],
-            "jwt_algorithms",
-        ),
+        (vec!["--jwt-public-key-file", "/nonexistent/key.pem"], vec![], "jwt_public_key_file"),
+        (vec!["--jwt-public-key-file", "Cargo.toml"], vec![], "jwt_public_key_file"),
+        (vec!["--jwt-secret", SECRET, "--jwt-algorithms", "HS999"], vec![], "jwt_algorithms"),
+        (vec!["--jwt-secret", SECRET, "--jwt-algorithms", "RS256"], vec![], "jwt_algorithms"),
         (vec!["--heartbeat", "soon"], vec![], "heartbeat"),
         (vec!["--config", bad_toml.to_str().unwrap()], vec![], "config"),
         (vec!["--config", "/nonexistent.toml"], vec![], "config"),
@@ -73,10 +52,7 @@ fn invalid_configuration_names_the_setting_and_exits_non_zero() {
     ];
     for (args, envs, setting) in cases {
         let err = run_fail(&args, &envs);
-        assert!(
-            err.contains(&format!("`{setting}`")),
-            "{args:?} should name `{setting}`: {err}"
-        );
+        assert!(err.contains(&format!("`{setting}`")), "{args:?} should name `{setting}`: {err}");
     }
 }
 
@@ -91,9 +67,7 @@ fn tempdir() -> std::path::PathBuf {
 fn decode(token: &str, secret: &str) -> Option<Value> {
     let mut v = Validation::new(jsonwebtoken::Algorithm::HS256);
     v.validate_aud = false;
-    jsonwebtoken::decode::<Value>(token, &DecodingKey::from_secret(secret.as_bytes()), &v)
-        .ok()
-        .map(|d| d.claims)
+    jsonwebtoken::decode::<Value>(token, &DecodingKey::from_secret(secret.as_bytes()), &v).ok().map(|d| d.claims)
 }
 
 fn mint(args: &[&str], envs: &[(&str, &str)]) -> String {
@@ -104,20 +78,8 @@ fn mint(args: &[&str], envs: &[(&str, &str)]) -> String {
 
 #[test]
 fn token_subcommand_signs_with_the_configured_key() {
-    let token = mint(
-        &[
-            "token",
-            "--sub",
-            "alice",
-            "--scope",
-            "stream publish",
-            "--ttl",
-            "1h",
-            "--jwt-secret",
-            SECRET,
-        ],
-        &[],
-    );
+    let token =
+        mint(&["token", "--sub", "alice", "--scope", "stream publish", "--ttl", "1h", "--jwt-secret", SECRET], &[]);
     let claims = decode(&token, SECRET).expect("verifies with the secret");
     assert_eq!(claims["sub"], "alice");
     assert_eq!(claims["scope"], "stream publish");
@@ -141,15 +103,9 @@ fn flags_beat_env_beat_file() {
     let cfg = file.to_str().unwrap();
     let only_file = mint(&["--config", cfg, "token", "--sub", "a"], &[]);
     assert!(decode(&only_file, f).is_some());
-    let env_too = mint(
-        &["--config", cfg, "token", "--sub", "a"],
-        &[("TOKENGATE_JWT_SECRET", e)],
-    );
+    let env_too = mint(&["--config", cfg, "token", "--sub", "a"], &[("TOKENGATE_JWT_SECRET", e)]);
     assert!(decode(&env_too, e).is_some());
-    let all = mint(
-        &["--config", cfg, "token", "--sub", "a", "--jwt-secret", c],
-        &[("TOKENGATE_JWT_SECRET", e)],
-    );
+    let all = mint(&["--config", cfg, "token", "--sub", "a", "--jwt-secret", c], &[("TOKENGATE_JWT_SECRET", e)]);
     assert!(decode(&all, c).is_some());
     // The config file may also come from the environment.
     let via_env = mint(&["token", "--sub", "a"], &[("TOKENGATE_CONFIG", cfg)]);
@@ -191,24 +147,15 @@ pub fn start(args: &[&str], envs: &[(&str, &str)], last_line: &str) -> Server {
     });
     let mut lines = Vec::new();
     loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("banner incomplete: {lines:?}"));
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("banner incomplete: {lines:?}"));
         let done = line.contains(last_line);
         lines.push(line);
         if done {
             break;
         }
     }
-    let base = lines[0]
-        .strip_prefix("tokengate listening on ")
-        .unwrap_or_else(|| panic!("{lines:?}"))
-        .to_owned();
-    Server {
-        child,
-        stdout: lines,
-        base,
-    }
+    let base = lines[0].strip_prefix("tokengate listening on ").unwrap_or_else(|| panic!("{lines:?}")).to_owned();
+    Server { child, stdout: lines, base }
 }
 
 fn sigterm(server: &mut Server) -> std::process::ExitStatus {
@@ -234,32 +181,18 @@ async fn no_config_start_prints_a_working_demo_token_and_curl_command() {
         .unwrap_or_else(|| panic!("{banner}"))
         .trim()
         .to_owned();
-    let token = curl
-        .split("Bearer ")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
+    let token = curl.split("Bearer ").nth(1).unwrap().split('"').next().unwrap().to_owned();
     let url = curl.rsplit('"').nth(1).unwrap().to_owned();
     assert!(url.starts_with(&server.base), "{url}");
     assert!(banner.contains(&format!("{}/#token={token}", server.base)), "{banner}");
     // The demo token: sub demo, scope "stream publish", 24 h.
-    let claims: Value = jsonwebtoken::dangerous::insecure_decode::<Value>(&token)
-        .unwrap()
-        .claims;
+    let claims: Value = jsonwebtoken::dangerous::insecure_decode::<Value>(&token).unwrap().claims;
     assert_eq!(claims["sub"], "demo");
     assert_eq!(claims["scope"], "stream publish");
     let ttl = claims["exp"].as_u64().unwrap() - now();
     assert!((86_300..=86_400).contains(&ttl), "{ttl}");
     // Doing what the banner says streams text.
-    let resp = reqwest::Client::new()
-        .get(&url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = reqwest::Client::new().get(&url).bearer_auth(&token).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let events = read_events(resp, Duration::from_secs(60)).await;
     assert!(delta_text(&events).chars().count() > 20);
@@ -274,29 +207,17 @@ async fn no_config_start_prints_a_working_demo_token_and_curl_command() {
 
 #[tokio::test]
 async fn sigterm_drains_and_exits_zero_and_logs_never_show_tokens() {
-    let mut server = start(
-        &["--jwt-secret", SECRET, "--shutdown-grace", "300ms"],
-        &[("RUST_LOG", "debug")],
-        "listening on",
-    );
+    let mut server =
+        start(&["--jwt-secret", SECRET, "--shutdown-grace", "300ms"], &[("RUST_LOG", "debug")], "listening on");
     // With a configured key no token is printed at all.
     assert!(!server.stdout.join("\n").contains("eyJ"));
     let client = reqwest::Client::new();
     let token = |sub: &str| hs256(serde_json::json!({"sub": sub, "exp": now() + 600, "scope": "stream"}));
     let (t_query, t_cookie, t_bearer, t_bad) = (token("q"), token("c"), token("b"), format!("{}x", token("bad")));
     let url = format!("{}/v1/stream?generator=echo&prompt=hi", server.base);
-    let r = client
-        .get(format!("{url}&access_token={t_query}"))
-        .send()
-        .await
-        .unwrap();
+    let r = client.get(format!("{url}&access_token={t_query}")).send().await.unwrap();
     assert_eq!(delta_text(&read_events(r, Duration::from_secs(10)).await), "hi");
-    let r = client
-        .get(&url)
-        .header("cookie", format!("tokengate_token={t_cookie}"))
-        .send()
-        .await
-        .unwrap();
+    let r = client.get(&url).header("cookie", format!("tokengate_token={t_cookie}")).send().await.unwrap();
     assert_eq!(delta_text(&read_events(r, Duration::from_secs(10)).await), "hi");
     let r = client.get(&url).bearer_auth(&t_bearer).send().await.unwrap();
     assert_eq!(delta_text(&read_events(r, Duration::from_secs(10)).await), "hi");
@@ -304,10 +225,7 @@ async fn sigterm_drains_and_exits_zero_and_logs_never_show_tokens() {
     assert_eq!(r.status(), 401);
     // A stream that is open when SIGTERM arrives gets `shutdown`.
     let open = client
-        .get(format!(
-            "{}/v1/stream?generator=echo&pace_ms=1000&prompt=long-text",
-            server.base
-        ))
+        .get(format!("{}/v1/stream?generator=echo&pace_ms=1000&prompt=long-text", server.base))
         .bearer_auth(&t_bearer)
         .send()
         .await

@@ -37,40 +37,18 @@ async fn subscribers_get_connected_then_every_published_event() {
     assert_eq!(connected["subscriber_id"].as_str().unwrap().len(), 32);
     assert_eq!(id, None, "connected carries no id");
 
-    let resp = publish(
-        &app,
-        "news",
-        json!({"event": "alert", "data": {"level": "high", "text": "多行\nline"}}),
-    )
-    .await;
+    let resp = publish(&app, "news", json!({"event": "alert", "data": {"level": "high", "text": "多行\nline"}})).await;
     assert_eq!(resp.status(), 200);
-    assert_eq!(
-        resp.json::<Value>().await.unwrap(),
-        json!({"id": "1", "subscribers": 1})
-    );
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"id": "1", "subscribers": 1}));
     let resp = publish(&app, "news", json!({"data": "plain"})).await;
     assert_eq!(resp.json::<Value>().await.unwrap()["id"], "2");
 
     let got = read_until(&mut body, &mut parser, LIMIT, is_named("message")).await;
     let msgs = messages(&got);
-    assert_eq!(
-        msgs[0],
-        (
-            "alert".to_owned(),
-            json!({"level": "high", "text": "多行\nline"}),
-            Some("1".to_owned())
-        )
-    );
+    assert_eq!(msgs[0], ("alert".to_owned(), json!({"level": "high", "text": "多行\nline"}), Some("1".to_owned())));
     assert_eq!(msgs[1], ("message".to_owned(), json!("plain"), Some("2".to_owned())));
     // Nobody on another channel.
-    assert_eq!(
-        publish(&app, "other", json!({"data": 1}))
-            .await
-            .json::<Value>()
-            .await
-            .unwrap()["subscribers"],
-        0
-    );
+    assert_eq!(publish(&app, "other", json!({"data": 1})).await.json::<Value>().await.unwrap()["subscribers"], 0);
 }
 
 #[tokio::test]
@@ -92,18 +70,10 @@ async fn last_event_id_replays_missed_history_and_gaps_are_announced() {
         .unwrap();
     let mut body = resp.bytes_stream();
     let mut parser = Parser::new();
-    let got = read_until(
-        &mut body,
-        &mut parser,
-        LIMIT,
-        |e| matches!(e, Event::Message { id: Some(id), .. } if id == "3"),
-    )
-    .await;
-    let data: Vec<Value> = messages(&got)
-        .into_iter()
-        .filter(|m| m.0 == "message")
-        .map(|m| m.1)
-        .collect();
+    let got =
+        read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { id: Some(id), .. } if id == "3"))
+            .await;
+    let data: Vec<Value> = messages(&got).into_iter().filter(|m| m.0 == "message").map(|m| m.1).collect();
     assert_eq!(data, [json!(2), json!(3)]);
     drop(body);
     // Three more: the log (3 events) no longer holds 2..3 for a client at 1.
@@ -135,10 +105,7 @@ async fn heartbeats_while_idle() {
     let mut body = resp.bytes_stream();
     let mut parser = Parser::new();
     for _ in 0..2 {
-        read_until(&mut body, &mut parser, LIMIT, |e| {
-            *e == Event::Comment("keep-alive".into())
-        })
-        .await;
+        read_until(&mut body, &mut parser, LIMIT, |e| *e == Event::Comment("keep-alive".into())).await;
     }
 }
 
@@ -170,17 +137,7 @@ async fn validation_and_scopes() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 403);
-    assert_eq!(
-        app.get("/v1/channels/ok", Some(&app.token("a", "publish")))
-            .await
-            .status(),
-        403
-    );
+    assert_eq!(app.get("/v1/channels/ok", Some(&app.token("a", "publish"))).await.status(), 403);
     assert_eq!(app.get("/v1/channels/ok", None).await.status(), 401);
-    assert_eq!(
-        app.get("/v1/channels/ok?last_event_id=abc", Some(&app.token("a", "stream")))
-            .await
-            .status(),
-        400
-    );
+    assert_eq!(app.get("/v1/channels/ok?last_event_id=abc", Some(&app.token("a", "stream"))).await.status(), 400);
 }

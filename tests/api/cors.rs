@@ -24,18 +24,10 @@ async fn allow_list_with_credentials() {
     assert_eq!(h["access-control-allow-origin"], "https://chat.example.com");
     assert_eq!(h["access-control-allow-credentials"], "true");
     let allowed = h["access-control-allow-headers"].to_str().unwrap().to_ascii_lowercase();
-    assert!(
-        allowed.contains("authorization") && allowed.contains("last-event-id"),
-        "{allowed}"
-    );
+    assert!(allowed.contains("authorization") && allowed.contains("last-event-id"), "{allowed}");
     // A real request from an allowed origin carries the headers too.
-    let resp = app
-        .client
-        .get(format!("{}/healthz", app.base))
-        .header("origin", "http://localhost:5173")
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        app.client.get(format!("{}/healthz", app.base)).header("origin", "http://localhost:5173").send().await.unwrap();
     assert_eq!(resp.headers()["access-control-allow-origin"], "http://localhost:5173");
     // Another origin gets nothing.
     let resp = preflight(&app, "https://evil.example").await;
@@ -73,10 +65,5 @@ fn wildcard_mixed_with_origins_is_a_config_error() {
     assert_eq!(err.setting(), "cors_origins");
     let mut settings = base_settings();
     settings.cors_origins = Some(vec!["chat.example.com".into()]);
-    assert_eq!(
-        tokengate::config::Config::from_settings(settings)
-            .unwrap_err()
-            .setting(),
-        "cors_origins"
-    );
+    assert_eq!(tokengate::config::Config::from_settings(settings).unwrap_err().setting(), "cors_origins");
 }

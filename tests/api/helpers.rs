@@ -50,7 +50,7 @@ impl Generator for Probe {
         let text = request.prompt;
         Box::pin(async_stream::stream! {
             let _counter = counter;
-            yield Ok(text);
+            yield Ok(text.into());
             std::future::pending::<()>().await;
         })
     }
@@ -72,7 +72,7 @@ impl Generator for Firehose {
             let _counter = counter;
             loop {
                 pulls.fetch_add(1, Ordering::SeqCst);
-                yield Ok("0123456789".to_owned());
+                yield Ok("0123456789".into());
             }
         })
     }
@@ -94,7 +94,7 @@ impl Generator for Choppy {
         let (mut i, mut size) = (0, 1);
         while i < chars.len() {
             let end = (i + size).min(chars.len());
-            chunks.push(Ok(chars[i..end].iter().collect::<String>()));
+            chunks.push(Ok(chars[i..end].iter().collect::<String>().into()));
             i = end;
             size = size % 5 + 1;
         }
@@ -155,14 +155,8 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
     registry.register("choppy", Arc::new(Choppy), Duration::ZERO);
     let firehose = Arc::new(ProbeStats::default());
     let firehose_pulls = Arc::new(AtomicUsize::new(0));
-    registry.register(
-        "firehose",
-        Arc::new(Firehose(firehose.clone(), firehose_pulls.clone())),
-        Duration::ZERO,
-    );
-    let app = Application::build_with(config, registry)
-        .await
-        .unwrap_or_else(|e| panic!("build: {e}"));
+    registry.register("firehose", Arc::new(Firehose(firehose.clone(), firehose_pulls.clone())), Duration::ZERO);
+    let app = Application::build_with(config, registry).await.unwrap_or_else(|e| panic!("build: {e}"));
     let addr = app.local_addr();
     let state = app.state().clone();
     let shutdown = state.shutdown.clone();
@@ -173,10 +167,7 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
     TestApp {
         addr,
         base: format!("http://{addr}"),
-        client: reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap_or_else(|e| panic!("{e}")),
+        client: reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap_or_else(|e| panic!("{e}")),
         probe,
         firehose,
         firehose_pulls,
@@ -212,9 +203,7 @@ impl TestApp {
     /// The value of one Prometheus series from `/metrics` (0 when absent).
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.get("/metrics", None).await.text().await.unwrap_or_default();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
-            .unwrap_or(0.0)
+        text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
     }
 
     /// Opens `GET /v1/stream` with a stream-scoped token.
@@ -286,11 +275,9 @@ pub fn messages(events: &[Event]) -> Vec<(String, Value, Option<String>)> {
     events
         .iter()
         .filter_map(|e| match e {
-            Event::Message { event, data, id } => Some((
-                event.clone(),
-                serde_json::from_str(data).unwrap_or(Value::String(data.clone())),
-                id.clone(),
-            )),
+            Event::Message { event, data, id } => {
+                Some((event.clone(), serde_json::from_str(data).unwrap_or(Value::String(data.clone())), id.clone()))
+            }
             _ => None,
         })
         .collect()

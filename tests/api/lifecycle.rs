@@ -25,17 +25,9 @@ async fn heartbeats_flow_while_the_generator_is_silent() {
     let mut parser = Parser::new();
     let mut seen = Vec::new();
     for _ in 0..3 {
-        seen.extend(
-            read_until(&mut body, &mut parser, LIMIT, |e| {
-                *e == Event::Comment("keep-alive".into())
-            })
-            .await,
-        );
+        seen.extend(read_until(&mut body, &mut parser, LIMIT, |e| *e == Event::Comment("keep-alive".into())).await);
     }
-    let beats = seen
-        .iter()
-        .filter(|e| **e == Event::Comment("keep-alive".into()))
-        .count();
+    let beats = seen.iter().filter(|e| **e == Event::Comment("keep-alive".into())).count();
     assert!(beats >= 3);
     // The probe said "ab" and went silent: "a" is sent, "b" is held back
     // (a combining mark could still follow it).
@@ -51,10 +43,8 @@ async fn client_disconnect_drops_the_generator() {
     assert_eq!(app.probe.started.load(Ordering::SeqCst), 1);
     assert_eq!(app.probe.dropped.load(Ordering::SeqCst), 0);
     drop(body);
-    eventually(LIMIT, "generator dropped after the client left", || {
-        app.probe.dropped.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    eventually(LIMIT, "generator dropped after the client left", || app.probe.dropped.load(Ordering::SeqCst) == 1)
+        .await;
     eventually(LIMIT, "stream un-counted", || app.state.slots.open() == 0).await;
 }
 
@@ -101,20 +91,12 @@ async fn shutdown_drains_then_sends_shutdown_and_stops() {
     let tail: Vec<&Event> = rest.iter().filter(|e| !matches!(e, Event::Comment(_))).collect();
     assert_eq!(tail.len(), 2, "{rest:?}");
     assert_eq!(*tail[0], Event::Retry(1500));
-    let Event::Message { event, data, .. } = tail[1] else {
-        panic!("{tail:?}")
-    };
+    let Event::Message { event, data, .. } = tail[1] else { panic!("{tail:?}") };
     assert_eq!(event, "shutdown");
-    assert_eq!(
-        serde_json::from_str::<serde_json::Value>(data).unwrap()["retry_ms"],
-        1500
-    );
+    assert_eq!(serde_json::from_str::<serde_json::Value>(data).unwrap()["retry_ms"], 1500);
     assert_eq!(app.probe.dropped.load(Ordering::SeqCst), 1);
 
-    let result = tokio::time::timeout(LIMIT, &mut app.server)
-        .await
-        .expect("server stopped")
-        .unwrap();
+    let result = tokio::time::timeout(LIMIT, &mut app.server).await.expect("server stopped").unwrap();
     assert!(result.is_ok());
     // The listener is closed.
     assert!(tokio::net::TcpStream::connect(app.addr).await.is_err());
@@ -131,9 +113,7 @@ async fn shutdown_does_not_wait_out_the_grace_when_nothing_is_open() {
     let events = read_events(resp, LIMIT).await;
     assert_eq!(delta_text(&events), "bye");
     assert_eq!(messages(&events).pop().unwrap().0, "done");
-    let result = tokio::time::timeout(LIMIT, &mut app.server)
-        .await
-        .expect("server stopped well before the 1 h grace")
-        .unwrap();
+    let result =
+        tokio::time::timeout(LIMIT, &mut app.server).await.expect("server stopped well before the 1 h grace").unwrap();
     assert!(result.is_ok());
 }

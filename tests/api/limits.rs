@@ -41,30 +41,17 @@ async fn subject_rate_limit_is_429_with_ratelimit_headers() {
         assert_eq!(resp.status(), 200);
         read_events(resp, LIMIT).await;
     }
-    let headers = problem(
-        app.get("/v1/stream?generator=probe&prompt=a", Some(&alice)).await,
-        429,
-        "rate_limited_subject",
-    )
-    .await;
+    let headers =
+        problem(app.get("/v1/stream?generator=probe&prompt=a", Some(&alice)).await, 429, "rate_limited_subject").await;
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=2).contains(&retry), "one request per second refills: {retry}");
     assert_eq!(headers["ratelimit-limit"], "3");
     assert_eq!(headers["ratelimit-remaining"], "0");
     assert_eq!(headers["ratelimit-reset"].to_str().unwrap(), retry.to_string());
     // Other subjects have their own budget; no generator ran for the refusal.
-    assert_eq!(
-        app.get("/v1/stream?generator=echo&prompt=a", Some(&app.token("bob", "stream")))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(app.get("/v1/stream?generator=echo&prompt=a", Some(&app.token("bob", "stream"))).await.status(), 200);
     assert_eq!(app.probe.started.load(Ordering::SeqCst), 0);
-    assert_eq!(
-        app.metric("tokengate_refusals_total{reason=\"rate_limited_subject\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(app.metric("tokengate_refusals_total{reason=\"rate_limited_subject\"}").await, 1.0);
 }
 
 #[tokio::test]
@@ -83,15 +70,8 @@ async fn ip_rate_limit_also_throttles_token_guessing() {
     // Probes and metrics are not API routes and stay reachable.
     assert_eq!(app.get("/healthz", None).await.status(), 200);
     assert_eq!(app.probe.started.load(Ordering::SeqCst), 0);
-    assert_eq!(
-        app.metric("tokengate_auth_failures_total{reason=\"malformed_token\"}")
-            .await,
-        3.0
-    );
-    assert_eq!(
-        app.metric("tokengate_refusals_total{reason=\"rate_limited_ip\"}").await,
-        1.0
-    );
+    assert_eq!(app.metric("tokengate_auth_failures_total{reason=\"malformed_token\"}").await, 3.0);
+    assert_eq!(app.metric("tokengate_refusals_total{reason=\"rate_limited_ip\"}").await, 1.0);
 }
 
 async fn get_from(app: &TestApp, header: (&str, &str)) -> u16 {
@@ -123,10 +103,7 @@ async fn forwarded_addresses_count_only_behind_trusted_proxies() {
     assert_eq!(get_from(&behind_proxy, ("x-forwarded-for", "1.1.1.1")).await, 200);
     assert_eq!(get_from(&behind_proxy, ("x-forwarded-for", "1.1.1.1")).await, 429);
     assert_eq!(get_from(&behind_proxy, ("x-forwarded-for", "2.2.2.2")).await, 200);
-    assert_eq!(
-        get_from(&behind_proxy, ("forwarded", "for=\"[2001:db8::7]:443\";proto=https")).await,
-        200
-    );
+    assert_eq!(get_from(&behind_proxy, ("forwarded", "for=\"[2001:db8::7]:443\";proto=https")).await, 200);
 }
 
 /// Opens a probe stream and waits for its first delta, so it is surely open.
@@ -134,9 +111,7 @@ async fn open_probe(
     app: &TestApp,
     sub: &str,
 ) -> impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin {
-    let resp = app
-        .get("/v1/stream?generator=probe&prompt=xy", Some(&app.token(sub, "stream")))
-        .await;
+    let resp = app.get("/v1/stream?generator=probe&prompt=xy", Some(&app.token(sub, "stream"))).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.bytes_stream();
     read_until(&mut body, &mut Parser::new(), LIMIT, is_delta).await;
@@ -151,29 +126,20 @@ async fn per_subject_stream_cap_frees_its_slot_when_a_client_leaves() {
     let first = open_probe(&app, "alice").await;
     let _second = open_probe(&app, "alice").await;
     let headers = problem(
-        app.get("/v1/stream?generator=probe", Some(&app.token("alice", "stream")))
-            .await,
+        app.get("/v1/stream?generator=probe", Some(&app.token("alice", "stream"))).await,
         429,
         "too_many_streams",
     )
     .await;
     assert!(headers.contains_key("retry-after"));
-    assert_eq!(
-        app.probe.started.load(Ordering::SeqCst),
-        2,
-        "no generator for the refused stream"
-    );
+    assert_eq!(app.probe.started.load(Ordering::SeqCst), 2, "no generator for the refused stream");
     // Another subject is not affected.
     let _bob = open_probe(&app, "bob").await;
     // Dropping a client connection frees its slot.
     drop(first);
     eventually(LIMIT, "alice's slot freed", || app.state.slots.open() == 2).await;
     let _third = open_probe(&app, "alice").await;
-    assert_eq!(
-        app.metric("tokengate_refusals_total{reason=\"too_many_streams\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(app.metric("tokengate_refusals_total{reason=\"too_many_streams\"}").await, 1.0);
 }
 
 #[tokio::test]
@@ -183,13 +149,8 @@ async fn global_stream_cap_is_503() {
     let app = spawn_app_with(settings).await;
     let _a = open_probe(&app, "a").await;
     let _b = open_probe(&app, "b").await;
-    let headers = problem(
-        app.get("/v1/stream?generator=probe", Some(&app.token("c", "stream")))
-            .await,
-        503,
-        "server_busy",
-    )
-    .await;
+    let headers =
+        problem(app.get("/v1/stream?generator=probe", Some(&app.token("c", "stream"))).await, 503, "server_busy").await;
     assert!(headers.contains_key("retry-after"));
     assert_eq!(app.probe.started.load(Ordering::SeqCst), 2);
     assert_eq!(app.metric("tokengate_open_streams").await, 2.0);
@@ -208,24 +169,15 @@ async fn a_reader_that_stops_is_backpressured_then_ended_as_slow_consumer() {
     read_until(&mut body, &mut parser, LIMIT, is_delta).await;
     // Stop reading. The queue, hyper's buffer and the sockets fill up; the
     // generator stops being polled; after max_lag the stream is ended.
-    eventually(LIMIT, "slow consumer ended", || {
-        app.firehose.dropped.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    eventually(LIMIT, "slow consumer ended", || app.firehose.dropped.load(Ordering::SeqCst) == 1).await;
     assert_eq!(app.state.slots.open(), 0, "slot freed without the client reading");
     let pulls = app.firehose_pulls.load(Ordering::SeqCst);
     eprintln!("firehose chunks pulled before the end: {pulls}");
     // 10 deltas of ~60 bytes per chunk: the socket buffers hold a few MB at
     // most, so a bounded pipeline pulls at most tens of thousands of chunks.
-    assert!(
-        pulls < 200_000,
-        "generator kept running for a client that did not read: {pulls} chunks"
-    );
+    assert!(pulls < 200_000, "generator kept running for a client that did not read: {pulls} chunks");
     assert!(app.metric("tokengate_send_queue_high_water_events").await <= 8.0);
-    assert_eq!(
-        app.metric("tokengate_refusals_total{reason=\"slow_consumer\"}").await,
-        1.0
-    );
+    assert_eq!(app.metric("tokengate_refusals_total{reason=\"slow_consumer\"}").await, 1.0);
     // Reading again: everything queued, then the terminal error, no gap.
     let mut events = Vec::new();
     let deadline = tokio::time::Instant::now() + LIMIT;
@@ -236,11 +188,7 @@ async fn a_reader_that_stops_is_backpressured_then_ended_as_slow_consumer() {
     let (last, data, _) = msgs.last().unwrap();
     assert_eq!(last, "error");
     assert_eq!(data["code"], "slow_consumer");
-    assert_eq!(
-        app.firehose_pulls.load(Ordering::SeqCst),
-        pulls,
-        "nothing pulled after the end"
-    );
+    assert_eq!(app.firehose_pulls.load(Ordering::SeqCst), pulls, "nothing pulled after the end");
 }
 
 #[tokio::test]
@@ -249,9 +197,7 @@ async fn message_count_and_stream_duration_are_bounded() {
     settings.max_messages = Some(3);
     settings.max_stream_duration = Some("300ms".into());
     let app = spawn_app_with(settings).await;
-    let messages: Vec<Value> = (0..4)
-        .map(|i| json!({"role": "user", "content": format!("m{i}")}))
-        .collect();
+    let messages: Vec<Value> = (0..4).map(|i| json!({"role": "user", "content": format!("m{i}")})).collect();
     let resp = app
         .client
         .post(format!("{}/v1/stream", app.base))
@@ -268,10 +214,7 @@ async fn message_count_and_stream_duration_are_bounded() {
     let (last, data, _) = msgs.last().unwrap();
     assert_eq!(last, "error");
     assert_eq!(data["code"], "max_duration");
-    eventually(LIMIT, "generator dropped", || {
-        app.probe.dropped.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    eventually(LIMIT, "generator dropped", || app.probe.dropped.load(Ordering::SeqCst) == 1).await;
     eventually(LIMIT, "slot freed", || app.state.slots.open() == 0).await;
 }
 
@@ -290,17 +233,10 @@ async fn oversized_headers_are_refused() {
     let app = spawn_app_with(settings).await;
     let ok = raw_request(&app, "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
-    let big = format!(
-        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}\r\nconnection: close\r\n\r\n",
-        "a".repeat(10_000)
-    );
+    let big = format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}\r\nconnection: close\r\n\r\n", "a".repeat(10_000));
     let answer = raw_request(&app, &big).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
-    assert_eq!(
-        app.metric("tokengate_refusals_total{reason=\"header_too_large\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(app.metric("tokengate_refusals_total{reason=\"header_too_large\"}").await, 1.0);
 }
 
 #[tokio::test]
@@ -329,27 +265,17 @@ async fn slow_loris_headers_are_cut_off() {
         }
     }
     assert!(closed, "connection still open after {:?}", started.elapsed());
-    assert_eq!(
-        app.metric("tokengate_refusals_total{reason=\"header_timeout\"}").await,
-        1.0
-    );
+    assert_eq!(app.metric("tokengate_refusals_total{reason=\"header_timeout\"}").await, 1.0);
     // A kept-alive connection that sits idle after a request is closed by
     // the same timer, and that is not counted as a refusal.
     let mut idle = TcpStream::connect(app.addr).await.unwrap();
-    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
     let mut buf = [0u8; 1024];
     let n = idle.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    let read = tokio::time::timeout(LIMIT, idle.read(&mut buf))
-        .await
-        .expect("idle connection closed");
+    let read = tokio::time::timeout(LIMIT, idle.read(&mut buf)).await.expect("idle connection closed");
     assert!(matches!(read, Ok(0) | Err(_)));
-    assert_eq!(
-        app.metric("tokengate_refusals_total{reason=\"header_timeout\"}").await,
-        1.0
-    );
+    assert_eq!(app.metric("tokengate_refusals_total{reason=\"header_timeout\"}").await, 1.0);
 }
 
 #[tokio::test]
@@ -375,11 +301,7 @@ async fn connections_over_the_cap_get_503_until_one_closes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(served.starts_with("HTTP/1.1 200"), "{served}");
-    assert!(
-        app.metric("tokengate_refusals_total{reason=\"connection_limit\"}")
-            .await
-            >= 1.0
-    );
+    assert!(app.metric("tokengate_refusals_total{reason=\"connection_limit\"}").await >= 1.0);
 }
 
 #[tokio::test]
@@ -422,10 +344,7 @@ async fn stress_more_streams_than_slots_with_abrupt_disconnects() {
         statuses.push(tokio::time::timeout(LIMIT * 3, t).await.expect("bounded").unwrap());
     }
     assert!(statuses.contains(&200));
-    assert!(
-        statuses.iter().any(|s| *s == 429 || *s == 503),
-        "the caps were reached: {statuses:?}"
-    );
+    assert!(statuses.iter().any(|s| *s == 429 || *s == 503), "the caps were reached: {statuses:?}");
     eventually(LIMIT, "all slots free", || app.state.slots.open() == 0).await;
     eventually(LIMIT, "every generator dropped", || {
         app.probe.dropped.load(Ordering::SeqCst) == app.probe.started.load(Ordering::SeqCst)

@@ -92,10 +92,7 @@ async fn ready(app: &TestApp) {
 }
 
 fn seq_of(id: &Option<String>) -> u64 {
-    id.as_deref()
-        .and_then(|i| i.rsplit('.').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(u64::MAX)
+    id.as_deref().and_then(|i| i.rsplit('.').next()).and_then(|s| s.parse().ok()).unwrap_or(u64::MAX)
 }
 
 #[tokio::test]
@@ -137,11 +134,7 @@ async fn a_stream_generated_on_a_resumes_on_b_with_the_exact_text() {
     assert_eq!(resp.status(), 200);
     let second = read_events(resp, LIMIT).await;
     assert_eq!(format!("{}{}", delta_text(&first), delta_text(&second)), text);
-    let seqs: Vec<u64> = messages(&first)
-        .iter()
-        .chain(messages(&second).iter())
-        .map(|m| seq_of(&m.2))
-        .collect();
+    let seqs: Vec<u64> = messages(&first).iter().chain(messages(&second).iter()).map(|m| seq_of(&m.2)).collect();
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
     assert_eq!(messages(&second).last().unwrap().0, "done");
     assert_eq!(b.state.hub.len(), 0, "B generated nothing");
@@ -157,12 +150,7 @@ async fn a_stream_generated_on_a_resumes_on_b_with_the_exact_text() {
         .unwrap();
     assert_eq!(resp.status(), 204);
     let sid = done_id.split('.').next().unwrap();
-    assert_eq!(
-        b.get(&format!("/v1/streams/{sid}"), Some(&b.token("mallory", "stream")))
-            .await
-            .status(),
-        404
-    );
+    assert_eq!(b.get(&format!("/v1/streams/{sid}"), Some(&b.token("mallory", "stream"))).await.status(), 404);
 }
 
 #[tokio::test]
@@ -175,13 +163,8 @@ async fn a_publish_on_a_reaches_subscribers_on_b_and_history_replays() {
     let resp = b.get("/v1/channels/room", Some(&b.token("bob", "stream"))).await;
     let mut body = resp.bytes_stream();
     let mut parser = Parser::new();
-    read_until(
-        &mut body,
-        &mut parser,
-        LIMIT,
-        |e| matches!(e, Event::Message { event, .. } if event == "connected"),
-    )
-    .await;
+    read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "connected"))
+        .await;
     let publish = |data: Value| {
         a.client
             .post(format!("{}/v1/channels/room", a.base))
@@ -222,11 +205,7 @@ async fn a_publish_on_a_reaches_subscribers_on_b_and_history_replays() {
         |e| matches!(e, Event::Message { event, .. } if event == "note"),
     )
     .await;
-    let notes: Vec<Value> = messages(&got)
-        .into_iter()
-        .filter(|m| m.0 == "note")
-        .map(|m| m.1)
-        .collect();
+    let notes: Vec<Value> = messages(&got).into_iter().filter(|m| m.0 == "note").map(|m| m.1).collect();
     assert_eq!(notes, [json!({"n": 2})]);
 }
 
@@ -240,13 +219,9 @@ async fn delete_on_b_cancels_the_generation_on_a() {
     let resp = a.stream("generator=probe&prompt=xy").await;
     let mut body = resp.bytes_stream();
     let mut parser = Parser::new();
-    let seen = read_until(
-        &mut body,
-        &mut parser,
-        LIMIT,
-        |e| matches!(e, Event::Message { event, .. } if event == "delta"),
-    )
-    .await;
+    let seen =
+        read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "delta"))
+            .await;
     let sid = messages(&seen)[0].1["stream_id"].as_str().unwrap().to_owned();
     let resp = b
         .client
@@ -256,18 +231,11 @@ async fn delete_on_b_cancels_the_generation_on_a() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 204);
-    let rest = read_until(
-        &mut body,
-        &mut parser,
-        LIMIT,
-        |e| matches!(e, Event::Message { event, .. } if event == "error"),
-    )
-    .await;
+    let rest =
+        read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "error"))
+            .await;
     assert_eq!(messages(&rest).pop().unwrap().1["code"], "cancelled");
-    eventually(LIMIT, "A's generator dropped", || {
-        a.probe.dropped.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    eventually(LIMIT, "A's generator dropped", || a.probe.dropped.load(Ordering::SeqCst) == 1).await;
 }
 
 #[tokio::test]
@@ -279,28 +247,15 @@ async fn redis_outage_refuses_new_streams_ends_open_ones_and_recovers() {
     assert_eq!(resp.status(), 200);
     let mut body = resp.bytes_stream();
     let mut parser = Parser::new();
-    read_until(
-        &mut body,
-        &mut parser,
-        LIMIT,
-        |e| matches!(e, Event::Message { event, .. } if event == "delta"),
-    )
-    .await;
+    read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "delta")).await;
 
     redis.kill();
     // The open stream ends with a terminal error, never a hang.
-    let rest = read_until(
-        &mut body,
-        &mut parser,
-        LIMIT,
-        |e| matches!(e, Event::Message { event, .. } if event == "error"),
-    )
-    .await;
+    let rest =
+        read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "error"))
+            .await;
     assert_eq!(messages(&rest).pop().unwrap().1["code"], "store_unavailable");
-    eventually(LIMIT, "generator dropped", || {
-        app.probe.dropped.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    eventually(LIMIT, "generator dropped", || app.probe.dropped.load(Ordering::SeqCst) == 1).await;
     // Not ready, and new streams are refused with a clear 503.
     let mut status = 0;
     for _ in 0..200 {
@@ -311,9 +266,7 @@ async fn redis_outage_refuses_new_streams_ends_open_ones_and_recovers() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(status, 503);
-    let refused = tokio::time::timeout(LIMIT, app.stream("generator=probe&prompt=x"))
-        .await
-        .expect("no hang");
+    let refused = tokio::time::timeout(LIMIT, app.stream("generator=probe&prompt=x")).await.expect("no hang");
     assert_eq!(refused.status(), 503);
     assert!(refused.headers().contains_key("retry-after"));
     assert_eq!(refused.json::<Value>().await.unwrap()["code"], "store_unavailable");
@@ -331,16 +284,7 @@ async fn a_replica_killed_mid_stream_gives_everything_logged_then_generator_lost
     let redis = RedisServer::start();
     let url = redis.url();
     let mut a = crate::binary::start(
-        &[
-            "--jwt-secret",
-            SECRET,
-            "--redis-url",
-            &url,
-            "--pace-ms",
-            "40",
-            "--detach-grace",
-            "30s",
-        ],
+        &["--jwt-secret", SECRET, "--redis-url", &url, "--pace-ms", "40", "--detach-grace", "30s"],
         &[],
         "listening on",
     );
@@ -394,19 +338,12 @@ async fn a_replica_killed_mid_stream_gives_everything_logged_then_generator_lost
     let rest = read_events(resp, LIMIT).await;
     let msgs = messages(&rest);
     let (kind, data, _) = msgs.last().unwrap();
-    assert_eq!(
-        (kind.as_str(), data["code"].as_str()),
-        ("error", Some("generator_lost"))
-    );
+    assert_eq!((kind.as_str(), data["code"].as_str()), ("error", Some("generator_lost")));
     // What arrived is exactly the start of the text, with no gap.
     let expected = std::fs::read_to_string("prompts/english.txt").unwrap();
     let got = format!("{}{}", delta_text(&first), delta_text(&rest));
     assert!(expected.starts_with(&got), "{got:?}");
-    let seqs: Vec<u64> = messages(&first)
-        .iter()
-        .chain(msgs[..msgs.len() - 1].iter())
-        .map(|m| seq_of(&m.2))
-        .collect();
+    let seqs: Vec<u64> = messages(&first).iter().chain(msgs[..msgs.len() - 1].iter()).map(|m| seq_of(&m.2)).collect();
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
 }
 
@@ -415,16 +352,7 @@ async fn sigterm_on_a_sends_shutdown_and_the_client_resumes_on_b_without_losing_
     let redis = RedisServer::start();
     let url = redis.url();
     let mut a = crate::binary::start(
-        &[
-            "--jwt-secret",
-            SECRET,
-            "--redis-url",
-            &url,
-            "--pace-ms",
-            "30",
-            "--shutdown-grace",
-            "200ms",
-        ],
+        &["--jwt-secret", SECRET, "--redis-url", &url, "--pace-ms", "30", "--shutdown-grace", "200ms"],
         &[],
         "listening on",
     );
@@ -448,23 +376,14 @@ async fn sigterm_on_a_sends_shutdown_and_the_client_resumes_on_b_without_losing_
     }
     let mut body = resp.expect("A accepted the stream").bytes_stream();
     let mut parser = Parser::new();
-    let mut first = read_until(
-        &mut body,
-        &mut parser,
-        LIMIT,
-        |e| matches!(e, Event::Message { event, .. } if event == "delta"),
-    )
-    .await;
+    let mut first =
+        read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "delta"))
+            .await;
     let pid = a.child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     first.extend(
-        read_until(
-            &mut body,
-            &mut parser,
-            LIMIT,
-            |e| matches!(e, Event::Message { event, .. } if event == "shutdown"),
-        )
-        .await,
+        read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "shutdown"))
+            .await,
     );
     assert_eq!(a.child.wait().unwrap().code(), Some(0));
     let last = parser.last_event_id().unwrap().to_owned();

@@ -19,10 +19,7 @@ fn parsed(events: &[Event]) -> Vec<(String, u64, String, Value)> {
         .into_iter()
         .map(|(event, data, id)| {
             let id = id.unwrap_or_default();
-            let (sid, seq) = id
-                .split_once('.')
-                .map(|(a, b)| (a.to_owned(), b.parse().unwrap()))
-                .unwrap_or_default();
+            let (sid, seq) = id.split_once('.').map(|(a, b)| (a.to_owned(), b.parse().unwrap())).unwrap_or_default();
             (sid, seq, event, data)
         })
         .collect()
@@ -63,11 +60,7 @@ async fn read_deltas(
 async fn same_url_reconnect_with_last_event_id_resumes_without_a_second_generation() {
     let app = spawn_app_with(settings_with_grace("5s")).await;
     let text = "Hello, 世界! 👩‍👩‍👧 ok";
-    let url = format!(
-        "{}/v1/stream?generator=echo&pace_ms=20&prompt={}",
-        app.base,
-        urlencode(text)
-    );
+    let url = format!("{}/v1/stream?generator=echo&pace_ms=20&prompt={}", app.base, urlencode(text));
     let token = app.token("alice", "stream");
     let resp = app.client.get(&url).bearer_auth(&token).send().await.unwrap();
     let mut body = resp.bytes_stream();
@@ -76,23 +69,12 @@ async fn same_url_reconnect_with_last_event_id_resumes_without_a_second_generati
     drop(body);
     let last_id = parser.last_event_id().unwrap().to_owned();
     // EventSource reconnects to the same URL with Last-Event-ID.
-    let resp = app
-        .client
-        .get(&url)
-        .bearer_auth(&token)
-        .header("last-event-id", &last_id)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.client.get(&url).bearer_auth(&token).header("last-event-id", &last_id).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let second = read_events(resp, LIMIT).await;
     assert_eq!(format!("{}{}", delta_text(&first), delta_text(&second)), text);
     // Sequence numbers continue exactly: no duplicate, no gap.
-    let seqs: Vec<u64> = parsed(&first)
-        .iter()
-        .chain(parsed(&second).iter())
-        .map(|m| m.1)
-        .collect();
+    let seqs: Vec<u64> = parsed(&first).iter().chain(parsed(&second).iter()).map(|m| m.1).collect();
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "{seqs:?}");
     assert_eq!(parsed(&second).last().unwrap().2, "done");
     assert_eq!(app.state.hub.len(), 1, "one generation only");
@@ -111,12 +93,7 @@ async fn resume_by_query_parameter_and_explicit_endpoint() {
     let stream_id = last_id.split('.').next().unwrap().to_owned();
     let token = app.token("alice", "stream");
     // Query form, for clients that cannot set headers.
-    let resp = app
-        .get(
-            &format!("/v1/streams/{stream_id}?last_event_id={last_id}"),
-            Some(&token),
-        )
-        .await;
+    let resp = app.get(&format!("/v1/streams/{stream_id}?last_event_id={last_id}"), Some(&token)).await;
     assert_eq!(resp.status(), 200);
     let second = read_events(resp, LIMIT).await;
     assert_eq!(format!("{}{}", delta_text(&first), delta_text(&second)), text);
@@ -164,30 +141,10 @@ async fn unknown_foreign_and_malformed_ids() {
     let bob = app.token("bob", "stream");
     let cases = [
         (format!("/v1/streams/{sid}"), bob.clone(), 404, "stream_not_found"),
-        (
-            format!("/v1/streams/{}", "0".repeat(32)),
-            app.token("alice", "stream"),
-            404,
-            "stream_not_found",
-        ),
-        (
-            "/v1/streams/not-an-id".to_owned(),
-            app.token("alice", "stream"),
-            404,
-            "stream_not_found",
-        ),
-        (
-            format!("/v1/stream?last_event_id={sid}.x"),
-            app.token("alice", "stream"),
-            400,
-            "bad_request",
-        ),
-        (
-            format!("/v1/stream?last_event_id={sid}.1"),
-            bob.clone(),
-            404,
-            "stream_not_found",
-        ),
+        (format!("/v1/streams/{}", "0".repeat(32)), app.token("alice", "stream"), 404, "stream_not_found"),
+        ("/v1/streams/not-an-id".to_owned(), app.token("alice", "stream"), 404, "stream_not_found"),
+        (format!("/v1/stream?last_event_id={sid}.x"), app.token("alice", "stream"), 400, "bad_request"),
+        (format!("/v1/stream?last_event_id={sid}.1"), bob.clone(), 404, "stream_not_found"),
     ];
     for (path, token, status, code) in cases {
         let resp = app.get(&path, Some(&token)).await;
@@ -195,26 +152,14 @@ async fn unknown_foreign_and_malformed_ids() {
         assert_eq!(resp.json::<Value>().await.unwrap()["code"], code, "{path}");
     }
     // Bob cannot cancel it either; an admin can see and cancel any stream.
-    let resp = app
-        .client
-        .delete(format!("{}/v1/streams/{sid}", app.base))
-        .bearer_auth(&bob)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.client.delete(format!("{}/v1/streams/{sid}", app.base)).bearer_auth(&bob).send().await.unwrap();
     assert_eq!(resp.status(), 404);
     let admin = app.token("root", "admin");
     assert_eq!(
         delta_text(&read_events(app.get(&format!("/v1/streams/{sid}"), Some(&admin)).await, LIMIT).await),
         "mine"
     );
-    let resp = app
-        .client
-        .delete(format!("{}/v1/streams/{sid}", app.base))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.client.delete(format!("{}/v1/streams/{sid}", app.base)).bearer_auth(&admin).send().await.unwrap();
     assert_eq!(resp.status(), 204);
 }
 
@@ -244,17 +189,10 @@ async fn detach_grace_keeps_generating_then_cancels() {
     drop(resp);
     // Past the grace with nobody attached, the generator is dropped and the
     // slot freed; a late resume gets the terminal error.
-    eventually(LIMIT, "generator dropped after the grace", || {
-        app.probe.dropped.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    eventually(LIMIT, "generator dropped after the grace", || app.probe.dropped.load(Ordering::SeqCst) == 1).await;
     eventually(LIMIT, "slot freed", || app.state.slots.open() == 0).await;
-    let late = read_events(
-        app.get(&format!("/v1/streams/{sid}?last_event_id={last}"), Some(&token))
-            .await,
-        LIMIT,
-    )
-    .await;
+    let late =
+        read_events(app.get(&format!("/v1/streams/{sid}?last_event_id={last}"), Some(&token)).await, LIMIT).await;
     let (_, _, kind, data) = parsed(&late).pop().unwrap();
     assert_eq!((kind.as_str(), data["code"].as_str()), ("error", Some("client_gone")));
 }
@@ -275,19 +213,12 @@ async fn delete_cancels_for_every_reader() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 204);
-    let rest = read_until(
-        &mut body,
-        &mut parser,
-        LIMIT,
-        |e| matches!(e, Event::Message { event, .. } if event == "error"),
-    )
-    .await;
+    let rest =
+        read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "error"))
+            .await;
     let (_, _, _, data) = parsed(&rest).pop().unwrap();
     assert_eq!(data["code"], "cancelled");
-    eventually(LIMIT, "generator dropped", || {
-        app.probe.dropped.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    eventually(LIMIT, "generator dropped", || app.probe.dropped.load(Ordering::SeqCst) == 1).await;
     eventually(LIMIT, "slot freed", || app.state.slots.open() == 0).await;
 }
 
@@ -296,15 +227,11 @@ async fn resuming_before_the_retained_window_is_a_resume_gap() {
     let mut settings = settings_with_grace("5s");
     settings.stream_max_events = Some(10);
     let app = spawn_app_with(settings).await;
-    let resp = app
-        .stream("generator=echo&prompt=0123456789abcdefghijklmnopqrstuvwxyz")
-        .await;
+    let resp = app.stream("generator=echo&prompt=0123456789abcdefghijklmnopqrstuvwxyz").await;
     let events = read_events(resp, LIMIT).await;
     let sid = parsed(&events)[0].0.clone();
     let token = app.token("alice", "stream");
-    let resp = app
-        .get(&format!("/v1/streams/{sid}?last_event_id={sid}.2"), Some(&token))
-        .await;
+    let resp = app.get(&format!("/v1/streams/{sid}?last_event_id={sid}.2"), Some(&token)).await;
     let msgs = parsed(&read_events(resp, LIMIT).await);
     assert_eq!(msgs.len(), 1, "{msgs:?}");
     assert_eq!(msgs[0].2, "error");
@@ -337,11 +264,7 @@ async fn twenty_random_reconnects_reassemble_the_exact_text() {
         let mut got = 0;
         let mut finished = false;
         while got < take && !finished {
-            let chunk = tokio::time::timeout(LIMIT, body.next())
-                .await
-                .expect("bounded")
-                .expect("open")
-                .unwrap();
+            let chunk = tokio::time::timeout(LIMIT, body.next()).await.expect("bounded").expect("open").unwrap();
             for e in parser.feed(&chunk) {
                 if let Event::Message { event, data, id } = e {
                     let seq: u64 = id.unwrap().rsplit('.').next().unwrap().parse().unwrap();
@@ -349,10 +272,7 @@ async fn twenty_random_reconnects_reassemble_the_exact_text() {
                         "delta" => {
                             assembled.push((
                                 seq,
-                                serde_json::from_str::<Value>(&data).unwrap()["text"]
-                                    .as_str()
-                                    .unwrap()
-                                    .to_owned(),
+                                serde_json::from_str::<Value>(&data).unwrap()["text"].as_str().unwrap().to_owned(),
                             ));
                             got += 1;
                         }
@@ -383,10 +303,6 @@ async fn twenty_random_reconnects_reassemble_the_exact_text() {
     }
     assert!(reconnects >= 20, "only {reconnects} reconnects");
     let seqs: Vec<u64> = assembled.iter().map(|(s, _)| *s).collect();
-    assert_eq!(
-        seqs,
-        (1..=seqs.len() as u64).collect::<Vec<_>>(),
-        "no duplicate, no gap"
-    );
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "no duplicate, no gap");
     assert_eq!(assembled.into_iter().map(|(_, t)| t).collect::<String>(), text);
 }

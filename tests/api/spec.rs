@@ -26,10 +26,7 @@ fn spec_and_router_list_the_same_routes() {
     let documented = spec_routes();
     let undocumented: Vec<_> = served.difference(&documented).collect();
     let unserved: Vec<_> = documented.difference(&served).collect();
-    assert!(
-        undocumented.is_empty(),
-        "served but not in openapi.yaml: {undocumented:?}"
-    );
+    assert!(undocumented.is_empty(), "served but not in openapi.yaml: {undocumented:?}");
     assert!(unserved.is_empty(), "in openapi.yaml but not served: {unserved:?}");
 }
 
@@ -37,19 +34,11 @@ fn spec_and_router_list_the_same_routes() {
 async fn router_answers_exactly_the_listed_methods() {
     let app = spawn_app().await;
     for (path, methods, _) in tokengate::app::route_table() {
-        let url = format!(
-            "{}{}",
-            app.base,
-            path.replace("{id}", "0123456789abcdef0123456789abcdef")
-        );
+        let url = format!("{}{}", app.base, path.replace("{id}", "0123456789abcdef0123456789abcdef"));
         for method in ["GET", "POST", "PUT", "DELETE", "PATCH"] {
             let resp = app.client.request(method.parse().unwrap(), &url).send().await.unwrap();
             if methods.contains(&method) {
-                assert!(
-                    resp.status() != 404 && resp.status() != 405,
-                    "{method} {path}: {}",
-                    resp.status()
-                );
+                assert!(resp.status() != 404 && resp.status() != 405, "{method} {path}: {}", resp.status());
             } else {
                 assert_eq!(resp.status(), 405, "{method} {path}");
                 assert_eq!(resp.headers()["content-type"], "application/problem+json");
@@ -66,14 +55,6 @@ async fn the_served_spec_is_the_file() {
     let app = spawn_app().await;
     let resp = app.get("/openapi.yaml", None).await;
     assert_eq!(resp.status(), 200);
-    assert!(
-        resp.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("application/yaml")
-    );
-    assert_eq!(
-        resp.text().await.unwrap(),
-        std::fs::read_to_string("openapi.yaml").unwrap()
-    );
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("application/yaml"));
+    assert_eq!(resp.text().await.unwrap(), std::fs::read_to_string("openapi.yaml").unwrap());
 }

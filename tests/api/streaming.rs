@@ -92,10 +92,7 @@ async fn unknown_generator_is_400_listing_the_available_ones() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["code"], "unknown_generator");
     assert_eq!(body["status"], 400);
-    assert_eq!(
-        body["available"],
-        json!(["choppy", "demo", "echo", "firehose", "probe"])
-    );
+    assert_eq!(body["available"], json!(["choppy", "demo", "echo", "firehose", "probe"]));
     assert!(body["detail"].as_str().unwrap().contains("gpt-9"));
 }
 
@@ -137,10 +134,7 @@ async fn oversized_prompt_and_body_are_413() {
     let app = spawn_app_with(settings).await;
     let resp = app.stream(&format!("generator=probe&prompt={}", "a".repeat(101))).await;
     assert_eq!(resp.status(), 413);
-    assert_eq!(
-        resp.json::<serde_json::Value>().await.unwrap()["code"],
-        "payload_too_large"
-    );
+    assert_eq!(resp.json::<serde_json::Value>().await.unwrap()["code"], "payload_too_large");
     let resp = app
         .client
         .post(format!("{}/v1/stream", app.base))
@@ -154,12 +148,7 @@ async fn oversized_prompt_and_body_are_413() {
     assert!(body["detail"].as_str().unwrap().contains("1000"), "{body}");
     assert_eq!(app.probe.started.load(std::sync::atomic::Ordering::SeqCst), 0);
     // At the limit is fine.
-    assert_eq!(
-        app.stream(&format!("generator=echo&prompt={}", "a".repeat(100)))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(app.stream(&format!("generator=echo&prompt={}", "a".repeat(100))).await.status(), 200);
 }
 
 #[tokio::test]

@@ -34,11 +34,7 @@ async fn round_trip(app: &TestApp, text: &str) -> Vec<String> {
 
 fn check(text: &str, deltas: &[String]) {
     let expected: Vec<&str> = text.graphemes(true).collect();
-    assert_eq!(
-        deltas.concat().as_bytes(),
-        text.as_bytes(),
-        "concatenation differs for {text:?}"
-    );
+    assert_eq!(deltas.concat().as_bytes(), text.as_bytes(), "concatenation differs for {text:?}");
     assert_eq!(deltas, expected.as_slice(), "cluster split differs for {text:?}");
 }
 
@@ -66,10 +62,7 @@ async fn tricky_texts_survive_byte_for_byte() {
 fn arbitrary_texts_survive_byte_for_byte() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let app = rt.block_on(spawn_app());
-    let config = ProptestConfig {
-        cases: 48,
-        ..ProptestConfig::default()
-    };
+    let config = ProptestConfig { cases: 48, ..ProptestConfig::default() };
     proptest!(config, |(text in "[^\u{0}]{1,60}|[a\u{300}-\u{36f}\u{1F1E6}-\u{1F1FF}\u{200D}\u{1F466}-\u{1F469}\u{FE0F}\r\n]{1,60}")| {
         let deltas = rt.block_on(round_trip(&app, &text));
         check(&text, &deltas);
