@@ -557,7 +557,7 @@ impl Config {
                     DEFAULT_CHANNEL_MAX_EVENTS,
                 )?,
                 channel_ttl: duration("channel_ttl", s.channel_ttl.as_deref(), DEFAULT_CHANNEL_TTL)?,
-                max_publish_bytes: s.max_publish_bytes.unwrap_or(DEFAULT_MAX_PUBLISH_BYTES),
+                max_publish_bytes: at_least_one("max_publish_bytes", s.max_publish_bytes, DEFAULT_MAX_PUBLISH_BYTES)?,
                 redis_url: match &s.redis_url {
                     None => None,
                     Some(url)
@@ -621,6 +621,11 @@ fn limits(s: &Settings) -> Result<LimitsConfig, ConfigError> {
     let max_header_bytes = s.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
     if max_header_bytes < MIN_HEADER_BYTES {
         return Err(ConfigError::invalid("max_header_bytes", format!("must be at least {MIN_HEADER_BYTES}")));
+    }
+    let send_queue = s.send_queue.unwrap_or(DEFAULT_SEND_QUEUE);
+    if s.stream_max_events.unwrap_or(DEFAULT_STREAM_MAX_EVENTS) <= send_queue {
+        // Otherwise the producer may trim events a reader has not had yet.
+        return Err(ConfigError::invalid("stream_max_events", format!("must be above send_queue ({send_queue})")));
     }
     let max_lag = duration("max_lag", s.max_lag.as_deref(), DEFAULT_MAX_LAG)?;
     let header_timeout = duration("header_timeout", s.header_timeout.as_deref(), DEFAULT_HEADER_TIMEOUT)?;

@@ -31,6 +31,8 @@ use crate::stream::StreamId;
 
 /// Longest channel name.
 pub const MAX_CHANNEL_NAME: usize = 64;
+/// Event names the server sends itself; publishers may not use them.
+pub const RESERVED_EVENTS: &[&str] = &["connected", "gap", "shutdown"];
 /// Longest event name.
 pub const MAX_EVENT_NAME: usize = 64;
 
@@ -211,6 +213,9 @@ pub async fn publish(
             return Err(ApiError::BadRequest(format!(
                 "`event` must be 1 to {MAX_EVENT_NAME} bytes without CR, LF or NUL"
             )));
+        }
+        if RESERVED_EVENTS.contains(&event.as_str()) {
+            return Err(ApiError::BadRequest(format!("`{event}` is reserved for the server's own events")));
         }
     }
     let data = body.data.to_string();

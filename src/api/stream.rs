@@ -82,17 +82,24 @@ pub fn last_event_id<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Opti
     headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(query).map(str::trim).filter(|v| !v.is_empty())
 }
 
-/// Splits `<stream_id>.<seq>`.
+/// Splits `<stream_id>.<seq>`. The `resume_gap` error's id,
+/// `<stream_id>.gap`, parses to [`GAP_SEEN`].
 pub fn parse_event_id(value: &str) -> Result<(StreamId, u64), ApiError> {
     let bad = || ApiError::BadRequest(format!("`{value}` is not a stream event id (`<stream_id>.<seq>`)"));
     let (id, seq) = value.split_once('.').ok_or_else(bad)?;
-    Ok((StreamId::parse(id).ok_or_else(bad)?, seq.parse().map_err(|_| bad())?))
+    let seq = if seq == "gap" { GAP_SEEN } else { seq.parse().map_err(|_| bad())? };
+    Ok((StreamId::parse(id).ok_or_else(bad)?, seq))
 }
+
+/// The position of a client that was told its resume point is gone: it
+/// gets `204` so that `EventSource` stops instead of reconnecting past the
+/// gap as if nothing was missing.
+pub const GAP_SEEN: u64 = u64::MAX;
 
 async fn resume_from_event_id(state: &AppState, principal: &Principal, last: &str) -> Result<Response, ApiError> {
     let (id, seq) = parse_event_id(last)?;
     let located = locate(state, principal, &id).await?;
-    resume(state, located, seq + 1).await
+    resume(state, located, seq.saturating_add(1)).await
 }
 
 /// Where a stream the caller may see lives.
@@ -126,6 +133,9 @@ pub async fn resume(state: &AppState, located: Located, from: u64) -> Result<Res
     let cfg = &state.config;
     let closing = state.shutdown.closing().clone();
     let retry_ms = cfg.shutdown_retry.as_millis() as u64;
+    if from == GAP_SEEN {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     match located {
         Located::Local(stream) => {
             if stream.attach_check(from) == Attach::Complete {

@@ -44,7 +44,7 @@ pub async fn resume_stream(
             if last_id != id {
                 return Err(ApiError::BadRequest("Last-Event-ID names another stream".into()));
             }
-            seq + 1
+            seq.saturating_add(1)
         }
     };
     resume(&state, located, from).await

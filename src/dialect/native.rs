@@ -61,7 +61,15 @@ impl Dialect for Native {
             }
             StreamEvent::Error { stream_id, seq, code, message } => {
                 let data = serde_json::json!({ "code": code, "message": message });
-                push_id(buf, *stream_id, *seq);
+                if code == "resume_gap" {
+                    // Not a position: reconnecting with it answers 204, so
+                    // EventSource stops rather than skipping the gap.
+                    buf.put_slice(b"id: ");
+                    buf.put_slice(&stream_id.to_hex());
+                    buf.put_slice(b".gap\n");
+                } else {
+                    push_id(buf, *stream_id, *seq);
+                }
                 push_event(buf, None, Some("error"), &data.to_string());
             }
             StreamEvent::Shutdown { retry_ms } => {

@@ -5,7 +5,9 @@
 
 mod demo;
 mod echo;
+mod openai;
 mod registry;
+pub mod upstream;
 
 use std::pin::Pin;
 
@@ -14,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub use demo::{DemoGenerator, Prompt};
 pub use echo::EchoGenerator;
+pub use openai::OpenAiGenerator;
 pub use registry::{Entry, Registry};
 
 /// A chat message as clients send it (`role` is free text: `system`,

@@ -168,6 +168,9 @@ impl ChannelHub {
             let log = lock(&channel.log);
             match start {
                 Start::New => log.next_seq,
+                // An id from the future (the channel expired or the process
+                // restarted since) is announced as a gap below.
+                Start::AfterSeq(after) if after >= log.next_seq => 0,
                 Start::AfterSeq(after) => after + 1,
                 Start::AfterId(after) => {
                     log.events.iter().find(|e| super::redis::id_after(&e.id, &after)).map_or(log.next_seq, |e| e.seq)

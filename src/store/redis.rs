@@ -108,7 +108,9 @@ fn decode(stream_id: StreamId, seq: u64, json: &str) -> Option<StreamEvent> {
     Some(match serde_json::from_str::<Stored>(json).ok()? {
         Stored::Start { g } => StreamEvent::Start { stream_id, generator: g },
         Stored::Delta { x } => StreamEvent::Delta { stream_id, seq, text: x },
-        Stored::Done { n, u } => StreamEvent::Done { stream_id, seq, finish_reason: FinishReason::Stop, chars: n, usage: u },
+        Stored::Done { n, u } => {
+            StreamEvent::Done { stream_id, seq, finish_reason: FinishReason::Stop, chars: n, usage: u }
+        }
         Stored::Error { c, m } => StreamEvent::Error { stream_id, seq, code: c.into(), message: m },
     })
 }

@@ -120,6 +120,7 @@ async fn validation_and_scopes() {
         ("ok", json!({"event": "a\nb", "data": 1}), 400, "bad_request"),
         ("ok", json!({"event": "", "data": 1}), 400, "bad_request"),
         ("ok", json!({"event": "x"}), 400, "bad_request"),
+        ("ok", json!({"event": "connected", "data": 1}), 400, "bad_request"),
         ("ok", json!({"data": "y".repeat(200)}), 413, "payload_too_large"),
     ];
     for (channel, body, status, code) in cases {

@@ -226,16 +226,30 @@ async fn delete_cancels_for_every_reader() {
 async fn resuming_before_the_retained_window_is_a_resume_gap() {
     let mut settings = settings_with_grace("5s");
     settings.stream_max_events = Some(10);
+    settings.send_queue = Some(4);
     let app = spawn_app_with(settings).await;
     let resp = app.stream("generator=echo&prompt=0123456789abcdefghijklmnopqrstuvwxyz").await;
     let events = read_events(resp, LIMIT).await;
     let sid = parsed(&events)[0].0.clone();
     let token = app.token("alice", "stream");
     let resp = app.get(&format!("/v1/streams/{sid}?last_event_id={sid}.2"), Some(&token)).await;
-    let msgs = parsed(&read_events(resp, LIMIT).await);
+    let msgs = messages(&read_events(resp, LIMIT).await);
     assert_eq!(msgs.len(), 1, "{msgs:?}");
-    assert_eq!(msgs[0].2, "error");
-    assert_eq!(msgs[0].3["code"], "resume_gap");
+    assert_eq!(msgs[0].0, "error");
+    assert_eq!(msgs[0].1["code"], "resume_gap");
+    // Its id is no position: an EventSource reconnecting with it is told
+    // 204 (stop) instead of silently resuming past the gap.
+    let gap_id = msgs[0].2.clone().unwrap();
+    assert_eq!(gap_id, format!("{sid}.gap"));
+    let resp = app
+        .client
+        .get(format!("{}/v1/stream", app.base))
+        .bearer_auth(&token)
+        .header("last-event-id", &gap_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
 }
 
 #[tokio::test]

@@ -1,0 +1,190 @@
+//! Upstream model servers (OpenAI-compatible chat completions): their
+//! settings as written in the TOML file, validated into [`Upstream`]s.
+//!
+//! ```toml
+//! [upstreams.local]
+//! base_url = "http://127.0.0.1:8000/v1"
+//! model = "llama3.1"
+//! api_key_env = "LOCAL_API_KEY"      # or api_key_file = "/run/secrets/key"
+//! aliases = ["gpt-4o-mini"]          # request names that pick this upstream
+//! fallbacks = ["backup"]             # tried in order, before the first byte
+//! headers = { "X-Org" = "acme" }
+//! connect_timeout = "5s"
+//! first_byte_timeout = "60s"
+//! idle_timeout = "60s"
+//! total_timeout = "10m"
+//! retries = 2
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+
+use crate::auth::Secret;
+use crate::config::ConfigError;
+
+/// Default connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default wait for the response head.
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default longest silence between two chunks.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default longest whole generation.
+pub const DEFAULT_TOTAL_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default retries before the first byte.
+pub const DEFAULT_RETRIES: u32 = 2;
+/// Most retries accepted in configuration.
+pub const MAX_RETRIES: u32 = 5;
+
+/// One `[upstreams.NAME]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSettings {
+    /// Base URL up to `/v1` (the path `/chat/completions` is appended).
+    pub base_url: String,
+    /// The upstream's model name.
+    pub model: String,
+    /// Environment variable holding the API key.
+    pub api_key_env: Option<String>,
+    /// File holding the API key.
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// Other names that select this upstream.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Upstreams tried, in order, when this one fails before the first byte.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// Extra request headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Connect timeout (e.g. `5s`).
+    pub connect_timeout: Option<String>,
+    /// Wait for the response head (e.g. `60s`).
+    pub first_byte_timeout: Option<String>,
+    /// Longest silence between chunks (e.g. `60s`).
+    pub idle_timeout: Option<String>,
+    /// Longest whole generation (e.g. `10m`).
+    pub total_timeout: Option<String>,
+    /// Retries before the first byte (connect errors, 5xx, timeouts).
+    pub retries: Option<u32>,
+    /// Default pace for this upstream's deltas in ms (0: as they come).
+    pub pace_ms: Option<u64>,
+}
+
+/// A validated upstream.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Its name (a generator name).
+    pub name: String,
+    /// `.../chat/completions`.
+    pub url: String,
+    /// The upstream's model name.
+    pub model: String,
+    /// The API key, if any.
+    pub api_key: Option<Secret>,
+    /// Extra headers.
+    pub headers: HeaderMap,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Wait for the response head.
+    pub first_byte_timeout: Duration,
+    /// Longest silence between chunks.
+    pub idle_timeout: Duration,
+    /// Longest whole generation.
+    pub total_timeout: Duration,
+    /// Retries before the first byte.
+    pub retries: u32,
+    /// Aliases.
+    pub aliases: Vec<String>,
+    /// Fallback upstream names, in order.
+    pub fallbacks: Vec<String>,
+    /// Default pace.
+    pub pace: Option<Duration>,
+}
+
+fn dur(name: &str, what: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(v)
+            .map_err(|e| ConfigError::invalid("upstreams", format!("upstream `{name}`: {what} `{v}`: {e}"))),
+    }
+}
+
+impl Upstream {
+    /// Validates one table. Reads the API key now, so a missing key stops
+    /// start-up instead of failing the first request.
+    pub fn from_settings(name: &str, s: &UpstreamSettings) -> Result<Self, ConfigError> {
+        let err = |reason: String| ConfigError::invalid("upstreams", format!("upstream `{name}`: {reason}"));
+        let base = s.base_url.trim_end_matches('/');
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(err(format!("base_url `{}` must start with http:// or https://", s.base_url)));
+        }
+        if s.model.is_empty() {
+            return Err(err("model is required".into()));
+        }
+        let api_key = match (&s.api_key_env, &s.api_key_file) {
+            (Some(_), Some(_)) => return Err(err("set api_key_env or api_key_file, not both".into())),
+            (Some(var), None) => Some(Secret::new(
+                std::env::var(var)
+                    .map_err(|_| err(format!("environment variable `{var}` (api_key_env) is not set")))?
+                    .into_bytes(),
+            )),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| err(format!("cannot read api_key_file {}: {e}", path.display())))?;
+                Some(Secret::new(text.trim().as_bytes().to_vec()))
+            }
+            (None, None) => None,
+        };
+        let mut headers = HeaderMap::new();
+        for (k, v) in &s.headers {
+            let name = HeaderName::try_from(k.as_str()).map_err(|_| err(format!("header name `{k}` is invalid")))?;
+            let value =
+                HeaderValue::try_from(v.as_str()).map_err(|_| err(format!("header `{k}` has an invalid value")))?;
+            headers.insert(name, value);
+        }
+        let retries = s.retries.unwrap_or(DEFAULT_RETRIES);
+        if retries > MAX_RETRIES {
+            return Err(err(format!("retries must be at most {MAX_RETRIES}")));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            url: format!("{base}/chat/completions"),
+            model: s.model.clone(),
+            api_key,
+            headers,
+            connect_timeout: dur(name, "connect_timeout", s.connect_timeout.as_deref(), DEFAULT_CONNECT_TIMEOUT)?,
+            first_byte_timeout: dur(
+                name,
+                "first_byte_timeout",
+                s.first_byte_timeout.as_deref(),
+                DEFAULT_FIRST_BYTE_TIMEOUT,
+            )?,
+            idle_timeout: dur(name, "idle_timeout", s.idle_timeout.as_deref(), DEFAULT_IDLE_TIMEOUT)?,
+            total_timeout: dur(name, "total_timeout", s.total_timeout.as_deref(), DEFAULT_TOTAL_TIMEOUT)?,
+            retries,
+            aliases: s.aliases.clone(),
+            fallbacks: s.fallbacks.clone(),
+            pace: s.pace_ms.map(Duration::from_millis),
+        })
+    }
+}
+
+/// Validates every upstream and their fallback references.
+pub fn validate(upstreams: &BTreeMap<String, UpstreamSettings>) -> Result<Vec<Upstream>, ConfigError> {
+    let list: Vec<Upstream> =
+        upstreams.iter().map(|(name, s)| Upstream::from_settings(name, s)).collect::<Result<_, _>>()?;
+    for u in &list {
+        for f in &u.fallbacks {
+            if !upstreams.contains_key(f) || f == &u.name {
+                return Err(ConfigError::invalid(
+                    "upstreams",
+                    format!("upstream `{}`: fallback `{f}` is not another upstream", u.name),
+                ));
+            }
+        }
+    }
+    Ok(list)
+}
