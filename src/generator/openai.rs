@@ -220,18 +220,16 @@ impl Generator for OpenAiGenerator {
                         return;
                     }
                     let choice = value.get("choices").and_then(|c| c.get(0));
-                    if let Some(text) = choice.and_then(|c| c.pointer("/delta/content")).and_then(Value::as_str) {
-                        if !text.is_empty() {
-                            yield Ok(Chunk::Text(text.to_owned()));
-                        }
+                    let text = choice.and_then(|c| c.pointer("/delta/content")).and_then(Value::as_str).unwrap_or("");
+                    if !text.is_empty() {
+                        yield Ok(Chunk::Text(text.to_owned()));
                     }
                     if choice.and_then(|c| c.get("finish_reason")).is_some_and(|r| !r.is_null()) {
                         finished = true;
                     }
-                    if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
-                        if let Ok(usage) = serde_json::from_value::<Usage>(usage.clone()) {
-                            yield Ok(Chunk::Usage(usage));
-                        }
+                    let usage = value.get("usage").filter(|u| !u.is_null()).and_then(|u| serde_json::from_value::<Usage>(u.clone()).ok());
+                    if let Some(usage) = usage {
+                        yield Ok(Chunk::Usage(usage));
                     }
                 }
             }
