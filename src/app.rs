@@ -13,7 +13,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderName, HeaderValue, Method, Request, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, get};
+use axum::routing::{MethodRouter, get, post};
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
@@ -22,7 +22,7 @@ use tracing::Level;
 
 use crate::api;
 use crate::config::Config;
-use crate::error::{ApiError, Refusal};
+use crate::error::{ApiError, OpenAiError, Refusal, wants_openai_errors};
 use crate::generator::Registry;
 use crate::limits::{RateLimits, StreamSlots, client_ip};
 use crate::metrics::Metrics;
@@ -87,6 +87,8 @@ pub fn route_table() -> Vec<RouteEntry> {
         ("/v1/stream", &["GET", "POST"], get(api::stream::open_stream_get).post(api::stream::open_stream_post)),
         ("/v1/streams/{id}", &["GET", "DELETE"], get(api::streams::resume_stream).delete(api::streams::cancel_stream)),
         ("/v1/channels/{name}", &["GET", "POST"], get(api::channels::subscribe).post(api::channels::publish)),
+        ("/v1/chat/completions", &["POST"], post(api::openai::chat_completions)),
+        ("/v1/models", &["GET"], get(api::openai::models)),
     ]
 }
 
@@ -183,7 +185,12 @@ async fn limit_ip_rate(State(state): State<AppState>, request: Request<Body>, ne
     {
         let ip = client_ip(peer.ip(), request.headers(), &state.config.limits.trusted_proxies);
         if let Err(limited) = state.rates.check_ip(ip) {
-            return ApiError::RateLimited(limited).into_response();
+            let error = ApiError::RateLimited(limited);
+            return if wants_openai_errors(request.uri().path()) {
+                OpenAiError(error).into_response()
+            } else {
+                error.into_response()
+            };
         }
     }
     next.run(request).await

@@ -10,11 +10,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::generator::upstream::{Upstream, UpstreamSettings};
 use crate::limits::Rate;
 
 use crate::auth::{AuthConfig, KeyMaterial, Secret, TokenSources};
@@ -248,6 +250,21 @@ pub struct Settings {
     /// all replicas. Without it everything is in this process's memory.
     #[arg(long, global = true, env = "TOKENGATE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// Shortcut for one upstream named `openai`: its base URL (up to `/v1`).
+    #[arg(long, global = true, env = "TOKENGATE_UPSTREAM_URL")]
+    pub upstream_url: Option<String>,
+    /// Model name for the `--upstream-url` upstream.
+    #[arg(long, global = true, env = "TOKENGATE_UPSTREAM_MODEL")]
+    pub upstream_model: Option<String>,
+    /// Environment variable holding the `--upstream-url` upstream's API key.
+    #[arg(long, global = true, env = "TOKENGATE_UPSTREAM_API_KEY_ENV")]
+    pub upstream_api_key_env: Option<String>,
+    /// Upstream model servers, by name (TOML only: `[upstreams.NAME]`).
+    #[arg(skip)]
+    pub upstreams: Option<BTreeMap<String, UpstreamSettings>>,
+    /// Graphemes per `chat.completion.chunk` on `/v1/chat/completions`.
+    #[arg(long, global = true, env = "TOKENGATE_OPENAI_CHUNK_GRAPHEMES")]
+    pub openai_chunk_graphemes: Option<usize>,
     /// Log format: `text` or `json`.
     #[arg(long, global = true, env = "TOKENGATE_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -272,7 +289,8 @@ impl Settings {
             rate_subject_burst, rate_ip_per_min, rate_ip_burst, trusted_proxies, max_streams,
             max_streams_per_subject, send_queue, max_lag, max_messages, max_stream_duration,
             max_header_bytes, header_timeout, max_connections, detach_grace, stream_ttl,
-            stream_max_events, channel_max_events, channel_ttl, max_publish_bytes, redis_url)
+            stream_max_events, channel_max_events, channel_ttl, max_publish_bytes, redis_url, upstream_url,
+            upstream_model, upstream_api_key_env, upstreams, openai_chunk_graphemes)
     }
 
     /// Reads a TOML settings file.
@@ -420,6 +438,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Stream and channel retention.
     pub store: StoreConfig,
+    /// Upstream model servers.
+    pub upstreams: Vec<Upstream>,
+    /// Graphemes per OpenAI chunk.
+    pub openai_chunk_graphemes: usize,
 }
 
 fn duration(setting: &'static str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
@@ -547,6 +569,8 @@ impl Config {
             shutdown_retry: duration("shutdown_retry", s.shutdown_retry.as_deref(), DEFAULT_SHUTDOWN_RETRY)?,
             log_json,
             limits: limits(&s)?,
+            upstreams: upstreams(&s)?,
+            openai_chunk_graphemes: at_least_one("openai_chunk_graphemes", s.openai_chunk_graphemes, 1)?,
             store: StoreConfig {
                 detach_grace: duration("detach_grace", s.detach_grace.as_deref(), DEFAULT_DETACH_GRACE)?,
                 stream_ttl: duration("stream_ttl", s.stream_ttl.as_deref(), DEFAULT_STREAM_TTL)?,
@@ -668,6 +692,27 @@ fn limits(s: &Settings) -> Result<LimitsConfig, ConfigError> {
         header_timeout,
         max_connections: at_least_one("max_connections", s.max_connections, DEFAULT_MAX_CONNECTIONS)?,
     })
+}
+
+fn upstreams(s: &Settings) -> Result<Vec<Upstream>, ConfigError> {
+    let mut all = s.upstreams.clone().unwrap_or_default();
+    match (&s.upstream_url, &s.upstream_model) {
+        (Some(url), Some(model)) => {
+            all.insert(
+                "openai".to_owned(),
+                UpstreamSettings {
+                    base_url: url.clone(),
+                    model: model.clone(),
+                    api_key_env: s.upstream_api_key_env.clone(),
+                    ..UpstreamSettings::default()
+                },
+            );
+        }
+        (Some(_), None) => return Err(ConfigError::invalid("upstream_model", "required with upstream_url")),
+        (None, Some(_)) => return Err(ConfigError::invalid("upstream_url", "required with upstream_model")),
+        (None, None) => {}
+    }
+    crate::generator::upstream::validate(&all)
 }
 
 fn key_material(s: &Settings) -> Result<KeyMaterial, ConfigError> {

@@ -64,6 +64,22 @@ pub enum ApiError {
     /// subject's: the answer does not tell which).
     #[error("no such stream (unknown, expired, or not yours)")]
     StreamNotFound,
+    /// The OpenAI `model` names no generator or upstream.
+    #[error("the model `{name}` does not exist; available: {}", .available.join(", "))]
+    ModelNotFound {
+        /// What was asked for.
+        name: String,
+        /// What exists.
+        available: Vec<String>,
+    },
+    /// A non-streaming generation failed (upstream error, timeout, ...).
+    #[error("generation failed ({code}): {message}")]
+    GenerationFailed {
+        /// The stream error code.
+        code: String,
+        /// Its detail.
+        message: String,
+    },
     /// The shared store (Redis) cannot be reached.
     #[error("the shared store is unavailable; retry shortly")]
     StoreUnavailable,
@@ -107,6 +123,8 @@ impl ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too_many_messages", "Payload too large")
             }
             ApiError::StreamNotFound => (StatusCode::NOT_FOUND, "stream_not_found", "Not found"),
+            ApiError::ModelNotFound { .. } => (StatusCode::NOT_FOUND, "model_not_found", "Not found"),
+            ApiError::GenerationFailed { .. } => (StatusCode::BAD_GATEWAY, "generation_failed", "Bad gateway"),
             ApiError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "Service unavailable"),
             ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining", "Service unavailable"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", "Not found"),
@@ -121,30 +139,26 @@ fn auth_param(text: &str) -> String {
     text.chars().filter(|c| *c != '"' && *c != '\\' && !c.is_control()).collect()
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code, title) = self.parts();
-        let detail = match &self {
-            // Never echo internals to the client; they are logged instead.
+impl ApiError {
+    /// The human-readable detail; internals are logged, never echoed.
+    fn detail(&self) -> String {
+        match self {
             ApiError::Internal(msg) => {
                 tracing::error!(error = %msg, "internal error");
                 "internal error".to_owned()
             }
             other => other.to_string(),
-        };
-        let mut body = json!({
-            "type": format!("urn:tokengate:problem:{code}"),
-            "title": title,
-            "status": status.as_u16(),
-            "detail": detail,
-            "code": code,
-        });
-        if let (ApiError::UnknownGenerator { available, .. }, Value::Object(map)) = (&self, &mut body) {
-            map.insert("available".into(), json!(available));
         }
+    }
+
+    /// Status, body and content type in one of the two shapes, with the
+    /// headers every shape shares (`WWW-Authenticate`, `Retry-After`,
+    /// `RateLimit-*`) and the refusal marker.
+    fn respond(self, body: Value, content_type: &'static str) -> Response {
+        let (status, code, _) = self.parts();
         let mut response = (status, Json(body)).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         match &self {
             ApiError::Auth(e) => {
                 let value = format!(
@@ -177,6 +191,56 @@ impl IntoResponse for ApiError {
         response.extensions_mut().insert(Refusal { code, auth: matches!(self, ApiError::Auth(_)) });
         response
     }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, title) = self.parts();
+        let mut body = json!({
+            "type": format!("urn:tokengate:problem:{code}"),
+            "title": title,
+            "status": status.as_u16(),
+            "detail": self.detail(),
+            "code": code,
+        });
+        if let (ApiError::UnknownGenerator { available, .. }, Value::Object(map)) = (&self, &mut body) {
+            map.insert("available".into(), json!(available));
+        }
+        self.respond(body, PROBLEM_JSON)
+    }
+}
+
+/// The same errors in the shape OpenAI SDKs parse,
+/// `{"error": {"message", "type", "code", "param"}}`, for the
+/// OpenAI-compatible routes. Status and headers are the problem+json ones.
+#[derive(Debug)]
+pub struct OpenAiError(pub ApiError);
+
+impl From<ApiError> for OpenAiError {
+    fn from(e: ApiError) -> Self {
+        OpenAiError(e)
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let (status, code, _) = self.0.parts();
+        let kind = match status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            s if s >= 500 => "server_error",
+            _ => "invalid_request_error",
+        };
+        let body = json!({ "error": { "message": self.0.detail(), "type": kind, "code": code, "param": null } });
+        self.0.respond(body, "application/json")
+    }
+}
+
+/// Whether a path answers errors in the OpenAI shape.
+pub fn wants_openai_errors(path: &str) -> bool {
+    path == "/v1/chat/completions" || path == "/v1/models"
 }
 
 /// Marks an error response so the refusal middleware can count and log it

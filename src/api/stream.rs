@@ -20,7 +20,7 @@ use crate::auth::{Principal, Scope};
 use crate::dialect::{native::Native, sse_body};
 use crate::error::ApiError;
 use crate::generator::{ChatMessage, GenerateRequest};
-use crate::store::{Attach, LiveStream, Replicator, follow, follow_remote};
+use crate::store::{Attach, LiveStream, Reader, Replicator, follow, follow_remote};
 use crate::stream::{EngineSettings, RunContext, RunSettings, StreamEvent, StreamId, events, spawn};
 
 /// Query of `GET /v1/stream`. Other parameters (the token) are allowed and
@@ -165,9 +165,7 @@ fn sse_response(state: &AppState, events: impl Stream<Item = Arc<StreamEvent>> +
     response
 }
 
-/// Everything is checked before the generator is asked for anything, so a
-/// refused request never starts work. Callers check the scope first, so a
-/// token without `stream` learns nothing about input validation.
+/// Opens a native stream and answers it.
 async fn open(
     state: &AppState,
     principal: &Principal,
@@ -175,6 +173,38 @@ async fn open(
     generator: Option<String>,
     pace_ms: Option<u64>,
 ) -> Result<Response, ApiError> {
+    let started = start_stream(state, principal, request, generator, pace_ms, state.config.store.detach_grace).await?;
+    let cfg = &state.config;
+    let events = follow(
+        started.reader,
+        cfg.stream.heartbeat,
+        state.shutdown.closing().clone(),
+        cfg.shutdown_retry.as_millis() as u64,
+    );
+    Ok(sse_response(state, events))
+}
+
+/// A generation that has started, with its first reader attached.
+pub struct Started {
+    /// The stream's id.
+    pub stream_id: StreamId,
+    /// The generator's name.
+    pub generator: String,
+    /// The first reader (attached before the producer started).
+    pub reader: Reader,
+}
+
+/// Starts a generation for any dialect. Everything is checked before the
+/// generator is asked for anything, so a refused request never starts
+/// work; callers check the scope first.
+pub async fn start_stream(
+    state: &AppState,
+    principal: &Principal,
+    request: GenerateRequest,
+    generator: Option<String>,
+    pace_ms: Option<u64>,
+    detach_grace: std::time::Duration,
+) -> Result<Started, ApiError> {
     let cfg = &state.config.stream;
     let limits = &state.config.limits;
     if request.messages.len() > limits.max_messages {
@@ -210,7 +240,7 @@ async fn open(
     let stream = state.hub.create(stream_id, &principal.subject, &name);
     // The first reader is attached before the producer starts.
     let reader = stream.attach(0);
-    let engine = events(stream_id, name, entry.generator.generate(request), settings);
+    let engine = events(stream_id, name.clone(), entry.generator.generate(request), settings);
     let ctx = RunContext {
         subject: principal.subject.clone(),
         permit,
@@ -219,14 +249,7 @@ async fn open(
         closing: state.shutdown.closing().clone(),
         replicator,
     };
-    let run = RunSettings {
-        window: limits.send_queue,
-        max_lag: limits.max_lag,
-        detach_grace: state.config.store.detach_grace,
-    };
+    let run = RunSettings { window: limits.send_queue, max_lag: limits.max_lag, detach_grace };
     spawn(engine, stream, ctx, run);
-    let cfg = &state.config;
-    let events =
-        follow(reader, cfg.stream.heartbeat, state.shutdown.closing().clone(), cfg.shutdown_retry.as_millis() as u64);
-    Ok(sse_response(state, events))
+    Ok(Started { stream_id, generator: name, reader })
 }

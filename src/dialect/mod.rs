@@ -7,6 +7,7 @@
 //! write (without waiting for events that are not).
 
 pub mod native;
+pub mod openai;
 
 use std::convert::Infallible;
 use std::task::Poll;

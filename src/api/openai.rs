@@ -1,0 +1,190 @@
+//! The OpenAI-compatible surface: `POST /v1/chat/completions` (streaming
+//! and not) and `GET /v1/models`, so the official OpenAI SDKs work
+//! unchanged with a tokengate JWT as their API key. Errors use the OpenAI
+//! shape ([`OpenAiError`]).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::stream::start_stream;
+use crate::app::AppState;
+use crate::auth::{Principal, Scope};
+use crate::dialect::openai::OpenAiChunks;
+use crate::dialect::sse_body;
+use crate::error::{ApiError, OpenAiError};
+use crate::generator::{ChatMessage, GenerateRequest, SamplingOptions, Usage};
+use crate::stream::StreamEvent;
+
+/// A message's content: a string, or a list of parts of which the text
+/// parts are used.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// Content parts (`{"type": "text", "text": ...}`; others ignored).
+    Parts(Vec<Part>),
+}
+
+/// One content part.
+#[derive(Debug, Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+/// One chat message as OpenAI clients send it.
+#[derive(Debug, Deserialize)]
+pub struct Message {
+    role: String,
+    content: Option<Content>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The request body; fields tokengate does not use are accepted and
+/// ignored, as the SDKs send many.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    model: String,
+    messages: Vec<Message>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    max_completion_tokens: Option<u32>,
+    n: Option<u32>,
+    #[serde(flatten)]
+    options: SamplingOptions,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// `POST /v1/chat/completions`
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    principal: Result<Principal, ApiError>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, OpenAiError> {
+    let principal = principal?;
+    super::require(&principal, Scope::Stream)?;
+    let Json(req) = body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?;
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::BadRequest("only n = 1 is supported".into()).into());
+    }
+    let messages: Vec<ChatMessage> = req
+        .messages
+        .into_iter()
+        .map(|m| ChatMessage {
+            role: m.role,
+            content: match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    parts.into_iter().filter(|p| p.kind == "text").filter_map(|p| p.text).collect::<Vec<_>>().join("")
+                }
+            },
+        })
+        .collect();
+    if messages.is_empty() {
+        return Err(ApiError::BadRequest("`messages` must not be empty".into()).into());
+    }
+    let mut options = req.options;
+    options.max_tokens = options.max_tokens.or(req.max_completion_tokens);
+    let request = GenerateRequest { prompt: String::new(), messages, options };
+    let model = req.model;
+    // OpenAI clients cannot resume: a client that leaves cancels at once.
+    let started = start_stream(&state, &principal, request, Some(model.clone()), None, Duration::ZERO).await.map_err(
+        |e| match e {
+            ApiError::UnknownGenerator { name, available } => ApiError::ModelNotFound { name, available },
+            other => other,
+        },
+    )?;
+    let id = format!("chatcmpl-{}", started.stream_id);
+    let created = now();
+    let cfg = &state.config;
+    let events = crate::store::follow(
+        started.reader,
+        cfg.stream.heartbeat,
+        state.shutdown.closing().clone(),
+        cfg.shutdown_retry.as_millis() as u64,
+    );
+    if req.stream {
+        let include_usage = req.stream_options.unwrap_or_default().include_usage;
+        let dialect = OpenAiChunks::new(id, created, model, include_usage, cfg.openai_chunk_graphemes);
+        let mut response = Response::new(Body::from_stream(sse_body(events, dialect)));
+        let h = response.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        return Ok(response);
+    }
+    // Not streaming: gather the whole answer (the same engine ran).
+    let mut events = std::pin::pin!(events);
+    let mut text = String::new();
+    let mut finish: Option<(u64, Option<Usage>)> = None;
+    while let Some(event) = events.next().await {
+        match event.as_ref() {
+            StreamEvent::Delta { text: t, .. } => text.push_str(t),
+            StreamEvent::Done { chars, usage, .. } => {
+                finish = Some((*chars, *usage));
+                break;
+            }
+            StreamEvent::Error { code, message, .. } => {
+                return Err(ApiError::GenerationFailed { code: code.to_string(), message: message.clone() }.into());
+            }
+            StreamEvent::Shutdown { .. } => return Err(ApiError::Draining.into()),
+            StreamEvent::Start { .. } | StreamEvent::Heartbeat => {}
+        }
+    }
+    let (chars, usage) = finish.ok_or_else(|| ApiError::Internal("stream ended without a result".into()))?;
+    let usage = usage
+        .map_or_else(|| json!({ "prompt_tokens": 0, "completion_tokens": chars, "total_tokens": chars }), |u| json!(u));
+    Ok(Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": "stop" }],
+        "usage": usage,
+    }))
+    .into_response())
+}
+
+/// `GET /v1/models`: every generator and upstream alias, as OpenAI models.
+pub async fn models(
+    State(state): State<AppState>,
+    principal: Result<Principal, ApiError>,
+) -> Result<Json<Value>, OpenAiError> {
+    principal?;
+    let data: Vec<Value> = state
+        .generators
+        .iter()
+        .map(|(name, entry)| {
+            json!({
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "tokengate",
+                "description": entry.generator.description(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
