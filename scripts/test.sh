@@ -30,11 +30,12 @@ command -v kill >/dev/null || apt_install procps
 # The shared-store tests start a real redis-server on a loopback port.
 command -v redis-server >/dev/null || apt_install redis-server
 command -v python3 >/dev/null || apt_install python3 python3-venv
-# Python tools live in a project-local virtual environment.
+# Python tools live in a project-local virtual environment: the OpenAPI
+# validator and the official `openai` SDK (a client in the tests).
 VENV=.venv
-if [ ! -x "$VENV/bin/openapi-spec-validator" ]; then
+if [ ! -x "$VENV/bin/openapi-spec-validator" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
     python3 -m venv "$VENV" || { apt_install python3-venv && python3 -m venv "$VENV"; }
-    "$VENV/bin/pip" install -q --disable-pip-version-check openapi-spec-validator
+    "$VENV/bin/pip" install -q --disable-pip-version-check openapi-spec-validator openai
 fi
 
 log "cargo fmt --check"
