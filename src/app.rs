@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
@@ -113,9 +114,26 @@ pub fn redact_query(query: &str, token_param: &str) -> String {
     out.finish()
 }
 
+/// Header carrying the request id (kept when the client or a proxy sent a
+/// sensible one, else 128 random bits), echoed on the response and logged.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Makes request ids for requests that arrive without one (an id from the
+/// client or a proxy is kept).
+#[derive(Debug, Clone, Copy)]
+struct RandomRequestId;
+
+impl MakeRequestId for RandomRequestId {
+    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+        let id = crate::stream::StreamId::random().ok()?;
+        HeaderValue::from_str(&id.to_string()).ok().map(RequestId::new)
+    }
+}
+
 /// The full application: routes plus layers, outermost first:
 /// 1. sensitive headers: `Authorization` and `Cookie` are marked before
-///    anything can log them;
+///    anything can log them; then the request id is set (or kept) and
+///    propagated to the response;
 /// 2. trace: one span per request with the query redacted, one line per
 ///    response, nothing per body chunk (that would be a line per character);
 /// 3. refusals: every error response is counted by reason and logged once,
@@ -135,7 +153,14 @@ pub fn router(state: AppState) -> Router {
     let trace = TraceLayer::new_for_http()
         .make_span_with(move |req: &Request<_>| {
             let query = req.uri().query().map(|q| redact_query(q, &token_param)).unwrap_or_default();
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), query = %query)
+            let request_id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+            tracing::info_span!(
+                "request",
+                request_id = %request_id,
+                method = %req.method(),
+                path = %req.uri().path(),
+                query = %query
+            )
         })
         .on_request(())
         .on_body_chunk(())
@@ -149,6 +174,8 @@ pub fn router(state: AppState) -> Router {
         .layer(
             ServiceBuilder::new()
                 .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION, header::COOKIE]))
+                .layer(SetRequestIdLayer::new(HeaderName::from_static(REQUEST_ID), RandomRequestId))
+                .layer(PropagateRequestIdLayer::new(HeaderName::from_static(REQUEST_ID)))
                 .layer(trace)
                 .layer(middleware::from_fn_with_state(state.clone(), record_refusals))
                 .option_layer(cors)

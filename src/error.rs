@@ -283,6 +283,7 @@ impl From<QueryRejection> for ApiError {
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         tracing::warn!(error = %e, "shared store request failed");
+        // Counted by the refusal middleware as `store_unavailable`.
         ApiError::StoreUnavailable
     }
 }

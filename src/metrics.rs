@@ -4,10 +4,15 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use metrics::{Counter, Gauge, Key, Label, Level, Metadata, Recorder};
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 
 const META: Metadata<'static> = Metadata::new("tokengate", Level::INFO, Some("tokengate::metrics"));
+
+/// Histogram buckets in seconds, from 1 ms (first delta of a local
+/// generator) to 30 minutes (the longest default stream).
+const BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0];
 
 /// The application's metrics.
 pub struct Metrics {
@@ -15,6 +20,10 @@ pub struct Metrics {
     open_streams: Gauge,
     queue_high_water: Gauge,
     queue_high_water_value: AtomicU64,
+    deltas: Counter,
+    bytes: Counter,
+    first_delta: Histogram,
+    duration: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -32,11 +41,31 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh set of metrics.
     pub fn new() -> Self {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let open_streams = recorder.register_gauge(&Key::from_static_name("tokengate_open_streams"), &META);
-        let queue_high_water =
-            recorder.register_gauge(&Key::from_static_name("tokengate_send_queue_high_water_events"), &META);
-        Self { recorder, open_streams, queue_high_water, queue_high_water_value: AtomicU64::new(0) }
+        let builder = PrometheusBuilder::new();
+        // Valid, fixed buckets: this cannot fail; without buckets the
+        // exporter would render summaries instead of histograms.
+        let builder = match builder.set_buckets(BUCKETS) {
+            Ok(b) => b,
+            Err(_) => PrometheusBuilder::new(),
+        };
+        let recorder = builder.build_recorder();
+        let name = Key::from_static_name;
+        let open_streams = recorder.register_gauge(&name("tokengate_open_streams"), &META);
+        let queue_high_water = recorder.register_gauge(&name("tokengate_send_queue_high_water_events"), &META);
+        let deltas = recorder.register_counter(&name("tokengate_deltas_sent_total"), &META);
+        let bytes = recorder.register_counter(&name("tokengate_stream_bytes_sent_total"), &META);
+        let first_delta = recorder.register_histogram(&name("tokengate_time_to_first_delta_seconds"), &META);
+        let duration = recorder.register_histogram(&name("tokengate_stream_duration_seconds"), &META);
+        Self {
+            recorder,
+            open_streams,
+            queue_high_water,
+            queue_high_water_value: AtomicU64::new(0),
+            deltas,
+            bytes,
+            first_delta,
+            duration,
+        }
     }
 
     fn counter(&self, name: &'static str, label: &'static str, value: &'static str) -> Counter {
@@ -60,6 +89,36 @@ impl Metrics {
             std::borrow::Cow::Owned(s) => Label::new("outcome", s),
         };
         self.recorder.register_counter(&Key::from_parts("tokengate_streams_total", vec![label]), &META).increment(1);
+    }
+
+    /// Deltas and bytes handed to a client connection (counted per write,
+    /// not per character).
+    pub fn sent(&self, deltas: u64, bytes: u64) {
+        if deltas > 0 {
+            self.deltas.increment(deltas);
+        }
+        self.bytes.increment(bytes);
+    }
+
+    /// Time from a stream's start to its first delta.
+    pub fn first_delta(&self, after: std::time::Duration) {
+        self.first_delta.record(after.as_secs_f64());
+    }
+
+    /// A stream's whole duration.
+    pub fn stream_duration(&self, took: std::time::Duration) {
+        self.duration.record(took.as_secs_f64());
+    }
+
+    /// An upstream failure, by code.
+    pub fn upstream_error(&self, code: &str) {
+        let key = Key::from_parts("tokengate_upstream_errors_total", vec![Label::new("code", code.to_owned())]);
+        self.recorder.register_counter(&key, &META).increment(1);
+    }
+
+    /// A shared store (Redis) failure, by operation.
+    pub fn store_error(&self, operation: &'static str) {
+        self.counter("tokengate_store_errors_total", "operation", operation).increment(1);
     }
 
     /// The number of open streams changed.

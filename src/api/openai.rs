@@ -128,7 +128,7 @@ pub async fn chat_completions(
     if req.stream {
         let include_usage = req.stream_options.unwrap_or_default().include_usage;
         let dialect = OpenAiChunks::new(id, created, model, include_usage, cfg.openai_chunk_graphemes);
-        let mut response = Response::new(Body::from_stream(sse_body(events, dialect)));
+        let mut response = Response::new(Body::from_stream(sse_body(events, dialect, state.metrics.clone())));
         let h = response.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

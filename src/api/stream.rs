@@ -156,7 +156,8 @@ pub async fn resume(state: &AppState, located: Located, from: u64) -> Result<Res
 }
 
 fn sse_response(state: &AppState, events: impl Stream<Item = Arc<StreamEvent>> + Send + 'static) -> Response {
-    let body = sse_body(events, Native { retry_ms: state.config.stream.retry.as_millis() as u64 });
+    let body =
+        sse_body(events, Native { retry_ms: state.config.stream.retry.as_millis() as u64 }, state.metrics.clone());
     let mut response = Response::new(Body::from_stream(body));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));

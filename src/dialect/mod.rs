@@ -15,6 +15,9 @@ use std::task::Poll;
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 
+use std::sync::Arc;
+
+use crate::metrics::Metrics;
 use crate::stream::StreamEvent;
 
 /// Stop adding ready events to one write past this many bytes.
@@ -32,7 +35,11 @@ pub trait Dialect: Send + 'static {
 /// ready when the body is polled goes out in the same chunk, so a fast
 /// generator costs one write per batch instead of one per character, while
 /// a paced one is written the moment each event exists.
-pub fn sse_body<S, D>(events: S, mut dialect: D) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static
+pub fn sse_body<S, D>(
+    events: S,
+    mut dialect: D,
+    metrics: Arc<Metrics>,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static
 where
     S: Stream + Send + 'static,
     S::Item: AsRef<StreamEvent>,
@@ -42,6 +49,12 @@ where
     let mut buf = BytesMut::with_capacity(512);
     dialect.preamble(&mut buf);
     let mut finished = false;
+    let mut deltas = 0u64;
+    // One counter update per write, never per character.
+    let take = move |buf: &mut BytesMut, deltas: &mut u64| {
+        metrics.sent(std::mem::take(deltas), buf.len() as u64);
+        Ok(buf.split().freeze())
+    };
     futures_util::stream::poll_fn(move |cx| {
         if finished {
             return Poll::Ready(None);
@@ -49,17 +62,19 @@ where
         loop {
             match events.poll_next_unpin(cx) {
                 Poll::Ready(Some(event)) => {
-                    dialect.render(event.as_ref(), &mut buf);
+                    let event = event.as_ref();
+                    deltas += u64::from(matches!(event, StreamEvent::Delta { .. }));
+                    dialect.render(event, &mut buf);
                     if buf.len() >= MAX_WRITE {
-                        return Poll::Ready(Some(Ok(buf.split().freeze())));
+                        return Poll::Ready(Some(take(&mut buf, &mut deltas)));
                     }
                 }
                 Poll::Ready(None) => {
                     finished = true;
-                    return Poll::Ready((!buf.is_empty()).then(|| Ok(buf.split().freeze())));
+                    return Poll::Ready((!buf.is_empty()).then(|| take(&mut buf, &mut deltas)));
                 }
                 Poll::Pending => {
-                    return if buf.is_empty() { Poll::Pending } else { Poll::Ready(Some(Ok(buf.split().freeze()))) };
+                    return if buf.is_empty() { Poll::Pending } else { Poll::Ready(Some(take(&mut buf, &mut deltas))) };
                 }
             }
         }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::StreamEvent;
 use crate::limits::{SlotPermit, StreamSlots};
@@ -69,7 +70,9 @@ pub fn spawn(
     settings: RunSettings,
 ) {
     ctx.metrics.set_open_streams(ctx.slots.open());
-    tokio::spawn(produce(engine, stream, ctx, settings));
+    // The producer inherits the request's span: its end-of-stream line
+    // carries the request id.
+    tokio::spawn(produce(engine, stream, ctx, settings).instrument(tracing::Span::current()));
 }
 
 async fn produce(
@@ -84,6 +87,7 @@ async fn produce(
     // Boxed (not stack-pinned) so it can be dropped before the slot is freed.
     let mut engine = Box::pin(engine);
     let mut deepest: u64 = 0;
+    let mut first_delta_seen = false;
     let mut outcome: Cow<'static, str> = Cow::Borrowed("internal");
     let stop = loop {
         let wait = tokio::select! {
@@ -107,6 +111,10 @@ async fn produce(
             event = engine.next() => event,
         };
         let Some(event) = event else { break None };
+        if !first_delta_seen && matches!(event, StreamEvent::Delta { .. }) {
+            first_delta_seen = true;
+            ctx.metrics.first_delta(started.elapsed());
+        }
         deepest = deepest.max(stream.lag());
         let finished = event.outcome();
         let logged = stream.append(event);
@@ -142,6 +150,13 @@ async fn produce(
     if outcome == "slow_consumer" {
         ctx.metrics.refused("slow_consumer");
     }
+    if outcome.starts_with("upstream_") {
+        ctx.metrics.upstream_error(&outcome);
+    }
+    if outcome == "store_unavailable" {
+        ctx.metrics.store_error("replicate");
+    }
+    ctx.metrics.stream_duration(started.elapsed());
     tracing::info!(
         stream_id = %stream.id,
         subject = %ctx.subject,

@@ -256,3 +256,37 @@ async fn sigterm_drains_and_exits_zero_and_logs_never_show_tokens() {
         assert!(!logs.contains(sig), "{name} signature leaked into logs");
     }
 }
+
+#[tokio::test]
+async fn json_logs_have_request_ids_and_one_line_per_stream_end_without_tokens() {
+    let mut server = start(&["--jwt-secret", SECRET, "--log-format", "json"], &[], "listening on");
+    let token = hs256(serde_json::json!({"sub": "logger", "exp": now() + 600, "scope": "stream"}));
+    let client = reqwest::Client::new();
+    let resp = client
+        .get(format!("{}/v1/stream?generator=echo&prompt=hey&access_token={token}", server.base))
+        .header("x-request-id", "req-abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delta_text(&read_events(resp, Duration::from_secs(10)).await), "hey");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(sigterm(&mut server).code(), Some(0));
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut server.child.stderr.take().unwrap(), &mut logs).unwrap();
+    let lines: Vec<Value> =
+        logs.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let ended: Vec<&Value> = lines.iter().filter(|l| l["fields"]["message"] == "stream ended").collect();
+    assert_eq!(ended.len(), 1, "{logs}");
+    let fields = &ended[0]["fields"];
+    assert_eq!(fields["outcome"], "done");
+    assert_eq!(fields["subject"], "logger");
+    assert_eq!(fields["generator"], "echo");
+    assert_eq!(ended[0]["span"]["request_id"], "req-abc-123", "{logs}");
+    assert!(
+        lines.iter().any(
+            |l| l["span"]["request_id"] == "req-abc-123" && l["fields"]["message"] == "finished processing request"
+        ),
+        "{logs}"
+    );
+    assert!(!logs.contains(&token), "token leaked into logs");
+}

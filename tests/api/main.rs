@@ -10,6 +10,7 @@ mod helpers;
 mod lifecycle;
 mod limits;
 mod mock_upstream;
+mod observability;
 mod openai_compat;
 mod redis;
 mod resume;

@@ -1,0 +1,42 @@
+//! Metrics, request ids and structured logs.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn metrics_cover_streams_deltas_bytes_and_latencies() {
+    let app = spawn_app().await;
+    let events = read_events(app.stream("generator=echo&prompt=hello").await, Duration::from_secs(10)).await;
+    assert_eq!(delta_text(&events), "hello");
+    eventually(Duration::from_secs(5), "stream accounted", || app.state.slots.open() == 0).await;
+    let text = app.get("/metrics", None).await.text().await.unwrap();
+    for series in [
+        "tokengate_streams_total{outcome=\"done\"} 1",
+        "tokengate_deltas_sent_total 5",
+        "tokengate_open_streams 0",
+        "tokengate_time_to_first_delta_seconds_count 1",
+        "tokengate_stream_duration_seconds_count 1",
+        "tokengate_time_to_first_delta_seconds_bucket{le=\"0.005\"}",
+    ] {
+        assert!(text.contains(series), "missing `{series}` in:\n{text}");
+    }
+    assert!(app.metric("tokengate_stream_bytes_sent_total").await > 100.0);
+}
+
+#[tokio::test]
+async fn every_response_carries_a_request_id_and_keeps_the_callers() {
+    let app = spawn_app().await;
+    let resp = app.get("/healthz", None).await;
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(id.len(), 32);
+    let resp = app
+        .client
+        .get(format!("{}/v1/stream", app.base))
+        .header("x-request-id", "from-the-proxy-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers()["x-request-id"], "from-the-proxy-42");
+}
