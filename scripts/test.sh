@@ -29,13 +29,17 @@ command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&
 command -v kill >/dev/null || apt_install procps
 # The shared-store tests start a real redis-server on a loopback port.
 command -v redis-server >/dev/null || apt_install redis-server
+# The deploy test runs real nginx with deploy/nginx.conf.
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_install nginx
 command -v python3 >/dev/null || apt_install python3 python3-venv
 # Python tools live in a project-local virtual environment: the OpenAPI
-# validator and the official `openai` SDK (a client in the tests).
+# validator, the official `openai` SDK (a client in the tests) and the
+# schema validators for the deploy files.
 VENV=.venv
-if [ ! -x "$VENV/bin/openapi-spec-validator" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
+PY_TOOLS="openapi-spec-validator openai kubernetes-validate check-jsonschema"
+if [ ! -x "$VENV/bin/kubernetes-validate" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
     python3 -m venv "$VENV" || { apt_install python3-venv && python3 -m venv "$VENV"; }
-    "$VENV/bin/pip" install -q --disable-pip-version-check openapi-spec-validator openai
+    "$VENV/bin/pip" install -q --disable-pip-version-check $PY_TOOLS
 fi
 
 log "cargo fmt --check"
@@ -46,6 +50,12 @@ cargo clippy --all-targets -- -D warnings
 
 log "openapi-spec-validator openapi.yaml"
 "$VENV/bin/openapi-spec-validator" openapi.yaml
+
+log "deploy files: Kubernetes manifests and the compose file against their schemas"
+for manifest in deploy/k8s/*.yaml; do
+    "$VENV/bin/kubernetes-validate" --strict --quiet "$manifest"
+done
+"$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml
 
 log "cargo test"
 cargo test --all-targets

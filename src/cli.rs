@@ -28,6 +28,13 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway (the default).
     Serve,
+    /// Exit 0 when the server on the configured address answers
+    /// `/readyz` (for container health checks; no curl needed).
+    Healthcheck {
+        /// Path to probe.
+        #[arg(long, default_value = "/readyz")]
+        path: String,
+    },
     /// Print a token signed with the configured key.
     Token {
         /// Subject (`sub` claim).

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Token { sub, scope, ttl }) => mint(&config, &sub, &scope, &ttl),
+        Some(Command::Healthcheck { path }) => healthcheck(&config, &path),
         None | Some(Command::Serve) => serve(config),
     }
 }
@@ -48,6 +49,35 @@ fn mint(config: &Config, sub: &str, scope: &str, ttl: &str) -> ExitCode {
         Err(e) => {
             eprintln!("tokengate: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET over loopback: container images need no curl.
+fn healthcheck(config: &Config, path: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut addr = config.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    let timeout = Duration::from_secs(3);
+    let result = (|| -> std::io::Result<bool> {
+        let mut tcp = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        tcp.set_read_timeout(Some(timeout))?;
+        tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())?;
+        let mut head = [0u8; 12];
+        tcp.read_exact(&mut head)?;
+        Ok(head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"))
+    })();
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("tokengate: {path} on {addr} is not 200");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("tokengate: cannot reach {addr}: {e}");
+            ExitCode::FAILURE
         }
     }
 }
