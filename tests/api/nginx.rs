@@ -60,7 +60,7 @@ fn start_nginx(a: std::net::SocketAddr, b: std::net::SocketAddr) -> Nginx {
         .replace("worker_processes auto;", "worker_processes 1;");
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf).unwrap();
-    let child = Command::new(binary)
+    let mut child = Command::new(binary)
         .args(["-p", dir.to_str().unwrap(), "-c", path.to_str().unwrap()])
         .args(["-g", &format!("daemon off; pid {}/nginx.pid; error_log {}/error.log;", dir.display(), dir.display())])
         .stdout(Stdio::null())
@@ -73,6 +73,8 @@ fn start_nginx(a: std::net::SocketAddr, b: std::net::SocketAddr) -> Nginx {
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("nginx did not start: {}", std::fs::read_to_string(dir.join("error.log")).unwrap_or_default());
 }
 
