@@ -31,6 +31,8 @@ command -v kill >/dev/null || apt_install procps
 command -v redis-server >/dev/null || apt_install redis-server
 # The deploy test runs real nginx with deploy/nginx.conf.
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_install nginx
+# The demo page is tested in headless Chromium over WebDriver.
+command -v chromedriver >/dev/null || apt_install chromium chromium-driver
 command -v python3 >/dev/null || apt_install python3 python3-venv
 # Python tools live in a project-local virtual environment: the OpenAPI
 # validator, the official `openai` SDK (a client in the tests) and the

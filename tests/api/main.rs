@@ -4,6 +4,7 @@
 
 mod auth;
 pub mod binary;
+mod browser;
 mod channels;
 mod cors;
 mod helpers;
