@@ -156,11 +156,18 @@ pub async fn subscribe(
             (Vec::new(), None, state.channels.subscribe(&name, start, heartbeat, closing))
         }
     };
-    let events = futures_util::stream::iter(history).chain(events).map(move |item| {
-        // Keeps the tail and the shared subscriber count while streaming.
-        let _ = &guards;
-        item
-    });
+    // Like streams, a subscription is bounded in time: at the limit the
+    // response ends, and EventSource reconnects with Last-Event-ID and
+    // continues without missing an event.
+    let max_duration = cfg.limits.max_stream_duration;
+    let events = futures_util::stream::iter(history)
+        .chain(events)
+        .map(move |item| {
+            // Keeps the tail and the shared subscriber count while streaming.
+            let _ = &guards;
+            item
+        })
+        .take_until(tokio::time::sleep(max_duration));
     let body = futures_util::stream::once(async move { first.freeze() })
         .chain(events.map(move |item| {
             let mut buf = BytesMut::new();

@@ -142,3 +142,20 @@ async fn validation_and_scopes() {
     assert_eq!(app.get("/v1/channels/ok", None).await.status(), 401);
     assert_eq!(app.get("/v1/channels/ok?last_event_id=abc", Some(&app.token("a", "stream"))).await.status(), 400);
 }
+
+#[tokio::test]
+async fn subscriptions_end_at_the_maximum_duration_and_resume_without_loss() {
+    let mut settings = base_settings();
+    settings.max_stream_duration = Some("400ms".into());
+    let app = spawn_app_with(settings).await;
+    let token = app.token("alice", "stream");
+    publish(&app, "timed", json!({"data": "one"})).await;
+    let events = read_events(app.get("/v1/channels/timed?last_event_id=0", Some(&token)).await, LIMIT).await;
+    let last = messages(&events).last().unwrap().2.clone().unwrap();
+    assert_eq!(last, "1");
+    publish(&app, "timed", json!({"data": "two"})).await;
+    let events =
+        read_events(app.get(&format!("/v1/channels/timed?last_event_id={last}"), Some(&token)).await, LIMIT).await;
+    let data: Vec<Value> = messages(&events).into_iter().filter(|m| m.0 == "message").map(|m| m.1).collect();
+    assert_eq!(data, [json!("two")]);
+}
