@@ -116,6 +116,8 @@ pub async fn subscribe(
         (Some(redis), Some(tail)) => {
             // Shared: history from Redis, then live events as this
             // replica's tail feeds them into the local log.
+            // `0` (as in memory mode) means "from the oldest kept".
+            let last = last.map(|id| if id == "0" { "0-0".to_owned() } else { id });
             let (history, start_id) = match &last {
                 Some(after) => {
                     if !is_redis_id(after) {

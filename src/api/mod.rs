@@ -39,7 +39,13 @@ pub async fn not_found() -> ApiError {
     ApiError::NotFound
 }
 
-/// 405 for a known path with the wrong method, as problem+json.
-pub async fn method_not_allowed() -> ApiError {
-    ApiError::MethodNotAllowed
+/// 405 for a known path with the wrong method, as problem+json (or in the
+/// OpenAI shape on the OpenAI-compatible routes).
+pub async fn method_not_allowed(uri: axum::http::Uri) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if crate::error::wants_openai_errors(uri.path()) {
+        crate::error::OpenAiError(ApiError::MethodNotAllowed).into_response()
+    } else {
+        ApiError::MethodNotAllowed.into_response()
+    }
 }

@@ -228,17 +228,17 @@ pub async fn start_stream(
     }
     let permit = state.slots.try_acquire(&principal.subject)?;
     let stream_id = StreamId::random().map_err(|e| ApiError::Internal(format!("OS RNG failed: {e}")))?;
-    let replicator = match &state.redis {
-        None => None,
-        Some(redis) => {
-            redis.create_stream(&stream_id, &principal.subject, &name).await?;
-            Some(Replicator::start(redis.clone(), stream_id, state.config.store.stream_max_events))
-        }
-    };
     let settings =
         EngineSettings { pace: cfg.pace.resolve(entry.pace, pace_ms), max_duration: limits.max_stream_duration };
     tracing::debug!(subject = %principal.subject, generator = %name, %stream_id, "stream opened");
+    if let Some(redis) = &state.redis {
+        redis.create_stream(&stream_id, &principal.subject, &name).await?;
+    }
     let stream = state.hub.create(stream_id, &principal.subject, &name);
+    let replicator = state
+        .redis
+        .as_ref()
+        .map(|r| Replicator::start(r.clone(), stream.clone(), state.config.store.stream_max_events));
     // The first reader is attached before the producer starts.
     let reader = stream.attach(0);
     let engine = events(stream_id, name.clone(), entry.generator.generate(request), settings);

@@ -107,9 +107,15 @@ async fn start(
         return Ok(response);
     }
     let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    // The body may explain; keep it short and never echo request headers.
+    // The body may explain. Only a JSON error message is passed on, short,
+    // and with anything key-like masked: some upstreams quote the key they
+    // were sent.
     let detail = match tokio::time::timeout(Duration::from_secs(2), response.text()).await {
-        Ok(Ok(text)) => text.chars().take(300).collect::<String>(),
+        Ok(Ok(text)) => serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_owned))
+            .map(|m| mask_keys(&m, upstream).chars().take(200).collect::<String>())
+            .unwrap_or_default(),
         _ => String::new(),
     };
     let name = &upstream.name;
@@ -128,6 +134,21 @@ async fn start(
         message.push_str(&format!(": {detail}"));
     }
     Err(Attempt { error: upstream_error(code, message), retry })
+}
+
+/// Masks the configured key and any `sk-...`-like word in upstream text.
+fn mask_keys(text: &str, upstream: &Upstream) -> String {
+    let mut text = text.to_owned();
+    if let Some(key) = &upstream.api_key {
+        let key = String::from_utf8_lossy(key.expose()).into_owned();
+        if !key.is_empty() {
+            text = text.replace(&key, "[redacted]");
+        }
+    }
+    text.split(' ')
+        .map(|word| if word.starts_with("sk-") || word.len() > 40 { "[redacted]" } else { word })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl Generator for OpenAiGenerator {

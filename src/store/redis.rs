@@ -36,6 +36,8 @@ use crate::stream::{FinishReason, StreamEvent, StreamId};
 pub(super) const LEASE: Duration = Duration::from_secs(3);
 /// How often a producer refreshes its lease.
 const LEASE_REFRESH: Duration = Duration::from_secs(1);
+/// How long a remote reader's announcement lasts (renewed every second).
+pub(super) const REMOTE_READER: Duration = Duration::from_secs(3);
 /// Longest any Redis command may take.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often readers on other replicas poll a stream that has no news.
@@ -128,6 +130,7 @@ fn channel_key(name: &str) -> String {
     format!("tg:c:{name}")
 }
 const CANCEL_CHANNEL: &str = "tg:cancel";
+const ATTACH_CHANNEL: &str = "tg:attach";
 
 /// Parsed `XRANGE` reply: entry id and its fields.
 type Entries = Vec<(String, HashMap<String, String>)>;
@@ -265,9 +268,19 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Refreshes the producer's lease.
+    /// Refreshes the producer's lease, and keeps the running stream's keys
+    /// from expiring however long it runs.
     pub async fn refresh_lease(&self, id: &StreamId) -> Result<(), StoreError> {
-        self.conn().set_ex::<_, _, ()>(lease_key(id), 1, LEASE.as_secs()).await?;
+        let keep = self.settings.stream_ttl.as_secs().max(1) as i64 + 3600;
+        redis::pipe()
+            .set_ex(lease_key(id), 1, LEASE.as_secs())
+            .ignore()
+            .expire(meta_key(id), keep)
+            .ignore()
+            .expire(stream_key(id), keep)
+            .ignore()
+            .query_async::<()>(&mut self.conn())
+            .await?;
         Ok(())
     }
 
@@ -309,6 +322,25 @@ impl RedisStore {
         Ok(Ok(out))
     }
 
+    /// Announces a reader of `id` on this replica (so the producing replica
+    /// keeps generating for it); lives a few seconds unless renewed.
+    pub async fn mark_remote_reader(&self, id: &StreamId, first: bool) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.pset_ex(format!("tg:r:{id}"), 1, REMOTE_READER.as_millis() as u64).ignore();
+        if first {
+            // The producer hears of a new reader at once (its own check runs
+            // once a second, which could come after the detach grace).
+            pipe.publish(ATTACH_CHANNEL, id.to_string()).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// Whether a reader on another replica announced itself recently.
+    pub async fn remote_reader(&self, id: &StreamId) -> Result<bool, StoreError> {
+        Ok(self.conn().exists(format!("tg:r:{id}")).await?)
+    }
+
     /// Whether the producer's lease is alive.
     pub async fn leased(&self, id: &StreamId) -> Result<bool, StoreError> {
         Ok(self.conn().exists(lease_key(id)).await?)
@@ -320,8 +352,8 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Listens for cancels and applies those for streams produced here;
-    /// resubscribes after outages.
+    /// Listens for cancels and for readers attaching on other replicas, and
+    /// applies those for streams produced here; resubscribes after outages.
     pub async fn listen_for_cancels(self: Arc<Self>, hub: Arc<StreamHub>, stop: CancellationToken) {
         use futures_util::StreamExt;
         loop {
@@ -502,8 +534,11 @@ pub struct Replicator {
 }
 
 impl Replicator {
-    /// Starts replicating stream `id`; `capacity` bounds what may queue.
-    pub fn start(store: Arc<RedisStore>, id: StreamId, capacity: usize) -> Self {
+    /// Starts replicating `stream`; `capacity` bounds what may queue. Every
+    /// lease refresh also looks for readers on other replicas and holds the
+    /// stream for them (the detach grace counts only local readers).
+    pub fn start(store: Arc<RedisStore>, stream: Arc<super::LiveStream>, capacity: usize) -> Self {
+        let id = stream.id;
         let (tx, mut rx) = mpsc::channel::<std::sync::Arc<StreamEvent>>(capacity.max(1));
         let failed = CancellationToken::new();
         let flag = failed.clone();
@@ -527,6 +562,9 @@ impl Replicator {
                         if store.refresh_lease(&id).await.is_err() {
                             flag.cancel();
                             return;
+                        }
+                        if let Ok(true) = store.remote_reader(&id).await {
+                            stream.hold_for_remote(tokio::time::Instant::now() + REMOTE_READER);
                         }
                     }
                 }

@@ -30,7 +30,13 @@ pub fn follow_remote(
         let mut next = from;
         let mut last_sent = Instant::now();
         let mut lease_missing = false;
+        let mut announced: Option<Instant> = None;
         loop {
+            // Tell the producing replica someone reads here, once a second.
+            if announced.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                let _ = redis.mark_remote_reader(&stream_id, announced.is_none()).await;
+                announced = Some(Instant::now());
+            }
             if closing.is_cancelled() {
                 yield Arc::new(StreamEvent::Shutdown { retry_ms: shutdown_retry_ms });
                 return;
@@ -160,7 +166,18 @@ impl ChannelTail {
                     }
                 }
             };
+            let mut counted_refresh = Instant::now();
             loop {
+                // Subscriber counts live with a TTL; keep those of channels
+                // with local subscribers from expiring.
+                if counted_refresh.elapsed() >= Duration::from_secs(30) {
+                    counted_refresh = Instant::now();
+                    let names: Vec<String> =
+                        self.wanted.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect();
+                    for name in names {
+                        let _ = self.redis.count_subscriber(&name, "refresh", 0).await;
+                    }
+                }
                 let positions: Vec<(String, String)> = {
                     let wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
                     wanted.iter().map(|(name, want)| (name.clone(), want.last.clone())).collect()

@@ -40,6 +40,9 @@ struct LogState {
     readers: Vec<Arc<AtomicU64>>,
     /// Since when no reader is attached.
     detached_since: Option<Instant>,
+    /// A reader on another replica was seen; until then the stream counts
+    /// as attached (shared store only).
+    remote_until: Option<Instant>,
 }
 
 /// One stream's log, owner and controls.
@@ -104,6 +107,7 @@ impl StreamHub {
                 finished_at: None,
                 readers: Vec::new(),
                 detached_since: Some(Instant::now()),
+                remote_until: None,
             }),
             appended: Notify::new(),
             progress: Notify::new(),
@@ -213,6 +217,22 @@ impl LiveStream {
         Reader { stream: self.clone(), position, from }
     }
 
+    /// A reader on another replica follows this stream: keep generating
+    /// until `until` even with no local reader.
+    pub fn hold_for_remote(&self, until: Instant) {
+        lock(&self.state).remote_until = Some(until);
+        self.progress.notify_waiters();
+    }
+
+    /// When generation may be abandoned if nobody attaches: the detach grace
+    /// after the last local reader left, and not before a remote reader's
+    /// hold ends. `None` while a local reader is attached.
+    fn abandon_at(&self, grace: Duration) -> Option<Instant> {
+        let state = lock(&self.state);
+        let since = state.detached_since?;
+        Some(state.remote_until.map_or(since + grace, |until| (since + grace).max(until)))
+    }
+
     /// How far ahead the producer is of its slowest attached reader.
     pub fn lag(&self) -> u64 {
         let state = lock(&self.state);
@@ -231,15 +251,13 @@ impl LiveStream {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let deadline = {
-                let state = lock(&self.state);
-                match state.detached_since {
-                    Some(since) if Instant::now() >= since + grace => return Wait::Abandoned,
-                    // Nobody reading: generation continues into the log
+                match self.abandon_at(grace) {
+                    Some(at) if Instant::now() >= at => return Wait::Abandoned,
+                    // Nobody reading here: generation continues into the log
                     // (bounded by max_events) for the grace period.
                     Some(_) => return Wait::Go,
                     None => {}
                 }
-                drop(state);
                 if self.lag() < window as u64 {
                     return Wait::Go;
                 }
@@ -263,13 +281,12 @@ impl LiveStream {
             let notified = self.progress.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let detached_since = lock(&self.state).detached_since;
-            match detached_since {
-                Some(since) => {
+            match self.abandon_at(grace) {
+                Some(at) => {
                     tokio::select! {
                         () = &mut notified => {}
-                        () = sleep_until(since + grace) => {
-                            if lock(&self.state).detached_since.is_some() {
+                        () = sleep_until(at) => {
+                            if self.abandon_at(grace).is_some_and(|at| Instant::now() >= at) {
                                 return;
                             }
                         }

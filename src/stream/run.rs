@@ -140,10 +140,25 @@ async fn produce(
             Stop::Abandoned => ("client_gone", "no client was connected for the detach grace period".to_owned()),
         };
         outcome = Cow::Borrowed(code);
-        stream.append(StreamEvent::Error { stream_id: stream.id, seq: stream.next_seq(), code: code.into(), message });
+        let logged = stream.append(StreamEvent::Error {
+            stream_id: stream.id,
+            seq: stream.next_seq(),
+            code: code.into(),
+            message,
+        });
+        if let Some(replicator) = &replicator {
+            replicator.push(logged);
+        }
     }
     // Generator first, then the slot: nothing runs on a freed slot.
     drop(engine);
+    // Everything, the terminal event included, reaches the shared store (and
+    // the lease is released) before the stream counts as ended: readers on
+    // other replicas see `cancelled` or `generator_lost` at once, and
+    // shutdown waits for it.
+    if let Some(replicator) = replicator {
+        replicator.finish().await;
+    }
     drop(ctx.permit);
     ctx.metrics.set_open_streams(ctx.slots.open());
     ctx.metrics.observe_queue_depth(deepest as usize);

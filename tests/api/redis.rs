@@ -410,3 +410,66 @@ async fn sigterm_on_a_sends_shutdown_and_the_client_resumes_on_b_without_losing_
         .collect();
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "no duplicate, no gap");
 }
+
+#[tokio::test]
+async fn a_reader_on_b_keeps_a_generating_past_the_detach_grace_and_sees_cancel() {
+    let redis = RedisServer::start();
+    let mut settings = shared(&redis);
+    settings.detach_grace = Some("1s".into());
+    let a = spawn_app_with(settings.clone()).await;
+    let b = spawn_app_with(settings).await;
+    ready(&a).await;
+    ready(&b).await;
+    let token = a.token("alice", "stream");
+    // 60 characters at 50 ms: 3 s, well past A's 1 s detach grace.
+    let text: String = "resume-me-".repeat(6);
+    let resp = a.get(&format!("/v1/stream?generator=echo&pace_ms=50&prompt={text}"), Some(&token)).await;
+    let mut body = resp.bytes_stream();
+    let mut parser = Parser::new();
+    let first =
+        read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "delta"))
+            .await;
+    drop(body);
+    let last = parser.last_event_id().unwrap().to_owned();
+    let resp = b
+        .client
+        .get(format!("{}/v1/stream", b.base))
+        .bearer_auth(&token)
+        .header("last-event-id", &last)
+        .send()
+        .await
+        .unwrap();
+    let rest = read_events(resp, LIMIT).await;
+    assert_eq!(messages(&rest).last().unwrap().0, "done", "{:?}", messages(&rest).last());
+    assert_eq!(format!("{}{}", delta_text(&first), delta_text(&rest)), text);
+
+    // A DELETE on B reaches A, and B's remote reader gets `cancelled` (the
+    // terminal event is replicated), not a lost-generator guess.
+    let resp = a.stream("generator=probe&prompt=xy").await;
+    let mut body = resp.bytes_stream();
+    let mut parser = Parser::new();
+    read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "delta")).await;
+    drop(body);
+    let last = parser.last_event_id().unwrap().to_owned();
+    let sid = last.split('.').next().unwrap().to_owned();
+    let resp = b
+        .client
+        .get(format!("{}/v1/streams/{sid}", b.base))
+        .bearer_auth(&token)
+        .header("last-event-id", &last)
+        .send()
+        .await
+        .unwrap();
+    let mut follower = resp.bytes_stream();
+    let mut parser = Parser::new();
+    let resp = b.client.delete(format!("{}/v1/streams/{sid}", b.base)).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.status(), 204);
+    let got = read_until(
+        &mut follower,
+        &mut parser,
+        LIMIT,
+        |e| matches!(e, Event::Message { event, .. } if event == "error"),
+    )
+    .await;
+    assert_eq!(messages(&got).pop().unwrap().1["code"], "cancelled");
+}

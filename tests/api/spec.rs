@@ -41,7 +41,13 @@ async fn router_answers_exactly_the_listed_methods() {
                 assert!(resp.status() != 404 && resp.status() != 405, "{method} {path}: {}", resp.status());
             } else {
                 assert_eq!(resp.status(), 405, "{method} {path}");
-                assert_eq!(resp.headers()["content-type"], "application/problem+json");
+                // The OpenAI-compatible routes answer in the OpenAI shape.
+                let expected = if tokengate::error::wants_openai_errors(path) {
+                    "application/json"
+                } else {
+                    "application/problem+json"
+                };
+                assert_eq!(resp.headers()["content-type"], expected, "{method} {path}");
             }
         }
     }
