@@ -21,6 +21,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::json::JsonObject;
 use super::stream::last_event_id;
 use crate::app::AppState;
 use crate::auth::{Principal, Scope};
@@ -101,7 +102,16 @@ pub async fn subscribe(
     super::require(&principal, Scope::Stream)?;
     check_name(&name)?;
     let Query(q) = query?;
-    let last = last_event_id(&headers, q.last_event_id.as_deref()).map(str::to_owned);
+    // Either form in either mode (a number, or a Redis entry id); the header
+    // wins, but a malformed query value is refused all the same.
+    let well_formed = |id: &str| id.bytes().all(|b| b.is_ascii_digit()) || is_redis_id(id);
+    for id in [q.last_event_id.as_deref(), last_event_id(&headers, None)?].into_iter().flatten() {
+        let id = id.trim();
+        if !id.is_empty() && !well_formed(id) {
+            return Err(ApiError::BadRequest(format!("`{id}` is not a channel event id")));
+        }
+    }
+    let last = last_event_id(&headers, q.last_event_id.as_deref())?.map(str::to_owned);
     let subscriber_id = StreamId::random().map_err(|e| ApiError::Internal(format!("OS RNG failed: {e}")))?;
     let cfg = &state.config;
     let retry_ms = cfg.stream.retry.as_millis() as u64;
@@ -116,8 +126,9 @@ pub async fn subscribe(
         (Some(redis), Some(tail)) => {
             // Shared: history from Redis, then live events as this
             // replica's tail feeds them into the local log.
-            // `0` (as in memory mode) means "from the oldest kept".
-            let last = last.map(|id| if id == "0" { "0-0".to_owned() } else { id });
+            // A plain number `n` (memory-mode form) means `n-0`; `0`, from
+            // the oldest kept.
+            let last = last.map(|id| if id.bytes().all(|b| b.is_ascii_digit()) { format!("{id}-0") } else { id });
             let (history, start_id) = match &last {
                 Some(after) => {
                     if !is_redis_id(after) {
@@ -150,6 +161,9 @@ pub async fn subscribe(
         _ => {
             let start = match &last {
                 None => Start::New,
+                // A Redis entry id (shared-mode form) names no position this
+                // process issued: treated as from the future, so a gap.
+                Some(id) if is_redis_id(id) => Start::AfterSeq(u64::MAX),
                 Some(id) => Start::AfterSeq(
                     id.parse::<u64>()
                         .map_err(|_| ApiError::BadRequest(format!("`{id}` is not a channel event id (a number)")))?,
@@ -209,11 +223,12 @@ pub async fn publish(
     State(state): State<AppState>,
     principal: Principal,
     Path(name): Path<String>,
-    body: Result<Json<PublishBody>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     super::require(&principal, Scope::Publish)?;
     check_name(&name)?;
-    let Json(body) = body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?;
+    let JsonObject::<PublishBody>(body) =
+        body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?.try_into()?;
     if let Some(event) = &body.event {
         let ok = !event.is_empty()
             && event.len() <= MAX_EVENT_NAME

@@ -5,6 +5,7 @@
 pub mod channels;
 pub mod demo;
 pub mod health;
+pub mod json;
 pub mod openai;
 pub mod spec;
 pub mod stream;

@@ -15,6 +15,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::json::JsonObject;
 use super::stream::start_stream;
 use crate::app::AppState;
 use crate::auth::{Principal, Scope};
@@ -66,7 +67,9 @@ pub struct ChatRequest {
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
+    #[serde(default, deserialize_with = "super::json::opt_int")]
     max_completion_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "super::json::opt_int")]
     n: Option<u32>,
     #[serde(flatten)]
     options: SamplingOptions,
@@ -80,11 +83,12 @@ fn now() -> u64 {
 pub async fn chat_completions(
     State(state): State<AppState>,
     principal: Result<Principal, ApiError>,
-    body: Result<Json<ChatRequest>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, OpenAiError> {
     let principal = principal?;
     super::require(&principal, Scope::Stream)?;
-    let Json(req) = body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?;
+    let JsonObject::<ChatRequest>(req) =
+        body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?.try_into()?;
     if req.n.is_some_and(|n| n != 1) {
         return Err(ApiError::BadRequest("only n = 1 is supported".into()).into());
     }

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
 use serde::Deserialize;
 
+use super::json::JsonObject;
 use crate::app::AppState;
 use crate::auth::{Principal, Scope};
 use crate::dialect::{native::Native, sse_body};
@@ -42,6 +43,7 @@ pub struct StreamBody {
     #[serde(default)]
     messages: Vec<ChatMessage>,
     generator: Option<String>,
+    #[serde(default, deserialize_with = "super::json::opt_int")]
     pace_ms: Option<u64>,
 }
 
@@ -54,7 +56,11 @@ pub async fn open_stream_get(
 ) -> Result<Response, ApiError> {
     super::require(&principal, Scope::Stream)?;
     let Query(q) = query?;
-    if let Some(last) = last_event_id(&headers, q.last_event_id.as_deref()) {
+    // The header wins, but a malformed query value is refused all the same.
+    if let Some(query_id) = q.last_event_id.as_deref().map(str::trim).filter(|v| !v.is_empty()) {
+        parse_event_id(query_id)?;
+    }
+    if let Some(last) = last_event_id(&headers, q.last_event_id.as_deref())? {
         return resume_from_event_id(&state, &principal, last).await;
     }
     let request = GenerateRequest { prompt: q.prompt.unwrap_or_default(), ..GenerateRequest::default() };
@@ -66,20 +72,26 @@ pub async fn open_stream_post(
     State(state): State<AppState>,
     principal: Principal,
     headers: HeaderMap,
-    body: Result<Json<StreamBody>, JsonRejection>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     super::require(&principal, Scope::Stream)?;
-    if let Some(last) = last_event_id(&headers, None) {
+    if let Some(last) = last_event_id(&headers, None)? {
         return resume_from_event_id(&state, &principal, last).await;
     }
-    let Json(b) = body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?;
+    let JsonObject::<StreamBody>(b) =
+        body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?.try_into()?;
     let request = GenerateRequest { prompt: b.prompt, messages: b.messages, ..GenerateRequest::default() };
     open(&state, &principal, request, b.generator, b.pace_ms).await
 }
 
-/// The resume position a client sent: the header wins over the query.
-pub fn last_event_id<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
-    headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(query).map(str::trim).filter(|v| !v.is_empty())
+/// The resume position a client sent: the header wins over the query; an
+/// empty value counts as absent, one that is not plain text is refused.
+pub fn last_event_id<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Result<Option<&'a str>, ApiError> {
+    let header = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| ApiError::BadRequest("`Last-Event-ID` is not plain text".into()))?),
+    };
+    Ok(header.or(query).map(str::trim).filter(|v| !v.is_empty()))
 }
 
 /// Splits `<stream_id>.<seq>`. The `resume_gap` error's id,

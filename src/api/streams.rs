@@ -37,7 +37,10 @@ pub async fn resume_stream(
     let Query(q) = query?;
     let id = stream_id(&id)?;
     let located = locate(&state, &principal, &id).await?;
-    let from = match last_event_id(&headers, q.last_event_id.as_deref()) {
+    if let Some(query_id) = q.last_event_id.as_deref().map(str::trim).filter(|v| !v.is_empty()) {
+        parse_event_id(query_id)?;
+    }
+    let from = match last_event_id(&headers, q.last_event_id.as_deref())? {
         None => 0,
         Some(last) => {
             let (last_id, seq) = parse_event_id(last)?;

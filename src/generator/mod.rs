@@ -40,11 +40,11 @@ pub struct SamplingOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f64>,
     /// Most tokens to generate.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::api::json::opt_int")]
     pub max_tokens: Option<u32>,
-    /// Stop sequence(s): a string or a list of strings.
+    /// Stop sequence(s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop: Option<serde_json::Value>,
+    pub stop: Option<Stop>,
     /// Presence penalty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presence_penalty: Option<f64>,
@@ -52,8 +52,18 @@ pub struct SamplingOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frequency_penalty: Option<f64>,
     /// Sampling seed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::api::json::opt_int")]
     pub seed: Option<i64>,
+}
+
+/// `stop`: one string or several.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// One stop sequence.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
 }
 
 /// What a generator is asked for.

@@ -17,6 +17,6 @@ mod remote;
 mod streams;
 
 pub use channels::{ChannelEvent, ChannelHub, ChannelSettings, Start, Subscription};
-pub use redis::{RedisSettings, RedisStore, Replicator, StoreError};
+pub use redis::{REMOTE_READER, RedisSettings, RedisStore, Replicator, StoreError};
 pub use remote::{ChannelTail, TailGuard, follow_remote};
 pub use streams::{Attach, HubSettings, LiveStream, Reader, StreamHub, Wait, follow};

@@ -37,7 +37,7 @@ pub(super) const LEASE: Duration = Duration::from_secs(3);
 /// How often a producer refreshes its lease.
 const LEASE_REFRESH: Duration = Duration::from_secs(1);
 /// How long a remote reader's announcement lasts (renewed every second).
-pub(super) const REMOTE_READER: Duration = Duration::from_secs(3);
+pub const REMOTE_READER: Duration = Duration::from_secs(3);
 /// Longest any Redis command may take.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often readers on other replicas poll a stream that has no news.
@@ -144,6 +144,9 @@ pub struct RedisStore {
     client: Client,
     conn: ConnectionManager,
     healthy: AtomicBool,
+    /// The cancel/attach subscription is live (part of readiness: without
+    /// it cancels from other replicas would be missed).
+    listening: AtomicBool,
     settings: RedisSettings,
 }
 
@@ -164,16 +167,23 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(1))
             .set_number_of_retries(1);
         let conn = client.get_connection_manager_lazy(config)?;
-        Ok(Arc::new(Self { client, conn, healthy: AtomicBool::new(false), settings }))
+        Ok(Arc::new(Self {
+            client,
+            conn,
+            healthy: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
+            settings,
+        }))
     }
 
     fn conn(&self) -> ConnectionManager {
         self.conn.clone()
     }
 
-    /// Whether the last probe reached Redis.
+    /// Whether the last probe reached Redis and the cancel/attach
+    /// subscription is live.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Acquire)
+        self.healthy.load(Ordering::Acquire) && self.listening.load(Ordering::Acquire)
     }
 
     /// Probes Redis every `every` until `stop`, logging changes.
@@ -359,13 +369,15 @@ impl RedisStore {
         loop {
             let session = async {
                 let mut pubsub = self.client.get_async_pubsub().await?;
-                pubsub.subscribe(CANCEL_CHANNEL).await?;
+                pubsub.subscribe(&[CANCEL_CHANNEL, ATTACH_CHANNEL]).await?;
+                self.listening.store(true, Ordering::Release);
                 let mut messages = pubsub.into_on_message();
                 while let Some(msg) = messages.next().await {
-                    let Ok(text) = msg.get_payload::<String>() else {
-                        continue;
-                    };
-                    if let Some(stream) = StreamId::parse(&text).and_then(|id| hub.get(&id)) {
+                    let Ok(text) = msg.get_payload::<String>() else { continue };
+                    let Some(stream) = StreamId::parse(&text).and_then(|id| hub.get(&id)) else { continue };
+                    if msg.get_channel_name() == ATTACH_CHANNEL {
+                        stream.hold_for_remote(tokio::time::Instant::now() + REMOTE_READER);
+                    } else {
                         stream.cancel();
                     }
                 }
@@ -374,6 +386,7 @@ impl RedisStore {
             tokio::select! {
                 () = stop.cancelled() => return,
                 result = session => {
+                    self.listening.store(false, Ordering::Release);
                     if let Err(e) = result {
                         tracing::debug!(error = %StoreError::from(e), "cancel listener lost redis; retrying");
                     }
@@ -527,6 +540,7 @@ pub(super) fn id_after(a: &str, b: &str) -> bool {
 /// queued, and keeps its lease alive. Reports the first failure through
 /// `failed` (the producer then ends the stream with `store_unavailable`).
 pub struct Replicator {
+    store: Arc<RedisStore>,
     tx: mpsc::Sender<std::sync::Arc<StreamEvent>>,
     task: tokio::task::JoinHandle<()>,
     /// Cancelled when replication failed.
@@ -542,6 +556,7 @@ impl Replicator {
         let (tx, mut rx) = mpsc::channel::<std::sync::Arc<StreamEvent>>(capacity.max(1));
         let failed = CancellationToken::new();
         let flag = failed.clone();
+        let handle = store.clone();
         let task = tokio::spawn(async move {
             let mut batch = Vec::new();
             let mut lease = tokio::time::interval(LEASE_REFRESH);
@@ -570,7 +585,7 @@ impl Replicator {
                 }
             }
         });
-        Self { tx, task, failed }
+        Self { store: handle, tx, task, failed }
     }
 
     /// Queues an event; a full queue counts as a failure.
@@ -578,6 +593,11 @@ impl Replicator {
         if self.tx.try_send(event).is_err() {
             self.failed.cancel();
         }
+    }
+
+    /// The store it writes to.
+    pub fn store(&self) -> &Arc<RedisStore> {
+        &self.store
     }
 
     /// Waits (bounded) until everything queued is written.

@@ -62,6 +62,18 @@ enum Stop {
     Abandoned,
 }
 
+/// Before giving up on a stream nobody reads here, a last look for a reader
+/// on another replica (its periodic announcement may not have arrived yet);
+/// if there is one, the stream is held for it.
+async fn reader_elsewhere(stream: &LiveStream, replicator: Option<&Replicator>) -> bool {
+    let Some(replicator) = replicator else { return false };
+    if let Ok(true) = replicator.store().remote_reader(&stream.id).await {
+        stream.hold_for_remote(Instant::now() + crate::store::REMOTE_READER);
+        return true;
+    }
+    false
+}
+
 /// Spawns the producer of `stream`. Attach the first reader before calling.
 pub fn spawn(
     engine: impl Stream<Item = StreamEvent> + Send + 'static,
@@ -100,14 +112,20 @@ async fn produce(
         match wait {
             Wait::Go => {}
             Wait::SlowConsumer => break Some(Stop::SlowConsumer),
-            Wait::Abandoned => break Some(Stop::Abandoned),
+            Wait::Abandoned if !reader_elsewhere(&stream, replicator.as_ref()).await => break Some(Stop::Abandoned),
+            Wait::Abandoned => continue,
         }
         let event = tokio::select! {
             biased;
             () = store_failed.cancelled() => break Some(Stop::StoreFailed),
             () = stream.cancelled().cancelled() => break Some(Stop::Cancelled),
             () = ctx.closing.cancelled() => break Some(Stop::Closing),
-            () = stream.abandoned(settings.detach_grace) => break Some(Stop::Abandoned),
+            () = stream.abandoned(settings.detach_grace) => {
+                if reader_elsewhere(&stream, replicator.as_ref()).await {
+                    continue;
+                }
+                break Some(Stop::Abandoned);
+            }
             event = engine.next() => event,
         };
         let Some(event) = event else { break None };
