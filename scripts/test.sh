@@ -38,8 +38,8 @@ command -v python3 >/dev/null || apt_install python3 python3-venv
 # validator, the official `openai` SDK (a client in the tests) and the
 # schema validators for the deploy files.
 VENV=.venv
-PY_TOOLS="openapi-spec-validator openai kubernetes-validate check-jsonschema"
-if [ ! -x "$VENV/bin/kubernetes-validate" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
+PY_TOOLS="openapi-spec-validator openai kubernetes-validate check-jsonschema schemathesis"
+if [ ! -x "$VENV/bin/schemathesis" ] || [ ! -x "$VENV/bin/kubernetes-validate" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
     python3 -m venv "$VENV" || { apt_install python3-venv && python3 -m venv "$VENV"; }
     "$VENV/bin/pip" install -q --disable-pip-version-check $PY_TOOLS
 fi
@@ -60,4 +60,30 @@ done
 "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml
 
 log "cargo test"
-cargo test --all-targets
+cargo test --all-targets 2>&1 | tee target/cargo-test.log
+
+log "schemathesis: every operation in openapi.yaml against the live server, with a valid token"
+cargo build --quiet -p tokengate
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+secret="schemathesis-secret-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+# Unpaced, short-lived streams so that every generated request completes.
+flags=(--listen "127.0.0.1:$port" --jwt-secret "$secret" --pace-ms 0 --pace-max-ms 0
+       --rate-subject-per-min 0 --rate-ip-per-min 0 --max-stream-duration 2s --heartbeat 1s)
+target/debug/tokengate "${flags[@]}" serve >/tmp/tokengate-schemathesis.log 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+    target/debug/tokengate "${flags[@]}" healthcheck --path /healthz 2>/dev/null && break
+    sleep 0.1
+done
+token=$(target/debug/tokengate "${flags[@]}" token --sub schemathesis --scope "stream publish" --ttl 1h)
+# A fixed seed keeps CI deterministic; change it to explore further.
+"$VENV/bin/schemathesis" run openapi.yaml --url "http://127.0.0.1:$port" \
+    -H "Authorization: Bearer $token" --checks all --max-examples 15 --seed 20261125 \
+    --request-timeout 10 --no-color
+kill $server
+trap - EXIT
+
+# One closing line for the whole run: the Rust tests' totals (every step
+# above has already passed, or the script would have stopped).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "summary: %d passed, %d failed\n", p, f }' target/cargo-test.log
