@@ -144,7 +144,7 @@ pub async fn subscribe(
                     for (id, mut fields) in entries {
                         newest = id.clone();
                         let data = fields.remove("d").unwrap_or_else(|| "null".to_owned());
-                        let event = ChannelEvent { seq: 0, id, event: fields.remove("e"), data };
+                        let event = ChannelEvent::new(0, id, fields.remove("e"), data);
                         items.push(Subscription::Event(std::sync::Arc::new(event)));
                     }
                     (items, newest)
@@ -188,9 +188,8 @@ pub async fn subscribe(
         .chain(events.map(move |item| {
             let mut buf = BytesMut::new();
             match item {
-                Subscription::Event(e) => {
-                    push_event(&mut buf, Some(&e.id), Some(e.event.as_deref().unwrap_or("message")), &e.data)
-                }
+                // Encoded once at publish, shared by every subscriber.
+                Subscription::Event(e) => return e.wire.clone(),
                 Subscription::Gap { first_id } => {
                     let data = json!({
                         "code": "resume_gap",

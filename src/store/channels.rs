@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
+
+use crate::sse::push_event;
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
@@ -33,6 +36,18 @@ pub struct ChannelEvent {
     pub event: Option<String>,
     /// The payload, as compact JSON text.
     pub data: String,
+    /// The event's SSE block, encoded once and shared by every subscriber
+    /// (fan-out costs a reference count per subscriber, not an encoding).
+    pub wire: Bytes,
+}
+
+impl ChannelEvent {
+    /// An event and its encoded SSE block.
+    pub fn new(seq: u64, id: String, event: Option<String>, data: String) -> Self {
+        let mut buf = BytesMut::with_capacity(data.len() + id.len() + 32);
+        push_event(&mut buf, Some(&id), Some(event.as_deref().unwrap_or("message")), &data);
+        Self { seq, id, event, data, wire: buf.freeze() }
+    }
 }
 
 /// What a subscriber receives.
@@ -144,7 +159,7 @@ impl ChannelHub {
             let seq = log.next_seq;
             log.next_seq += 1;
             let id = id.unwrap_or_else(|| seq.to_string());
-            log.events.push_back(Arc::new(ChannelEvent { seq, id, event, data }));
+            log.events.push_back(Arc::new(ChannelEvent::new(seq, id, event, data)));
             if log.events.len() > max_events.max(1) {
                 log.events.pop_front();
             }
@@ -187,14 +202,16 @@ impl ChannelHub {
                 let appended = channel.appended.notified();
                 tokio::pin!(appended);
                 appended.as_mut().enable();
-                let (batch, first_kept, first_id) = {
+                let (batch, first_kept) = {
                     let log = lock(&channel.log);
                     let first_kept = log.events.front().map_or(log.next_seq, |e| e.seq);
-                    let first_id = log.events.front().map(|e| e.id.clone()).unwrap_or_default();
-                    let batch: Vec<Arc<ChannelEvent>> = log.events.iter().filter(|e| e.seq >= next).take(256).cloned().collect();
-                    (batch, first_kept, first_id)
+                    // Positions are consecutive: index straight to `next`.
+                    let skip = next.saturating_sub(first_kept) as usize;
+                    let batch: Vec<Arc<ChannelEvent>> = log.events.iter().skip(skip).take(256).cloned().collect();
+                    (batch, first_kept)
                 };
                 if next < first_kept {
+                    let first_id = lock(&channel.log).events.front().map(|e| e.id.clone()).unwrap_or_default();
                     yield Subscription::Gap { first_id };
                     next = first_kept;
                     continue;

@@ -60,6 +60,9 @@ pub struct LiveStream {
     appended: Notify,
     /// Woken when readers attach, detach or advance (the producer waits).
     progress: Notify,
+    /// The producer waits on a full window: only then do readers' advances
+    /// need to wake it (saves a wake-up per event on the hot path).
+    producer_waiting: std::sync::atomic::AtomicBool,
     /// Cancelled by `DELETE /v1/streams/{id}`.
     cancel: CancellationToken,
 }
@@ -111,6 +114,7 @@ impl StreamHub {
             }),
             appended: Notify::new(),
             progress: Notify::new(),
+            producer_waiting: std::sync::atomic::AtomicBool::new(false),
             cancel: CancellationToken::new(),
         });
         self.streams.lock().unwrap_or_else(PoisonError::into_inner).insert(id, stream.clone());
@@ -237,7 +241,7 @@ impl LiveStream {
     pub fn lag(&self) -> u64 {
         let state = lock(&self.state);
         let next = state.first_seq + state.events.len() as u64;
-        state.readers.iter().map(|r| next.saturating_sub(r.load(Ordering::Acquire))).max().unwrap_or(0)
+        state.readers.iter().map(|r| next.saturating_sub(r.load(Ordering::SeqCst))).max().unwrap_or(0)
     }
 
     /// Waits until the producer may append another event: every attached
@@ -267,10 +271,17 @@ impl LiveStream {
                 }
                 since + max_lag
             };
-            tokio::select! {
-                () = &mut notified => {}
-                () = sleep_until(deadline) => {}
+            // Readers wake us only while this flag is up; it is raised
+            // before the window is checked again, so no advance is missed.
+            self.producer_waiting.store(true, Ordering::SeqCst);
+            let room = self.lag() < window as u64;
+            if !room {
+                tokio::select! {
+                    () = &mut notified => {}
+                    () = sleep_until(deadline) => {}
+                }
             }
+            self.producer_waiting.store(false, Ordering::SeqCst);
         }
     }
 
@@ -309,8 +320,12 @@ pub struct Reader {
 
 impl Reader {
     fn advance(&self, next: u64) {
-        self.position.store(next, Ordering::Release);
-        self.stream.progress.notify_waiters();
+        // SeqCst pairs with the producer's flag-then-recheck: one of the two
+        // sides always sees the other's store, so no wake-up is lost.
+        self.position.store(next, Ordering::SeqCst);
+        if self.stream.producer_waiting.load(Ordering::SeqCst) {
+            self.stream.progress.notify_waiters();
+        }
     }
 }
 

@@ -20,7 +20,6 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use super::StreamEvent;
 use crate::limits::{SlotPermit, StreamSlots};
@@ -82,9 +81,11 @@ pub fn spawn(
     settings: RunSettings,
 ) {
     ctx.metrics.set_open_streams(ctx.slots.open());
-    // The producer inherits the request's span: its end-of-stream line
-    // carries the request id.
-    tokio::spawn(produce(engine, stream, ctx, settings).instrument(tracing::Span::current()));
+    // The end-of-stream line is logged in the request's span (it carries
+    // the request id); entering the span on every poll would cost on the
+    // hot path, so it is entered once, at the end.
+    let span = tracing::Span::current();
+    tokio::spawn(produce(engine, stream, ctx, settings, span));
 }
 
 async fn produce(
@@ -92,6 +93,7 @@ async fn produce(
     stream: Arc<LiveStream>,
     mut ctx: RunContext,
     settings: RunSettings,
+    span: tracing::Span,
 ) {
     let replicator = ctx.replicator.take();
     let store_failed = replicator.as_ref().map_or_else(CancellationToken::new, |r| r.failed.clone());
@@ -190,6 +192,7 @@ async fn produce(
         ctx.metrics.store_error("replicate");
     }
     ctx.metrics.stream_duration(started.elapsed());
+    let _entered = span.enter();
     tracing::info!(
         stream_id = %stream.id,
         subject = %ctx.subject,
