@@ -1,1 +1,74 @@
-fn main() {}
+//! tokengate's benchmark harness: one binary, four subcommands.
+//!
+//! - `loadgen`: the load generator (modes `stream`, `idle`, `fanout`,
+//!   `proxy`, `opens`); prints one JSON object per run on stdout and a human
+//!   summary on stderr.
+//! - `reference`: the comparison server, written the simplest idiomatic way
+//!   (axum `Sse` + `KeepAlive`, one event per character, a tokio `interval`
+//!   for pacing, a tokio `broadcast` channel for fan-out; no auth).
+//! - `mock-upstream`: a local OpenAI-compatible chat completions server that
+//!   streams the last user message back, one character per chunk.
+//! - `report`: turns the collected JSON lines into BENCHMARKS.md.
+//!
+//! `scripts/bench.sh` drives all of it.
+
+mod client;
+mod loadgen;
+mod mock;
+mod procfs;
+mod reference;
+mod report;
+mod stats;
+mod text;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "tokengate-bench", about = "tokengate's benchmark harness")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate load against tokengate, the reference server or an
+    /// OpenAI-compatible server and report JSON.
+    Loadgen(loadgen::Args),
+    /// Run the reference server (axum Sse, no auth).
+    Reference(reference::Args),
+    /// Run the mock OpenAI-compatible upstream.
+    MockUpstream(mock::Args),
+    /// Write BENCHMARKS.md from collected results.
+    Report(report::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Loadgen(args) => loadgen::main(args),
+        Command::Reference(args) => reference::main(args),
+        Command::MockUpstream(args) => mock::main(args),
+        Command::Report(args) => report::main(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokengate-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Errors are reported as text; this is a harness, not a library.
+pub type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns (soft, hard).
+pub fn raise_nofile() -> (u64, u64) {
+    if let Ok((_, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        let _ = rlimit::increase_nofile_limit(hard);
+    }
+    rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((0, 0))
+}

@@ -1,0 +1,370 @@
+#!/usr/bin/env bash
+# Benchmarks tokengate against the reference server (bench/, an idiomatic
+# axum SSE server) on the scenarios of BENCHMARKS.md, alternating the two
+# servers on each scenario (BENCH_RUNS times each, medians reported), then
+# profiles scenario 6 once and counts system calls once, and writes the
+# results into BENCHMARKS.md.
+#
+# Everything runs on this machine over loopback (127.0.0.1) with bounded
+# durations; each run starts a fresh server and kills it afterwards. About
+# 10 minutes on 2 cores after the release build.
+#
+# Environment (all optional):
+#   BENCH_RUNS=3        runs per server and scenario
+#   BENCH_OUT=target/bench   where raw JSON, logs and profiles go
+#   BENCH_SCENARIOS="1 2 3 4 5 6 strace"   which parts to run
+#   BENCH_QUICK=1       a smoke test at a fraction of the scale (figures not
+#                       comparable with the targets; BENCHMARKS.md says so)
+#   BENCH_NO_REPORT=1   do not rewrite BENCHMARKS.md
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+OUT=${BENCH_OUT:-target/bench}
+RUNS=${BENCH_RUNS:-3}
+SCENARIOS=${BENCH_SCENARIOS:-"1 2 3 4 5 6 strace"}
+QUICK=${BENCH_QUICK:-0}
+START=$(date +%s)
+
+TG=target/release/tokengate
+BENCH=target/release/tokengate-bench
+HOST=127.0.0.1
+TG_PORT=18080
+TG_PROXY_PORT=18081
+REF_PORT=18090
+MOCK_PORT=18099
+
+# Scale. The full numbers are the issue's; BENCH_QUICK scales them down.
+if [[ $QUICK == 1 ]]; then
+  S1_CONNS=100 S1_CHARS=500
+  S2_CONNS=100 S2_CHARS=200 S2_PACE=5
+  S3_CONNS=1000 S3_HOLD=6
+  S4_SUBS=500 S4_PUBS=20
+  S5_TTFD_STREAMS=50 S5_CONNS=10 S5_CHARS=500 S5_SPC=1
+  S6_RATE=2000 S6_SECS=2 S6_SUBJECTS=200 S6_CONNS=100
+  CG_RATE=100 CG_SECS=5
+else
+  S1_CONNS=1000 S1_CHARS=2000
+  # 600 characters at 5 ms: 3 s of pacing per run, 600,000 gaps per run.
+  S2_CONNS=1000 S2_CHARS=600 S2_PACE=5
+  # 0 = the fd limit (raised to the hard limit) minus 1,000.
+  S3_CONNS=0 S3_HOLD=11
+  S4_SUBS=5000 S4_PUBS=100
+  S5_TTFD_STREAMS=200 S5_CONNS=50 S5_CHARS=2000 S5_SPC=4
+  S6_RATE=10000 S6_SECS=3 S6_SUBJECTS=1000 S6_CONNS=500
+  CG_RATE=300 CG_SECS=10
+fi
+
+mkdir -p "$OUT/logs"
+RESULTS=$OUT/results.jsonl
+: >"$RESULTS"
+: >"$OUT/commands.txt"
+: >"$OUT/logs/loadgen.log"
+rm -f "$OUT"/callgrind* "$OUT"/perf* "$OUT"/strace* "$OUT"/profile-note.txt
+
+# A fresh HS256 secret (38 bytes) for this run; both sides get it from the
+# environment so it never appears in a command line or in BENCHMARKS.md.
+SECRET="bench-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+export TOKENGATE_JWT_SECRET=$SECRET BENCH_JWT_SECRET=$SECRET
+
+log_cmd() { printf '%s\n' "$*" >>"$OUT/commands.txt"; }
+note() { printf '\n== %s\n' "$*" >&2; }
+
+echo "== building (release)" >&2
+log_cmd "cargo build --release -p tokengate"
+cargo build --release -p tokengate
+log_cmd "cargo build --release -p tokengate-bench"
+cargo build --release -p tokengate-bench
+
+SRV_PID=
+MOCK_PID=
+cleanup() {
+  [[ -n $SRV_PID ]] && kill -KILL "$SRV_PID" 2>/dev/null || true
+  [[ -n $MOCK_PID ]] && kill -KILL "$MOCK_PID" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+wait_ready() { # port pid
+  local i
+  for i in $(seq 1 100); do
+    if curl -sf -o /dev/null --max-time 1 "http://$HOST:$1/healthz"; then return 0; fi
+    if ! kill -0 "$2" 2>/dev/null; then echo "server on port $1 died; see $OUT/logs" >&2; return 1; fi
+    sleep 0.1
+  done
+  echo "server on port $1 not ready after 10 s" >&2
+  return 1
+}
+
+# tokengate's flags for every scenario: no pacing by default, limits out of
+# the way (scenario 6 turns the rate limiters back on), 5 s heartbeats.
+TG_BASE=(--pace-ms 0 --max-streams 50000 --max-streams-per-subject 100000 --max-connections 60000
+  --max-prompt-bytes 1000000 --heartbeat 5s --shutdown-grace 1s)
+TG_NO_RATE=(--rate-subject-per-min 0 --rate-ip-per-min 0)
+# Scenario 6: both limiters on and consulted on every open, set high enough
+# (per subject 100/s, per IP 100,000/s) that none is refused.
+TG_RATE_ON=(--rate-subject-per-min 6000 --rate-subject-burst 100 --rate-ip-per-min 6000000 --rate-ip-burst 100000)
+
+start_tokengate() { # port log-name [extra flags...]
+  local port=$1 name=$2
+  shift 2
+  [[ ${LOG_CMDS:-0} == 1 ]] && log_cmd "$TG --listen $HOST:$port ${TG_BASE[*]} $* &   # TOKENGATE_JWT_SECRET in the environment"
+  $TG --listen "$HOST:$port" "${TG_BASE[@]}" "$@" >"$OUT/logs/$name.log" 2>&1 &
+  SRV_PID=$!
+  wait_ready "$port" "$SRV_PID"
+}
+
+start_reference() { # log-name
+  [[ ${LOG_CMDS:-0} == 1 ]] && log_cmd "$BENCH reference --listen $HOST:$REF_PORT --heartbeat-secs 5 &"
+  $BENCH reference --listen "$HOST:$REF_PORT" --heartbeat-secs 5 >"$OUT/logs/$1.log" 2>&1 &
+  SRV_PID=$!
+  wait_ready "$REF_PORT" "$SRV_PID"
+}
+
+stop_server() {
+  if [[ -n $SRV_PID ]]; then
+    kill -KILL "$SRV_PID" 2>/dev/null || true
+    wait "$SRV_PID" 2>/dev/null || true
+    SRV_PID=
+  fi
+}
+
+loadgen() { # scenario server run mode [args...]
+  local scenario=$1 server=$2 run=$3
+  shift 3
+  [[ ${LOG_CMDS:-0} == 1 ]] && log_cmd "$BENCH loadgen $* --server-pid \$PID --tag scenario=$scenario --tag server=$server --tag run=N"
+  $BENCH loadgen "$@" --server-pid "$SRV_PID" --tag "scenario=$scenario" --tag "server=$server" --tag "run=$run" \
+    >>"$RESULTS" 2> >(tee -a "$OUT/logs/loadgen.log" >&2) || echo "loadgen $scenario/$server/$run failed" >&2
+}
+
+# One run of a scenario on one server.
+run_one() { # scenario server run
+  local s=$1 server=$2 run=$3
+  local TGA=(--addr "$HOST:$TG_PORT" --target tokengate) REFA=(--addr "$HOST:$REF_PORT" --target reference)
+  case "$s/$server" in
+  s1/tokengate)
+    start_tokengate $TG_PORT "s1-tokengate-$run" "${TG_NO_RATE[@]}"
+    loadgen s1 tokengate "$run" stream "${TGA[@]}" --conns $S1_CONNS --chars $S1_CHARS ;;
+  s1/reference)
+    start_reference "s1-reference-$run"
+    loadgen s1 reference "$run" stream "${REFA[@]}" --conns $S1_CONNS --chars $S1_CHARS ;;
+  s1b/tokengate)
+    start_tokengate $TG_PORT "s1b-tokengate-$run" "${TG_NO_RATE[@]}"
+    loadgen s1b tokengate "$run" stream "${TGA[@]}" --conns $S1_CONNS --chars $S1_CHARS --threads 2 ;;
+  s1b/reference)
+    start_reference "s1b-reference-$run"
+    loadgen s1b reference "$run" stream "${REFA[@]}" --conns $S1_CONNS --chars $S1_CHARS --threads 2 ;;
+  s2/tokengate)
+    start_tokengate $TG_PORT "s2-tokengate-$run" "${TG_NO_RATE[@]}"
+    loadgen s2 tokengate "$run" stream "${TGA[@]}" --conns $S2_CONNS --chars $S2_CHARS --pace-ms $S2_PACE ;;
+  s2/reference)
+    start_reference "s2-reference-$run"
+    loadgen s2 reference "$run" stream "${REFA[@]}" --conns $S2_CONNS --chars $S2_CHARS --pace-ms $S2_PACE ;;
+  s3/tokengate)
+    # A 60 s pace (allowed by --pace-max-ms) keeps every stream open and
+    # quiet but for heartbeats.
+    start_tokengate $TG_PORT "s3-tokengate-$run" "${TG_NO_RATE[@]}" --pace-max-ms 600000
+    loadgen s3 tokengate "$run" idle "${TGA[@]}" --conns $S3_CONNS --hold-secs $S3_HOLD --heartbeat-secs 5 --pace-ms 60000 ;;
+  s3/reference)
+    start_reference "s3-reference-$run"
+    loadgen s3 reference "$run" idle "${REFA[@]}" --conns $S3_CONNS --hold-secs $S3_HOLD --heartbeat-secs 5 --pace-ms 60000 ;;
+  s4/tokengate)
+    start_tokengate $TG_PORT "s4-tokengate-$run" "${TG_NO_RATE[@]}"
+    loadgen s4 tokengate "$run" fanout "${TGA[@]}" --subscribers $S4_SUBS --publishes $S4_PUBS --interval-ms 100 ;;
+  s4/reference)
+    start_reference "s4-reference-$run"
+    loadgen s4 reference "$run" fanout "${REFA[@]}" --subscribers $S4_SUBS --publishes $S4_PUBS --interval-ms 100 ;;
+  s5/tokengate)
+    start_tokengate $TG_PROXY_PORT "s5-tokengate-$run" "${TG_NO_RATE[@]}" \
+      --upstream-url "http://$HOST:$MOCK_PORT/v1" --upstream-model m
+    local P=(--addr "$HOST:$TG_PROXY_PORT" --target tokengate --generator openai)
+    loadgen s5ttfd tokengate "$run" proxy "${P[@]}" --conns 1 --streams-per-conn $S5_TTFD_STREAMS --chars 50
+    loadgen s5tput tokengate "$run" proxy "${P[@]}" --conns $S5_CONNS --streams-per-conn $S5_SPC --chars $S5_CHARS ;;
+  s5/direct)
+    # The "server" measured is the mock itself.
+    SRV_PID=$MOCK_PID
+    local D=(--addr "$HOST:$MOCK_PORT" --target openai)
+    loadgen s5ttfd direct "$run" proxy "${D[@]}" --conns 1 --streams-per-conn $S5_TTFD_STREAMS --chars 50
+    loadgen s5tput direct "$run" proxy "${D[@]}" --conns $S5_CONNS --streams-per-conn $S5_SPC --chars $S5_CHARS
+    SRV_PID= ;;
+  s6/tokengate)
+    start_tokengate $TG_PORT "s6-tokengate-$run" "${TG_RATE_ON[@]}"
+    loadgen s6 tokengate "$run" opens "${TGA[@]}" --rate $S6_RATE --duration-secs $S6_SECS --subjects $S6_SUBJECTS --conns $S6_CONNS ;;
+  s6/reference)
+    start_reference "s6-reference-$run"
+    loadgen s6 reference "$run" opens "${REFA[@]}" --rate $S6_RATE --duration-secs $S6_SECS --subjects $S6_SUBJECTS --conns $S6_CONNS ;;
+  esac
+  stop_server
+}
+
+# Alternate the servers, swapping who goes first on every other run.
+alternate() { # scenario first second
+  local s=$1 a=$2 b=$3 run
+  for run in $(seq 1 "$RUNS"); do
+    if [[ $run == 1 ]]; then LOG_CMDS=1; else LOG_CMDS=0; fi
+    if ((run % 2 == 1)); then
+      run_one "$s" "$a" "$run"
+      LOG_CMDS=0
+      run_one "$s" "$b" "$run"
+    else
+      run_one "$s" "$b" "$run"
+      run_one "$s" "$a" "$run"
+    fi
+  done
+  LOG_CMDS=0
+}
+
+LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
+
+for s in $SCENARIOS; do
+  case $s in
+  1)
+    note "scenario 1: unpaced throughput"; log_cmd "# scenario 1"; alternate s1 tokengate reference
+    # The same with a 2-thread load generator: with one thread the client
+    # itself can be the bottleneck (it is for the reference's many small
+    # writes), with two it competes with the server for the 2 cores.
+    note "scenario 1b: unpaced throughput, 2-thread load generator"; log_cmd "# scenario 1b"; alternate s1b tokengate reference ;;
+  2) note "scenario 2: paced"; log_cmd "# scenario 2"; alternate s2 tokengate reference ;;
+  3) note "scenario 3: idle"; log_cmd "# scenario 3"; alternate s3 tokengate reference ;;
+  4) note "scenario 4: fan-out"; log_cmd "# scenario 4"; alternate s4 tokengate reference ;;
+  5)
+    note "scenario 5: proxy overhead"
+    log_cmd "# scenario 5 (mock upstream stays up for all runs)"
+    log_cmd "$BENCH mock-upstream --listen $HOST:$MOCK_PORT &"
+    $BENCH mock-upstream --listen "$HOST:$MOCK_PORT" >"$OUT/logs/mock.log" 2>&1 &
+    MOCK_PID=$!
+    wait_ready $MOCK_PORT $MOCK_PID
+    alternate s5 tokengate direct
+    kill -KILL "$MOCK_PID" 2>/dev/null || true
+    wait "$MOCK_PID" 2>/dev/null || true
+    MOCK_PID= ;;
+  6)
+    note "scenario 6: stream opens with auth and limits"
+    log_cmd "# scenario 6"
+    alternate s6 tokengate reference
+
+    # Diagnostic (once): the same load with tokengate's logging at warn.
+    note "scenario 6 diagnostic: RUST_LOG=warn"
+    log_cmd "# scenario 6 diagnostic, once: RUST_LOG=warn"
+    LOG_CMDS=1
+    export RUST_LOG=warn
+    start_tokengate $TG_PORT "s6-quiet" "${TG_RATE_ON[@]}"
+    unset RUST_LOG
+    loadgen s6quiet tokengate 1 opens --addr "$HOST:$TG_PORT" --target tokengate --rate $S6_RATE --duration-secs $S6_SECS --subjects $S6_SUBJECTS --conns $S6_CONNS
+    stop_server
+    LOG_CMDS=0
+
+    # Profile (once). perf is used when it can count instructions;
+    # otherwise callgrind on a short run at a lower rate (callgrind runs the
+    # server ~50x slower; the shares are what count).
+    note "scenario 6 profile"
+    if perf stat -e instructions true >/dev/null 2>&1 && ! perf stat -e instructions true 2>&1 | grep -q "not supported"; then
+      PERF_COUNTS=1
+    else
+      PERF_COUNTS=0
+    fi
+    if command -v valgrind >/dev/null && [[ $PERF_COUNTS == 0 ]]; then
+      log_cmd "# scenario 6 profile, once: perf cannot count instructions here, so callgrind"
+      log_cmd "valgrind --tool=callgrind --callgrind-out-file=$OUT/callgrind.out $TG --listen $HOST:$TG_PORT ${TG_BASE[*]} ${TG_RATE_ON[*]} &"
+      valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
+        $TG --listen "$HOST:$TG_PORT" "${TG_BASE[@]}" "${TG_RATE_ON[@]}" >"$OUT/logs/s6-callgrind.log" 2>&1 &
+      SRV_PID=$!
+      wait_ready $TG_PORT $SRV_PID
+      LOG_CMDS=1
+      loadgen callgrind tokengate 1 opens --addr "$HOST:$TG_PORT" --target tokengate --rate $CG_RATE --duration-secs $CG_SECS --subjects $S6_SUBJECTS --conns 100 --max-secs 60
+      LOG_CMDS=0
+      kill -TERM "$SRV_PID"
+      wait "$SRV_PID" 2>/dev/null || true
+      SRV_PID=
+      log_cmd "callgrind_annotate --inclusive=yes $OUT/callgrind.out; callgrind_annotate $OUT/callgrind.out"
+      callgrind_annotate --inclusive=yes --threshold=100 "$OUT/callgrind.out" >"$OUT/callgrind-inclusive.txt" 2>/dev/null || true
+      callgrind_annotate --threshold=100 "$OUT/callgrind.out" >"$OUT/callgrind-self.txt" 2>/dev/null || true
+      cat >"$OUT/profile-note.txt" <<EOF
+\`perf stat -e instructions\` does not work on this machine (no hardware counters in the VM), so the
+profile is callgrind's instruction counts (\`valgrind --tool=callgrind\`, release binary, symbols
+without debug info: inlined functions count in their caller). tokengate ran with the scenario's flags
+(rate limiters on) and served $((CG_RATE * CG_SECS)) stream opens at $CG_RATE/s over 100 kept-alive
+connections across $S6_SUBJECTS subjects (the full $S6_RATE/s is impossible under callgrind's slowdown;
+the shares are per open and do not depend on the rate), then got SIGTERM. The counts cover the whole
+process, start-up and shutdown included (the table shows the largest start-up item, the limiters'
+construction with its clock calibration, so it can be told apart);
+zeroing the counters after a warm-up was tried and mis-attributes self costs to the frames that were
+live at that moment. Logging was at its default (info, text).
+EOF
+    fi
+    if perf record -e cpu-clock -o /dev/null true >/dev/null 2>&1; then
+      # Cross-check at the full rate: sampled CPU time (kernel included).
+      LOG_CMDS=1
+      start_tokengate $TG_PORT "s6-perf" "${TG_RATE_ON[@]}"
+      log_cmd "perf record -e cpu-clock -F 1999 -p \$PID -o $OUT/perf.data -- sleep $((S6_SECS + 1)) &"
+      perf record -e cpu-clock -F 1999 -p "$SRV_PID" -o "$OUT/perf.data" -- sleep $((S6_SECS + 1)) >/dev/null 2>&1 &
+      PERF_PID=$!
+      sleep 0.3
+      loadgen perf tokengate 1 opens --addr "$HOST:$TG_PORT" --target tokengate --rate $S6_RATE --duration-secs $S6_SECS --subjects $S6_SUBJECTS --conns $S6_CONNS
+      wait "$PERF_PID" 2>/dev/null || true
+      LOG_CMDS=0
+      stop_server
+      perf report -i "$OUT/perf.data" --stdio --no-children --sort sym 2>/dev/null | grep -E '^ +[0-9.]+%' >"$OUT/perf-report.txt" || true
+      echo "tokengate at the full $S6_RATE opens/s for ${S6_SECS} s under \`perf record -e cpu-clock -F 1999 -p PID\` (software clock sampling; no call graphs, so these are self times; kernel time, mostly the loopback TCP stack, is included as its own line)." >"$OUT/perf-note.txt"
+    fi ;;
+  strace)
+    if command -v strace >/dev/null; then
+      note "system calls (strace -c -f), paced streams, once per server"
+      log_cmd "# system calls, once per server: strace -c -f -p \$PID during a scaled-down scenario 2"
+      for server in tokengate reference; do
+        LOG_CMDS=1
+        if [[ $server == tokengate ]]; then
+          start_tokengate $TG_PORT "strace-tokengate" "${TG_NO_RATE[@]}"
+          A=(--addr "$HOST:$TG_PORT" --target tokengate)
+        else
+          start_reference "strace-reference"
+          A=(--addr "$HOST:$REF_PORT" --target reference)
+        fi
+        log_cmd "strace -c -f -p \$PID -o $OUT/strace-$server.txt &"
+        strace -c -f -p "$SRV_PID" -o "$OUT/strace-$server.txt" 2>/dev/null &
+        STRACE_PID=$!
+        sleep 1
+        loadgen strace "$server" 1 stream "${A[@]}" --conns 200 --chars 300 --pace-ms 5
+        kill -INT "$STRACE_PID" 2>/dev/null || true
+        wait "$STRACE_PID" 2>/dev/null || true
+        LOG_CMDS=0
+        stop_server
+      done
+      echo "Counted with \`strace -c -f -p PID\` attached to the server while 200 streams of 300 characters at 5 ms ran (a scaled-down scenario 2). strace slows every system call down, so the server batches differently than untraced; the counts per character are indicative." >"$OUT/strace-note.txt"
+    fi ;;
+  esac
+done
+
+ELAPSED=$(($(date +%s) - START))
+CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+MEM=$(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ -n $(git status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then COMMIT="$COMMIT (with uncommitted changes in src/ or Cargo.*)"; fi
+SCALE="Full scale: the issue's numbers (1,000 streams of 2,000 characters; 1,000 paced streams; the fd limit's worth of idle streams; 5,000 subscribers x 100 publishes; 1 and 50 proxied streams; 10,000 opens/s) except where a scenario line says otherwise."
+[[ $QUICK == 1 ]] && SCALE="**BENCH_QUICK=1 smoke run at a fraction of the scale: these figures are not comparable with the targets.**"
+cat >"$OUT/meta.txt" <<EOF
+DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
+NPROC=$(nproc)
+CPU=$CPU_MODEL
+MEM=$MEM
+KERNEL=$(uname -sr)
+NOFILE=$(ulimit -Sn)/$(ulimit -Hn) (the load generator and the reference raise the soft limit to the hard one)
+RUSTC=$(rustc --version)
+COMMIT=$COMMIT
+LOADAVG=$LOADAVG
+ELAPSED=$((ELAPSED / 60)) min $((ELAPSED % 60)) s (build included)
+RUNS=$RUNS
+SCALE=$SCALE
+S1B=Scenario 1 again with \`--threads 2\` for the load generator (a multi-thread runtime with 2 workers), so that the client is not capped at one core; it then competes with the server for both cores.
+S1=$S1_CONNS concurrent GET streams of $S1_CHARS generated characters each (about 1 in 4 CJK), unpaced (\`pace_ms\` omitted, server default 0), every stream's reassembled text compared with what was sent. chars/s = characters delivered / time from the first request to the last \`done\` (all connections are opened before the clock starts).
+S2=$S2_CONNS concurrent streams of $S2_CHARS characters at \`pace_ms=$S2_PACE\` ($((S2_CHARS * S2_PACE / 1000)) s nominal per stream instead of longer runs, to keep the whole script near 10 minutes). Gaps are between consecutive deltas of one stream, as the client reads them. CPU per character = server utime+stime / characters delivered.
+S3=As many streams as the fd limit allows (hard limit minus 1,000 for the other descriptors; the server has the same limit), each a \`/v1/stream\` at \`pace_ms=60000\` (tokengate started with \`--pace-max-ms 600000\`) so that after its first delta it only gets heartbeats (5 s on both servers), held ${S3_HOLD} s. RSS per stream = (VmRSS while held - VmRSS of the fresh server) / open streams. Heartbeats flowing = every stream got at least floor(hold/5 s) - 1 heartbeats during the hold.
+S4=$S4_SUBS subscribers on one channel, then $S4_PUBS publishes 100 ms apart over a kept-alive connection; each delivery's latency = when the subscriber read it - when the publisher sent the POST (same process, same monotonic clock).
+S5=A mock OpenAI-compatible upstream (\`tokengate-bench mock-upstream\`, one character per \`chat.completion.chunk\`, unpaced) served directly (\`direct\`) or through tokengate's \`openai\` generator (\`--upstream-url http://$HOST:$MOCK_PORT/v1 --upstream-model m\`). Time to first delta: 1 connection running $S5_TTFD_STREAMS streams of 50 characters one after the other. Throughput: $S5_CONNS concurrent connections each running $S5_SPC streams of $S5_CHARS characters. Server CPU for \`direct\` is the mock's; for tokengate it is tokengate's alone (the mock works in both; in the tokengate runs the mock's CPU shows as \`other_cpu_s\`).
+S6=Open-loop schedule of $S6_RATE stream opens/s for $S6_SECS s over $S6_CONNS kept-alive connections, each open with the token of the next of $S6_SUBJECTS subjects (round robin), 8-character echo streams; both rate limiters on in tokengate (per subject 6,000/min, per IP 6,000,000/min: consulted, never refusing). Latency is from the scheduled start to \`done\`. Profiled once, see below.
+EOF
+
+if [[ ${BENCH_NO_REPORT:-0} != 1 ]]; then
+  log_cmd "$BENCH report --results $RESULTS --dir $OUT --out BENCHMARKS.md"
+  $BENCH report --results "$RESULTS" --dir "$OUT" --out "$ROOT/BENCHMARKS.md"
+fi
+echo "done in $((ELAPSED / 60)) min $((ELAPSED % 60)) s; raw results in $RESULTS" >&2
