@@ -107,7 +107,7 @@ TG_RATE_ON=(--rate-subject-per-min 6000 --rate-subject-burst 100 --rate-ip-per-m
 start_tokengate() { # port log-name [extra flags...]
   local port=$1 name=$2
   shift 2
-  [[ ${LOG_CMDS:-0} == 1 ]] && log_cmd "$TG --listen $HOST:$port ${TG_BASE[*]} $* &   # TOKENGATE_JWT_SECRET in the environment"
+  [[ ${LOG_CMDS:-0} == 1 ]] && log_cmd "${RUST_LOG:+RUST_LOG=$RUST_LOG }$TG --listen $HOST:$port ${TG_BASE[*]} $* &   # TOKENGATE_JWT_SECRET in the environment"
   $TG --listen "$HOST:$port" "${TG_BASE[@]}" "$@" >"$OUT/logs/$name.log" 2>&1 &
   SRV_PID=$!
   wait_ready "$port" "$SRV_PID"
@@ -203,8 +203,8 @@ alternate() { # scenario first second
     if [[ $run == 1 ]]; then LOG_CMDS=1; else LOG_CMDS=0; fi
     if ((run % 2 == 1)); then
       run_one "$s" "$a" "$run"
-      LOG_CMDS=0
       run_one "$s" "$b" "$run"
+      LOG_CMDS=0
     else
       run_one "$s" "$b" "$run"
       run_one "$s" "$a" "$run"
@@ -244,7 +244,7 @@ for s in $SCENARIOS; do
 
     # Diagnostic (once): the same load with tokengate's logging at warn.
     note "scenario 6 diagnostic: RUST_LOG=warn"
-    log_cmd "# scenario 6 diagnostic, once: RUST_LOG=warn"
+    log_cmd "# scenario 6 diagnostic, once: RUST_LOG=warn (for tokengate)"
     LOG_CMDS=1
     export RUST_LOG=warn
     start_tokengate $TG_PORT "s6-quiet" "${TG_RATE_ON[@]}"

@@ -829,7 +829,7 @@ fn profile_section(dir: &std::path::Path) -> Profile {
                 ("(inside JWT) signature check", &["jsonwebtoken::decoding::verify_signature"]),
                 ("(inside JWT) claims parsing", &["jsonwebtoken::serialization::DecodedJwtPartClaims::deserialize"]),
                 ("(inside JWT) HMAC-SHA256", &["hmac::"]),
-                ("(inside limiters) governor's state update", &["StateStore for dashmap::DashMap"]),
+                ("(inside limiters) governor's GCRA check", &["governor::gcra::Gcra::test_and_update"]),
                 (
                     "start-up, not per request: limiters' construction (clock calibration)",
                     &["tokengate::limits::rate::RateLimits::new"],
