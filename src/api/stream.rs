@@ -30,7 +30,7 @@ use crate::stream::{EngineSettings, RunContext, RunSettings, StreamEvent, Stream
 pub struct StreamQuery {
     prompt: Option<String>,
     generator: Option<String>,
-    pace_ms: Option<u64>,
+    pace_ms: Option<u32>,
     last_event_id: Option<String>,
 }
 
@@ -44,7 +44,7 @@ pub struct StreamBody {
     messages: Vec<ChatMessage>,
     generator: Option<String>,
     #[serde(default, deserialize_with = "super::json::opt_int")]
-    pace_ms: Option<u64>,
+    pace_ms: Option<u32>,
 }
 
 /// `GET /v1/stream?prompt=...&generator=...&pace_ms=...`
@@ -184,7 +184,7 @@ async fn open(
     principal: &Principal,
     request: GenerateRequest,
     generator: Option<String>,
-    pace_ms: Option<u64>,
+    pace_ms: Option<u32>,
 ) -> Result<Response, ApiError> {
     let started = start_stream(state, principal, request, generator, pace_ms, state.config.store.detach_grace).await?;
     let cfg = &state.config;
@@ -215,7 +215,7 @@ pub async fn start_stream(
     principal: &Principal,
     request: GenerateRequest,
     generator: Option<String>,
-    pace_ms: Option<u64>,
+    pace_ms: Option<u32>,
     detach_grace: std::time::Duration,
 ) -> Result<Started, ApiError> {
     let cfg = &state.config.stream;
@@ -240,8 +240,10 @@ pub async fn start_stream(
     }
     let permit = state.slots.try_acquire(&principal.subject)?;
     let stream_id = StreamId::random().map_err(|e| ApiError::Internal(format!("OS RNG failed: {e}")))?;
-    let settings =
-        EngineSettings { pace: cfg.pace.resolve(entry.pace, pace_ms), max_duration: limits.max_stream_duration };
+    let settings = EngineSettings {
+        pace: cfg.pace.resolve(entry.pace, pace_ms.map(u64::from)),
+        max_duration: limits.max_stream_duration,
+    };
     tracing::debug!(subject = %principal.subject, generator = %name, %stream_id, "stream opened");
     if let Some(redis) = &state.redis {
         redis.create_stream(&stream_id, &principal.subject, &name).await?;

@@ -22,7 +22,6 @@ pub use registry::{Entry, Registry};
 /// A chat message as clients send it (`role` is free text: `system`,
 /// `user`, `assistant`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     /// Who said it.
     pub role: String,
