@@ -209,17 +209,22 @@ impl RedisStore {
         }
     }
 
-    /// The last logged event's sequence number and whether it is terminal.
-    pub async fn last_event(&self, id: &StreamId) -> Result<Option<(u64, bool)>, StoreError> {
+    /// The newest entry of a Redis stream, if any.
+    async fn newest(&self, key: &str) -> Result<Option<(String, HashMap<String, String>)>, StoreError> {
         let entries: Entries = redis::cmd("XREVRANGE")
-            .arg(stream_key(id))
+            .arg(key)
             .arg("+")
             .arg("-")
             .arg("COUNT")
             .arg(1)
             .query_async(&mut self.conn())
             .await?;
-        Ok(entries.into_iter().next().and_then(|(entry_id, fields)| {
+        Ok(entries.into_iter().next())
+    }
+
+    /// The last logged event's sequence number and whether it is terminal.
+    pub async fn last_event(&self, id: &StreamId) -> Result<Option<(u64, bool)>, StoreError> {
+        Ok(self.newest(&stream_key(id)).await?.and_then(|(entry_id, fields)| {
             let seq = seq_of(&entry_id)?;
             let event = fields.get("e").and_then(|json| decode(*id, seq, json))?;
             Some((seq, event.is_terminal()))
@@ -515,15 +520,7 @@ impl RedisStore {
 
     /// The id of the newest entry of a channel (`0-0` when empty).
     pub async fn channel_last_id(&self, name: &str) -> Result<String, StoreError> {
-        let entries: Entries = redis::cmd("XREVRANGE")
-            .arg(channel_key(name))
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut self.conn())
-            .await?;
-        Ok(entries.into_iter().next().map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+        Ok(self.newest(&channel_key(name)).await?.map_or_else(|| "0-0".to_owned(), |(id, _)| id))
     }
 }
 

@@ -91,6 +91,25 @@ async fn ready(app: &TestApp) {
     panic!("replica never became ready");
 }
 
+/// Opens a demo stream on a replica binary, retrying while it is still
+/// connecting to Redis (its first requests may get 503).
+async fn open_demo_on(a: &crate::binary::Server, token: &str, prompt: &str) -> reqwest::Response {
+    let client = reqwest::Client::new();
+    for _ in 0..100 {
+        let r = client
+            .get(format!("{}/v1/stream?generator=demo&prompt={prompt}", a.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("replica A never accepted the stream");
+}
+
 fn seq_of(id: &Option<String>) -> u64 {
     id.as_deref().and_then(|i| i.rsplit('.').next()).and_then(|s| s.parse().ok()).unwrap_or(u64::MAX)
 }
@@ -291,23 +310,7 @@ async fn a_replica_killed_mid_stream_gives_everything_logged_then_generator_lost
     let b = spawn_app_with(shared(&redis)).await;
     ready(&b).await;
     let token = b.token("alice", "stream");
-    let client = reqwest::Client::new();
-    let mut resp = None;
-    for _ in 0..100 {
-        let r = client
-            .get(format!("{}/v1/stream?generator=demo&prompt=english", a.base))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            resp = Some(r);
-            break;
-        }
-        // A may still be connecting to Redis.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mut body = resp.expect("A accepted the stream").bytes_stream();
+    let mut body = open_demo_on(&a, &token, "english").await.bytes_stream();
     let mut parser = Parser::new();
     let mut first = Vec::new();
     while delta_text(&first).chars().count() < 5 {
@@ -359,22 +362,7 @@ async fn sigterm_on_a_sends_shutdown_and_the_client_resumes_on_b_without_losing_
     let b = spawn_app_with(shared(&redis)).await;
     ready(&b).await;
     let token = b.token("alice", "stream");
-    let client = reqwest::Client::new();
-    let mut resp = None;
-    for _ in 0..100 {
-        let r = client
-            .get(format!("{}/v1/stream?generator=demo&prompt=chinese", a.base))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            resp = Some(r);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mut body = resp.expect("A accepted the stream").bytes_stream();
+    let mut body = open_demo_on(&a, &token, "chinese").await.bytes_stream();
     let mut parser = Parser::new();
     let mut first =
         read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "delta"))
