@@ -59,8 +59,8 @@ for manifest in deploy/k8s/*.yaml; do
 done
 "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml
 
-log "cargo test"
-cargo test --all-targets 2>&1 | tee target/cargo-test.log
+log "cargo test --workspace"
+cargo test --workspace --all-targets 2>&1 | tee target/cargo-test.log
 
 log "schemathesis: every operation in openapi.yaml against the live server, with a valid token"
 cargo build --quiet -p tokengate
