@@ -55,12 +55,6 @@ impl Shutdown {
         self.stopped.cancel();
     }
 
-    /// Skips the rest of the grace period.
-    pub fn close_now(&self) {
-        self.draining.cancel();
-        self.closing.cancel();
-    }
-
     /// True once draining started.
     pub fn is_draining(&self) -> bool {
         self.draining.is_cancelled()

@@ -261,7 +261,9 @@ pub async fn start_stream(
         permit,
         slots: state.slots.clone(),
         metrics: state.metrics.clone(),
-        closing: state.shutdown.closing().clone(),
+        // A child token: polled on every event, it must not be the lock all
+        // streams share.
+        closing: state.shutdown.closing().child_token(),
         replicator,
     };
     let run = RunSettings { window: limits.send_queue, max_lag: limits.max_lag, detach_grace };

@@ -148,11 +148,6 @@ impl ChannelHub {
         channel.appended.notify_waiters();
     }
 
-    /// Subscribers of `name` connected to this process.
-    pub fn local_subscribers(&self, name: &str) -> usize {
-        lock(&self.channels).get(name).map_or(0, |c| c.subscribers.load(Ordering::Acquire))
-    }
-
     fn push(channel: &Channel, max_events: usize, id: Option<String>, event: Option<String>, data: String) -> u64 {
         {
             let mut log = lock(&channel.log);
@@ -194,6 +189,10 @@ impl ChannelHub {
         };
         async_stream::stream! {
             let _guard = guard;
+        // A child token of our own: `is_cancelled` locks the token's mutex,
+        // and the shared shutdown token would be one lock contended by every
+        // reader on every event.
+        let closing = closing.child_token();
             loop {
                 if closing.is_cancelled() {
                     yield Subscription::Shutdown;

@@ -28,6 +28,10 @@ pub fn follow_remote(
 ) -> impl Stream<Item = Arc<StreamEvent>> + Send + 'static {
     async_stream::stream! {
         let mut next = from;
+        // A child token of our own: `is_cancelled` locks the token's mutex,
+        // and the shared shutdown token would be one lock contended by every
+        // reader on every event.
+        let closing = closing.child_token();
         let mut last_sent = Instant::now();
         let mut lease_missing = false;
         let mut announced: Option<Instant> = None;

@@ -174,11 +174,6 @@ impl LiveStream {
         state.first_seq + state.events.len() as u64
     }
 
-    /// True once the terminal event is in the log.
-    pub fn is_finished(&self) -> bool {
-        lock(&self.state).finished_at.is_some()
-    }
-
     /// Requests cancellation (the producer appends `error: cancelled`).
     pub fn cancel(&self) {
         self.cancel.cancel();
@@ -358,6 +353,10 @@ pub fn follow(
 ) -> impl Stream<Item = Arc<StreamEvent>> + Send + 'static {
     async_stream::stream! {
         let stream = reader.stream.clone();
+        // A child token of our own: `is_cancelled` locks the token's mutex,
+        // and the shared shutdown token would be one lock contended by every
+        // reader on every event.
+        let closing = closing.child_token();
         let mut next = reader.from;
         loop {
             if closing.is_cancelled() {

@@ -103,47 +103,63 @@ async fn produce(
     let mut deepest: u64 = 0;
     let mut first_delta_seen = false;
     let mut outcome: Cow<'static, str> = Cow::Borrowed("internal");
-    let stop = loop {
-        let wait = tokio::select! {
-            biased;
-            () = store_failed.cancelled() => break Some(Stop::StoreFailed),
-            () = stream.cancelled().cancelled() => break Some(Stop::Cancelled),
-            () = ctx.closing.cancelled() => break Some(Stop::Closing),
-            wait = stream.wait_for_room(settings.window, settings.max_lag, settings.detach_grace) => wait,
-        };
-        match wait {
-            Wait::Go => {}
-            Wait::SlowConsumer => break Some(Stop::SlowConsumer),
-            Wait::Abandoned if !reader_elsewhere(&stream, replicator.as_ref()).await => break Some(Stop::Abandoned),
-            Wait::Abandoned => continue,
-        }
-        let event = tokio::select! {
-            biased;
-            () = store_failed.cancelled() => break Some(Stop::StoreFailed),
-            () = stream.cancelled().cancelled() => break Some(Stop::Cancelled),
-            () = ctx.closing.cancelled() => break Some(Stop::Closing),
-            () = stream.abandoned(settings.detach_grace) => {
-                if reader_elsewhere(&stream, replicator.as_ref()).await {
-                    continue;
-                }
-                break Some(Stop::Abandoned);
+    // The reasons to stop other than the engine's own end, as one future
+    // made once: building fresh `cancelled()` futures for every event would
+    // lock and register on three tokens per character.
+    let stop = {
+        let stopping = async {
+            tokio::select! {
+                biased;
+                () = store_failed.cancelled() => Stop::StoreFailed,
+                () = stream.cancelled().cancelled() => Stop::Cancelled,
+                () = ctx.closing.cancelled() => Stop::Closing,
             }
-            event = engine.next() => event,
         };
-        let Some(event) = event else { break None };
-        if !first_delta_seen && matches!(event, StreamEvent::Delta { .. }) {
-            first_delta_seen = true;
-            ctx.metrics.first_delta(started.elapsed());
-        }
-        deepest = deepest.max(stream.lag());
-        let finished = event.outcome();
-        let logged = stream.append(event);
-        if let Some(replicator) = &replicator {
-            replicator.push(logged);
-        }
-        if let Some(finished) = finished {
-            outcome = finished;
-            break None;
+        tokio::pin!(stopping);
+        let abandoned = stream.abandoned(settings.detach_grace);
+        tokio::pin!(abandoned);
+        loop {
+            let wait = tokio::select! {
+                biased;
+                stop = &mut stopping => break Some(stop),
+                wait = stream.wait_for_room(settings.window, settings.max_lag, settings.detach_grace) => wait,
+            };
+            match wait {
+                Wait::Go => {}
+                Wait::SlowConsumer => break Some(Stop::SlowConsumer),
+                Wait::Abandoned if !reader_elsewhere(&stream, replicator.as_ref()).await => {
+                    break Some(Stop::Abandoned);
+                }
+                Wait::Abandoned => continue,
+            }
+            let event = tokio::select! {
+                biased;
+                stop = &mut stopping => break Some(stop),
+                () = &mut abandoned => {
+                    if reader_elsewhere(&stream, replicator.as_ref()).await {
+                        // Held for a reader elsewhere: watch afresh.
+                        abandoned.set(stream.abandoned(settings.detach_grace));
+                        continue;
+                    }
+                    break Some(Stop::Abandoned);
+                }
+                event = engine.next() => event,
+            };
+            let Some(event) = event else { break None };
+            if !first_delta_seen && matches!(event, StreamEvent::Delta { .. }) {
+                first_delta_seen = true;
+                ctx.metrics.first_delta(started.elapsed());
+            }
+            deepest = deepest.max(stream.lag());
+            let finished = event.outcome();
+            let logged = stream.append(event);
+            if let Some(replicator) = &replicator {
+                replicator.push(logged);
+            }
+            if let Some(finished) = finished {
+                outcome = finished;
+                break None;
+            }
         }
     };
     if let Some(stop) = stop {
