@@ -56,12 +56,8 @@ pub async fn open_stream_get(
 ) -> Result<Response, ApiError> {
     super::require(&principal, Scope::Stream)?;
     let Query(q) = query?;
-    // The header wins, but a malformed query value is refused all the same.
-    if let Some(query_id) = q.last_event_id.as_deref().map(str::trim).filter(|v| !v.is_empty()) {
-        parse_event_id(query_id)?;
-    }
-    if let Some(last) = last_event_id(&headers, q.last_event_id.as_deref())? {
-        return resume_from_event_id(&state, &principal, last).await;
+    if let Some((id, from)) = resume_point(&headers, q.last_event_id.as_deref())? {
+        return resume_at(&state, &principal, id, from).await;
     }
     let request = GenerateRequest { prompt: q.prompt.unwrap_or_default(), ..GenerateRequest::default() };
     open(&state, &principal, request, q.generator, q.pace_ms).await
@@ -75,8 +71,8 @@ pub async fn open_stream_post(
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     super::require(&principal, Scope::Stream)?;
-    if let Some(last) = last_event_id(&headers, None)? {
-        return resume_from_event_id(&state, &principal, last).await;
+    if let Some((id, from)) = resume_point(&headers, None)? {
+        return resume_at(&state, &principal, id, from).await;
     }
     let JsonObject::<StreamBody>(b) =
         body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?.try_into()?;
@@ -108,10 +104,21 @@ pub fn parse_event_id(value: &str) -> Result<(StreamId, u64), ApiError> {
 /// gap as if nothing was missing.
 pub const GAP_SEEN: u64 = u64::MAX;
 
-async fn resume_from_event_id(state: &AppState, principal: &Principal, last: &str) -> Result<Response, ApiError> {
-    let (id, seq) = parse_event_id(last)?;
+/// The resume point a stream request carries, as the stream and the first
+/// sequence number to send. Both the header and the query value must be
+/// well-formed; the header wins.
+pub fn resume_point(headers: &HeaderMap, query: Option<&str>) -> Result<Option<(StreamId, u64)>, ApiError> {
+    if let Some(query_id) = query.map(str::trim).filter(|v| !v.is_empty()) {
+        parse_event_id(query_id)?;
+    }
+    last_event_id(headers, query)?
+        .map(|last| parse_event_id(last).map(|(id, seq)| (id, seq.saturating_add(1))))
+        .transpose()
+}
+
+async fn resume_at(state: &AppState, principal: &Principal, id: StreamId, from: u64) -> Result<Response, ApiError> {
     let located = locate(state, principal, &id).await?;
-    resume(state, located, seq.saturating_add(1)).await
+    resume(state, located, from).await
 }
 
 /// Where a stream the caller may see lives.

@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::stream::{Located, last_event_id, locate, parse_event_id, resume};
+use super::stream::{Located, locate, resume, resume_point};
 use crate::app::AppState;
 use crate::auth::{Principal, Scope};
 use crate::error::ApiError;
@@ -37,18 +37,12 @@ pub async fn resume_stream(
     let Query(q) = query?;
     let id = stream_id(&id)?;
     let located = locate(&state, &principal, &id).await?;
-    if let Some(query_id) = q.last_event_id.as_deref().map(str::trim).filter(|v| !v.is_empty()) {
-        parse_event_id(query_id)?;
-    }
-    let from = match last_event_id(&headers, q.last_event_id.as_deref())? {
+    let from = match resume_point(&headers, q.last_event_id.as_deref())? {
         None => 0,
-        Some(last) => {
-            let (last_id, seq) = parse_event_id(last)?;
-            if last_id != id {
-                return Err(ApiError::BadRequest("Last-Event-ID names another stream".into()));
-            }
-            seq.saturating_add(1)
+        Some((last_id, _)) if last_id != id => {
+            return Err(ApiError::BadRequest("Last-Event-ID names another stream".into()));
         }
+        Some((_, from)) => from,
     };
     resume(&state, located, from).await
 }
