@@ -262,6 +262,7 @@ pub async fn start_stream(
         .map(|r| Replicator::start(r.clone(), stream.clone(), state.config.store.stream_max_events));
     // The first reader is attached before the producer starts.
     let reader = stream.attach(0);
+    let batch_ready = settings.pace.is_zero();
     let engine = events(stream_id, name.clone(), entry.generator.generate(request), settings);
     let ctx = RunContext {
         subject: principal.subject.clone(),
@@ -273,7 +274,7 @@ pub async fn start_stream(
         closing: state.shutdown.closing().child_token(),
         replicator,
     };
-    let run = RunSettings { window: limits.send_queue, max_lag: limits.max_lag, detach_grace };
+    let run = RunSettings { window: limits.send_queue, max_lag: limits.max_lag, detach_grace, batch_ready };
     spawn(engine, stream, ctx, run);
     Ok(Started { stream_id, generator: name, reader })
 }

@@ -10,13 +10,16 @@
 //! says what happened. Dropping the stream drops the HTTP request, so an
 //! upstream stops generating (and billing) as soon as nobody reads.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use reqwest::StatusCode;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::{Value, json};
-use tokio::time::{Instant, sleep, timeout_at};
+use tokio::time::{Instant, sleep, sleep_until, timeout_at};
 
 use super::upstream::Upstream;
 use super::{Chunk, GenerateRequest, Generator, GeneratorError, TextStream, Usage};
@@ -31,6 +34,88 @@ pub struct OpenAiGenerator {
 
 fn upstream_error(code: &'static str, message: impl Into<String>) -> GeneratorError {
     GeneratorError::Upstream { code, message: message.into() }
+}
+
+/// Most upstream bytes gathered into one chunk of text.
+const MAX_READY_BYTES: usize = 256 * 1024;
+
+/// What the gateway takes from one upstream `chat.completion.chunk`.
+#[derive(Debug, Default, PartialEq)]
+struct Frame<'a> {
+    text: Cow<'a, str>,
+    finished: bool,
+    usage: Option<Usage>,
+    error: Option<String>,
+}
+
+/// The fields of a chunk that matter, typed and borrowed: one pass over the
+/// JSON with no tree built (the hot path of proxying, once per upstream
+/// frame). Unknown fields are skipped.
+#[derive(Deserialize)]
+struct WireChunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<WireChoice<'a>>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct WireChoice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<WireDelta<'a>>,
+    #[serde(default)]
+    finish_reason: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct WireDelta<'a> {
+    #[serde(default, borrow)]
+    content: Option<WireText<'a>>,
+}
+
+/// serde borrows a `Cow<str>` only as a field of its own, not inside an
+/// `Option`: this newtype makes text without escapes a borrow.
+#[derive(Deserialize)]
+struct WireText<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl<'a> Frame<'a> {
+    /// `None` when `data` is not JSON. A chunk of an unexpected shape is
+    /// read leniently (a missing or odd field is no text), as before typed
+    /// parsing existed.
+    fn parse(data: &'a str) -> Option<Self> {
+        if let Ok(chunk) = serde_json::from_str::<WireChunk<'a>>(data) {
+            let mut frame = Frame { usage: chunk.usage, ..Frame::default() };
+            if let Some(error) = chunk.error {
+                frame.error = Some(error_message(&error));
+            }
+            if let Some(choice) = chunk.choices.into_iter().next() {
+                frame.finished = choice.finish_reason.is_some();
+                if let Some(WireText(content)) = choice.delta.and_then(|d| d.content) {
+                    frame.text = content;
+                }
+            }
+            return Some(frame);
+        }
+        let value: Value = serde_json::from_str(data).ok()?;
+        let mut frame = Frame::default();
+        if let Some(error) = value.get("error").filter(|e| !e.is_null()) {
+            frame.error = Some(error_message(error));
+            return Some(frame);
+        }
+        let choice = value.get("choices").and_then(|c| c.get(0));
+        let text = choice.and_then(|c| c.pointer("/delta/content")).and_then(Value::as_str).unwrap_or("");
+        frame.text = Cow::Owned(text.to_owned());
+        frame.finished = choice.and_then(|c| c.get("finish_reason")).is_some_and(|r| !r.is_null());
+        frame.usage =
+            value.get("usage").filter(|u| !u.is_null()).and_then(|u| serde_json::from_value::<Usage>(u.clone()).ok());
+        Some(frame)
+    }
+}
+
+fn error_message(error: &Value) -> String {
+    error.get("message").and_then(Value::as_str).unwrap_or("unknown error").to_owned()
 }
 
 /// A pre-first-byte failure, and whether retrying the same upstream may help.
@@ -202,9 +287,33 @@ impl Generator for OpenAiGenerator {
             let mut body = response.bytes_stream();
             let mut parser = Parser::new();
             let mut finished = false;
+            let mut deferred = None;
+            // One timer for the whole body, moved only when it fires: arming
+            // a fresh timeout for every frame cost a timer-wheel insert and
+            // removal per character. `last_frame` says when it should fire.
+            let mut last_frame = Instant::now();
+            let timer = sleep_until(deadline.min(last_frame + upstream.idle_timeout));
+            tokio::pin!(timer);
             loop {
-                let idle = deadline.min(Instant::now() + upstream.idle_timeout);
-                let next = match timeout_at(idle, body.next()).await {
+                let next = if let Some(end) = deferred.take() {
+                    Ok(end)
+                } else {
+                    loop {
+                        tokio::select! {
+                            biased;
+                            next = body.next() => break Ok(next),
+                            () = &mut timer => {
+                                let due = deadline.min(last_frame + upstream.idle_timeout);
+                                if Instant::now() >= due {
+                                    break Err(());
+                                }
+                                timer.as_mut().reset(due);
+                            }
+                        }
+                    }
+                };
+                last_frame = Instant::now();
+                let next = match next {
                     Ok(next) => next,
                     Err(_) if Instant::now() >= deadline => {
                         yield Err(upstream_error("upstream_total_timeout", format!("upstream `{}` exceeded {}", upstream.name, humantime::format_duration(total))));
@@ -223,37 +332,98 @@ impl Generator for OpenAiGenerator {
                         return;
                     }
                 };
-                for event in parser.feed(&bytes) {
+                // The body yields one piece per HTTP chunk, and upstreams
+                // send one chunk per frame: take every piece that is already
+                // here (one network read holds hundreds) and hand the text of
+                // all of them on as one chunk. The engine then has it ready
+                // at once, and the client gets it in one write rather than
+                // one per frame. Nothing waits for a piece not yet here.
+                let mut events = parser.feed(&bytes);
+                let mut taken = bytes.len();
+                while taken < MAX_READY_BYTES {
+                    match body.next().now_or_never() {
+                        Some(Some(Ok(more))) => {
+                            taken += more.len();
+                            events.extend(parser.feed(&more));
+                        }
+                        Some(end) => {
+                            // An error or the end: handled once this text is.
+                            deferred = Some(end);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                let mut text = String::new();
+                for event in events {
                     let Event::Message { data, .. } = event else { continue };
                     if data.trim() == "[DONE]" {
+                        if !text.is_empty() {
+                            yield Ok(Chunk::Text(text));
+                        }
                         return;
                     }
-                    let value: Value = match serde_json::from_str(&data) {
-                        Ok(value) => value,
-                        Err(_) => {
-                            yield Err(upstream_error("upstream_malformed", format!("upstream `{}` sent a chunk that is not JSON", upstream.name)));
-                            return;
+                    let Some(frame) = Frame::parse(&data) else {
+                        if !text.is_empty() {
+                            yield Ok(Chunk::Text(std::mem::take(&mut text)));
                         }
+                        yield Err(upstream_error("upstream_malformed", format!("upstream `{}` sent a chunk that is not JSON", upstream.name)));
+                        return;
                     };
-                    if let Some(error) = value.get("error") {
-                        let message = error.get("message").and_then(Value::as_str).unwrap_or("unknown error");
+                    text.push_str(&frame.text);
+                    if let Some(message) = frame.error {
+                        if !text.is_empty() {
+                            yield Ok(Chunk::Text(std::mem::take(&mut text)));
+                        }
                         yield Err(upstream_error("upstream_error", format!("upstream `{}`: {message}", upstream.name)));
                         return;
                     }
-                    let choice = value.get("choices").and_then(|c| c.get(0));
-                    let text = choice.and_then(|c| c.pointer("/delta/content")).and_then(Value::as_str).unwrap_or("");
-                    if !text.is_empty() {
-                        yield Ok(Chunk::Text(text.to_owned()));
-                    }
-                    if choice.and_then(|c| c.get("finish_reason")).is_some_and(|r| !r.is_null()) {
-                        finished = true;
-                    }
-                    let usage = value.get("usage").filter(|u| !u.is_null()).and_then(|u| serde_json::from_value::<Usage>(u.clone()).ok());
-                    if let Some(usage) = usage {
+                    finished |= frame.finished;
+                    if let Some(usage) = frame.usage {
+                        if !text.is_empty() {
+                            yield Ok(Chunk::Text(std::mem::take(&mut text)));
+                        }
                         yield Ok(Chunk::Usage(usage));
                     }
                 }
+                if !text.is_empty() {
+                    yield Ok(Chunk::Text(text));
+                }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_frames_borrow_plain_text_and_read_the_rest() {
+        let frame = Frame::parse(r#"{"id":"x","choices":[{"index":0,"delta":{"content":"hé"},"finish_reason":null}]}"#);
+        let frame = frame.unwrap_or_default();
+        assert!(matches!(frame.text, Cow::Borrowed("hé")), "{frame:?}");
+        assert!(!frame.finished);
+        let escaped = Frame::parse(r#"{"choices":[{"delta":{"content":"a\"\n\u4f60"}}]}"#).unwrap_or_default();
+        assert_eq!(escaped.text, "a\"\n你");
+        let last = Frame::parse(
+            r#"{"choices":[{"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#,
+        )
+        .unwrap_or_default();
+        assert!(last.finished);
+        assert_eq!(last.usage, Some(Usage { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3 }));
+        let error = Frame::parse(r#"{"error":{"message":"overloaded"}}"#).unwrap_or_default();
+        assert_eq!(error.error.as_deref(), Some("overloaded"));
+        assert_eq!(Frame::parse(r#"{"error":null,"choices":[]}"#), Some(Frame::default()));
+    }
+
+    #[test]
+    fn odd_shapes_are_read_leniently_and_non_json_is_refused() {
+        // A number where text belongs: no text, not a failure.
+        let odd = Frame::parse(r#"{"choices":[{"delta":{"content":5}}],"usage":{"total_tokens":"many"}}"#);
+        assert_eq!(odd, Some(Frame::default()));
+        let odd_error = Frame::parse(r#"{"error":"plain string","choices":null}"#).unwrap_or_default();
+        assert_eq!(odd_error.error.as_deref(), Some("unknown error"));
+        assert_eq!(Frame::parse("not json"), None);
     }
 }

@@ -21,6 +21,15 @@ pub enum Event {
     Retry(u64),
 }
 
+/// A line as text: invalid UTF-8 becomes U+FFFD as the spec says. Valid
+/// text (nearly always) takes the fast validation path and no copy.
+fn text(line: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(line) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(line),
+    }
+}
+
 /// Incremental parser: feed it bytes as they arrive, take events out.
 #[derive(Debug, Default)]
 pub struct Parser {
@@ -83,7 +92,7 @@ impl Parser {
                     return;
                 }
                 Some(pos) => {
-                    self.line.extend_from_slice(&bytes[i..i + pos]);
+                    let start = i;
                     let end = i + pos;
                     i = end + 1;
                     if bytes[end] == b'\r' {
@@ -93,8 +102,18 @@ impl Parser {
                             i += 1;
                         }
                     }
-                    let line = std::mem::take(&mut self.line);
-                    self.process_line(&String::from_utf8_lossy(&line), out);
+                    if self.line.is_empty() {
+                        // The whole line is in this read: no copy.
+                        self.process_line(&text(&bytes[start..end]), out);
+                    } else {
+                        // The line began in an earlier read; its buffer is
+                        // kept (cleared) for the next partial line.
+                        let mut line = std::mem::take(&mut self.line);
+                        line.extend_from_slice(&bytes[start..end]);
+                        self.process_line(&text(&line), out);
+                        line.clear();
+                        self.line = line;
+                    }
                 }
             }
         }

@@ -43,6 +43,20 @@ struct LogState {
     /// A reader on another replica was seen; until then the stream counts
     /// as attached (shared store only).
     remote_until: Option<Instant>,
+    /// The most events the producer has been ahead of its slowest reader.
+    deepest_lag: u64,
+}
+
+impl LogState {
+    fn next_seq(&self) -> u64 {
+        self.first_seq + self.events.len() as u64
+    }
+
+    /// How far the next append is ahead of the slowest attached reader.
+    fn lag(&self) -> u64 {
+        let next = self.next_seq();
+        self.readers.iter().map(|r| next.saturating_sub(r.load(Ordering::SeqCst))).max().unwrap_or(0)
+    }
 }
 
 /// One stream's log, owner and controls.
@@ -111,6 +125,7 @@ impl StreamHub {
                 readers: Vec::new(),
                 detached_since: Some(Instant::now()),
                 remote_until: None,
+                deepest_lag: 0,
             }),
             appended: Notify::new(),
             progress: Notify::new(),
@@ -148,30 +163,55 @@ impl StreamHub {
 }
 
 impl LiveStream {
-    /// Appends the next event (the producer only). Past `max_events` the
-    /// oldest is dropped.
+    /// Appends the next event (the producer only) and wakes the readers.
+    /// Past `max_events` the oldest is dropped.
     pub fn append(&self, event: StreamEvent) -> Arc<StreamEvent> {
+        let event = self.append_quietly(event);
+        self.wake_readers();
+        event
+    }
+
+    /// Appends without waking the readers: the producer appends a batch of
+    /// events that were ready together, then wakes them once
+    /// ([`Self::wake_readers`]), so they read the batch in one go.
+    pub fn append_quietly(&self, event: StreamEvent) -> Arc<StreamEvent> {
         let terminal = event.is_terminal();
         let event = Arc::new(event);
-        {
-            let mut state = lock(&self.state);
-            state.events.push_back(event.clone());
-            if state.events.len() > self.max_events {
-                state.events.pop_front();
-                state.first_seq += 1;
-            }
-            if terminal {
-                state.finished_at = Some(Instant::now());
-            }
+        let mut state = lock(&self.state);
+        let lag = state.lag();
+        state.deepest_lag = state.deepest_lag.max(lag);
+        state.events.push_back(event.clone());
+        if state.events.len() > self.max_events {
+            state.events.pop_front();
+            state.first_seq += 1;
         }
-        self.appended.notify_waiters();
+        if terminal {
+            state.finished_at = Some(Instant::now());
+        }
         event
+    }
+
+    /// Wakes readers waiting for events appended since they last looked.
+    pub fn wake_readers(&self) {
+        self.appended.notify_waiters();
+    }
+
+    /// The most events the producer was ever ahead of its slowest reader.
+    pub fn deepest_lag(&self) -> u64 {
+        lock(&self.state).deepest_lag
+    }
+
+    /// Whether the producer may append now without waiting: a reader is
+    /// attached and every attached reader is fewer than `window` events
+    /// behind. One lock; the common case of [`Self::wait_for_room`].
+    pub fn has_room(&self, window: usize) -> bool {
+        let state = lock(&self.state);
+        state.detached_since.is_none() && state.lag() < window as u64
     }
 
     /// The next sequence number to be appended.
     pub fn next_seq(&self) -> u64 {
-        let state = lock(&self.state);
-        state.first_seq + state.events.len() as u64
+        lock(&self.state).next_seq()
     }
 
     /// Requests cancellation (the producer appends `error: cancelled`).
@@ -234,9 +274,7 @@ impl LiveStream {
 
     /// How far ahead the producer is of its slowest attached reader.
     pub fn lag(&self) -> u64 {
-        let state = lock(&self.state);
-        let next = state.first_seq + state.events.len() as u64;
-        state.readers.iter().map(|r| next.saturating_sub(r.load(Ordering::SeqCst))).max().unwrap_or(0)
+        lock(&self.state).lag()
     }
 
     /// Waits until the producer may append another event: every attached
@@ -244,6 +282,9 @@ impl LiveStream {
     /// [`Wait::SlowConsumer`] after `max_lag` of a full window, and with
     /// [`Wait::Abandoned`] when no reader has been attached for `grace`.
     pub async fn wait_for_room(&self, window: usize, max_lag: Duration, grace: Duration) -> Wait {
+        if self.has_room(window) {
+            return Wait::Go;
+        }
         let mut full_since: Option<Instant> = None;
         loop {
             let notified = self.progress.notified();

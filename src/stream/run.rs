@@ -17,7 +17,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -35,7 +35,15 @@ pub struct RunSettings {
     pub max_lag: Duration,
     /// How long generation continues with no reader attached.
     pub detach_grace: Duration,
+    /// Take every event the engine has ready at once into one batch. Worth
+    /// it for unpaced streams (a fast generator, an upstream read carrying
+    /// many frames); a paced engine never has two ready, so it would only
+    /// cost a poll.
+    pub batch_ready: bool,
 }
+
+/// Most events appended per batch before readers are woken.
+const MAX_BATCH: usize = 256;
 
 /// Accounting for one stream.
 pub struct RunContext {
@@ -100,7 +108,6 @@ async fn produce(
     let started = Instant::now();
     // Boxed (not stack-pinned) so it can be dropped before the slot is freed.
     let mut engine = Box::pin(engine);
-    let mut deepest: u64 = 0;
     let mut first_delta_seen = false;
     let mut outcome: Cow<'static, str> = Cow::Borrowed("internal");
     // The reasons to stop other than the engine's own end, as one future
@@ -118,7 +125,22 @@ async fn produce(
         tokio::pin!(stopping);
         let abandoned = stream.abandoned(settings.detach_grace);
         tokio::pin!(abandoned);
-        loop {
+        // Readers are woken once per batch, not per event. For unpaced
+        // streams "a batch" is everything that arrives before the runtime
+        // gets round to other work: the wake is deferred with `yield_now`
+        // (which fires after the scheduler has run the other ready tasks and
+        // polled I/O), so an upstream that hands over one frame per task
+        // hop still reaches the client in a few writes, not one per
+        // character, and nothing waits for an event that is not already on
+        // its way.
+        let mut unannounced = false;
+        let mut announce = std::pin::pin!(futures_util::future::Fuse::terminated());
+        let stop = loop {
+            if unannounced && !stream.has_room(settings.window) {
+                // Readers must see what is there before we wait for them.
+                stream.wake_readers();
+                unannounced = false;
+            }
             let wait = tokio::select! {
                 biased;
                 stop = &mut stopping => break Some(stop),
@@ -144,23 +166,54 @@ async fn produce(
                     break Some(Stop::Abandoned);
                 }
                 event = engine.next() => event,
+                () = &mut announce, if unannounced => {
+                    stream.wake_readers();
+                    unannounced = false;
+                    continue;
+                }
             };
-            let Some(event) = event else { break None };
-            if !first_delta_seen && matches!(event, StreamEvent::Delta { .. }) {
-                first_delta_seen = true;
-                ctx.metrics.first_delta(started.elapsed());
+            // This event and every one the engine has ready right now (up
+            // to the window) are appended without waking anyone in between.
+            let mut next = event;
+            let mut batch = 0;
+            let mut ended = false;
+            while let Some(event) = next.take() {
+                if !first_delta_seen && matches!(event, StreamEvent::Delta { .. }) {
+                    first_delta_seen = true;
+                    ctx.metrics.first_delta(started.elapsed());
+                }
+                let finished = event.outcome();
+                let logged = stream.append_quietly(event);
+                if let Some(replicator) = &replicator {
+                    replicator.push(logged);
+                }
+                if let Some(finished) = finished {
+                    outcome = finished;
+                    ended = true;
+                    break;
+                }
+                batch += 1;
+                if settings.batch_ready && batch < MAX_BATCH && stream.has_room(settings.window) {
+                    match engine.next().now_or_never() {
+                        Some(Some(event)) => next = Some(event),
+                        Some(None) => ended = true,
+                        None => {}
+                    }
+                }
             }
-            deepest = deepest.max(stream.lag());
-            let finished = event.outcome();
-            let logged = stream.append(event);
-            if let Some(replicator) = &replicator {
-                replicator.push(logged);
-            }
-            if let Some(finished) = finished {
-                outcome = finished;
+            if ended {
                 break None;
             }
-        }
+            if !settings.batch_ready {
+                stream.wake_readers();
+            } else if !unannounced {
+                unannounced = true;
+                announce.set(tokio::task::yield_now().fuse());
+            }
+        };
+        // Whatever was appended last is announced, however the loop ended.
+        stream.wake_readers();
+        stop
     };
     if let Some(stop) = stop {
         let (code, message) = match stop {
@@ -197,7 +250,7 @@ async fn produce(
     }
     drop(ctx.permit);
     ctx.metrics.set_open_streams(ctx.slots.open());
-    ctx.metrics.observe_queue_depth(deepest as usize);
+    ctx.metrics.observe_queue_depth(stream.deepest_lag() as usize);
     if outcome == "slow_consumer" {
         ctx.metrics.refused("slow_consumer");
     }
@@ -219,4 +272,104 @@ async fn produce(
         "stream ended"
     );
     ctx.metrics.stream_ended(outcome);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::task::Poll;
+
+    use super::*;
+    use crate::dialect::{native::Native, sse_body};
+    use crate::generator::TextStream;
+    use crate::limits::StreamSlots;
+    use crate::sse::{Event, Parser};
+    use crate::store::{HubSettings, StreamHub, follow};
+    use crate::stream::{EngineSettings, StreamId, events};
+
+    /// Hands over one character per task hop, as an HTTP/1 upstream body
+    /// does (its connection task passes one frame per wake-up).
+    fn one_per_hop(text: &str) -> TextStream {
+        let chars: Vec<String> = text.chars().map(String::from).collect();
+        Box::pin(async_stream::stream! {
+            for c in chars {
+                let mut hopped = false;
+                poll_fn(|cx| {
+                    if hopped {
+                        return Poll::Ready(());
+                    }
+                    hopped = true;
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                })
+                .await;
+                yield Ok(c.into());
+            }
+        })
+    }
+
+    /// Runs one stream and returns (body chunks written, text received).
+    async fn run(text: &str, batch_ready: bool) -> (usize, String) {
+        let hub = StreamHub::new(HubSettings { max_events: 10_000, ttl: Duration::from_secs(60) });
+        let id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| unreachable!());
+        let stream = hub.create(id, "s", "t");
+        let reader = stream.attach(0);
+        let engine = events(
+            id,
+            "t".into(),
+            one_per_hop(text),
+            EngineSettings { pace: Duration::ZERO, max_duration: Duration::from_secs(60) },
+        );
+        let slots = StreamSlots::new(10, 10);
+        let metrics = Arc::new(Metrics::new());
+        let permit = slots.try_acquire("s").unwrap_or_else(|_| unreachable!());
+        let ctx = RunContext {
+            subject: "s".into(),
+            permit,
+            slots,
+            metrics: metrics.clone(),
+            closing: CancellationToken::new(),
+            replicator: None,
+        };
+        let settings =
+            RunSettings { window: 256, max_lag: Duration::from_secs(30), detach_grace: Duration::ZERO, batch_ready };
+        spawn(engine, stream, ctx, settings);
+        let events = follow(reader, Duration::from_secs(60), CancellationToken::new(), 1000);
+        let mut body = Box::pin(sse_body(events, Native { retry_ms: 1000 }, metrics));
+        // A task of its own, like a connection (the test's own future is
+        // polled on a different schedule).
+        let client = tokio::spawn(async move {
+            let (mut writes, mut received, mut parser) = (0, String::new(), Parser::new());
+            while let Some(Ok(chunk)) = body.next().await {
+                writes += 1;
+                for event in parser.feed(&chunk) {
+                    if let Event::Message { event, data, .. } = event
+                        && event == "delta"
+                    {
+                        let delta: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
+                        received.push_str(delta["text"].as_str().unwrap_or_default());
+                    }
+                }
+            }
+            (writes, received)
+        });
+        client.await.unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn events_arriving_one_per_hop_reach_the_client_in_few_writes() {
+        let text: String = "streams, 流れ, ストリーム; ".repeat(80);
+        let chars = text.chars().count();
+        let (writes, received) = run(&text, true).await;
+        assert_eq!(received, text);
+        // Everything that arrives while the runtime is busy goes out together
+        // (the readers are woken once the runtime has run the other ready
+        // tasks), not one write per character.
+        assert!(writes * 4 <= chars, "{writes} writes for {chars} characters");
+        // Control: waking readers on every event (what paced streams do)
+        // writes each character on its own here.
+        let (writes, received) = run(&text, false).await;
+        assert_eq!(received, text);
+        assert!(writes * 2 >= chars, "{writes} writes for {chars} characters without batching");
+    }
 }
