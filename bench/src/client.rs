@@ -15,7 +15,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response, header};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use tokengate::sse::{Event, Parser};
+use tokengate::sse::{EventRef, Parser};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -161,14 +161,16 @@ pub enum ReadEnd {
 }
 
 /// Reads a response body as an event stream, calling `on_event` with every
-/// item and the time its bytes were read; `on_event` returns false to stop.
+/// item (borrowed from the parser: the client allocates nothing per event,
+/// so it costs as little as it can against either server) and the time its
+/// bytes were read; `on_event` returns false to stop.
 pub async fn read_events<F>(
     body: &mut Incoming,
     mut stop: Option<&mut watch::Receiver<bool>>,
     mut on_event: F,
 ) -> (ReadEnd, u64)
 where
-    F: FnMut(Event, Instant) -> bool,
+    F: FnMut(EventRef<'_>, Instant) -> bool,
 {
     let mut parser = Parser::new();
     let mut bytes = 0u64;
@@ -192,10 +194,14 @@ where
                 let Ok(data) = frame.into_data() else { continue };
                 let now = Instant::now();
                 bytes += data.len() as u64;
-                for event in parser.feed(&data) {
-                    if !on_event(event, now) {
-                        return (ReadEnd::Handler, bytes);
+                let mut stopped = false;
+                parser.feed_with(&data, |event| {
+                    if !stopped && !on_event(event, now) {
+                        stopped = true;
                     }
+                });
+                if stopped {
+                    return (ReadEnd::Handler, bytes);
                 }
             }
         }
@@ -231,8 +237,13 @@ struct OpenAiChoice<'a> {
 #[derive(Deserialize)]
 struct OpenAiDelta<'a> {
     #[serde(borrow, default)]
-    content: Option<Cow<'a, str>>,
+    content: Option<Text<'a>>,
 }
+
+/// serde borrows a `Cow<str>` only as a field of its own, not inside an
+/// `Option`: this newtype makes text without escapes a borrow.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// What one delta-bearing event means for the reassembled text.
 pub enum Item<'a> {
@@ -249,8 +260,8 @@ pub enum Item<'a> {
 }
 
 /// Interprets one parsed SSE item per the target's wire format.
-pub fn classify<'a>(target: Target, event: &'a Event) -> Item<'a> {
-    let Event::Message { event, data, .. } = event else { return Item::Other };
+pub fn classify<'a>(target: Target, event: &EventRef<'a>) -> Item<'a> {
+    let EventRef::Message { event, data, .. } = *event else { return Item::Other };
     match target {
         Target::Openai => {
             if data.trim() == "[DONE]" {
@@ -258,13 +269,13 @@ pub fn classify<'a>(target: Target, event: &'a Event) -> Item<'a> {
             }
             match serde_json::from_str::<OpenAiChunk<'_>>(data) {
                 Ok(chunk) => match chunk.choices.into_iter().next().and_then(|c| c.delta).and_then(|d| d.content) {
-                    Some(text) if !text.is_empty() => Item::Delta(text),
+                    Some(Text(text)) if !text.is_empty() => Item::Delta(text),
                     _ => Item::Other,
                 },
                 Err(_) => Item::Malformed,
             }
         }
-        Target::Tokengate | Target::Reference => match event.as_str() {
+        Target::Tokengate | Target::Reference => match event {
             "delta" => match serde_json::from_str::<NativeDelta<'_>>(data) {
                 Ok(d) => Item::Delta(d.text),
                 Err(_) => Item::Malformed,
@@ -274,7 +285,7 @@ pub fn classify<'a>(target: Target, event: &'a Event) -> Item<'a> {
                 let code = serde_json::from_str::<serde_json::Value>(data)
                     .ok()
                     .and_then(|v| v.get("code").and_then(|c| c.as_str()).map(str::to_owned))
-                    .unwrap_or_else(|| event.clone());
+                    .unwrap_or_else(|| event.to_owned());
                 Item::Error(code)
             }
             _ => Item::Other,

@@ -255,7 +255,10 @@ pub async fn start_stream(
     if let Some(redis) = &state.redis {
         redis.create_stream(&stream_id, &principal.subject, &name).await?;
     }
-    let stream = state.hub.create(stream_id, &principal.subject, &name);
+    // A child token: polled on every event, it must not be the lock all
+    // streams share.
+    let closing = state.shutdown.closing().child_token();
+    let stream = state.hub.create(stream_id, &principal.subject, &name, &closing);
     let replicator = state
         .redis
         .as_ref()
@@ -269,9 +272,7 @@ pub async fn start_stream(
         permit,
         slots: state.slots.clone(),
         metrics: state.metrics.clone(),
-        // A child token: polled on every event, it must not be the lock all
-        // streams share.
-        closing: state.shutdown.closing().child_token(),
+        closing,
         replicator,
     };
     let run = RunSettings { window: limits.send_queue, max_lag: limits.max_lag, detach_grace, batch_ready };

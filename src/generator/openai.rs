@@ -23,7 +23,7 @@ use tokio::time::{Instant, sleep, sleep_until, timeout_at};
 
 use super::upstream::Upstream;
 use super::{Chunk, GenerateRequest, Generator, GeneratorError, TextStream, Usage};
-use crate::sse::{Event, Parser};
+use crate::sse::{EventRef, Parser};
 
 /// One upstream plus its fallbacks, as one generator.
 #[derive(Debug, Clone)]
@@ -38,6 +38,56 @@ fn upstream_error(code: &'static str, message: impl Into<String>) -> GeneratorEr
 
 /// Most upstream bytes gathered into one chunk of text.
 const MAX_READY_BYTES: usize = 256 * 1024;
+
+/// What ended an upstream stream, in band.
+#[derive(Debug, PartialEq)]
+enum End {
+    /// `data: [DONE]`.
+    Done,
+    /// A frame that is not JSON.
+    Malformed,
+    /// An error object, with its message.
+    Error(String),
+}
+
+/// What a run of upstream bytes carried: all its text, the usage report,
+/// and what ended the stream, if anything (frames after that are ignored).
+#[derive(Debug, Default)]
+struct Absorbed {
+    text: String,
+    finished: bool,
+    usage: Option<Usage>,
+    end: Option<End>,
+}
+
+impl Absorbed {
+    /// Parses `bytes` (frames borrowed from the parser: no allocation per
+    /// frame) and takes in what they say.
+    fn absorb(&mut self, parser: &mut Parser, bytes: &[u8]) {
+        parser.feed_with(bytes, |item| {
+            if self.end.is_some() {
+                return;
+            }
+            let EventRef::Message { data, .. } = item else { return };
+            if data.trim() == "[DONE]" {
+                self.end = Some(End::Done);
+                return;
+            }
+            let Some(frame) = Frame::parse(data) else {
+                self.end = Some(End::Malformed);
+                return;
+            };
+            self.text.push_str(&frame.text);
+            self.finished |= frame.finished;
+            if frame.usage.is_some() {
+                self.usage = frame.usage;
+            }
+            if let Some(message) = frame.error {
+                self.end = Some(End::Error(message));
+            }
+        });
+    }
+}
 
 /// What the gateway takes from one upstream `chat.completion.chunk`.
 #[derive(Debug, Default, PartialEq)]
@@ -338,13 +388,14 @@ impl Generator for OpenAiGenerator {
                 // all of them on as one chunk. The engine then has it ready
                 // at once, and the client gets it in one write rather than
                 // one per frame. Nothing waits for a piece not yet here.
-                let mut events = parser.feed(&bytes);
+                let mut read = Absorbed::default();
+                read.absorb(&mut parser, &bytes);
                 let mut taken = bytes.len();
-                while taken < MAX_READY_BYTES {
+                while taken < MAX_READY_BYTES && read.end.is_none() {
                     match body.next().now_or_never() {
                         Some(Some(Ok(more))) => {
                             taken += more.len();
-                            events.extend(parser.feed(&more));
+                            read.absorb(&mut parser, &more);
                         }
                         Some(end) => {
                             // An error or the end: handled once this text is.
@@ -354,40 +405,24 @@ impl Generator for OpenAiGenerator {
                         None => break,
                     }
                 }
-                let mut text = String::new();
-                for event in events {
-                    let Event::Message { data, .. } = event else { continue };
-                    if data.trim() == "[DONE]" {
-                        if !text.is_empty() {
-                            yield Ok(Chunk::Text(text));
-                        }
-                        return;
-                    }
-                    let Some(frame) = Frame::parse(&data) else {
-                        if !text.is_empty() {
-                            yield Ok(Chunk::Text(std::mem::take(&mut text)));
-                        }
+                finished |= read.finished;
+                if !read.text.is_empty() {
+                    yield Ok(Chunk::Text(read.text));
+                }
+                if let Some(usage) = read.usage {
+                    yield Ok(Chunk::Usage(usage));
+                }
+                match read.end {
+                    None => {}
+                    Some(End::Done) => return,
+                    Some(End::Malformed) => {
                         yield Err(upstream_error("upstream_malformed", format!("upstream `{}` sent a chunk that is not JSON", upstream.name)));
                         return;
-                    };
-                    text.push_str(&frame.text);
-                    if let Some(message) = frame.error {
-                        if !text.is_empty() {
-                            yield Ok(Chunk::Text(std::mem::take(&mut text)));
-                        }
+                    }
+                    Some(End::Error(message)) => {
                         yield Err(upstream_error("upstream_error", format!("upstream `{}`: {message}", upstream.name)));
                         return;
                     }
-                    finished |= frame.finished;
-                    if let Some(usage) = frame.usage {
-                        if !text.is_empty() {
-                            yield Ok(Chunk::Text(std::mem::take(&mut text)));
-                        }
-                        yield Ok(Chunk::Usage(usage));
-                    }
-                }
-                if !text.is_empty() {
-                    yield Ok(Chunk::Text(text));
                 }
             }
         })

@@ -21,6 +21,38 @@ pub enum Event {
     Retry(u64),
 }
 
+/// An item as [`Parser::feed_with`] lends it: borrowed from the parser's
+/// buffers, so parsing costs no allocation per event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventRef<'a> {
+    /// A dispatched event (see [`Event::Message`]).
+    Message {
+        /// The `event:` type, `"message"` when none was given.
+        event: &'a str,
+        /// Data lines joined with LF.
+        data: &'a str,
+        /// The last event id in force.
+        id: Option<&'a str>,
+    },
+    /// A comment line.
+    Comment(&'a str),
+    /// A valid `retry:` field (milliseconds).
+    Retry(u64),
+}
+
+impl EventRef<'_> {
+    /// An owned copy.
+    pub fn to_owned_event(&self) -> Event {
+        match *self {
+            EventRef::Message { event, data, id } => {
+                Event::Message { event: event.to_owned(), data: data.to_owned(), id: id.map(str::to_owned) }
+            }
+            EventRef::Comment(text) => Event::Comment(text.to_owned()),
+            EventRef::Retry(ms) => Event::Retry(ms),
+        }
+    }
+}
+
 /// A line as text: invalid UTF-8 becomes U+FFFD as the spec says. Valid
 /// text (nearly always) takes the fast validation path and no copy.
 fn text(line: &[u8]) -> std::borrow::Cow<'_, str> {
@@ -39,7 +71,9 @@ pub struct Parser {
     started: bool,
     data: String,
     event_type: String,
-    last_id: Option<String>,
+    last_id: String,
+    /// Whether an `id:` field was seen (`last_id` may be empty on purpose).
+    has_id: bool,
 }
 
 impl Parser {
@@ -51,32 +85,39 @@ impl Parser {
     /// The last event id seen (what `EventSource` would send as
     /// `Last-Event-ID` on reconnect).
     pub fn last_event_id(&self) -> Option<&str> {
-        self.last_id.as_deref()
+        self.has_id.then_some(self.last_id.as_str())
     }
 
     /// Feeds bytes and returns the items they complete.
     pub fn feed(&mut self, bytes: &[u8]) -> Vec<Event> {
         let mut out = Vec::new();
+        self.feed_with(bytes, |event| out.push(event.to_owned_event()));
+        out
+    }
+
+    /// Feeds bytes and lends each item they complete to `on_item`, in
+    /// order, without allocating per item (the hot path of a client or of
+    /// an upstream reader).
+    pub fn feed_with(&mut self, bytes: &[u8], mut on_item: impl FnMut(EventRef<'_>)) {
         if !self.started {
             // A leading BOM is dropped; it may itself arrive split across reads.
             self.line.extend_from_slice(bytes);
             const BOM: &[u8] = b"\xEF\xBB\xBF";
             if self.line.len() < BOM.len() && BOM.starts_with(&self.line) {
-                return out;
+                return;
             }
             self.started = true;
             let mut head = std::mem::take(&mut self.line);
             if head.starts_with(BOM) {
                 head.drain(..BOM.len());
             }
-            self.feed_bytes(&head, &mut out);
-            return out;
+            self.feed_bytes(&head, &mut on_item);
+            return;
         }
-        self.feed_bytes(bytes, &mut out);
-        out
+        self.feed_bytes(bytes, &mut on_item);
     }
 
-    fn feed_bytes(&mut self, bytes: &[u8], out: &mut Vec<Event>) {
+    fn feed_bytes(&mut self, bytes: &[u8], out: &mut impl FnMut(EventRef<'_>)) {
         let mut i = 0;
         if self.after_cr && !bytes.is_empty() {
             // CRLF split across two reads: the LF ends nothing new.
@@ -119,13 +160,13 @@ impl Parser {
         }
     }
 
-    fn process_line(&mut self, line: &str, out: &mut Vec<Event>) {
+    fn process_line(&mut self, line: &str, out: &mut impl FnMut(EventRef<'_>)) {
         if line.is_empty() {
             self.dispatch(out);
             return;
         }
         if let Some(comment) = line.strip_prefix(':') {
-            out.push(Event::Comment(comment.strip_prefix(' ').unwrap_or(comment).to_owned()));
+            out(EventRef::Comment(comment.strip_prefix(' ').unwrap_or(comment)));
             return;
         }
         let (field, value) = match line.find(':') {
@@ -136,39 +177,39 @@ impl Parser {
             None => (line, ""),
         };
         match field {
-            "event" => self.event_type = value.to_owned(),
+            "event" => {
+                self.event_type.clear();
+                self.event_type.push_str(value);
+            }
             "data" => {
                 self.data.push_str(value);
                 self.data.push('\n');
             }
             "id" if !value.contains('\0') => {
-                self.last_id = Some(value.to_owned());
+                self.last_id.clear();
+                self.last_id.push_str(value);
+                self.has_id = true;
             }
             "retry" => {
                 if !value.is_empty()
                     && value.bytes().all(|b| b.is_ascii_digit())
                     && let Ok(ms) = value.parse()
                 {
-                    out.push(Event::Retry(ms));
+                    out(EventRef::Retry(ms));
                 }
             }
             _ => {}
         }
     }
 
-    fn dispatch(&mut self, out: &mut Vec<Event>) {
-        let event_type = std::mem::take(&mut self.event_type);
-        if self.data.is_empty() {
-            return;
+    fn dispatch(&mut self, out: &mut impl FnMut(EventRef<'_>)) {
+        // The buffers are cleared, not freed: the next event reuses them.
+        if !self.data.is_empty() {
+            let data = self.data.strip_suffix('\n').unwrap_or(&self.data);
+            let event = if self.event_type.is_empty() { "message" } else { &self.event_type };
+            out(EventRef::Message { event, data, id: self.has_id.then_some(self.last_id.as_str()) });
         }
-        let mut data = std::mem::take(&mut self.data);
-        if data.ends_with('\n') {
-            data.pop();
-        }
-        out.push(Event::Message {
-            event: if event_type.is_empty() { "message".to_owned() } else { event_type },
-            data,
-            id: self.last_id.clone(),
-        });
+        self.data.clear();
+        self.event_type.clear();
     }
 }

@@ -8,5 +8,5 @@
 mod decode;
 mod encode;
 
-pub use decode::{Event, Parser};
+pub use decode::{Event, EventRef, Parser};
 pub use encode::{push_comment, push_event, push_json_string, push_retry, push_u64};

@@ -535,13 +535,16 @@ pub(super) fn id_after(a: &str, b: &str) -> bool {
 
 /// Replicates one stream's events to Redis in order, batching whatever is
 /// queued, and keeps its lease alive. Reports the first failure through
-/// `failed` (the producer then ends the stream with `store_unavailable`).
+/// `failed` and the stream's stop token (the producer then ends the stream
+/// with `store_unavailable`).
 pub struct Replicator {
     store: Arc<RedisStore>,
     tx: mpsc::Sender<std::sync::Arc<StreamEvent>>,
     task: tokio::task::JoinHandle<()>,
-    /// Cancelled when replication failed.
+    /// Cancelled when replication failed (the stream's stop token fires
+    /// too; this one says why).
     pub failed: CancellationToken,
+    stream: Arc<super::LiveStream>,
 }
 
 impl Replicator {
@@ -554,6 +557,7 @@ impl Replicator {
         let failed = CancellationToken::new();
         let flag = failed.clone();
         let handle = store.clone();
+        let watched = stream.clone();
         let task = tokio::spawn(async move {
             let mut batch = Vec::new();
             let mut lease = tokio::time::interval(LEASE_REFRESH);
@@ -566,6 +570,7 @@ impl Replicator {
                         if let Err(e) = store.append(&id, &batch).await {
                             tracing::warn!(stream_id = %id, error = %e, "replication to redis failed");
                             flag.cancel();
+                            stream.cancel();
                             return;
                         }
                         batch.clear();
@@ -573,6 +578,7 @@ impl Replicator {
                     _ = lease.tick() => {
                         if store.refresh_lease(&id).await.is_err() {
                             flag.cancel();
+                            stream.cancel();
                             return;
                         }
                         if let Ok(true) = store.remote_reader(&id).await {
@@ -582,13 +588,14 @@ impl Replicator {
                 }
             }
         });
-        Self { store: handle, tx, task, failed }
+        Self { store: handle, tx, task, failed, stream: watched }
     }
 
     /// Queues an event; a full queue counts as a failure.
     pub fn push(&self, event: std::sync::Arc<StreamEvent>) {
         if self.tx.try_send(event).is_err() {
             self.failed.cancel();
+            self.stream.cancel();
         }
     }
 

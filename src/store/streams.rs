@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures_util::Stream;
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::stream::{StreamEvent, StreamId};
@@ -36,8 +37,9 @@ struct LogState {
     /// Sequence number of `events[0]`.
     first_seq: u64,
     finished_at: Option<Instant>,
-    /// Next sequence each attached local reader needs.
-    readers: Vec<Arc<AtomicU64>>,
+    /// Each attached local reader: the next sequence it needs, and how to
+    /// wake it.
+    readers: Vec<Arc<ReaderSlot>>,
     /// Since when no reader is attached.
     detached_since: Option<Instant>,
     /// A reader on another replica was seen; until then the stream counts
@@ -55,8 +57,17 @@ impl LogState {
     /// How far the next append is ahead of the slowest attached reader.
     fn lag(&self) -> u64 {
         let next = self.next_seq();
-        self.readers.iter().map(|r| next.saturating_sub(r.load(Ordering::SeqCst))).max().unwrap_or(0)
+        self.readers.iter().map(|r| next.saturating_sub(r.position.load(Ordering::SeqCst))).max().unwrap_or(0)
     }
+}
+
+/// One attached reader, as the log sees it.
+#[derive(Debug)]
+struct ReaderSlot {
+    position: AtomicU64,
+    /// Registered while the reader waits for the next append. A waker per
+    /// reader (not one `Notify` for all) makes the per-event wake lock-free.
+    waker: AtomicWaker,
 }
 
 /// One stream's log, owner and controls.
@@ -70,14 +81,14 @@ pub struct LiveStream {
     pub generator: String,
     max_events: usize,
     state: Mutex<LogState>,
-    /// Woken on every append (readers wait on it).
-    appended: Notify,
     /// Woken when readers attach, detach or advance (the producer waits).
     progress: Notify,
     /// The producer waits on a full window: only then do readers' advances
     /// need to wake it (saves a wake-up per event on the hot path).
     producer_waiting: std::sync::atomic::AtomicBool,
-    /// Cancelled by `DELETE /v1/streams/{id}`.
+    /// Fires on `DELETE /v1/streams/{id}`, on server shutdown (a child of
+    /// the closing token) and when replication fails: everything that
+    /// stops the producer, in one token it can poll cheaply per event.
     cancel: CancellationToken,
 }
 
@@ -111,8 +122,10 @@ impl StreamHub {
         Arc::new(Self { streams: Mutex::new(HashMap::new()), settings })
     }
 
-    /// Registers a new stream.
-    pub fn create(&self, id: StreamId, owner: &str, generator: &str) -> Arc<LiveStream> {
+    /// Registers a new stream. Its stop token ([`LiveStream::cancelled`])
+    /// is a child of `closing`, so the producer waits on one token for
+    /// cancel, shutdown and store failure alike.
+    pub fn create(&self, id: StreamId, owner: &str, generator: &str, closing: &CancellationToken) -> Arc<LiveStream> {
         let stream = Arc::new(LiveStream {
             id,
             owner: owner.to_owned(),
@@ -127,10 +140,9 @@ impl StreamHub {
                 remote_until: None,
                 deepest_lag: 0,
             }),
-            appended: Notify::new(),
             progress: Notify::new(),
             producer_waiting: std::sync::atomic::AtomicBool::new(false),
-            cancel: CancellationToken::new(),
+            cancel: closing.child_token(),
         });
         self.streams.lock().unwrap_or_else(PoisonError::into_inner).insert(id, stream.clone());
         stream
@@ -193,7 +205,9 @@ impl LiveStream {
 
     /// Wakes readers waiting for events appended since they last looked.
     pub fn wake_readers(&self) {
-        self.appended.notify_waiters();
+        for reader in &lock(&self.state).readers {
+            reader.waker.wake();
+        }
     }
 
     /// The most events the producer was ever ahead of its slowest reader.
@@ -214,25 +228,42 @@ impl LiveStream {
         lock(&self.state).next_seq()
     }
 
-    /// Requests cancellation (the producer appends `error: cancelled`).
+    /// Stops the producer (on its own: `error: cancelled`).
     pub fn cancel(&self) {
         self.cancel.cancel();
     }
 
-    /// Cancelled by a `DELETE`.
+    /// Fires when the producer must stop: cancelled, shutting down or
+    /// replication failed (the producer tells which apart).
     pub fn cancelled(&self) -> &CancellationToken {
         &self.cancel
     }
 
-    /// Events from `from` on (at most `max`), or `Err(first_kept)` when
-    /// `from` was already dropped from the log.
-    fn read_from(&self, from: u64, max: usize) -> Result<Vec<Arc<StreamEvent>>, u64> {
+    /// Adds events from `from` on (at most `max`) to `out`, or gives
+    /// `Err(first_kept)` when `from` was already dropped from the log.
+    fn read_from(&self, from: u64, max: usize, out: &mut VecDeque<Arc<StreamEvent>>) -> Result<(), u64> {
         let state = lock(&self.state);
         if from < state.first_seq {
             return Err(state.first_seq);
         }
         let skip = (from - state.first_seq) as usize;
-        Ok(state.events.iter().skip(skip).take(max).cloned().collect())
+        out.extend(state.events.range(skip.min(state.events.len())..).take(max).cloned());
+        Ok(())
+    }
+
+    /// Resolves once there is something for a reader at `from` (an event,
+    /// or a gap to report). Level-triggered: the waker is registered before
+    /// the log is looked at, so an append in between is never missed.
+    fn readable(&self, slot: &ReaderSlot, from: u64) -> impl std::future::Future<Output = ()> {
+        std::future::poll_fn(move |cx| {
+            slot.waker.register(cx.waker());
+            let state = lock(&self.state);
+            if from < state.next_seq() || from < state.first_seq {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
     }
 
     /// Checks whether a reader that has seen everything before `from` has
@@ -246,14 +277,14 @@ impl LiveStream {
     /// Attaches a reader that needs events from `from` on. Attach before the
     /// producer starts, so a new stream never looks abandoned.
     pub fn attach(self: &Arc<Self>, from: u64) -> Reader {
-        let position = Arc::new(AtomicU64::new(from));
+        let slot = Arc::new(ReaderSlot { position: AtomicU64::new(from), waker: AtomicWaker::new() });
         {
             let mut state = lock(&self.state);
-            state.readers.push(position.clone());
+            state.readers.push(slot.clone());
             state.detached_since = None;
         }
         self.progress.notify_waiters();
-        Reader { stream: self.clone(), position, from }
+        Reader { stream: self.clone(), slot, from }
     }
 
     /// A reader on another replica follows this stream: keep generating
@@ -350,7 +381,7 @@ impl LiveStream {
 #[derive(Debug)]
 pub struct Reader {
     stream: Arc<LiveStream>,
-    position: Arc<AtomicU64>,
+    slot: Arc<ReaderSlot>,
     from: u64,
 }
 
@@ -358,7 +389,7 @@ impl Reader {
     fn advance(&self, next: u64) {
         // SeqCst pairs with the producer's flag-then-recheck: one of the two
         // sides always sees the other's store, so no wake-up is lost.
-        self.position.store(next, Ordering::SeqCst);
+        self.slot.position.store(next, Ordering::SeqCst);
         if self.stream.producer_waiting.load(Ordering::SeqCst) {
             self.stream.progress.notify_waiters();
         }
@@ -369,7 +400,7 @@ impl Drop for Reader {
     fn drop(&mut self) {
         {
             let mut state = lock(&self.stream.state);
-            state.readers.retain(|r| !Arc::ptr_eq(r, &self.position));
+            state.readers.retain(|r| !Arc::ptr_eq(r, &self.slot));
             if state.readers.is_empty() {
                 state.detached_since = Some(Instant::now());
             }
@@ -386,6 +417,11 @@ const BATCH: usize = 256;
 /// quiet and ends with `shutdown` when `closing` fires. A `from` already
 /// dropped from the log gives a terminal `error` with code `resume_gap`:
 /// never a silent skip.
+///
+/// Shutdown is noticed whenever the reader wakes. A waiting reader needs no
+/// watch of its own on `closing`: the stream's producer stops on it (its
+/// stop token is a child of `closing`) and appends a terminal event, which
+/// wakes every reader; they then send `shutdown`, not that event.
 pub fn follow(
     reader: Reader,
     heartbeat: Duration,
@@ -396,19 +432,24 @@ pub fn follow(
         let stream = reader.stream.clone();
         // A child token of our own: `is_cancelled` locks the token's mutex,
         // and the shared shutdown token would be one lock contended by every
-        // reader on every event.
+        // reader.
         let closing = closing.child_token();
         let mut next = reader.from;
-        loop {
+        // Reused for every read: no allocation per event.
+        let mut batch = VecDeque::with_capacity(16);
+        // One heartbeat timer, moved only when it fires: silence is
+        // measured from the last write, without a timer per event.
+        let mut last_write = Instant::now();
+        let heartbeat_timer = sleep_until(last_write + heartbeat);
+        tokio::pin!(heartbeat_timer);
+        'wake: loop {
             if closing.is_cancelled() {
                 yield Arc::new(StreamEvent::Shutdown { retry_ms: shutdown_retry_ms });
                 return;
             }
-            let appended = stream.appended.notified();
-            tokio::pin!(appended);
-            appended.as_mut().enable();
-            match stream.read_from(next, BATCH) {
-                Err(first_kept) => {
+            // Everything there is, batch after batch.
+            loop {
+                if let Err(first_kept) = stream.read_from(next, BATCH, &mut batch) {
                     yield Arc::new(StreamEvent::Error {
                         stream_id: stream.id,
                         seq: next,
@@ -417,26 +458,35 @@ pub fn follow(
                     });
                     return;
                 }
-                Ok(batch) if !batch.is_empty() => {
-                    for event in batch {
-                        let terminal = event.is_terminal();
-                        next = event.seq().map_or(next, |s| s + 1);
-                        yield event;
-                        // Reached only once the consumer asked for more:
-                        // the event was taken.
-                        reader.advance(next);
-                        if terminal {
-                            return;
-                        }
+                if batch.is_empty() {
+                    break;
+                }
+                while let Some(event) = batch.pop_front() {
+                    let terminal = event.is_terminal();
+                    next = event.seq().map_or(next, |s| s + 1);
+                    yield event;
+                    // Reached only once the consumer asked for more: the
+                    // event was taken.
+                    reader.advance(next);
+                    if terminal {
+                        return;
                     }
                 }
-                Ok(_) => {
-                    tokio::select! {
-                        biased;
-                        () = closing.cancelled() => {}
-                        () = &mut appended => {}
-                        () = sleep(heartbeat) => yield Arc::new(StreamEvent::Heartbeat),
+                last_write = Instant::now();
+                if closing.is_cancelled() {
+                    continue 'wake;
+                }
+            }
+            tokio::select! {
+                biased;
+                () = stream.readable(&reader.slot, next) => {}
+                () = &mut heartbeat_timer => {
+                    let due = last_write + heartbeat;
+                    if Instant::now() >= due {
+                        yield Arc::new(StreamEvent::Heartbeat);
+                        last_write = Instant::now();
                     }
+                    heartbeat_timer.as_mut().reset(last_write + heartbeat);
                 }
             }
         }

@@ -39,7 +39,14 @@ pub fn events(
     async_stream::stream! {
         yield StreamEvent::Start { stream_id, generator };
         let deadline = Instant::now() + settings.max_duration;
+        // Armed once for the whole stream: a fresh deadline timer per event
+        // would be a timer-wheel insert and removal per character.
+        let max_duration = sleep_until(deadline);
+        tokio::pin!(max_duration);
         let mut next_delta = Instant::now();
+        // Likewise one pacing timer, moved for each delta.
+        let pace_timer = sleep_until(next_delta);
+        tokio::pin!(pace_timer);
         let mut splitter = GraphemeSplitter::new();
         let mut ready: VecDeque<String> = VecDeque::new();
         let mut seq: u64 = 0;
@@ -48,13 +55,14 @@ pub fn events(
         loop {
             if let Some(cluster) = ready.pop_front() {
                 if Instant::now() < next_delta {
+                    pace_timer.as_mut().reset(next_delta);
                     tokio::select! {
                         biased;
-                        () = sleep_until(deadline) => {
+                        () = &mut max_duration => {
                             yield max_duration_error(stream_id, seq, settings.max_duration);
                             return;
                         }
-                        () = sleep_until(next_delta) => {}
+                        () = &mut pace_timer => {}
                     }
                 }
                 seq += 1;
@@ -91,7 +99,7 @@ pub fn events(
                         text_ended = true;
                     }
                 },
-                () = sleep_until(deadline) => {
+                () = &mut max_duration => {
                     yield max_duration_error(stream_id, seq, settings.max_duration);
                     return;
                 }

@@ -115,11 +115,14 @@ async fn produce(
     // lock and register on three tokens per character.
     let stop = {
         let stopping = async {
-            tokio::select! {
-                biased;
-                () = store_failed.cancelled() => Stop::StoreFailed,
-                () = stream.cancelled().cancelled() => Stop::Cancelled,
-                () = ctx.closing.cancelled() => Stop::Closing,
+            // One token covers all three (see `LiveStream::cancelled`).
+            stream.cancelled().cancelled().await;
+            if store_failed.is_cancelled() {
+                Stop::StoreFailed
+            } else if ctx.closing.is_cancelled() {
+                Stop::Closing
+            } else {
+                Stop::Cancelled
             }
         };
         tokio::pin!(stopping);
@@ -141,10 +144,16 @@ async fn produce(
                 stream.wake_readers();
                 unannounced = false;
             }
-            let wait = tokio::select! {
-                biased;
-                stop = &mut stopping => break Some(stop),
-                wait = stream.wait_for_room(settings.window, settings.max_lag, settings.detach_grace) => wait,
+            // The common case, room in the window, costs one lock and no
+            // polling of the stop future (the event select below polls it).
+            let wait = if stream.has_room(settings.window) {
+                Wait::Go
+            } else {
+                tokio::select! {
+                    biased;
+                    stop = &mut stopping => break Some(stop),
+                    wait = stream.wait_for_room(settings.window, settings.max_lag, settings.detach_grace) => wait,
+                }
             };
             match wait {
                 Wait::Go => {}
@@ -154,9 +163,12 @@ async fn produce(
                 }
                 Wait::Abandoned => continue,
             }
+            // The engine before the abandon watch: that watch only matters
+            // while the engine is quiet, and is polled (registered) then.
             let event = tokio::select! {
                 biased;
                 stop = &mut stopping => break Some(stop),
+                event = engine.next() => event,
                 () = &mut abandoned => {
                     if reader_elsewhere(&stream, replicator.as_ref()).await {
                         // Held for a reader elsewhere: watch afresh.
@@ -165,7 +177,6 @@ async fn produce(
                     }
                     break Some(Stop::Abandoned);
                 }
-                event = engine.next() => event,
                 () = &mut announce, if unannounced => {
                     stream.wake_readers();
                     unannounced = false;
@@ -312,7 +323,7 @@ mod tests {
     async fn run(text: &str, batch_ready: bool) -> (usize, String) {
         let hub = StreamHub::new(HubSettings { max_events: 10_000, ttl: Duration::from_secs(60) });
         let id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| unreachable!());
-        let stream = hub.create(id, "s", "t");
+        let stream = hub.create(id, "s", "t", &CancellationToken::new());
         let reader = stream.attach(0);
         let engine = events(
             id,

@@ -98,14 +98,14 @@ pub async fn run(a: FanoutArgs) -> Result<Value> {
             let mut permit = Some(permit);
             let mut seen = vec![false; publishes as usize];
             let (_end, _) = client::read_events(&mut body, Some(&mut stop), |event, now| {
-                let tokengate::sse::Event::Message { event, data, .. } = event else { return true };
+                let tokengate::sse::EventRef::Message { event, data, .. } = event else { return true };
                 if event == "connected" {
                     if permit.take().is_some() {
                         let _ = ready.send(Ok(()));
                     }
                     return true;
                 }
-                let Ok(p) = serde_json::from_str::<Payload>(&data) else { return true };
+                let Ok(p) = serde_json::from_str::<Payload>(data) else { return true };
                 let now_us = now.saturating_duration_since(base).as_micros() as u64;
                 sub.latencies.push(u32::try_from(now_us.saturating_sub(p.t_us)).unwrap_or(u32::MAX));
                 match seen.get_mut(p.seq as usize) {

@@ -128,11 +128,11 @@ pub async fn run(a: IdleArgs, soft_limit: u64) -> Result<Value> {
             let mut body = resp.into_body();
             let mut permit = Some(permit);
             let (end, _) = client::read_events(&mut body, Some(&mut stop), |event, now| {
-                if let tokengate::sse::Event::Comment(_) = event {
+                if let tokengate::sse::EventRef::Comment(_) = event {
                     held.heartbeats.push(now);
                     return true;
                 }
-                if let tokengate::sse::Event::Message { .. } = &event {
+                if let tokengate::sse::EventRef::Message { .. } = &event {
                     held.events += 1;
                     if permit.take().is_some() {
                         let _ = opened.send(Ok(()));
