@@ -5,6 +5,7 @@
 
 mod demo;
 mod echo;
+mod http1;
 mod openai;
 mod registry;
 pub mod upstream;

@@ -11,16 +11,19 @@
 //! upstream stops generating (and billing) as soon as nobody reads.
 
 use std::borrow::Cow;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{FutureExt, StreamExt};
+use bytes::Bytes;
+use futures_util::{FutureExt, Stream, StreamExt};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::{Value, json};
 use tokio::time::{Instant, sleep, sleep_until, timeout_at};
 
+use super::http1::{self, SendFailure};
 use super::upstream::Upstream;
 use super::{Chunk, GenerateRequest, Generator, GeneratorError, TextStream, Usage};
 use crate::sse::{EventRef, Parser};
@@ -28,7 +31,7 @@ use crate::sse::{EventRef, Parser};
 /// One upstream plus its fallbacks, as one generator.
 #[derive(Debug, Clone)]
 pub struct OpenAiGenerator {
-    chain: Vec<(Arc<Upstream>, reqwest::Client)>,
+    chain: Vec<(Arc<Upstream>, Transport)>,
     description: String,
 }
 
@@ -181,8 +184,8 @@ impl OpenAiGenerator {
         let chain = std::iter::once(primary)
             .chain(fallbacks)
             .map(|u| {
-                let client = reqwest::Client::builder().connect_timeout(u.connect_timeout).build()?;
-                Ok((u, client))
+                let transport = Transport::for_upstream(&u)?;
+                Ok((u, transport))
             })
             .collect::<Result<_, reqwest::Error>>()?;
         Ok(Self { chain, description })
@@ -198,18 +201,91 @@ fn messages_for(request: &GenerateRequest) -> Vec<Value> {
     messages
 }
 
-async fn start(
-    upstream: &Upstream,
-    client: &reqwest::Client,
-    body: &Value,
-    deadline: Instant,
-) -> Result<reqwest::Response, Attempt> {
-    let mut req = client.post(&upstream.url).headers(upstream.headers.clone()).json(body);
-    if let Some(key) = &upstream.api_key {
-        req = req.bearer_auth(String::from_utf8_lossy(key.expose()));
+/// How requests reach one upstream.
+#[derive(Debug, Clone)]
+enum Transport {
+    /// Plain `http://`: hyper driven by the task reading the body (see
+    /// [`http1`]), so a burst of frames is taken in one go.
+    Driven,
+    /// `https://`: reqwest, with its connection pool, TLS and proxy support.
+    Pooled(reqwest::Client),
+}
+
+impl Transport {
+    fn for_upstream(upstream: &Upstream) -> Result<Self, reqwest::Error> {
+        if !upstream.pooled && http1::serves(&upstream.url) {
+            return Ok(Transport::Driven);
+        }
+        Ok(Transport::Pooled(reqwest::Client::builder().connect_timeout(upstream.connect_timeout).build()?))
     }
+}
+
+/// An upstream response body, as the pieces it arrives in.
+type Pieces = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
+
+/// A response head and its body.
+struct Head {
+    status: StatusCode,
+    retry_after: Option<String>,
+    body: Pieces,
+}
+
+async fn send(upstream: &Upstream, transport: &Transport, body: &Value) -> Result<Head, SendFailure> {
+    let key = upstream.api_key.as_ref().map(|k| k.expose());
+    match transport {
+        Transport::Driven => {
+            let json = Bytes::from(serde_json::to_vec(body).map_err(|_| SendFailure::Disconnected)?);
+            let (parts, body) =
+                http1::post_json(&upstream.url, &upstream.headers, key, json, upstream.connect_timeout).await?;
+            Ok(Head {
+                status: parts.status,
+                retry_after: retry_after(&parts.headers),
+                body: Box::pin(body.map(|piece| piece.map_err(|e| e.to_string()))),
+            })
+        }
+        Transport::Pooled(client) => {
+            let mut req = client.post(&upstream.url).headers(upstream.headers.clone()).json(body);
+            if let Some(key) = key {
+                req = req.bearer_auth(String::from_utf8_lossy(key));
+            }
+            let response = req.send().await.map_err(|e| {
+                if e.is_timeout() {
+                    SendFailure::ConnectTimeout
+                } else if e.is_connect() {
+                    SendFailure::ConnectFailed
+                } else {
+                    SendFailure::Disconnected
+                }
+            })?;
+            Ok(Head {
+                status: response.status(),
+                retry_after: retry_after(response.headers()),
+                body: Box::pin(response.bytes_stream().map(|piece| piece.map_err(|e| e.to_string()))),
+            })
+        }
+    }
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    headers.get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// The start of an error body, as text (bounded in size; the caller bounds
+/// the time).
+async fn error_text(mut body: Pieces) -> String {
+    let mut text = Vec::new();
+    while let Some(Ok(piece)) = body.next().await {
+        text.extend_from_slice(&piece);
+        if text.len() > 64 * 1024 {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+async fn start(upstream: &Upstream, transport: &Transport, body: &Value, deadline: Instant) -> Result<Pieces, Attempt> {
     let head_deadline = deadline.min(Instant::now() + upstream.first_byte_timeout);
-    let response = match timeout_at(head_deadline, req.send()).await {
+    let response = match timeout_at(head_deadline, send(upstream, transport, body)).await {
         Err(_) => {
             return Err(Attempt {
                 error: upstream_error(
@@ -219,14 +295,18 @@ async fn start(
                 retry: true,
             });
         }
-        Ok(Err(e)) if e.is_connect() || e.is_timeout() => {
-            let code = if e.is_timeout() { "upstream_connect_timeout" } else { "upstream_connect_failed" };
+        Ok(Err(failure @ (SendFailure::ConnectTimeout | SendFailure::ConnectFailed))) => {
+            let code = if failure == SendFailure::ConnectTimeout {
+                "upstream_connect_timeout"
+            } else {
+                "upstream_connect_failed"
+            };
             return Err(Attempt {
                 error: upstream_error(code, format!("cannot reach upstream `{}`", upstream.name)),
                 retry: true,
             });
         }
-        Ok(Err(_)) => {
+        Ok(Err(SendFailure::Disconnected)) => {
             return Err(Attempt {
                 error: upstream_error(
                     "upstream_disconnected",
@@ -237,16 +317,16 @@ async fn start(
         }
         Ok(Ok(response)) => response,
     };
-    let status = response.status();
+    let status = response.status;
     if status.is_success() {
-        return Ok(response);
+        return Ok(response.body);
     }
-    let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let retry_after = response.retry_after;
     // The body may explain. Only a JSON error message is passed on, short,
     // and with anything key-like masked: some upstreams quote the key they
     // were sent.
-    let detail = match tokio::time::timeout(Duration::from_secs(2), response.text()).await {
-        Ok(Ok(text)) => serde_json::from_str::<Value>(&text)
+    let detail = match tokio::time::timeout(Duration::from_secs(2), error_text(response.body)).await {
+        Ok(text) => serde_json::from_str::<Value>(&text)
             .ok()
             .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_owned))
             .map(|m| mask_keys(&m, upstream).chars().take(200).collect::<String>())
@@ -298,7 +378,7 @@ impl Generator for OpenAiGenerator {
             let deadline = Instant::now() + total;
             let mut last_error = upstream_error("upstream_unavailable", "no upstream configured");
             let mut started = None;
-            'chain: for (upstream, client) in &chain {
+            'chain: for (upstream, transport) in &chain {
                 let mut body = json!({
                     "model": upstream.model,
                     "messages": messages_for(&request),
@@ -309,7 +389,7 @@ impl Generator for OpenAiGenerator {
                     map.extend(options);
                 }
                 for attempt in 0..=upstream.retries {
-                    match start(upstream, client, &body, deadline).await {
+                    match start(upstream, transport, &body, deadline).await {
                         Ok(response) => {
                             started = Some((upstream.clone(), response));
                             break 'chain;
@@ -334,7 +414,7 @@ impl Generator for OpenAiGenerator {
                 yield Err(last_error);
                 return;
             };
-            let mut body = response.bytes_stream();
+            let mut body = response;
             let mut parser = Parser::new();
             let mut finished = false;
             let mut deferred = None;

@@ -71,6 +71,9 @@ pub struct UpstreamSettings {
     pub retries: Option<u32>,
     /// Default pace for this upstream's deltas in ms (0: as they come).
     pub pace_ms: Option<u64>,
+    /// Reuse connections through a pool (and honour `HTTP_PROXY`) for an
+    /// `http://` upstream too; `https://` ones always are.
+    pub pooled: Option<bool>,
 }
 
 /// A validated upstream.
@@ -102,6 +105,9 @@ pub struct Upstream {
     pub fallbacks: Vec<String>,
     /// Default pace.
     pub pace: Option<Duration>,
+    /// Requests go through reqwest's pool rather than a connection of their
+    /// own driven by the reading task.
+    pub pooled: bool,
 }
 
 fn dur(name: &str, what: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
@@ -168,6 +174,7 @@ impl Upstream {
             aliases: s.aliases.clone(),
             fallbacks: s.fallbacks.clone(),
             pace: s.pace_ms.map(Duration::from_millis),
+            pooled: s.pooled.unwrap_or(false),
         })
     }
 }

@@ -24,7 +24,14 @@ fn key_file() -> String {
 }
 
 fn upstream(mock: &MockUpstream, mode: &str) -> UpstreamSettings {
+    upstream_via(mock, mode, false)
+}
+
+/// `pooled`: through the pooled client (reqwest) instead of the connection
+/// driven by the stream's task; the tests that matter run both ways.
+fn upstream_via(mock: &MockUpstream, mode: &str, pooled: bool) -> UpstreamSettings {
     UpstreamSettings {
+        pooled: Some(pooled),
         base_url: mock.base_url(),
         model: mode.to_owned(),
         api_key_file: Some(key_file().into()),
@@ -61,8 +68,14 @@ fn terminal(events: &[Event]) -> (String, Value) {
 
 #[tokio::test]
 async fn streams_exact_text_with_usage_and_forwards_the_request() {
+    for pooled in [false, true] {
+        streams_exact_text_via(pooled).await;
+    }
+}
+
+async fn streams_exact_text_via(pooled: bool) {
     let mock = mock_upstream::start().await;
-    let app = app_with(vec![("up", upstream(&mock, "normal"))]).await;
+    let app = app_with(vec![("up", upstream_via(&mock, "normal", pooled))]).await;
     let text = "Hi 你好 👩‍👩‍👧 e\u{301}!";
     let events = post_stream(
         &app,
@@ -104,15 +117,23 @@ async fn sampling_options_reach_the_upstream_through_the_openai_api() {
 #[tokio::test]
 async fn chunks_cut_inside_utf8_and_lines_reassemble_exactly() {
     let mock = mock_upstream::start().await;
-    let app = app_with(vec![("up", upstream(&mock, "cut"))]).await;
-    let text = "日本語テキスト 🇯🇵🇫🇷 👨‍👩‍👧‍👦 Zalgo Z\u{324}\u{354}a\u{308}\u{356}";
-    let events = post_stream(&app, json!({"generator": "up", "prompt": text})).await;
-    assert_eq!(delta_text(&events), text);
-    assert_eq!(terminal(&events).0, "done");
+    for pooled in [false, true] {
+        let app = app_with(vec![("up", upstream_via(&mock, "cut", pooled))]).await;
+        let text = "日本語テキスト 🇯🇵🇫🇷 👨‍👩‍👧‍👦 Zalgo Z\u{324}\u{354}a\u{308}\u{356}";
+        let events = post_stream(&app, json!({"generator": "up", "prompt": text})).await;
+        assert_eq!(delta_text(&events), text, "pooled: {pooled}");
+        assert_eq!(terminal(&events).0, "done");
+    }
 }
 
 #[tokio::test]
 async fn every_failure_is_a_terminal_error_with_its_code() {
+    for pooled in [false, true] {
+        every_failure_via(pooled).await;
+    }
+}
+
+async fn every_failure_via(pooled: bool) {
     let mock = mock_upstream::start().await;
     let modes = [
         ("status-401", "upstream_unauthorized"),
@@ -125,11 +146,11 @@ async fn every_failure_is_a_terminal_error_with_its_code() {
         ("idle", "upstream_idle_timeout"),
         ("hang", "upstream_first_byte_timeout"),
     ];
-    let app = app_with(modes.iter().map(|(mode, _)| (*mode, upstream(&mock, mode))).collect()).await;
+    let app = app_with(modes.iter().map(|(mode, _)| (*mode, upstream_via(&mock, mode, pooled))).collect()).await;
     for (mode, code) in modes {
         let events = post_stream(&app, json!({"generator": mode, "prompt": "hello"})).await;
         let (kind, data) = terminal(&events);
-        assert_eq!((kind.as_str(), data["code"].as_str()), ("error", Some(code)), "{mode}: {data}");
+        assert_eq!((kind.as_str(), data["code"].as_str()), ("error", Some(code)), "{mode} (pooled: {pooled}): {data}");
         let message = data["message"].as_str().unwrap();
         assert!(!message.contains(KEY), "the API key leaked into an error");
         if mode == "status-429" {
@@ -147,15 +168,18 @@ async fn every_failure_is_a_terminal_error_with_its_code() {
 async fn connect_failures_are_retried_then_reported() {
     // A port nobody listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let settings = UpstreamSettings {
-        base_url: format!("http://127.0.0.1:{port}/v1"),
-        model: "m".into(),
-        retries: Some(2),
-        ..UpstreamSettings::default()
-    };
-    let app = app_with(vec![("gone", settings)]).await;
-    let events = post_stream(&app, json!({"generator": "gone", "prompt": "x"})).await;
-    assert_eq!(terminal(&events).1["code"], "upstream_connect_failed");
+    for pooled in [false, true] {
+        let settings = UpstreamSettings {
+            base_url: format!("http://127.0.0.1:{port}/v1"),
+            model: "m".into(),
+            retries: Some(2),
+            pooled: Some(pooled),
+            ..UpstreamSettings::default()
+        };
+        let app = app_with(vec![("gone", settings)]).await;
+        let events = post_stream(&app, json!({"generator": "gone", "prompt": "x"})).await;
+        assert_eq!(terminal(&events).1["code"], "upstream_connect_failed", "pooled: {pooled}");
+    }
 }
 
 #[tokio::test]
@@ -190,8 +214,14 @@ async fn retries_before_the_first_byte_then_falls_back_in_order() {
 
 #[tokio::test]
 async fn a_client_that_leaves_drops_the_upstream_request() {
+    for pooled in [false, true] {
+        client_leaves_via(pooled).await;
+    }
+}
+
+async fn client_leaves_via(pooled: bool) {
     let mock = mock_upstream::start().await;
-    let app = app_with(vec![("up", upstream(&mock, "slow"))]).await;
+    let app = app_with(vec![("up", upstream_via(&mock, "slow", pooled))]).await;
     let text = "a".repeat(200);
     let resp = app
         .client
@@ -237,4 +267,35 @@ async fn configuration_errors_name_the_upstream() {
     settings.upstreams = Some(missing);
     let err = tokengate::config::Config::from_settings(settings).unwrap_err().to_string();
     assert!(err.contains("TOKENGATE_TEST_NO_SUCH_VAR"), "{err}");
+}
+
+#[tokio::test]
+async fn frames_that_arrive_together_are_handed_on_together() {
+    use futures_util::StreamExt;
+    use tokengate::generator::upstream::Upstream;
+    use tokengate::generator::{Chunk, GenerateRequest, Generator, OpenAiGenerator};
+
+    let mock = mock_upstream::start().await;
+    // 2,000 one-character frames sent as fast as the mock can.
+    let text: String = "fast 速い ".chars().cycle().take(2000).collect();
+    for pooled in [false, true] {
+        let up = Upstream::from_settings("up", &upstream_via(&mock, "normal", pooled)).unwrap();
+        let generator = OpenAiGenerator::new(std::sync::Arc::new(up), Vec::new()).unwrap();
+        let mut chunks = generator.generate(GenerateRequest { prompt: text.clone(), ..GenerateRequest::default() });
+        let (mut pieces, mut got) = (0, String::new());
+        while let Some(chunk) = chunks.next().await {
+            if let Ok(Chunk::Text(t)) = chunk {
+                pieces += 1;
+                got.push_str(&t);
+            }
+        }
+        assert_eq!(got, text, "pooled: {pooled}");
+        if !pooled {
+            // The connection is driven by the reading task, which takes
+            // every frame a network read brought (the mock writes up to 16
+            // per write) as one chunk; the pooled client hands frames over
+            // one per wake-up of its connection task.
+            assert!(pieces * 4 <= 2000, "{pieces} chunks for 2,000 frames");
+        }
+    }
 }
