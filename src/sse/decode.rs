@@ -127,7 +127,7 @@ impl Parser {
             self.after_cr = false;
         }
         while i < bytes.len() {
-            match bytes[i..].iter().position(|&b| b == b'\r' || b == b'\n') {
+            match memchr::memchr2(b'\r', b'\n', &bytes[i..]) {
                 None => {
                     self.line.extend_from_slice(&bytes[i..]);
                     return;
