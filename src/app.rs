@@ -18,8 +18,7 @@ use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
-use tracing::Level;
+use tracing::Instrument;
 
 use crate::api;
 use crate::config::Config;
@@ -150,22 +149,10 @@ pub fn router(state: AppState) -> Router {
     }
     let router = router.fallback(api::not_found).method_not_allowed_fallback(api::method_not_allowed);
 
-    let trace = TraceLayer::new_for_http()
-        .make_span_with(move |req: &Request<_>| {
-            let query = req.uri().query().map(|q| redact_query(q, &token_param)).unwrap_or_default();
-            let request_id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
-            tracing::info_span!(
-                "request",
-                request_id = %request_id,
-                method = %req.method(),
-                path = %req.uri().path(),
-                query = %query
-            )
-        })
-        .on_request(())
-        .on_body_chunk(())
-        .on_eos(())
-        .on_response(DefaultOnResponse::new().level(Level::INFO));
+    let trace = {
+        let token_param: Arc<str> = token_param.into();
+        middleware::from_fn(move |request: Request<Body>, next: Next| log_request(token_param.clone(), request, next))
+    };
 
     let cors = state.config.cors_origins.as_ref().map(|origins| cors_layer(origins));
     let body_limit = state.config.max_body_bytes;
@@ -183,6 +170,34 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::max(body_limit)),
         )
         .with_state(state)
+}
+
+/// Runs the request in its span (request id, method, path, and the query
+/// with the token redacted) and logs one line when the response head is
+/// ready. Unlike tower-http's `TraceLayer` it does not wrap the response
+/// body: that wrapper entered the span and read the clock twice on every
+/// body poll, which on a stream is every event.
+async fn log_request(token_param: Arc<str>, request: Request<Body>, next: Next) -> Response {
+    let span = {
+        let query = request.uri().query().map(|q| redact_query(q, &token_param)).unwrap_or_default();
+        let request_id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+        tracing::info_span!(
+            "request",
+            request_id = %request_id,
+            method = %request.method(),
+            path = %request.uri().path(),
+            query = %query
+        )
+    };
+    let started = std::time::Instant::now();
+    let response = next.run(request).instrument(span.clone()).await;
+    let _entered = span.enter();
+    tracing::info!(
+        latency = %format_args!("{} ms", started.elapsed().as_millis()),
+        status = response.status().as_u16(),
+        "finished processing request"
+    );
+    response
 }
 
 /// Counts and logs each refusal once: 5xx at warn, 4xx at info (they are the

@@ -282,11 +282,13 @@ async fn json_logs_have_request_ids_and_one_line_per_stream_end_without_tokens()
     assert_eq!(fields["subject"], "logger");
     assert_eq!(fields["generator"], "echo");
     assert_eq!(ended[0]["span"]["request_id"], "req-abc-123", "{logs}");
-    assert!(
-        lines.iter().any(
-            |l| l["span"]["request_id"] == "req-abc-123" && l["fields"]["message"] == "finished processing request"
-        ),
-        "{logs}"
-    );
+    let finished: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["span"]["request_id"] == "req-abc-123" && l["fields"]["message"] == "finished processing request")
+        .collect();
+    assert_eq!(finished.len(), 1, "one line per request: {logs}");
+    assert_eq!(finished[0]["fields"]["status"], 200, "{logs}");
+    assert!(finished[0]["fields"]["latency"].as_str().is_some_and(|l| l.ends_with(" ms")), "{logs}");
+    assert_eq!(finished[0]["span"]["path"], "/v1/stream", "{logs}");
     assert!(!logs.contains(&token), "token leaked into logs");
 }
