@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use crate::stream::{StreamEvent, StreamId};
+use crate::stream::{OnlyWhenWoken, StreamEvent, StreamId};
 
 /// Retention and flow-control settings of stream logs.
 #[derive(Debug, Clone, Copy)]
@@ -418,10 +418,8 @@ const BATCH: usize = 256;
 /// dropped from the log gives a terminal `error` with code `resume_gap`:
 /// never a silent skip.
 ///
-/// Shutdown is noticed whenever the reader wakes. A waiting reader needs no
-/// watch of its own on `closing`: the stream's producer stops on it (its
-/// stop token is a child of `closing`) and appends a terminal event, which
-/// wakes every reader; they then send `shutdown`, not that event.
+/// Shutdown is watched with [`OnlyWhenWoken`]: looked at per event only as
+/// an atomic flag, not a lock.
 pub fn follow(
     reader: Reader,
     heartbeat: Duration,
@@ -434,6 +432,7 @@ pub fn follow(
         // and the shared shutdown token would be one lock contended by every
         // reader.
         let closing = closing.child_token();
+        let mut closing_watch = OnlyWhenWoken::new(closing.clone().cancelled_owned());
         let mut next = reader.from;
         // Reused for every read: no allocation per event.
         let mut batch = VecDeque::with_capacity(16);
@@ -443,7 +442,7 @@ pub fn follow(
         let heartbeat_timer = sleep_until(last_write + heartbeat);
         tokio::pin!(heartbeat_timer);
         'wake: loop {
-            if closing.is_cancelled() {
+            if closing_watch.may_be_ready() && closing.is_cancelled() {
                 yield Arc::new(StreamEvent::Shutdown { retry_ms: shutdown_retry_ms });
                 return;
             }
@@ -473,12 +472,16 @@ pub fn follow(
                     }
                 }
                 last_write = Instant::now();
-                if closing.is_cancelled() {
+                if closing_watch.may_be_ready() && closing.is_cancelled() {
                     continue 'wake;
                 }
             }
             tokio::select! {
                 biased;
+                () = &mut closing_watch => {
+                    yield Arc::new(StreamEvent::Shutdown { retry_ms: shutdown_retry_ms });
+                    return;
+                }
                 () = stream.readable(&reader.slot, next) => {}
                 () = &mut heartbeat_timer => {
                     let due = last_write + heartbeat;

@@ -8,9 +8,11 @@ mod event;
 mod graphemes;
 mod id;
 mod run;
+mod woken;
 
 pub use engine::{EngineSettings, events};
 pub use event::{FinishReason, StreamEvent};
 pub use graphemes::GraphemeSplitter;
 pub use id::StreamId;
 pub use run::{RunContext, RunSettings, spawn};
+pub use woken::OnlyWhenWoken;

@@ -21,7 +21,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::StreamEvent;
+use super::{OnlyWhenWoken, StreamEvent};
 use crate::limits::{SlotPermit, StreamSlots};
 use crate::metrics::Metrics;
 use crate::store::{LiveStream, Replicator, Wait};
@@ -114,7 +114,9 @@ async fn produce(
     // made once: building fresh `cancelled()` futures for every event would
     // lock and register on three tokens per character.
     let stop = {
-        let stopping = async {
+        // Both watches are polled only when their own wakers fire (see
+        // `OnlyWhenWoken`), not on every event.
+        let mut stopping = OnlyWhenWoken::new(async {
             // One token covers all three (see `LiveStream::cancelled`).
             stream.cancelled().cancelled().await;
             if store_failed.is_cancelled() {
@@ -124,10 +126,8 @@ async fn produce(
             } else {
                 Stop::Cancelled
             }
-        };
-        tokio::pin!(stopping);
-        let abandoned = stream.abandoned(settings.detach_grace);
-        tokio::pin!(abandoned);
+        });
+        let mut abandoned = OnlyWhenWoken::new(stream.abandoned(settings.detach_grace));
         // Readers are woken once per batch, not per event. For unpaced
         // streams "a batch" is everything that arrives before the runtime
         // gets round to other work: the wake is deferred with `yield_now`
@@ -172,7 +172,7 @@ async fn produce(
                 () = &mut abandoned => {
                     if reader_elsewhere(&stream, replicator.as_ref()).await {
                         // Held for a reader elsewhere: watch afresh.
-                        abandoned.set(stream.abandoned(settings.detach_grace));
+                        abandoned = OnlyWhenWoken::new(stream.abandoned(settings.detach_grace));
                         continue;
                     }
                     break Some(Stop::Abandoned);
