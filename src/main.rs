@@ -84,7 +84,10 @@ fn healthcheck(config: &Config, path: &str) -> ExitCode {
 
 fn serve(config: Config) -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only on a terminal: escape codes in a log file or a collector
+    // are noise (and cost formatting on every line).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if config.log_json {
         subscriber.json().init();
     } else {

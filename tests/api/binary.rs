@@ -243,6 +243,8 @@ async fn sigterm_drains_and_exits_zero_and_logs_never_show_tokens() {
         "query logged redacted: {logs}"
     );
     assert!(logs.contains("/v1/stream"), "requests are logged: {logs}");
+    // Text logs to a pipe or file carry no terminal colour codes.
+    assert!(!logs.contains('\x1b'), "ANSI escapes in logs written to a pipe: {logs}");
     for (name, t) in [
         ("query", &t_query),
         ("cookie", &t_cookie),
