@@ -41,6 +41,8 @@ pub struct OnlyWhenWoken<F> {
     inner: Pin<Box<F>>,
     flag: Arc<Flag>,
     waker: Waker,
+    /// The owner's waker as last registered in `flag.task`.
+    registered: Option<Waker>,
 }
 
 impl<F: Future> OnlyWhenWoken<F> {
@@ -48,7 +50,7 @@ impl<F: Future> OnlyWhenWoken<F> {
     pub fn new(inner: F) -> Self {
         let flag = Arc::new(Flag { woken: AtomicBool::new(true), task: AtomicWaker::new() });
         let waker = Waker::from(flag.clone());
-        Self { inner: Box::pin(inner), flag, waker }
+        Self { inner: Box::pin(inner), flag, waker, registered: None }
     }
 
     /// Whether the inner future may have progressed since its last poll
@@ -62,14 +64,27 @@ impl<F: Future> Future for OnlyWhenWoken<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        // The owner's waker first: a wake-up after the swap below reaches it.
-        self.flag.task.register(cx.waker());
-        if !self.flag.woken.swap(false, Ordering::AcqRel) {
+        let this = &mut *self;
+        // The common case: one load and a pointer comparison. Not woken
+        // since the owner's (same) waker was registered, so that waker is
+        // still in place (a wake-up sets the flag before taking it).
+        if !this.flag.woken.load(Ordering::Acquire) && this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+        {
             return Poll::Pending;
         }
-        let this = &mut *self;
+        this.flag.woken.store(false, Ordering::Release);
+        this.flag.task.register(cx.waker());
+        if !this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            this.registered = Some(cx.waker().clone());
+        }
         let mut inner_cx = Context::from_waker(&this.waker);
-        this.inner.as_mut().poll(&mut inner_cx)
+        let poll = this.inner.as_mut().poll(&mut inner_cx);
+        if poll.is_pending() && this.flag.woken.load(Ordering::Acquire) {
+            // Woken while being polled (the wake-up may have found no
+            // owner's waker to take): look again.
+            cx.waker().wake_by_ref();
+        }
+        poll
     }
 }
 
