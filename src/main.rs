@@ -87,7 +87,14 @@ fn serve(config: Config) -> ExitCode {
     // Colour only on a terminal: escape codes in a log file or a collector
     // are noise (and cost formatting on every line).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    // Log lines are written by a thread of their own: a slow or stalled
+    // stderr reader (a pipe to a busy collector) must not block the
+    // runtime's workers, and lines that pile up are written together. When
+    // 128k lines are pending, new ones are dropped rather than waited for.
+    // The guard flushes what is pending when `serve` returns.
+    let (writer, _flush_on_exit) =
+        tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(true).finish(std::io::stderr());
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     if config.log_json {
         subscriber.json().init();
     } else {

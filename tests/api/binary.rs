@@ -294,3 +294,27 @@ async fn json_logs_have_request_ids_and_one_line_per_stream_end_without_tokens()
     assert_eq!(finished[0]["span"]["path"], "/v1/stream", "{logs}");
     assert!(!logs.contains(&token), "token leaked into logs");
 }
+
+#[tokio::test]
+async fn a_stalled_log_reader_does_not_stall_the_streams() {
+    // Nobody reads the server's stderr here: the pipe (64 KiB) fills after
+    // a few hundred debug lines. Log lines are written by a thread of their
+    // own, so the streams go on regardless.
+    let server = start(
+        &["--jwt-secret", SECRET, "--rate-subject-per-min", "0", "--rate-ip-per-min", "0"],
+        &[("RUST_LOG", "debug")],
+        "listening on",
+    );
+    let client = reqwest::Client::new();
+    let token = hs256(serde_json::json!({"sub": "quiet", "exp": now() + 600, "scope": "stream"}));
+    let padding = "x".repeat(500);
+    for i in 0..300 {
+        // Long query strings make long log lines: ~300 KiB of logs in all.
+        let url = format!("{}/v1/stream?generator=echo&pace_ms=0&prompt=hi{i}&pad={padding}", server.base);
+        let response = tokio::time::timeout(Duration::from_secs(5), client.get(&url).bearer_auth(&token).send()).await;
+        let response = response.unwrap_or_else(|_| panic!("stream {i} did not start: the server stalled")).unwrap();
+        assert_eq!(response.status(), 200, "stream {i}");
+        let events = read_events(response, Duration::from_secs(5)).await;
+        assert_eq!(delta_text(&events), format!("hi{i}"), "stream {i}");
+    }
+}
