@@ -41,9 +41,13 @@ pub(super) enum SendFailure {
 
 type Conn = Connection<TokioIo<TcpStream>, Body>;
 
-/// Whether `url` is one this client serves (plain `http://`).
+/// Whether `url` is one this client serves: plain `http://` without
+/// credentials in it (those are left to reqwest, which sends them as Basic
+/// auth).
 pub(super) fn serves(url: &str) -> bool {
-    url.parse::<Uri>().is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some())
+    url.parse::<Uri>().is_ok_and(|u| {
+        u.scheme_str() == Some("http") && u.host().is_some() && u.authority().is_some_and(|a| !a.as_str().contains('@'))
+    })
 }
 
 /// POSTs `body` as JSON to `url` with `headers`, and returns the response
@@ -56,10 +60,15 @@ pub(super) async fn post_json(
     connect_timeout: Duration,
 ) -> Result<(http::response::Parts, DrivenBody), SendFailure> {
     let uri: Uri = url.parse().map_err(|_| SendFailure::ConnectFailed)?;
-    let host = uri.host().ok_or(SendFailure::ConnectFailed)?;
+    let named = uri.host().ok_or(SendFailure::ConnectFailed)?;
     // A bracketed IPv6 literal connects without its brackets.
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = named.trim_start_matches('[').trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(80);
+    // `Host` is the host and the port as written, never any userinfo.
+    let host_header = match uri.port_u16() {
+        Some(port) => format!("{named}:{port}"),
+        None => named.to_owned(),
+    };
     let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect((host, port))).await {
         Err(_) => return Err(SendFailure::ConnectTimeout),
         Ok(Err(_)) => return Err(SendFailure::ConnectFailed),
@@ -68,12 +77,11 @@ pub(super) async fn post_json(
     // The request goes out in one write and must not wait for an ACK.
     let _ = tcp.set_nodelay(true);
     let (mut sender, conn) = http1::handshake(TokioIo::new(tcp)).await.map_err(|_| SendFailure::Disconnected)?;
-    let authority = uri.authority().map(|a| a.as_str()).unwrap_or(host);
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut request = Request::post(path).body(Body::from(body)).map_err(|_| SendFailure::ConnectFailed)?;
     let request_headers = request.headers_mut();
     request_headers.extend(headers.clone());
-    request_headers.insert(HOST, HeaderValue::from_str(authority).map_err(|_| SendFailure::ConnectFailed)?);
+    request_headers.insert(HOST, HeaderValue::from_str(&host_header).map_err(|_| SendFailure::ConnectFailed)?);
     request_headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some(key) = bearer {
         let mut value = b"Bearer ".to_vec();
@@ -146,6 +154,8 @@ mod tests {
         assert!(serves("http://127.0.0.1:8000/v1/chat/completions"));
         assert!(serves("http://[::1]:8000/v1/chat/completions"));
         assert!(!serves("https://api.openai.com/v1/chat/completions"));
+        // Credentials in the URL: the pooled client turns them into Basic auth.
+        assert!(!serves("http://user:pass@127.0.0.1:8000/v1/chat/completions"));
         assert!(!serves("not a url"));
     }
 }

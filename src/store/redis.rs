@@ -570,7 +570,7 @@ impl Replicator {
                         if let Err(e) = store.append(&id, &batch).await {
                             tracing::warn!(stream_id = %id, error = %e, "replication to redis failed");
                             flag.cancel();
-                            stream.cancel();
+                            stream.cancelled().cancel();
                             return;
                         }
                         batch.clear();
@@ -578,7 +578,7 @@ impl Replicator {
                     _ = lease.tick() => {
                         if store.refresh_lease(&id).await.is_err() {
                             flag.cancel();
-                            stream.cancel();
+                            stream.cancelled().cancel();
                             return;
                         }
                         if let Ok(true) = store.remote_reader(&id).await {
@@ -595,7 +595,7 @@ impl Replicator {
     pub fn push(&self, event: std::sync::Arc<StreamEvent>) {
         if self.tx.try_send(event).is_err() {
             self.failed.cancel();
-            self.stream.cancel();
+            self.stream.cancelled().cancel();
         }
     }
 

@@ -90,6 +90,8 @@ pub struct LiveStream {
     /// the closing token) and when replication fails: everything that
     /// stops the producer, in one token it can poll cheaply per event.
     cancel: CancellationToken,
+    /// Set by [`LiveStream::cancel`].
+    deleted: std::sync::atomic::AtomicBool,
 }
 
 /// Why a reader could not attach at the requested position.
@@ -143,6 +145,7 @@ impl StreamHub {
             progress: Notify::new(),
             producer_waiting: std::sync::atomic::AtomicBool::new(false),
             cancel: closing.child_token(),
+            deleted: std::sync::atomic::AtomicBool::new(false),
         });
         self.streams.lock().unwrap_or_else(PoisonError::into_inner).insert(id, stream.clone());
         stream
@@ -228,9 +231,17 @@ impl LiveStream {
         lock(&self.state).next_seq()
     }
 
-    /// Stops the producer (on its own: `error: cancelled`).
+    /// Cancels the stream (`DELETE`): the producer ends it with
+    /// `error: cancelled`.
     pub fn cancel(&self) {
+        self.deleted.store(true, Ordering::SeqCst);
         self.cancel.cancel();
+    }
+
+    /// Whether [`Self::cancel`] was called (tells a `DELETE` apart from the
+    /// other reasons the stop token fires).
+    pub fn deleted(&self) -> bool {
+        self.deleted.load(Ordering::SeqCst)
     }
 
     /// Fires when the producer must stop: cancelled, shutting down or
@@ -304,7 +315,7 @@ impl LiveStream {
     }
 
     /// How far ahead the producer is of its slowest attached reader.
-    pub fn lag(&self) -> u64 {
+    fn lag(&self) -> u64 {
         lock(&self.state).lag()
     }
 

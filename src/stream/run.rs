@@ -121,10 +121,10 @@ async fn produce(
             stream.cancelled().cancelled().await;
             if store_failed.is_cancelled() {
                 Stop::StoreFailed
-            } else if ctx.closing.is_cancelled() {
-                Stop::Closing
-            } else {
+            } else if stream.deleted() {
                 Stop::Cancelled
+            } else {
+                Stop::Closing
             }
         });
         let mut abandoned = OnlyWhenWoken::new(stream.abandoned(settings.detach_grace));
@@ -183,9 +183,10 @@ async fn produce(
                     continue;
                 }
             };
+            let Some(event) = event else { break None };
             // This event and every one the engine has ready right now (up
             // to the window) are appended without waking anyone in between.
-            let mut next = event;
+            let mut next = Some(event);
             let mut batch = 0;
             let mut ended = false;
             while let Some(event) = next.take() {
@@ -204,7 +205,12 @@ async fn produce(
                     break;
                 }
                 batch += 1;
-                if settings.batch_ready && batch < MAX_BATCH && stream.has_room(settings.window) {
+                // A stop request (one atomic load) ends the batch too.
+                if settings.batch_ready
+                    && batch < MAX_BATCH
+                    && !stopping.may_be_ready()
+                    && stream.has_room(settings.window)
+                {
                     match engine.next().now_or_never() {
                         Some(Some(event)) => next = Some(event),
                         Some(None) => ended = true,
@@ -365,6 +371,44 @@ mod tests {
             (writes, received)
         });
         client.await.unwrap_or_default()
+    }
+
+    // Multi-threaded: a spinning producer must not take the test's own
+    // thread with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_engine_that_ends_without_a_terminal_event_frees_its_slot() {
+        let hub = StreamHub::new(HubSettings { max_events: 100, ttl: Duration::from_secs(60) });
+        let id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| unreachable!());
+        let stream = hub.create(id, "s", "t", &CancellationToken::new());
+        let _reader = stream.attach(0);
+        let slots = StreamSlots::new(10, 10);
+        let permit = slots.try_acquire("s").unwrap_or_else(|_| unreachable!());
+        let ctx = RunContext {
+            subject: "s".into(),
+            permit,
+            slots: slots.clone(),
+            metrics: Arc::new(Metrics::new()),
+            closing: CancellationToken::new(),
+            replicator: None,
+        };
+        let settings = RunSettings {
+            window: 8,
+            max_lag: Duration::from_secs(30),
+            detach_grace: Duration::from_secs(30),
+            // The end then arrives through the select, not a batch drain.
+            batch_ready: false,
+        };
+        // Start, then nothing: not the engine's contract, but the producer
+        // must end (and free the slot), not spin.
+        let engine = futures_util::stream::iter([StreamEvent::Start { stream_id: id, generator: "t".into() }]);
+        spawn(engine, stream, ctx, settings);
+        for _ in 0..200 {
+            if slots.open() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the producer did not end");
     }
 
     #[tokio::test]

@@ -10,17 +10,17 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
-
-use futures_util::task::AtomicWaker;
 
 struct Flag {
     /// The inner future's waker fired since it was last polled.
     woken: AtomicBool,
-    /// The owner's task, woken along with the flag.
-    task: AtomicWaker,
+    /// The owner's task, woken along with the flag. Kept (not taken) by a
+    /// wake-up, so the owner need not register it again after one; both
+    /// sides lock only after an actual wake-up or a change of owner waker.
+    task: Mutex<Option<Waker>>,
 }
 
 impl Wake for Flag {
@@ -30,7 +30,9 @@ impl Wake for Flag {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        self.task.wake();
+        if let Some(task) = self.task.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            task.wake_by_ref();
+        }
     }
 }
 
@@ -41,14 +43,15 @@ pub struct OnlyWhenWoken<F> {
     inner: Pin<Box<F>>,
     flag: Arc<Flag>,
     waker: Waker,
-    /// The owner's waker as last registered in `flag.task`.
+    /// A copy of the owner's waker in `flag.task` (only this side writes
+    /// it), compared without the lock.
     registered: Option<Waker>,
 }
 
 impl<F: Future> OnlyWhenWoken<F> {
     /// Wraps `inner`.
     pub fn new(inner: F) -> Self {
-        let flag = Arc::new(Flag { woken: AtomicBool::new(true), task: AtomicWaker::new() });
+        let flag = Arc::new(Flag { woken: AtomicBool::new(true), task: Mutex::new(None) });
         let waker = Waker::from(flag.clone());
         Self { inner: Box::pin(inner), flag, waker, registered: None }
     }
@@ -65,23 +68,21 @@ impl<F: Future> Future for OnlyWhenWoken<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
-        // The common case: one load and a pointer comparison. Not woken
-        // since the owner's (same) waker was registered, so that waker is
-        // still in place (a wake-up sets the flag before taking it).
-        if !this.flag.woken.load(Ordering::Acquire) && this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
-        {
+        // The common case: one load and a pointer comparison. Not woken,
+        // and the owner's waker in place is the one to wake.
+        let same_owner = this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if same_owner && !this.flag.woken.load(Ordering::Acquire) {
             return Poll::Pending;
         }
-        this.flag.woken.store(false, Ordering::Release);
-        this.flag.task.register(cx.waker());
-        if !this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        if !same_owner {
+            *this.flag.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
             this.registered = Some(cx.waker().clone());
         }
+        this.flag.woken.store(false, Ordering::Release);
         let mut inner_cx = Context::from_waker(&this.waker);
         let poll = this.inner.as_mut().poll(&mut inner_cx);
         if poll.is_pending() && this.flag.woken.load(Ordering::Acquire) {
-            // Woken while being polled (the wake-up may have found no
-            // owner's waker to take): look again.
+            // Woken while being polled: look again.
             cx.waker().wake_by_ref();
         }
         poll
@@ -123,5 +124,41 @@ mod tests {
         let finished = tokio::time::timeout(std::time::Duration::from_secs(5), &mut watch).await;
         assert!(finished.is_ok(), "not woken");
         assert_eq!(polls.load(Ordering::SeqCst), 2);
+    }
+
+    struct Counter(AtomicUsize);
+
+    impl Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn every_wake_up_reaches_the_owners_latest_waker() {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        // Woken many times, never ready: the abandon watch's shape.
+        let never_ready = {
+            let notify = notify.clone();
+            async move {
+                loop {
+                    notify.notified().await;
+                }
+            }
+        };
+        let mut watch = std::pin::pin!(OnlyWhenWoken::new(never_ready));
+        let (first, second) = (Arc::new(Counter(AtomicUsize::new(0))), Arc::new(Counter(AtomicUsize::new(0))));
+        let (first_waker, second_waker) = (Waker::from(first.clone()), Waker::from(second.clone()));
+        assert!(watch.as_mut().poll(&mut Context::from_waker(&first_waker)).is_pending());
+        for round in 1..=3 {
+            notify.notify_waiters();
+            assert_eq!(first.0.load(Ordering::SeqCst), round, "wake-up {round} lost");
+            // Polled after each wake-up, the owner's waker stays registered.
+            assert!(watch.as_mut().poll(&mut Context::from_waker(&first_waker)).is_pending());
+        }
+        // The owner's waker changes: the next wake-up reaches the new one.
+        assert!(watch.as_mut().poll(&mut Context::from_waker(&second_waker)).is_pending());
+        notify.notify_waiters();
+        assert_eq!((first.0.load(Ordering::SeqCst), second.0.load(Ordering::SeqCst)), (3, 1));
     }
 }
