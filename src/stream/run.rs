@@ -325,29 +325,35 @@ mod tests {
         })
     }
 
-    /// Runs one stream and returns (body chunks written, text received).
-    async fn run(text: &str, batch_ready: bool) -> (usize, String) {
+    /// A stream with one reader attached, and the accounting for it.
+    fn setup() -> (StreamId, Arc<LiveStream>, crate::store::Reader, RunContext) {
         let hub = StreamHub::new(HubSettings { max_events: 10_000, ttl: Duration::from_secs(60) });
         let id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| unreachable!());
         let stream = hub.create(id, "s", "t", &CancellationToken::new());
         let reader = stream.attach(0);
+        let slots = StreamSlots::new(10, 10);
+        let permit = slots.try_acquire("s").unwrap_or_else(|_| unreachable!());
+        let ctx = RunContext {
+            subject: "s".into(),
+            permit,
+            slots,
+            metrics: Arc::new(Metrics::new()),
+            closing: CancellationToken::new(),
+            replicator: None,
+        };
+        (id, stream, reader, ctx)
+    }
+
+    /// Runs one stream and returns (body chunks written, text received).
+    async fn run(text: &str, batch_ready: bool) -> (usize, String) {
+        let (id, stream, reader, ctx) = setup();
+        let metrics = ctx.metrics.clone();
         let engine = events(
             id,
             "t".into(),
             one_per_hop(text),
             EngineSettings { pace: Duration::ZERO, max_duration: Duration::from_secs(60) },
         );
-        let slots = StreamSlots::new(10, 10);
-        let metrics = Arc::new(Metrics::new());
-        let permit = slots.try_acquire("s").unwrap_or_else(|_| unreachable!());
-        let ctx = RunContext {
-            subject: "s".into(),
-            permit,
-            slots,
-            metrics: metrics.clone(),
-            closing: CancellationToken::new(),
-            replicator: None,
-        };
         let settings =
             RunSettings { window: 256, max_lag: Duration::from_secs(30), detach_grace: Duration::ZERO, batch_ready };
         spawn(engine, stream, ctx, settings);
@@ -377,20 +383,8 @@ mod tests {
     // thread with it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_engine_that_ends_without_a_terminal_event_frees_its_slot() {
-        let hub = StreamHub::new(HubSettings { max_events: 100, ttl: Duration::from_secs(60) });
-        let id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| unreachable!());
-        let stream = hub.create(id, "s", "t", &CancellationToken::new());
-        let _reader = stream.attach(0);
-        let slots = StreamSlots::new(10, 10);
-        let permit = slots.try_acquire("s").unwrap_or_else(|_| unreachable!());
-        let ctx = RunContext {
-            subject: "s".into(),
-            permit,
-            slots: slots.clone(),
-            metrics: Arc::new(Metrics::new()),
-            closing: CancellationToken::new(),
-            replicator: None,
-        };
+        let (id, stream, _reader, ctx) = setup();
+        let slots = ctx.slots.clone();
         let settings = RunSettings {
             window: 8,
             max_lag: Duration::from_secs(30),
