@@ -34,6 +34,19 @@ pub async fn connect(addr: SocketAddr) -> Result<Sender> {
     Ok(sender)
 }
 
+/// Opens one event stream on a connection of its own (idle streams, channel
+/// subscribers): the response body, or why not, as the modes count it
+/// (`connect: ...`, `http: ...`, `status_NNN`). The connection stays up as
+/// long as the body is read.
+pub async fn open_stream(addr: SocketAddr, req: Request<Full<Bytes>>) -> std::result::Result<Incoming, String> {
+    let mut sender = connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let resp = sender.send_request(req).await.map_err(|e| format!("http: {e}"))?;
+    if resp.status() != 200 {
+        return Err(format!("status_{}", resp.status().as_u16()));
+    }
+    Ok(resp.into_body())
+}
+
 /// The kept-alive connection when it can take another request, else a new one.
 pub async fn reuse_or_connect(sender: Option<Sender>, addr: SocketAddr) -> Result<Sender> {
     if let Some(mut s) = sender

@@ -42,6 +42,12 @@ impl Runs {
         median(self.of(scenario, server).iter().filter_map(|r| r.pointer(pointer).and_then(Value::as_f64)).collect())
     }
 
+    /// The medians of `pointer` for tokengate and for the reference, side
+    /// by side.
+    fn pair(&self, scenario: &str, pointer: &str) -> (Option<f64>, Option<f64>) {
+        (self.median(scenario, "tokengate", pointer), self.median(scenario, "reference", pointer))
+    }
+
     fn values(&self, scenario: &str, server: &str, pointer: &str) -> String {
         let v: Vec<String> =
             self.of(scenario, server).iter().map(|r| r.pointer(pointer).map_or("-".to_owned(), fmt_value)).collect();
@@ -177,8 +183,7 @@ pub fn main(args: Args) -> Result<()> {
     let (tg, rf) = ("tokengate", "reference");
 
     // 1. Unpaced throughput.
-    let a = runs.median("s1", tg, "/chars_per_s");
-    let b = runs.median("s1", rf, "/chars_per_s");
+    let (a, b) = runs.pair("s1", "/chars_per_s");
     let r = ratio(a, b);
     rows.push(row(
         "1 unpaced",
@@ -189,8 +194,7 @@ pub fn main(args: Args) -> Result<()> {
         "tokengate >= 2x reference",
         r.map(|r| r >= 2.0),
     ));
-    let a = runs.median("s1b", tg, "/chars_per_s");
-    let b = runs.median("s1b", rf, "/chars_per_s");
+    let (a, b) = runs.pair("s1b", "/chars_per_s");
     if a.is_some() || b.is_some() {
         let r = ratio(a, b);
         rows.push(row(
@@ -203,10 +207,8 @@ pub fn main(args: Args) -> Result<()> {
             r.map(|r| r >= 2.0),
         ));
     }
-    let a = runs.median("s1", tg, "/loadgen_cpu_s");
-    let b = runs.median("s1", rf, "/loadgen_cpu_s");
-    let wa = runs.median("s1", tg, "/wall_s");
-    let wb = runs.median("s1", rf, "/wall_s");
+    let (a, b) = runs.pair("s1", "/loadgen_cpu_s");
+    let (wa, wb) = runs.pair("s1", "/wall_s");
     rows.push(row(
         "1 unpaced",
         "load generator busy, share of its one core (1 thread)",
@@ -227,17 +229,14 @@ pub fn main(args: Args) -> Result<()> {
         "0",
         Some(fa == 0),
     ));
-    let a = runs.median("s1", tg, "/server_cpu_us_per_char");
-    let b = runs.median("s1", rf, "/server_cpu_us_per_char");
+    let (a, b) = runs.pair("s1", "/server_cpu_us_per_char");
     rows.push(row("1 unpaced", "server CPU µs per char", a, b, ratio(a, b), "-", None));
-    let a = runs.median("s1", tg, "/ttfd_ms/p50");
-    let b = runs.median("s1", rf, "/ttfd_ms/p50");
+    let (a, b) = runs.pair("s1", "/ttfd_ms/p50");
     rows.push(row("1 unpaced", "time to first delta p50, ms", a, b, ratio(a, b), "-", None));
 
     // 2. Paced.
     let pace = runs.of("s2", tg).first().and_then(|r| r["pace_ms"].as_f64()).unwrap_or(5.0);
-    let a = runs.median("s2", tg, "/gap_ms/p50");
-    let b = runs.median("s2", rf, "/gap_ms/p50");
+    let (a, b) = runs.pair("s2", "/gap_ms/p50");
     let lo = pace * 0.9;
     let hi = pace * 1.1;
     rows.push(row(
@@ -249,8 +248,7 @@ pub fn main(args: Args) -> Result<()> {
         &format!("{lo:.1}..{hi:.1} ms (±10%)"),
         a.map(|x| x >= lo && x <= hi),
     ));
-    let a = runs.median("s2", tg, "/gap_ms/p99");
-    let b = runs.median("s2", rf, "/gap_ms/p99");
+    let (a, b) = runs.pair("s2", "/gap_ms/p99");
     rows.push(row(
         "2 paced",
         "inter-delta gap p99, ms",
@@ -260,8 +258,7 @@ pub fn main(args: Args) -> Result<()> {
         &format!("<= {:.1} ms (+50%)", pace * 1.5),
         a.map(|x| x <= pace * 1.5),
     ));
-    let a = runs.median("s2", tg, "/server_cpu_us_per_char");
-    let b = runs.median("s2", rf, "/server_cpu_us_per_char");
+    let (a, b) = runs.pair("s2", "/server_cpu_us_per_char");
     rows.push(row("2 paced", "server CPU µs per delivered char", a, b, ratio(a, b), "<= 2.5 µs", a.map(|x| x <= 2.5)));
     let (fa, fb) = (runs.failures("s2", tg), runs.failures("s2", rf));
     rows.push(row(
@@ -275,11 +272,9 @@ pub fn main(args: Args) -> Result<()> {
     ));
 
     // 3. Idle.
-    let a = runs.median("s3", tg, "/open_streams");
-    let b = runs.median("s3", rf, "/open_streams");
+    let (a, b) = runs.pair("s3", "/open_streams");
     rows.push(row("3 idle", "streams held open", a, b, None, "fd limit (~19,000)", a.map(|x| x >= 18_000.0)));
-    let a = runs.median("s3", tg, "/rss_kib_per_stream");
-    let b = runs.median("s3", rf, "/rss_kib_per_stream");
+    let (a, b) = runs.pair("s3", "/rss_kib_per_stream");
     rows.push(row("3 idle", "server RSS per open stream, KiB", a, b, ratio(a, b), "<= 8 KiB", a.map(|x| x <= 8.0)));
     let hb = |s: &str| {
         let v = runs.of("s3", s);
@@ -295,16 +290,13 @@ pub fn main(args: Args) -> Result<()> {
         target: "yes".into(),
         met: met(ha),
     });
-    let a = runs.median("s3", tg, "/server_cpu_s_during_hold");
-    let b = runs.median("s3", rf, "/server_cpu_s_during_hold");
+    let (a, b) = runs.pair("s3", "/server_cpu_s_during_hold");
     rows.push(row("3 idle", "server CPU s while holding", a, b, ratio(a, b), "-", None));
 
     // 4. Fan-out.
-    let a = runs.median("s4", tg, "/latency_ms/p99");
-    let b = runs.median("s4", rf, "/latency_ms/p99");
+    let (a, b) = runs.pair("s4", "/latency_ms/p99");
     rows.push(row("4 fan-out", "publish-to-receive p99, ms", a, b, ratio(a, b), "<= 25 ms", a.map(|x| x <= 25.0)));
-    let a = runs.median("s4", tg, "/latency_ms/p50");
-    let b = runs.median("s4", rf, "/latency_ms/p50");
+    let (a, b) = runs.pair("s4", "/latency_ms/p50");
     rows.push(row("4 fan-out", "publish-to-receive p50, ms", a, b, ratio(a, b), "-", None));
     let da = runs.median("s4", tg, "/deliveries");
     let ea = runs.median("s4", tg, "/deliveries_expected");
@@ -321,8 +313,7 @@ pub fn main(args: Args) -> Result<()> {
             _ => None,
         },
     ));
-    let a = runs.median("s4", tg, "/server_cpu_s");
-    let b = runs.median("s4", rf, "/server_cpu_s");
+    let (a, b) = runs.pair("s4", "/server_cpu_s");
     rows.push(row("4 fan-out", "server CPU s for all publishes", a, b, ratio(a, b), "-", None));
 
     // 5. Proxy overhead (the "reference" column is the mock, directly).
@@ -378,8 +369,7 @@ pub fn main(args: Args) -> Result<()> {
 
     // 6. Opens.
     let target_rate = runs.of("s6", tg).first().and_then(|r| r["rate_target"].as_f64());
-    let a = runs.median("s6", tg, "/opens_per_s");
-    let b = runs.median("s6", rf, "/opens_per_s");
+    let (a, b) = runs.pair("s6", "/opens_per_s");
     rows.push(row(
         "6 opens",
         "stream opens per second completed",
@@ -392,11 +382,9 @@ pub fn main(args: Args) -> Result<()> {
             _ => None,
         },
     ));
-    let a = runs.median("s6", tg, "/latency_from_schedule_ms/p99");
-    let b = runs.median("s6", rf, "/latency_from_schedule_ms/p99");
+    let (a, b) = runs.pair("s6", "/latency_from_schedule_ms/p99");
     rows.push(row("6 opens", "open-to-done p99 from schedule, ms", a, b, ratio(a, b), "-", None));
-    let a = runs.median("s6", tg, "/server_cpu_us_per_open");
-    let b = runs.median("s6", rf, "/server_cpu_us_per_open");
+    let (a, b) = runs.pair("s6", "/server_cpu_us_per_open");
     rows.push(row("6 opens", "server CPU µs per stream open", a, b, ratio(a, b), "-", None));
     let (fa, fb) = (runs.failures("s6", tg), runs.failures("s6", rf));
     rows.push(row("6 opens", "errors, all runs", Some(fa as f64), Some(fb as f64), None, "0", Some(fa == 0)));

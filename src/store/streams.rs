@@ -193,8 +193,6 @@ impl LiveStream {
         let terminal = event.is_terminal();
         let event = Arc::new(event);
         let mut state = lock(&self.state);
-        let lag = state.lag();
-        state.deepest_lag = state.deepest_lag.max(lag);
         state.events.push_back(event.clone());
         if state.events.len() > self.max_events {
             state.events.pop_front();
@@ -220,10 +218,18 @@ impl LiveStream {
 
     /// Whether the producer may append now without waiting: a reader is
     /// attached and every attached reader is fewer than `window` events
-    /// behind. One lock; the common case of [`Self::wait_for_room`].
+    /// behind. One lock; the common case of [`Self::wait_for_room`]. The
+    /// producer asks before every append, so this is also where the lag is
+    /// noted for [`Self::deepest_lag`] (reading the readers' positions once
+    /// per event, not twice).
     pub fn has_room(&self, window: usize) -> bool {
-        let state = lock(&self.state);
-        state.detached_since.is_none() && state.lag() < window as u64
+        let mut state = lock(&self.state);
+        if state.detached_since.is_some() {
+            return false;
+        }
+        let lag = state.lag();
+        state.deepest_lag = state.deepest_lag.max(lag);
+        lag < window as u64
     }
 
     /// The next sequence number to be appended.
@@ -324,9 +330,6 @@ impl LiveStream {
     /// [`Wait::SlowConsumer`] after `max_lag` of a full window, and with
     /// [`Wait::Abandoned`] when no reader has been attached for `grace`.
     pub async fn wait_for_room(&self, window: usize, max_lag: Duration, grace: Duration) -> Wait {
-        if self.has_room(window) {
-            return Wait::Go;
-        }
         let mut full_since: Option<Instant> = None;
         loop {
             let notified = self.progress.notified();

@@ -139,14 +139,15 @@ async fn produce(
         let mut unannounced = false;
         let mut announce = std::pin::pin!(futures_util::future::Fuse::terminated());
         let stop = loop {
-            if unannounced && !stream.has_room(settings.window) {
+            let room = stream.has_room(settings.window);
+            if unannounced && !room {
                 // Readers must see what is there before we wait for them.
                 stream.wake_readers();
                 unannounced = false;
             }
             // The common case, room in the window, costs one lock and no
             // polling of the stop future (the event select below polls it).
-            let wait = if stream.has_room(settings.window) {
+            let wait = if room {
                 Wait::Go
             } else {
                 tokio::select! {

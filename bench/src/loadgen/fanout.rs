@@ -76,25 +76,13 @@ pub async fn run(a: FanoutArgs) -> Result<Value> {
         tasks.spawn(async move {
             let mut sub = Sub { latencies: Vec::with_capacity(publishes as usize), received: 0, duplicates: 0 };
             let permit = sem.acquire_owned().await;
-            let mut sender = match client::connect(addr).await {
-                Ok(s) => s,
+            let mut body = match client::open_stream(addr, req).await {
+                Ok(body) => body,
                 Err(e) => {
-                    let _ = ready.send(Err(format!("connect: {e}")));
+                    let _ = ready.send(Err(e));
                     return sub;
                 }
             };
-            let resp = match sender.send_request(req).await {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = ready.send(Err(format!("http: {e}")));
-                    return sub;
-                }
-            };
-            if resp.status() != 200 {
-                let _ = ready.send(Err(format!("status_{}", resp.status().as_u16())));
-                return sub;
-            }
-            let mut body = resp.into_body();
             let mut permit = Some(permit);
             let mut seen = vec![false; publishes as usize];
             let (_end, _) = client::read_events(&mut body, Some(&mut stop), |event, now| {

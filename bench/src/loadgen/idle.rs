@@ -107,25 +107,13 @@ pub async fn run(a: IdleArgs, soft_limit: u64) -> Result<Value> {
         tasks.spawn(async move {
             let mut held = Held { heartbeats: Vec::new(), events: 0, ended_early: None };
             let permit = sem.acquire_owned().await;
-            let mut sender = match client::connect(addr).await {
-                Ok(s) => s,
+            let mut body = match client::open_stream(addr, req).await {
+                Ok(body) => body,
                 Err(e) => {
-                    let _ = opened.send(Err(format!("connect: {e}")));
+                    let _ = opened.send(Err(e));
                     return held;
                 }
             };
-            let resp = match sender.send_request(req).await {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = opened.send(Err(format!("http: {e}")));
-                    return held;
-                }
-            };
-            if resp.status() != 200 {
-                let _ = opened.send(Err(format!("status_{}", resp.status().as_u16())));
-                return held;
-            }
-            let mut body = resp.into_body();
             let mut permit = Some(permit);
             let (end, _) = client::read_events(&mut body, Some(&mut stop), |event, now| {
                 if let tokengate::sse::EventRef::Comment(_) = event {

@@ -208,6 +208,17 @@ pub fn secs(t0: Instant, t: Instant) -> f64 {
     round3(t.saturating_duration_since(t0).as_secs_f64())
 }
 
+/// Puts the server's resource figures into `report`, with its CPU per
+/// unit of work as `server_cpu_us_per_<unit>` when `count` is not zero.
+pub fn extend_resources(report: &mut Value, res: Value, unit: &str, count: u64) {
+    if let Some(cpu) = res["server_cpu_s"].as_f64()
+        && count > 0
+    {
+        extend(report, json!({ format!("server_cpu_us_per_{unit}"): round3(cpu * 1e6 / count as f64) }));
+    }
+    extend(report, res);
+}
+
 /// Puts `extra`'s keys into `report`.
 pub fn extend(report: &mut Value, extra: Value) {
     if let (Value::Object(r), Value::Object(e)) = (report, extra) {

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{Common, Errors, count, extend, merge, resources, round3, rss_sampler};
+use super::{Common, Errors, count, extend_resources, merge, resources, round3, rss_sampler};
 use crate::Result;
 use crate::client::{self, Item, Method, ReadEnd, Sender, StreamSpec};
 use crate::procfs::Snapshot;
@@ -232,13 +232,7 @@ pub async fn run(a: OpensArgs) -> Result<Value> {
         "latency_from_send_ms": summary_ms(&mut totals.latency_sent),
         "ttfd_ms": summary_ms(&mut totals.ttfd),
     });
-    let res = resources(&before, &after, peak);
-    if let Some(cpu) = res["server_cpu_s"].as_f64()
-        && totals.ok > 0
-    {
-        extend(&mut report, json!({ "server_cpu_us_per_open": round3(cpu * 1e6 / totals.ok as f64) }));
-    }
-    extend(&mut report, res);
+    extend_resources(&mut report, resources(&before, &after, peak), "open", totals.ok);
     eprintln!(
         "opens {:?}: {}/{} ok in {:.2} s = {:.0}/s (target {}); latency from schedule p50 {} p99 {} ms; server cpu {} s; errors {}",
         c.target,

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{Common, Errors, count, extend, merge, resources, round3, rss_sampler, secs};
+use super::{Common, Errors, count, extend_resources, merge, resources, round3, rss_sampler, secs};
 use crate::Result;
 use crate::client::{self, Item, Method, ReadEnd, Sender, StreamSpec, Target};
 use crate::procfs::Snapshot;
@@ -175,13 +175,7 @@ pub async fn run(mode: &str, a: StreamArgs) -> Result<Value> {
         "ttfd_ms": summary_ms(&mut totals.ttfd),
         "gap_ms": summary_ms(&mut totals.gaps),
     });
-    let res = resources(&before, &after, peak);
-    if let Some(cpu) = res["server_cpu_s"].as_f64()
-        && totals.chars > 0
-    {
-        extend(&mut report, json!({ "server_cpu_us_per_char": round3(cpu * 1e6 / totals.chars as f64) }));
-    }
-    extend(&mut report, res);
+    extend_resources(&mut report, resources(&before, &after, peak), "char", totals.chars);
     eprintln!(
         "{mode} {:?}: {} conns x {} streams, {}/{} ok, {} chars in {:.3} s = {:.0} chars/s; ttfd p50 {} ms; gap p50 {} p99 {} ms; server cpu {} s; errors {}",
         c.target,
