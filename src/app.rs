@@ -2,10 +2,8 @@
 //! server and the tests. [`route_table`] is the single list of routes: the
 //! router is built from it, and a test compares it with `openapi.yaml`.
 
-use std::ops::Deref;
-use std::sync::Arc;
-
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
@@ -21,57 +19,9 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tracing::Instrument;
 
 use crate::api;
-use crate::config::Config;
 use crate::error::{ApiError, OpenAiError, Refusal, wants_openai_errors};
-use crate::generator::Registry;
-use crate::limits::{RateLimits, StreamSlots, client_ip};
-use crate::metrics::Metrics;
-use crate::shutdown::Shutdown;
-use crate::store::{ChannelHub, ChannelTail, RedisStore, StreamHub};
-
-/// Everything a handler may need, shared by all requests.
-pub struct Inner {
-    /// Validated configuration (keys included).
-    pub config: Config,
-    /// Generators by name.
-    pub generators: Registry,
-    /// Shutdown phases.
-    pub shutdown: Shutdown,
-    /// Request rate limiters.
-    pub rates: RateLimits,
-    /// Open stream slots.
-    pub slots: Arc<StreamSlots>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Streams produced here, with their logs.
-    pub hub: Arc<StreamHub>,
-    /// Broadcast channels.
-    pub channels: Arc<ChannelHub>,
-    /// The shared store, when configured.
-    pub redis: Option<Arc<RedisStore>>,
-    /// Tails shared channels for local subscribers (with `redis`).
-    pub tail: Option<Arc<ChannelTail>>,
-    /// This process's id among replicas (random per start).
-    pub replica_id: String,
-}
-
-/// Cheaply cloneable application state.
-#[derive(Clone)]
-pub struct AppState(Arc<Inner>);
-
-impl AppState {
-    /// Wraps the shared state.
-    pub fn new(inner: Inner) -> Self {
-        Self(Arc::new(inner))
-    }
-}
-
-impl Deref for AppState {
-    type Target = Inner;
-    fn deref(&self) -> &Inner {
-        &self.0
-    }
-}
+use crate::limits::client_ip;
+use crate::state::AppState;
 
 /// One route: path, the methods it answers (besides HEAD for GET), handler.
 pub type RouteEntry = (&'static str, &'static [&'static str], MethodRouter<AppState>);
@@ -124,7 +74,7 @@ struct RandomRequestId;
 
 impl MakeRequestId for RandomRequestId {
     fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
-        let id = crate::stream::StreamId::random().ok()?;
+        let id = crate::event::StreamId::random().ok()?;
         HeaderValue::from_str(&id.to_string()).ok().map(RequestId::new)
     }
 }

@@ -76,7 +76,7 @@ pub enum ApiError {
     #[error("generation failed ({code}): {message}")]
     GenerationFailed {
         /// The stream error code.
-        code: String,
+        code: crate::event::ErrorCode,
         /// Its detail.
         message: String,
     },
@@ -285,5 +285,21 @@ impl From<crate::store::StoreError> for ApiError {
         tracing::warn!(error = %e, "shared store request failed");
         // Counted by the refusal middleware as `store_unavailable`.
         ApiError::StoreUnavailable
+    }
+}
+
+impl From<crate::stream::StreamError> for ApiError {
+    fn from(e: crate::stream::StreamError) -> Self {
+        use crate::stream::StreamError;
+        match e {
+            StreamError::TooManyMessages { count, limit } => ApiError::TooManyMessages { count, limit },
+            StreamError::PromptTooLarge { limit } => ApiError::TooLarge { what: "prompt", limit },
+            StreamError::UnknownGenerator { name, available } => ApiError::UnknownGenerator { name, available },
+            StreamError::Draining => ApiError::Draining,
+            StreamError::NoSlot(refused) => ApiError::NoSlot(refused),
+            StreamError::NotFound => ApiError::StreamNotFound,
+            StreamError::Store(e) => e.into(),
+            StreamError::Rng(e) => ApiError::Internal(format!("OS RNG failed: {e}")),
+        }
     }
 }

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 
+use crate::event::{ErrorCode, Outcome};
+
 const META: Metadata<'static> = Metadata::new("tokengate", Level::INFO, Some("tokengate::metrics"));
 
 /// Histogram buckets in seconds, from 1 ms (first delta of a local
@@ -82,13 +84,22 @@ impl Metrics {
         self.counter("tokengate_auth_failures_total", "reason", reason).increment(1);
     }
 
-    /// A stream ended, by outcome (`done`, an error code, `client_gone`, ...).
-    pub fn stream_ended(&self, outcome: impl Into<std::borrow::Cow<'static, str>>) {
-        let label = match outcome.into() {
-            std::borrow::Cow::Borrowed(s) => Label::new("outcome", s),
-            std::borrow::Cow::Owned(s) => Label::new("outcome", s),
-        };
-        self.recorder.register_counter(&Key::from_parts("tokengate_streams_total", vec![label]), &META).increment(1);
+    /// A stream ended, by outcome (`done`, `shutdown` or the error code).
+    /// The outcomes that are also a refusal, an upstream failure or a store
+    /// failure are counted there too, so every label comes from the one
+    /// [`Outcome`] enum.
+    pub fn stream_ended(&self, outcome: Outcome) {
+        self.counter("tokengate_streams_total", "outcome", outcome.as_str()).increment(1);
+        let Outcome::Error(code) = outcome else { return };
+        if code == ErrorCode::SlowConsumer {
+            self.refused(code.as_str());
+        }
+        if code.is_upstream() {
+            self.upstream_error(code);
+        }
+        if code == ErrorCode::StoreUnavailable {
+            self.store_error("replicate");
+        }
     }
 
     /// Deltas and bytes handed to a client connection (counted per write,
@@ -111,9 +122,8 @@ impl Metrics {
     }
 
     /// An upstream failure, by code.
-    pub fn upstream_error(&self, code: &str) {
-        let key = Key::from_parts("tokengate_upstream_errors_total", vec![Label::new("code", code.to_owned())]);
-        self.recorder.register_counter(&key, &META).increment(1);
+    pub fn upstream_error(&self, code: ErrorCode) {
+        self.counter("tokengate_upstream_errors_total", "code", code.as_str()).increment(1);
     }
 
     /// A shared store (Redis) failure, by operation.

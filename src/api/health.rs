@@ -6,8 +6,8 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
-use crate::app::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// `GET /healthz`: the process is alive.
 pub async fn healthz() -> Json<Value> {
@@ -20,7 +20,7 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     if state.shutdown.is_draining() {
         return Err(ApiError::Draining);
     }
-    if state.redis.as_ref().is_some_and(|r| !r.is_healthy()) {
+    if !state.store.is_healthy() {
         return Err(ApiError::StoreUnavailable);
     }
     Ok(Json(json!({ "status": "ready" })))

@@ -1,22 +1,27 @@
 //! HTTP handlers, one module per resource. Handlers stay lean: they
 //! authenticate (via the [`Principal`] extractor), validate input, and hand
-//! the work to the stream engine; every failure is an [`ApiError`].
+//! the work to the stream service ([`crate::stream::StreamService`]) or
+//! the store; every failure is an [`ApiError`]. Handler modules do not
+//! import each other: what two of them share lives in [`json`], [`resume`]
+//! and [`sse`] (the one place an SSE response is built).
 
 pub mod channels;
 pub mod demo;
 pub mod health;
 pub mod json;
 pub mod openai;
+pub mod resume;
 pub mod spec;
+pub mod sse;
 pub mod stream;
 pub mod streams;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 
-use crate::app::AppState;
 use crate::auth::{AuthError, Principal, Scope};
 use crate::error::ApiError;
+use crate::state::AppState;
 
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;

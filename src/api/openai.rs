@@ -6,24 +6,21 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
-use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::json::JsonObject;
-use super::stream::start_stream;
-use crate::app::AppState;
+use super::sse::sse_response;
 use crate::auth::{Principal, Scope};
 use crate::dialect::openai::OpenAiChunks;
-use crate::dialect::sse_body;
 use crate::error::{ApiError, OpenAiError};
 use crate::generator::{ChatMessage, GenerateRequest, SamplingOptions, Usage};
-use crate::stream::StreamEvent;
+use crate::state::AppState;
+use crate::stream::{OpenRequest, StreamError, StreamEvent};
 
 /// A message's content: a string, or a list of parts of which the text
 /// parts are used.
@@ -114,30 +111,23 @@ pub async fn chat_completions(
     let request = GenerateRequest { prompt: String::new(), messages, options };
     let model = req.model;
     // OpenAI clients cannot resume: a client that leaves cancels at once.
-    let started = start_stream(&state, &principal, request, Some(model.clone()), None, Duration::ZERO).await.map_err(
-        |e| match e {
-            ApiError::UnknownGenerator { name, available } => ApiError::ModelNotFound { name, available },
-            other => other,
-        },
-    )?;
-    let id = format!("chatcmpl-{}", started.stream_id);
+    let open = OpenRequest {
+        generate: request,
+        generator: Some(model.clone()),
+        pace_ms: None,
+        detach_grace: Some(Duration::ZERO),
+    };
+    let opened = state.streams.open(&principal, open).await.map_err(|e| match e {
+        StreamError::UnknownGenerator { name, available } => ApiError::ModelNotFound { name, available },
+        other => other.into(),
+    })?;
+    let id = format!("chatcmpl-{}", opened.stream_id);
     let created = now();
-    let cfg = &state.config;
-    let events = crate::store::follow(
-        started.reader,
-        cfg.stream.heartbeat,
-        state.shutdown.closing().clone(),
-        cfg.shutdown_retry.as_millis() as u64,
-    );
+    let events = opened.events;
     if req.stream {
         let include_usage = req.stream_options.unwrap_or_default().include_usage;
-        let dialect = OpenAiChunks::new(id, created, model, include_usage, cfg.openai_chunk_graphemes);
-        let mut response = Response::new(Body::from_stream(sse_body(events, dialect, state.metrics.clone())));
-        let h = response.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-        return Ok(response);
+        let dialect = OpenAiChunks::new(id, created, model, include_usage, state.config.openai_chunk_graphemes);
+        return Ok(sse_response(events, dialect, state.metrics.clone()));
     }
     // Not streaming: gather the whole answer (the same engine ran).
     let mut events = std::pin::pin!(events);
@@ -151,7 +141,7 @@ pub async fn chat_completions(
                 break;
             }
             StreamEvent::Error { code, message, .. } => {
-                return Err(ApiError::GenerationFailed { code: code.to_string(), message: message.clone() }.into());
+                return Err(ApiError::GenerationFailed { code: *code, message: message.clone() }.into());
             }
             StreamEvent::Shutdown { .. } => return Err(ApiError::Draining.into()),
             StreamEvent::Start { .. } | StreamEvent::Heartbeat => {}
@@ -178,7 +168,8 @@ pub async fn models(
 ) -> Result<Json<Value>, OpenAiError> {
     principal?;
     let data: Vec<Value> = state
-        .generators
+        .streams
+        .generators()
         .iter()
         .map(|(name, entry)| {
             json!({

@@ -9,10 +9,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::stream::{Located, locate, resume, resume_point};
-use crate::app::AppState;
+use super::resume::{resume, resume_point};
 use crate::auth::{Principal, Scope};
 use crate::error::ApiError;
+use crate::state::AppState;
 use crate::stream::StreamId;
 
 /// Query of `GET /v1/streams/{id}`.
@@ -36,7 +36,7 @@ pub async fn resume_stream(
     super::require(&principal, Scope::Stream)?;
     let Query(q) = query?;
     let id = stream_id(&id)?;
-    let located = locate(&state, &principal, &id).await?;
+    let located = state.streams.locate(&principal, &id).await?;
     let from = match resume_point(&headers, q.last_event_id.as_deref())? {
         None => 0,
         Some((last_id, _)) if last_id != id => {
@@ -55,14 +55,7 @@ pub async fn cancel_stream(
 ) -> Result<Response, ApiError> {
     super::require(&principal, Scope::Stream)?;
     let id = stream_id(&id)?;
-    match locate(&state, &principal, &id).await? {
-        Located::Local(stream) => stream.cancel(),
-        Located::Remote(id) => {
-            if let Some(redis) = &state.redis {
-                redis.publish_cancel(&id).await?;
-            }
-        }
-    }
-    tracing::info!(stream_id = %id, subject = %principal.subject, "stream cancelled");
+    let located = state.streams.locate(&principal, &id).await?;
+    state.streams.cancel(&principal, located).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -1,11 +1,13 @@
 //! Dialects render the engine's typed events on the wire. Generation and
 //! framing never depend on the dialect, so new wire formats (OpenAI chunks,
-//! Anthropic events, ...) are one renderer each.
+//! Anthropic events, ...) are one renderer each. Channel subscriptions are
+//! rendered the same way ([`channel`]).
 //!
 //! [`sse_body`] is the shared framing: it turns any event stream into the
 //! HTTP body, coalescing every event that is already available into one
 //! write (without waiting for events that are not).
 
+pub mod channel;
 pub mod native;
 pub mod openai;
 
@@ -18,17 +20,22 @@ use futures_util::{Stream, StreamExt};
 use std::sync::Arc;
 
 use crate::metrics::Metrics;
-use crate::stream::StreamEvent;
 
 /// Stop adding ready events to one write past this many bytes.
 const MAX_WRITE: usize = 16 * 1024;
 
-/// Renders events of one stream into SSE bytes.
+/// Renders the events of one stream (or one subscription) into SSE bytes.
 pub trait Dialect: Send + 'static {
+    /// What it renders: [`StreamEvent`] for streams.
+    type Event;
     /// Bytes written before the first event (e.g. `retry:`).
     fn preamble(&mut self, buf: &mut BytesMut);
     /// Appends the wire form of one event (possibly nothing).
-    fn render(&mut self, event: &StreamEvent, buf: &mut BytesMut);
+    fn render(&mut self, event: &Self::Event, buf: &mut BytesMut);
+    /// Whether the event is a text delta (counted in the metrics per write).
+    fn is_delta(_event: &Self::Event) -> bool {
+        false
+    }
 }
 
 /// The HTTP body for a stream of events in `dialect`. Every event that is
@@ -42,7 +49,7 @@ pub fn sse_body<S, D>(
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static
 where
     S: Stream + Send + 'static,
-    S::Item: AsRef<StreamEvent>,
+    S::Item: AsRef<D::Event>,
     D: Dialect,
 {
     let mut events = Box::pin(events);
@@ -63,7 +70,7 @@ where
             match events.poll_next_unpin(cx) {
                 Poll::Ready(Some(event)) => {
                     let event = event.as_ref();
-                    deltas += u64::from(matches!(event, StreamEvent::Delta { .. }));
+                    deltas += u64::from(D::is_delta(event));
                     dialect.render(event, &mut buf);
                     if buf.len() >= MAX_WRITE {
                         return Poll::Ready(Some(take(&mut buf, &mut deltas)));

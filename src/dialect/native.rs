@@ -13,8 +13,8 @@
 use bytes::{BufMut, BytesMut};
 
 use super::Dialect;
+use crate::event::{ErrorCode, StreamEvent, StreamId};
 use crate::sse::{push_comment, push_event, push_json_string, push_retry};
-use crate::stream::{StreamEvent, StreamId};
 
 /// Renders the native dialect.
 #[derive(Debug, Clone)]
@@ -33,6 +33,12 @@ fn push_id(buf: &mut BytesMut, stream_id: StreamId, seq: u64) {
 }
 
 impl Dialect for Native {
+    type Event = StreamEvent;
+
+    fn is_delta(event: &StreamEvent) -> bool {
+        matches!(event, StreamEvent::Delta { .. })
+    }
+
     fn preamble(&mut self, buf: &mut BytesMut) {
         push_retry(buf, self.retry_ms);
     }
@@ -61,7 +67,7 @@ impl Dialect for Native {
             }
             StreamEvent::Error { stream_id, seq, code, message } => {
                 let data = serde_json::json!({ "code": code, "message": message });
-                if code == "resume_gap" {
+                if *code == ErrorCode::ResumeGap {
                     // Not a position: reconnecting with it answers 204, so
                     // EventSource stops rather than skipping the gap.
                     buf.put_slice(b"id: ");

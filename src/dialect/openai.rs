@@ -8,8 +8,8 @@ use bytes::{BufMut, BytesMut};
 use serde_json::json;
 
 use super::Dialect;
+use crate::event::{Outcome, StreamEvent};
 use crate::sse::{push_comment, push_json_string};
-use crate::stream::StreamEvent;
 
 /// Renders one stream as chat completion chunks.
 #[derive(Debug)]
@@ -75,6 +75,12 @@ impl OpenAiChunks {
 }
 
 impl Dialect for OpenAiChunks {
+    type Event = StreamEvent;
+
+    fn is_delta(event: &StreamEvent) -> bool {
+        matches!(event, StreamEvent::Delta { .. })
+    }
+
     fn preamble(&mut self, _buf: &mut BytesMut) {}
 
     fn render(&mut self, event: &StreamEvent, buf: &mut BytesMut) {
@@ -112,11 +118,11 @@ impl Dialect for OpenAiChunks {
             }
             StreamEvent::Error { code, message, .. } => {
                 self.flush(buf);
-                Self::error(buf, code, message);
+                Self::error(buf, code.as_str(), message);
             }
             StreamEvent::Shutdown { .. } => {
                 self.flush(buf);
-                Self::error(buf, "shutdown", "the server is shutting down; retry the request");
+                Self::error(buf, Outcome::Shutdown.as_str(), "the server is shutting down; retry the request");
             }
             StreamEvent::Heartbeat => push_comment(buf, "keep-alive"),
         }

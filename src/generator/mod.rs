@@ -20,6 +20,8 @@ pub use echo::EchoGenerator;
 pub use openai::OpenAiGenerator;
 pub use registry::{Entry, Registry};
 
+pub use crate::event::{ErrorCode, Usage};
+
 /// A chat message as clients send it (`role` is free text: `system`,
 /// `user`, `assistant`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,17 +80,6 @@ pub struct GenerateRequest {
     pub options: SamplingOptions,
 }
 
-/// Token counts an upstream reports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    /// Tokens in the prompt.
-    pub prompt_tokens: u64,
-    /// Tokens generated.
-    pub completion_tokens: u64,
-    /// Their sum.
-    pub total_tokens: u64,
-}
-
 /// What a generator yields: text, or (once, usually last) token usage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Chunk {
@@ -133,7 +124,7 @@ pub enum GeneratorError {
     #[error("{message}")]
     Upstream {
         /// Machine-readable code.
-        code: &'static str,
+        code: ErrorCode,
         /// Human-readable detail (never the API key).
         message: String,
     },
@@ -141,10 +132,10 @@ pub enum GeneratorError {
 
 impl GeneratorError {
     /// Machine-readable code for the terminal `error` event.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            GeneratorError::Failed(_) => "generator_failed",
-            GeneratorError::Upstream { code, .. } => code,
+            GeneratorError::Failed(_) => ErrorCode::GeneratorFailed,
+            GeneratorError::Upstream { code, .. } => *code,
         }
     }
 }

@@ -36,7 +36,11 @@ pub struct OpenAiGenerator {
 }
 
 fn upstream_error(code: &'static str, message: impl Into<String>) -> GeneratorError {
-    GeneratorError::Upstream { code, message: message.into() }
+    // TEMPORARY until the generator split lands: the literals become ErrorCode variants.
+    GeneratorError::Upstream {
+        code: crate::event::ErrorCode::parse(code).unwrap_or(crate::event::ErrorCode::UpstreamError),
+        message: message.into(),
+    }
 }
 
 /// Most upstream bytes gathered into one chunk of text.
@@ -395,7 +399,7 @@ impl Generator for OpenAiGenerator {
                             break 'chain;
                         }
                         Err(failed) => {
-                            tracing::info!(upstream = %upstream.name, attempt, code = failed.error.code(), "upstream attempt failed");
+                            tracing::info!(upstream = %upstream.name, attempt, code = failed.error.code().as_str(), "upstream attempt failed");
                             last_error = failed.error;
                             if !failed.retry || attempt == upstream.retries {
                                 break;

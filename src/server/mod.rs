@@ -23,23 +23,22 @@ use tower::ServiceExt;
 
 use self::stall::StallGuard;
 
-use crate::app::{AppState, Inner, router};
+use crate::app::router;
 use crate::config::{Config, ConfigError};
 use crate::generator::upstream::Upstream;
 use crate::generator::{DemoGenerator, EchoGenerator, Generator, OpenAiGenerator, Registry};
 use crate::limits::{RateLimits, StreamSlots};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::store::{ChannelHub, ChannelSettings, ChannelTail, HubSettings, RedisSettings, RedisStore, StreamHub};
-use crate::stream::StreamId;
+use crate::state::{AppState, Inner};
+use crate::store::{Store, StoreSettings};
+use crate::stream::{ServiceSettings, StreamService};
 
 mod stall;
 
 /// How often idle rate-limiter keys, expired streams and unused channels
 /// are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
-/// How often Redis health is probed (feeds `/readyz` and admission).
-const REDIS_PROBE_EVERY: Duration = Duration::from_millis(500);
 /// TCP keepalive idle time and probe interval (finds half-open peers).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Concurrent tasks answering connections over the cap; beyond, they are
@@ -99,6 +98,37 @@ pub fn builtin_generators(config: &Config) -> Result<Registry, ConfigError> {
     Ok(registry)
 }
 
+/// The shared state: limits, metrics, the store and the stream service
+/// over it.
+fn build_state(config: Config, generators: Registry) -> Result<AppState, ConfigError> {
+    let limits = &config.limits;
+    let rates = RateLimits::new(limits.rate_subject, limits.rate_ip);
+    let slots = StreamSlots::new(limits.max_streams, limits.max_streams_per_subject);
+    let metrics = Arc::new(Metrics::new());
+    let store_config = &config.store;
+    let settings = StoreSettings {
+        stream_max_events: store_config.stream_max_events,
+        stream_ttl: store_config.stream_ttl,
+        channel_max_events: store_config.channel_max_events,
+        channel_ttl: store_config.channel_ttl,
+    };
+    let store = match &store_config.redis_url {
+        None => Store::memory(settings),
+        Some(url) => Store::shared(&String::from_utf8_lossy(url.expose()), settings)
+            .map_err(|e| ConfigError::invalid("redis_url", e.to_string()))?,
+    };
+    let shutdown = Shutdown::new();
+    let service = ServiceSettings {
+        stream: config.stream.clone(),
+        limits: config.limits.clone(),
+        detach_grace: store_config.detach_grace,
+        shutdown_retry: config.shutdown_retry,
+    };
+    let streams =
+        StreamService::new(service, generators, store.clone(), slots.clone(), metrics.clone(), shutdown.clone());
+    Ok(AppState::new(Inner { config, shutdown, rates, slots, metrics, store, streams }))
+}
+
 /// A bound, ready-to-run server.
 pub struct Application {
     listener: TcpListener,
@@ -143,45 +173,7 @@ impl Application {
         socket.bind(addr).map_err(bind_err)?;
         let listener = socket.listen(config.listen_backlog).map_err(bind_err)?;
         let local_addr = listener.local_addr().map_err(bind_err)?;
-        let limits = &config.limits;
-        let rates = RateLimits::new(limits.rate_subject, limits.rate_ip);
-        let slots = StreamSlots::new(limits.max_streams, limits.max_streams_per_subject);
-        let metrics = Arc::new(Metrics::new());
-        let store = &config.store;
-        let hub = StreamHub::new(HubSettings { max_events: store.stream_max_events, ttl: store.stream_ttl });
-        let channels =
-            ChannelHub::new(ChannelSettings { max_events: store.channel_max_events, ttl: store.channel_ttl });
-        let redis = match &store.redis_url {
-            None => None,
-            Some(url) => {
-                let url = String::from_utf8_lossy(url.expose()).into_owned();
-                let settings = RedisSettings {
-                    stream_max_events: store.stream_max_events,
-                    stream_ttl: store.stream_ttl,
-                    channel_max_events: store.channel_max_events,
-                    channel_ttl: store.channel_ttl,
-                };
-                Some(
-                    RedisStore::connect(&url, settings)
-                        .map_err(|e| ConfigError::invalid("redis_url", e.to_string()))?,
-                )
-            }
-        };
-        let tail = redis.as_ref().map(|r| ChannelTail::new(r.clone(), channels.clone()));
-        let replica_id = StreamId::random().map(|id| id.to_string()).unwrap_or_else(|_| "replica".to_owned());
-        let state = AppState::new(Inner {
-            config,
-            generators,
-            shutdown: Shutdown::new(),
-            rates,
-            slots,
-            metrics,
-            hub,
-            channels,
-            redis,
-            tail,
-            replica_id,
-        });
+        let state = build_state(config, generators)?;
         Ok(Self { listener, local_addr, state })
     }
 
@@ -205,110 +197,10 @@ impl Application {
     /// keepalive for half-open peers, and a stalled-write cutoff. Beyond
     /// `max_connections`, new connections get a 503 and are closed.
     pub async fn run_until_stopped(self, signal: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let state = self.state.clone();
-        let shutdown = state.shutdown.clone();
-        {
-            let state = state.clone();
-            tokio::spawn(async move {
-                signal.await;
-                state.shutdown.begin(state.config.shutdown_grace, &state.slots).await;
-            });
-        }
-        {
-            let state = state.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(PRUNE_EVERY);
-                loop {
-                    tokio::select! {
-                        () = state.shutdown.stopped().cancelled() => break,
-                        _ = tick.tick() => {
-                            state.rates.prune();
-                            state.hub.sweep();
-                            state.channels.sweep();
-                        }
-                    }
-                }
-            });
-        }
-        if let Some(redis) = &state.redis {
-            let stop = shutdown.stopped().clone();
-            tokio::spawn(redis.clone().probe(REDIS_PROBE_EVERY, stop.clone()));
-            tokio::spawn(redis.clone().listen_for_cancels(state.hub.clone(), stop.clone()));
-            if let Some(tail) = &state.tail {
-                tokio::spawn(tail.clone().run(stop));
-            }
-        }
-        let limits = &state.config.limits;
-        let app = router(state.clone());
-        let mut http = http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
-            .max_buf_size(limits.max_header_bytes)
-            .keep_alive(true);
-        let write_stall = limits.max_lag.saturating_mul(2);
-        let connections = Arc::new(Semaphore::new(limits.max_connections));
-        let refusers = Arc::new(Semaphore::new(MAX_REFUSERS));
+        let state = self.state;
+        spawn_background(&state, signal);
         let graceful = GracefulShutdown::new();
-        let listener = self.listener;
-        loop {
-            let (tcp, peer) = tokio::select! {
-                biased;
-                () = shutdown.stopped().cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(permit) = connections.clone().try_acquire_owned() else {
-                state.metrics.refused("connection_limit");
-                if let Ok(refuser) = refusers.clone().try_acquire_owned() {
-                    tokio::spawn(async move {
-                        refuse_connection(tcp).await;
-                        drop(refuser);
-                    });
-                }
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            let _ = socket2::SockRef::from(&tcp)
-                .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE).with_interval(TCP_KEEPALIVE));
-            let io = TokioIo::new(StallGuard::new(tcp, write_stall));
-            let served = Arc::new(AtomicUsize::new(0));
-            let counter = served.clone();
-            let service = app.clone().map_request(move |mut request: Request<Incoming>| {
-                counter.fetch_add(1, Ordering::Relaxed);
-                request.extensions_mut().insert(ConnectInfo(peer));
-                request
-            });
-            let connection = graceful.watch(http.serve_connection(io, TowerToHyperService::new(service)));
-            let metrics = state.metrics.clone();
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    // Connection-level refusals never reach the router, so
-                    // they are counted and logged here, once.
-                    if e.is_timeout() && served.load(Ordering::Relaxed) == 0 {
-                        metrics.refused("header_timeout");
-                        tracing::info!(%peer, "request headers not received in time; connection closed");
-                    } else if e.is_timeout() {
-                        // The same timer closes kept-alive connections that
-                        // sit idle after a request: routine, not a refusal.
-                        tracing::debug!(%peer, "idle connection closed");
-                    } else if e.is_parse_too_large() {
-                        metrics.refused("header_too_large");
-                        tracing::info!(%peer, "request head too large; answered 431");
-                    } else {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
-                    }
-                }
-                drop(permit);
-            });
-        }
-        drop(listener);
+        accept_until_stopped(self.listener, &state, &graceful).await;
         tokio::select! {
             () = graceful.shutdown() => {}
             () = tokio::time::sleep(FORCE_EXIT_AFTER) => {
@@ -317,6 +209,135 @@ impl Application {
         }
         Ok(())
     }
+}
+
+/// What runs beside the listener until the server stops: the shutdown
+/// sequence once `signal` fires, the periodic pruning of limiter keys,
+/// expired streams and unused channels, and the store's own tasks.
+fn spawn_background(state: &AppState, signal: impl Future<Output = ()> + Send + 'static) {
+    {
+        let state = state.clone();
+        tokio::spawn(async move {
+            signal.await;
+            state.shutdown.begin(state.config.shutdown_grace, &state.slots).await;
+        });
+    }
+    {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PRUNE_EVERY);
+            loop {
+                tokio::select! {
+                    () = state.shutdown.stopped().cancelled() => break,
+                    _ = tick.tick() => {
+                        state.rates.prune();
+                        state.store.sweep();
+                    }
+                }
+            }
+        });
+    }
+    state.store.spawn_background(state.shutdown.stopped());
+}
+
+/// Per-connection settings and caps shared by the accept loop.
+struct Connections {
+    http: http1::Builder,
+    write_stall: Duration,
+    open: Arc<Semaphore>,
+    refusers: Arc<Semaphore>,
+}
+
+/// Accepts connections until the shutdown sequence stops the listener,
+/// then drops it (closing the port).
+async fn accept_until_stopped(listener: TcpListener, state: &AppState, graceful: &GracefulShutdown) {
+    let limits = &state.config.limits;
+    let app = router(state.clone());
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    let connections = Connections {
+        http,
+        write_stall: limits.max_lag.saturating_mul(2),
+        open: Arc::new(Semaphore::new(limits.max_connections)),
+        refusers: Arc::new(Semaphore::new(MAX_REFUSERS)),
+    };
+    let stopped = state.shutdown.stopped();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            biased;
+            () = stopped.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.open.clone().try_acquire_owned() else {
+            state.metrics.refused("connection_limit");
+            if let Ok(refuser) = connections.refusers.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse_connection(tcp).await;
+                    drop(refuser);
+                });
+            }
+            continue;
+        };
+        serve_connection(tcp, peer, permit, &app, &connections, state, graceful);
+    }
+}
+
+/// Serves one accepted connection in a task of its own: TCP options, the
+/// stalled-write guard, the peer address for the handlers, and one log
+/// line or refusal count for how it ended.
+fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    app: &axum::Router,
+    connections: &Connections,
+    state: &AppState,
+    graceful: &GracefulShutdown,
+) {
+    let _ = tcp.set_nodelay(true);
+    let _ = socket2::SockRef::from(&tcp)
+        .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE).with_interval(TCP_KEEPALIVE));
+    let io = TokioIo::new(StallGuard::new(tcp, connections.write_stall));
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = served.clone();
+    let service = app.clone().map_request(move |mut request: Request<Incoming>| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        request.extensions_mut().insert(ConnectInfo(peer));
+        request
+    });
+    let connection = graceful.watch(connections.http.serve_connection(io, TowerToHyperService::new(service)));
+    let metrics = state.metrics.clone();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            // Connection-level refusals never reach the router, so they are
+            // counted and logged here, once.
+            if e.is_timeout() && served.load(Ordering::Relaxed) == 0 {
+                metrics.refused("header_timeout");
+                tracing::info!(%peer, "request headers not received in time; connection closed");
+            } else if e.is_timeout() {
+                // The same timer closes kept-alive connections that sit
+                // idle after a request: routine, not a refusal.
+                tracing::debug!(%peer, "idle connection closed");
+            } else if e.is_parse_too_large() {
+                metrics.refused("header_too_large");
+                tracing::info!(%peer, "request head too large; answered 431");
+            } else {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        }
+        drop(permit);
+    });
 }
 
 /// Answers a connection over the cap with a 503 and closes it. The request

@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
-
-use crate::sse::push_event;
 use tokio::sync::Notify;
-use tokio::time::{Instant, sleep};
-use tokio_util::sync::CancellationToken;
+use tokio::time::Instant;
+
+use super::redis::id_after;
+use crate::sse::push_event;
 
 /// Retention of channel logs.
 #[derive(Debug, Clone, Copy)]
-pub struct ChannelSettings {
+pub(super) struct ChannelSettings {
     /// Events kept per channel.
     pub max_events: usize,
     /// A channel with no subscriber and no publish for this long is dropped.
@@ -50,9 +50,10 @@ impl ChannelEvent {
     }
 }
 
-/// What a subscriber receives.
+/// What a subscriber's feed carries (heartbeats and shutdown are added by
+/// the lifecycle, [`crate::stream::follow_channel`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Subscription {
+pub enum ChannelItem {
     /// A published event.
     Event(Arc<ChannelEvent>),
     /// The requested position is older than the log: some events are lost.
@@ -60,10 +61,6 @@ pub enum Subscription {
         /// The id of the oldest event still kept.
         first_id: String,
     },
-    /// Nothing happened for a while.
-    Heartbeat,
-    /// The server is going away.
-    Shutdown,
 }
 
 #[derive(Debug)]
@@ -82,7 +79,7 @@ struct Channel {
 
 /// All channels of this process.
 #[derive(Debug)]
-pub struct ChannelHub {
+pub(super) struct ChannelHub {
     channels: Mutex<HashMap<String, Arc<Channel>>>,
     settings: ChannelSettings,
 }
@@ -93,7 +90,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Where a subscription starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Start {
+pub(super) enum Start {
     /// Only events published from now on.
     New,
     /// After the event at this position (memory mode ids).
@@ -115,7 +112,7 @@ impl Drop for Subscriber {
 
 impl ChannelHub {
     /// No channels yet.
-    pub fn new(settings: ChannelSettings) -> Arc<Self> {
+    pub(super) fn new(settings: ChannelSettings) -> Arc<Self> {
         Arc::new(Self { channels: Mutex::new(HashMap::new()), settings })
     }
 
@@ -134,7 +131,7 @@ impl ChannelHub {
 
     /// Publishes; returns the event's position and how many subscribers are
     /// connected to receive it.
-    pub fn publish(&self, name: &str, event: Option<String>, data: String) -> (u64, usize) {
+    pub(super) fn publish(&self, name: &str, event: Option<String>, data: String) -> (u64, usize) {
         let channel = self.channel(name);
         let seq = Self::push(&channel, self.settings.max_events, None, event, data);
         channel.appended.notify_waiters();
@@ -142,7 +139,7 @@ impl ChannelHub {
     }
 
     /// Adds an event read from the shared store (ids in store order).
-    pub fn ingest(&self, name: &str, id: String, event: Option<String>, data: String) {
+    pub(super) fn ingest(&self, name: &str, id: String, event: Option<String>, data: String) {
         let channel = self.channel(name);
         Self::push(&channel, self.settings.max_events, Some(id), event, data);
         channel.appended.notify_waiters();
@@ -163,14 +160,9 @@ impl ChannelHub {
         }
     }
 
-    /// Subscribes from `start`, then follows live events.
-    pub fn subscribe(
-        &self,
-        name: &str,
-        start: Start,
-        heartbeat: Duration,
-        closing: CancellationToken,
-    ) -> impl Stream<Item = Subscription> + Send + 'static {
+    /// Subscribes from `start`, then follows live events; the subscriber
+    /// is counted until the feed is dropped. The feed never ends by itself.
+    pub(super) fn subscribe(&self, name: &str, start: Start) -> impl Stream<Item = ChannelItem> + Send + 'static {
         let channel = self.channel(name);
         channel.subscribers.fetch_add(1, Ordering::AcqRel);
         let guard = Subscriber(channel.clone());
@@ -183,21 +175,13 @@ impl ChannelHub {
                 Start::AfterSeq(after) if after >= log.next_seq => 0,
                 Start::AfterSeq(after) => after + 1,
                 Start::AfterId(after) => {
-                    log.events.iter().find(|e| super::redis::id_after(&e.id, &after)).map_or(log.next_seq, |e| e.seq)
+                    log.events.iter().find(|e| id_after(&e.id, &after)).map_or(log.next_seq, |e| e.seq)
                 }
             }
         };
         async_stream::stream! {
             let _guard = guard;
-        // A child token of our own: `is_cancelled` locks the token's mutex,
-        // and the shared shutdown token would be one lock contended by every
-        // reader on every event.
-        let closing = closing.child_token();
             loop {
-                if closing.is_cancelled() {
-                    yield Subscription::Shutdown;
-                    return;
-                }
                 let appended = channel.appended.notified();
                 tokio::pin!(appended);
                 appended.as_mut().enable();
@@ -211,39 +195,24 @@ impl ChannelHub {
                 };
                 if next < first_kept {
                     let first_id = lock(&channel.log).events.front().map(|e| e.id.clone()).unwrap_or_default();
-                    yield Subscription::Gap { first_id };
+                    yield ChannelItem::Gap { first_id };
                     next = first_kept;
                     continue;
                 }
                 if batch.is_empty() {
-                    tokio::select! {
-                        biased;
-                        () = closing.cancelled() => {}
-                        () = &mut appended => {}
-                        () = sleep(heartbeat) => yield Subscription::Heartbeat,
-                    }
+                    appended.await;
                     continue;
                 }
                 for event in batch {
                     next = event.seq + 1;
-                    yield Subscription::Event(event);
+                    yield ChannelItem::Event(event);
                 }
             }
         }
     }
 
-    /// Channels held.
-    pub fn len(&self) -> usize {
-        lock(&self.channels).len()
-    }
-
-    /// True when no channel is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Drops channels without subscribers and idle past the TTL.
-    pub fn sweep(&self) {
+    pub(super) fn sweep(&self) {
         let ttl = self.settings.ttl;
         lock(&self.channels)
             .retain(|_, c| c.subscribers.load(Ordering::Acquire) > 0 || lock(&c.log).last_activity.elapsed() < ttl);

@@ -2,21 +2,241 @@
 //! that deliver them: per-stream event logs (for resume after a dropped
 //! connection) and per-channel logs (broadcast with history).
 //!
-//! Generation is decoupled from HTTP: a stream's producer task appends to
-//! its [`LiveStream`]'s log and every reader, the first connection or a
-//! resume, follows the log the same way. Detach, resume, cancel and slow
-//! readers are all rules on that one log.
+//! [`Store`] is the one handle the rest of the server uses. It keeps
+//! events and says when new ones arrive; it holds no policy (backpressure,
+//! detach grace, heartbeats and shutdown are the lifecycle's, in
+//! [`crate::stream`]). Which store runs is its own business:
+//! - in memory (the default): [`StreamHub`]-held logs that the producer
+//!   appends to and readers here follow;
+//! - shared (`--redis-url`): the same local logs, each also replicated to
+//!   Redis, so readers on other replicas follow it there; cancels reach
+//!   the producing replica over pub/sub; channels are published through
+//!   Redis and fanned out locally by one tail per replica. The Redis keys
+//!   are named in one place, `store/keys.rs`.
 //!
-//! With `--redis-url` ([`RedisStore`]) every log is also replicated to
-//! Redis: readers on other replicas follow it there, and channels are
-//! published through Redis and fanned out locally by one tail per replica.
+//! A reader's position in any log is a [`Cursor`]; the producer's handle
+//! is a [`StreamWriter`].
 
 mod channels;
+mod cursor;
+mod keys;
+mod memory;
 mod redis;
 mod remote;
-mod streams;
+mod subscriptions;
+mod writer;
 
-pub use channels::{ChannelEvent, ChannelHub, ChannelSettings, Start, Subscription};
-pub use redis::{REMOTE_READER, RedisSettings, RedisStore, Replicator, StoreError};
-pub use remote::{ChannelTail, TailGuard, follow_remote};
-pub use streams::{Attach, HubSettings, LiveStream, Reader, StreamHub, Wait, follow};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use self::channels::ChannelHub;
+use self::memory::StreamHub;
+use self::redis::{ChannelTail, RedisSettings, RedisStore, Replicator};
+use crate::event::StreamId;
+
+pub use channels::{ChannelEvent, ChannelItem};
+pub use cursor::Cursor;
+pub use memory::{Attachment, Flow, LiveStream, Read, Reader};
+pub use remote::RemoteCursor;
+pub use subscriptions::{ChannelFeed, ChannelPosition, Published};
+pub use writer::StreamWriter;
+
+/// How often Redis health is probed (feeds `/readyz` and admission).
+const REDIS_PROBE_EVERY: Duration = Duration::from_millis(500);
+
+/// A failure of the shared store (never carries its URL).
+#[derive(Debug, thiserror::Error)]
+#[error("redis: {0}")]
+pub struct StoreError(String);
+
+impl StoreError {
+    fn new(detail: String) -> Self {
+        Self(detail)
+    }
+
+    /// The store is known to be unreachable (its health probe failed).
+    pub fn unavailable() -> Self {
+        Self("unreachable".into())
+    }
+}
+
+/// Retention of stream and channel logs.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreSettings {
+    /// Events kept per stream; resuming before them is a `resume_gap`.
+    pub stream_max_events: usize,
+    /// How long a finished stream stays resumable.
+    pub stream_ttl: Duration,
+    /// Events kept per channel.
+    pub channel_max_events: usize,
+    /// How long a channel without subscribers or publishes is kept.
+    pub channel_ttl: Duration,
+}
+
+/// A stream that exists somewhere, with its owner (the caller's right to
+/// it is the stream service's to decide).
+#[derive(Debug)]
+pub struct Located {
+    /// The stream's id.
+    pub id: StreamId,
+    /// The subject that created it.
+    pub owner: String,
+    place: Place,
+}
+
+#[derive(Debug)]
+enum Place {
+    /// Produced by this process.
+    Local(Arc<LiveStream>),
+    /// Produced by another replica; readable through the shared store.
+    Remote,
+}
+
+/// The one store handle: memory, or memory plus Redis. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    streams: Arc<StreamHub>,
+    channels: Arc<ChannelHub>,
+    settings: StoreSettings,
+    shared: Option<Shared>,
+}
+
+/// The parts that exist only with a shared store.
+#[derive(Debug)]
+struct Shared {
+    redis: Arc<RedisStore>,
+    tail: Arc<ChannelTail>,
+    /// This process's id among replicas (random per start).
+    replica_id: String,
+}
+
+impl Store {
+    /// An in-memory store: streams and channels live in this process.
+    pub fn memory(settings: StoreSettings) -> Self {
+        Self::with(settings, None)
+    }
+
+    /// A shared store on the Redis at `url`. Connects lazily: the server
+    /// may start before Redis is up (it is not ready meanwhile).
+    pub fn shared(url: &str, settings: StoreSettings) -> Result<Self, StoreError> {
+        let redis = RedisStore::connect(
+            url,
+            RedisSettings {
+                stream_max_events: settings.stream_max_events,
+                stream_ttl: settings.stream_ttl,
+                channel_max_events: settings.channel_max_events,
+                channel_ttl: settings.channel_ttl,
+            },
+        )?;
+        Ok(Self::with(settings, Some(redis)))
+    }
+
+    fn with(settings: StoreSettings, redis: Option<Arc<RedisStore>>) -> Self {
+        let streams =
+            StreamHub::new(memory::HubSettings { max_events: settings.stream_max_events, ttl: settings.stream_ttl });
+        let channels = ChannelHub::new(channels::ChannelSettings {
+            max_events: settings.channel_max_events,
+            ttl: settings.channel_ttl,
+        });
+        let shared = redis.map(|redis| Shared {
+            tail: ChannelTail::new(redis.clone(), channels.clone()),
+            redis,
+            replica_id: StreamId::random().map(|id| id.to_string()).unwrap_or_else(|_| "replica".to_owned()),
+        });
+        Self(Arc::new(Inner { streams, channels, settings, shared }))
+    }
+
+    /// Whether new streams and subscriptions can be served: always in
+    /// memory; with Redis, while it answers and cancels are heard.
+    pub fn is_healthy(&self) -> bool {
+        self.0.shared.as_ref().is_none_or(|s| s.redis.is_healthy())
+    }
+
+    /// Starts what a shared store runs in the background until `stop`: the
+    /// health probe, the cancel and attach listener, the channel tail.
+    pub fn spawn_background(&self, stop: &CancellationToken) {
+        if let Some(shared) = &self.0.shared {
+            tokio::spawn(shared.redis.clone().probe(REDIS_PROBE_EVERY, stop.clone()));
+            tokio::spawn(shared.redis.clone().listen_for_cancels(self.0.streams.clone(), stop.clone()));
+            tokio::spawn(shared.tail.clone().run(stop.clone()));
+        }
+    }
+
+    /// Forgets expired streams and unused channels (called periodically).
+    pub fn sweep(&self) {
+        self.0.streams.sweep();
+        self.0.channels.sweep();
+    }
+
+    /// Streams produced by this process and still retained.
+    pub fn local_streams(&self) -> usize {
+        self.0.streams.len()
+    }
+
+    /// Records a new stream owned by `owner` and attaches its first reader
+    /// at the start, before anything is produced (so it never looks
+    /// abandoned). The stream's stop token is a child of `closing`.
+    pub async fn create(
+        &self,
+        id: StreamId,
+        owner: &str,
+        generator: &str,
+        closing: &CancellationToken,
+    ) -> Result<(StreamWriter, Cursor), StoreError> {
+        if let Some(shared) = &self.0.shared {
+            shared.redis.create_stream(&id, owner, generator).await?;
+        }
+        let log = self.0.streams.create(id, owner, generator, closing);
+        let replicator = self
+            .0
+            .shared
+            .as_ref()
+            .map(|s| Replicator::start(s.redis.clone(), log.clone(), self.0.settings.stream_max_events));
+        let reader = log.attach(0);
+        Ok((StreamWriter::new(log, replicator), Cursor::Local(reader)))
+    }
+
+    /// Where stream `id` is, if any store still holds it.
+    pub async fn locate(&self, id: &StreamId) -> Result<Option<Located>, StoreError> {
+        if let Some(log) = self.0.streams.get(id) {
+            return Ok(Some(Located { id: *id, owner: log.owner.clone(), place: Place::Local(log) }));
+        }
+        let Some(shared) = &self.0.shared else { return Ok(None) };
+        Ok(shared.redis.meta(id).await?.map(|meta| Located { id: *id, owner: meta.owner, place: Place::Remote }))
+    }
+
+    /// A reader of a located stream from sequence `from` on; `None` when
+    /// the stream is finished and the reader has seen all of it.
+    pub async fn cursor(&self, located: &Located, from: u64) -> Result<Option<Cursor>, StoreError> {
+        match &located.place {
+            Place::Local(log) => Ok((!log.is_complete_at(from)).then(|| Cursor::Local(log.attach(from)))),
+            Place::Remote => {
+                let Some(shared) = &self.0.shared else { return Ok(None) };
+                if let Some((last, true)) = shared.redis.last_event(&located.id).await?
+                    && from > last
+                {
+                    return Ok(None);
+                }
+                Ok(Some(Cursor::Remote(RemoteCursor::new(shared.redis.clone(), located.id, from))))
+            }
+        }
+    }
+
+    /// Cancels a located stream on whichever replica produces it.
+    pub async fn cancel(&self, located: &Located) -> Result<(), StoreError> {
+        match &located.place {
+            Place::Local(log) => log.cancel(),
+            Place::Remote => {
+                if let Some(shared) = &self.0.shared {
+                    shared.redis.publish_cancel(&located.id).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -7,7 +7,7 @@
 //! event when asked for one, so whoever drives it controls backpressure.
 //! Dropping it drops the generator, which cancels its work. Heartbeats and
 //! shutdown are per connection and live with the readers
-//! ([`crate::store::follow`]), not here.
+//! ([`crate::stream::follow`]), not here.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -15,7 +15,8 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use tokio::time::{Instant, sleep_until};
 
-use super::{FinishReason, GraphemeSplitter, StreamEvent, StreamId};
+use super::GraphemeSplitter;
+use crate::event::{ErrorCode, FinishReason, StreamEvent, StreamId};
 use crate::generator::{Chunk, TextStream};
 
 /// Per-generation settings resolved from config and the request.
@@ -91,7 +92,7 @@ pub fn events(
                             seq += 1;
                             yield StreamEvent::Delta { stream_id, seq, text: cluster };
                         }
-                        yield StreamEvent::Error { stream_id, seq: seq + 1, code: err.code().into(), message: err.to_string() };
+                        yield StreamEvent::Error { stream_id, seq: seq + 1, code: err.code(), message: err.to_string() };
                         return;
                     }
                     None => {
@@ -112,7 +113,7 @@ fn max_duration_error(stream_id: StreamId, seq: u64, limit: Duration) -> StreamE
     StreamEvent::Error {
         stream_id,
         seq: seq + 1,
-        code: "max_duration".into(),
+        code: ErrorCode::MaxDuration,
         message: format!("the stream reached its maximum duration of {}", humantime::format_duration(limit)),
     }
 }
@@ -161,7 +162,9 @@ mod tests {
             Box::pin(stream::iter(vec![Ok("hi".into()), Err(GeneratorError::Failed("boom".into()))]));
         let all: Vec<StreamEvent> = events(id(), "t".into(), text, settings(0)).collect().await;
         assert_eq!(texts(&all), ["h", "i"]);
-        assert!(matches!(all.last(), Some(StreamEvent::Error { code, seq: 3, .. }) if code == "generator_failed"));
+        assert!(
+            matches!(all.last(), Some(StreamEvent::Error { code, seq: 3, .. }) if *code == ErrorCode::GeneratorFailed)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -173,7 +176,7 @@ mod tests {
         // Deltas at 0, 1 and 2 s; the limit strikes at 2.5 s.
         assert_eq!(texts(&all), ["a", "b", "c"]);
         assert!(
-            matches!(all.last(), Some(StreamEvent::Error { code, seq: 4, .. }) if code == "max_duration"),
+            matches!(all.last(), Some(StreamEvent::Error { code, seq: 4, .. }) if *code == ErrorCode::MaxDuration),
             "{all:?}"
         );
     }

@@ -1,18 +1,32 @@
-//! The stream engine: turns a generator's text into the typed event sequence
-//! every dialect renders (start, one delta per grapheme cluster, done or
-//! error, heartbeats, shutdown), with pacing and stream ids. Nothing here
-//! knows about HTTP or the wire format.
+//! The stream engine and lifecycle: everything that happens to a stream
+//! between a request and the wire, and nothing about HTTP or the wire
+//! format.
+//!
+//! - [`engine`](events): turns a generator's text into the typed event
+//!   sequence (start, one delta per grapheme cluster, done or error) with
+//!   pacing, ids and the duration limit;
+//! - `produce`: the producer task appending those events to the stream's
+//!   log, applying `flow` (backpressure, slow consumers, detach grace);
+//! - [`follow`]: the one reader, over a store [`Cursor`](crate::store::Cursor),
+//!   adding heartbeats, `shutdown` and terminal errors for logs that cannot
+//!   continue; [`follow_channel`] does the same for channel feeds;
+//! - [`StreamService`]: open, resume and cancel, called by every route and
+//!   dialect.
 
+mod channel;
 mod engine;
-mod event;
+mod flow;
 mod graphemes;
-mod id;
-mod run;
+mod produce;
+mod reader;
+mod service;
 mod woken;
 
+pub use channel::{ChannelMessage, follow_channel};
 pub use engine::{EngineSettings, events};
-pub use event::{FinishReason, StreamEvent};
 pub use graphemes::GraphemeSplitter;
-pub use id::StreamId;
-pub use run::{RunContext, RunSettings, spawn};
+pub use reader::{FollowSettings, follow};
+pub use service::{EventStream, OpenRequest, Opened, Resumed, ServiceSettings, StreamError, StreamService};
 pub use woken::OnlyWhenWoken;
+
+pub use crate::event::{ErrorCode, FinishReason, Outcome, StreamEvent, StreamId};

@@ -189,7 +189,7 @@ async fn the_demo_page_streams_resumes_and_stops_in_chromium() {
     proxy.cut();
     wait_for(&client, "the whole Chinese text", |a, s| s == "done" && a == chinese).await;
     assert!(proxy.accepted() > before, "the page reconnected again");
-    assert_eq!(app.state.hub.len(), 2, "the cuts resumed one stream; they did not start new ones");
+    assert_eq!(app.state.store.local_streams(), 2, "the cuts resumed one stream; they did not start new ones");
 
     // 3. Stop ends the stream on the server (DELETE), and the text stops.
     send(&client, "english", "demo", 40).await;

@@ -9,12 +9,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use tokengate::app::AppState;
 use tokengate::config::{Config, Settings};
 use tokengate::generator::{GenerateRequest, Generator, Registry, TextStream};
 use tokengate::server::{Application, builtin_generators};
 use tokengate::shutdown::Shutdown;
 use tokengate::sse::{Event, Parser};
+use tokengate::state::AppState;
 use tokio::task::JoinHandle;
 
 /// The HS256 secret every test server uses unless told otherwise.

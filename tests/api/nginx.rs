@@ -189,8 +189,8 @@ async fn a_stream_resumes_across_replicas_through_nginx() {
     assert_eq!(got, text);
     assert!(reconnects >= 3);
     // One replica generated; the other served resumes from Redis.
-    let (producer, other) = if a.state.hub.len() == 1 { (&a, &b) } else { (&b, &a) };
-    assert_eq!(producer.state.hub.len(), 1);
-    assert_eq!(other.state.hub.len(), 0);
+    let (producer, other) = if a.state.store.local_streams() == 1 { (&a, &b) } else { (&b, &a) };
+    assert_eq!(producer.state.store.local_streams(), 1);
+    assert_eq!(other.state.store.local_streams(), 0);
     assert!(other.metric("tokengate_deltas_sent_total").await > 0.0, "the other replica served part of the stream");
 }

@@ -77,7 +77,7 @@ async fn same_url_reconnect_with_last_event_id_resumes_without_a_second_generati
     let seqs: Vec<u64> = parsed(&first).iter().chain(parsed(&second).iter()).map(|m| m.1).collect();
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "{seqs:?}");
     assert_eq!(parsed(&second).last().unwrap().2, "done");
-    assert_eq!(app.state.hub.len(), 1, "one generation only");
+    assert_eq!(app.state.store.local_streams(), 1, "one generation only");
 }
 
 #[tokio::test]

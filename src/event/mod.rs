@@ -1,9 +1,27 @@
-//! The typed events of one stream, before any dialect renders them.
+//! The vocabulary every layer shares: the typed events of one stream
+//! before any dialect renders them, stream ids, the codes a stream ends
+//! with, and token usage. It depends on nothing else in the crate, so the
+//! generators, the store, the stream lifecycle and the dialects can all use
+//! it without reaching up or sideways.
 
-use std::borrow::Cow;
+mod code;
+mod id;
 
-use super::StreamId;
-use crate::generator::Usage;
+use serde::{Deserialize, Serialize};
+
+pub use code::{ErrorCode, Outcome};
+pub use id::StreamId;
+
+/// Token counts an upstream reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens in the prompt.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub completion_tokens: u64,
+    /// Their sum.
+    pub total_tokens: u64,
+}
 
 /// Why a stream finished normally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +78,7 @@ pub enum StreamEvent {
         /// Sequence number (one past the last delta).
         seq: u64,
         /// Machine-readable code, e.g. `generator_failed`.
-        code: Cow<'static, str>,
+        code: ErrorCode,
         /// Human-readable detail.
         message: String,
     },
@@ -80,13 +98,12 @@ impl StreamEvent {
         matches!(self, StreamEvent::Done { .. } | StreamEvent::Error { .. } | StreamEvent::Shutdown { .. })
     }
 
-    /// The outcome label of a terminal event (`done`, the error code,
-    /// `shutdown`).
-    pub fn outcome(&self) -> Option<Cow<'static, str>> {
+    /// How a terminal event ends the stream (`None` for the others).
+    pub fn outcome(&self) -> Option<Outcome> {
         match self {
-            StreamEvent::Done { .. } => Some(Cow::Borrowed("done")),
-            StreamEvent::Error { code, .. } => Some(code.clone()),
-            StreamEvent::Shutdown { .. } => Some(Cow::Borrowed("shutdown")),
+            StreamEvent::Done { .. } => Some(Outcome::Done),
+            StreamEvent::Error { code, .. } => Some(Outcome::Error(*code)),
+            StreamEvent::Shutdown { .. } => Some(Outcome::Shutdown),
             _ => None,
         }
     }

@@ -1,0 +1,70 @@
+//! [`Cursor`]: one reader's position in one stream's log, whichever store
+//! holds it. The lifecycle's reader ([`crate::stream::follow`]) is written
+//! once against it; the memory and Redis logs differ only in how a read is
+//! done and how a reader learns that there is more.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::StoreError;
+use super::memory::{Read, Reader};
+use super::remote::RemoteCursor;
+use crate::event::{StreamEvent, StreamId};
+
+/// A reader's position in a stream's log.
+#[derive(Debug)]
+pub enum Cursor {
+    /// A stream produced by this process: reads lock-free of I/O, and the
+    /// producer wakes the reader on append.
+    Local(Reader),
+    /// A stream produced by another replica, read from the shared store.
+    Remote(RemoteCursor),
+}
+
+impl Cursor {
+    /// The stream read.
+    pub fn stream_id(&self) -> StreamId {
+        match self {
+            Cursor::Local(r) => r.stream_id(),
+            Cursor::Remote(r) => r.stream_id(),
+        }
+    }
+
+    /// The first sequence number this reader asked for.
+    pub fn from(&self) -> u64 {
+        match self {
+            Cursor::Local(r) => r.from(),
+            Cursor::Remote(r) => r.from(),
+        }
+    }
+
+    /// Adds the events from `from` on (at most `max`) to `out`, or says why
+    /// there are none.
+    pub async fn read(
+        &mut self,
+        from: u64,
+        max: usize,
+        out: &mut VecDeque<Arc<StreamEvent>>,
+    ) -> Result<Read, StoreError> {
+        match self {
+            Cursor::Local(r) => Ok(r.read(from, max, out)),
+            Cursor::Remote(r) => r.read(from, max, out).await,
+        }
+    }
+
+    /// Resolves when a read at `from` may find something new.
+    pub async fn changed(&self, from: u64) {
+        match self {
+            Cursor::Local(r) => r.changed(from).await,
+            Cursor::Remote(r) => r.changed().await,
+        }
+    }
+
+    /// The client took everything before `next` (local readers hold the
+    /// producer's window open; remote ones are not counted).
+    pub fn advance(&self, next: u64) {
+        if let Cursor::Local(r) = self {
+            r.advance(next);
+        }
+    }
+}

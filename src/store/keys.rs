@@ -1,0 +1,88 @@
+//! Every Redis key, pub/sub channel and field name tokengate uses, in one
+//! place. All keys are under the `tg:` prefix and carry TTLs:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `tg:s:{id}` | stream | a stream's events; entry id `0-{seq+1}`, field [`EVENT`] |
+//! | `tg:m:{id}` | hash | the stream's [`OWNER`] and [`GENERATOR`] |
+//! | `tg:l:{id}` | string | the producer's lease (replica alive) |
+//! | `tg:r:{id}` | string | a reader on another replica follows the stream |
+//! | `tg:c:{name}` | stream | a channel's events; fields [`DATA`] and [`EVENT_NAME`] |
+//! | `tg:n:{name}` | hash | a channel's subscriber count per replica |
+//! | [`CANCEL_CHANNEL`] | pub/sub | stream ids to cancel, heard by every replica |
+//! | [`ATTACH_CHANNEL`] | pub/sub | stream ids a remote reader just attached to |
+
+use crate::event::StreamId;
+
+/// Prefix of channel log keys (also stripped from `XREAD` replies).
+pub(super) const CHANNEL_PREFIX: &str = "tg:c:";
+/// Pub/sub channel carrying cancels (`DELETE` on any replica).
+pub(super) const CANCEL_CHANNEL: &str = "tg:cancel";
+/// Pub/sub channel carrying remote readers' first announcements.
+pub(super) const ATTACH_CHANNEL: &str = "tg:attach";
+
+/// Stream log entry field: the stored event (JSON).
+pub(super) const EVENT: &str = "e";
+/// Stream metadata field: the owning subject.
+pub(super) const OWNER: &str = "owner";
+/// Stream metadata field: the generator's name.
+pub(super) const GENERATOR: &str = "generator";
+/// Channel entry field: the published data (JSON text).
+pub(super) const DATA: &str = "d";
+/// Channel entry field: the published event name (absent for `message`).
+pub(super) const EVENT_NAME: &str = "e";
+
+/// A stream's event log.
+pub(super) fn stream(id: &StreamId) -> String {
+    format!("tg:s:{id}")
+}
+
+/// A stream's owner and generator.
+pub(super) fn meta(id: &StreamId) -> String {
+    format!("tg:m:{id}")
+}
+
+/// A stream producer's lease.
+pub(super) fn lease(id: &StreamId) -> String {
+    format!("tg:l:{id}")
+}
+
+/// A remote reader's announcement for a stream.
+pub(super) fn remote_reader(id: &StreamId) -> String {
+    format!("tg:r:{id}")
+}
+
+/// A channel's event log.
+pub(super) fn channel(name: &str) -> String {
+    format!("{CHANNEL_PREFIX}{name}")
+}
+
+/// A channel's per-replica subscriber counts.
+pub(super) fn subscribers(name: &str) -> String {
+    format!("tg:n:{name}")
+}
+
+/// The entry id of sequence number `seq` in a stream log (`0-{seq+1}`:
+/// Redis refuses `0-0`, and `XRANGE` by sequence number stays exact).
+pub(super) fn entry_id(seq: u64) -> String {
+    format!("0-{}", seq + 1)
+}
+
+/// The sequence number of a stream log entry id.
+pub(super) fn seq_of(entry_id: &str) -> Option<u64> {
+    entry_id.strip_prefix("0-")?.parse::<u64>().ok()?.checked_sub(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_round_trip_sequence_numbers() {
+        for seq in [0, 1, 41, u64::MAX - 1] {
+            assert_eq!(seq_of(&entry_id(seq)), Some(seq));
+        }
+        assert_eq!(seq_of("0-0"), None);
+        assert_eq!(seq_of("12-3"), None);
+    }
+}

@@ -1,0 +1,319 @@
+//! Channels in Redis: each channel's events as a Redis Stream (its entry
+//! ids are the SSE ids), per-replica subscriber counts, and the
+//! [`ChannelTail`] that feeds every channel a local subscriber follows into
+//! the local [`ChannelHub`] with one blocking `XREAD` per replica.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use tokio::time::{Instant, sleep};
+use tokio_util::sync::CancellationToken;
+
+use super::super::channels::ChannelHub;
+use super::super::keys;
+use super::{Entries, RedisStore};
+use crate::store::StoreError;
+
+/// A channel entry's event name and data.
+pub(in crate::store) struct Entry {
+    /// The entry id (the SSE id).
+    pub(in crate::store) id: String,
+    /// The published event name (`None`: `message`).
+    pub(in crate::store) event: Option<String>,
+    /// The published data, as JSON text.
+    pub(in crate::store) data: String,
+}
+
+impl Entry {
+    fn from_fields(id: String, mut fields: HashMap<String, String>) -> Self {
+        let data = fields.remove(keys::DATA).unwrap_or_else(|| "null".to_owned());
+        Self { id, event: fields.remove(keys::EVENT_NAME), data }
+    }
+}
+
+impl RedisStore {
+    /// Publishes to a channel; returns the event's id.
+    pub(in crate::store) async fn channel_publish(
+        &self,
+        name: &str,
+        event: Option<&str>,
+        data: &str,
+    ) -> Result<String, StoreError> {
+        let key = keys::channel(name);
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&key).arg("MAXLEN").arg("~").arg(self.settings.channel_max_events).arg("*").arg(keys::DATA).arg(data);
+        if let Some(event) = event {
+            cmd.arg(keys::EVENT_NAME).arg(event);
+        }
+        let mut conn = self.conn();
+        let id: String = cmd.query_async(&mut conn).await?;
+        conn.expire::<_, ()>(&key, self.settings.channel_ttl_secs()).await?;
+        Ok(id)
+    }
+
+    /// Subscribers of a channel on all replicas (each replica keeps its own
+    /// count in a hash; a replica that died keeps its count until the key
+    /// expires).
+    pub(in crate::store) async fn channel_subscribers(&self, name: &str) -> Result<usize, StoreError> {
+        let counts: Vec<i64> = self.conn().hvals(keys::subscribers(name)).await?;
+        Ok(counts.into_iter().filter(|n| *n > 0).sum::<i64>() as usize)
+    }
+
+    /// Adds `delta` to this replica's subscriber count for a channel.
+    pub(in crate::store) async fn count_subscriber(
+        &self,
+        name: &str,
+        replica: &str,
+        delta: i64,
+    ) -> Result<(), StoreError> {
+        let key = keys::subscribers(name);
+        redis::pipe()
+            .hincr(&key, replica, delta)
+            .ignore()
+            .expire(&key, self.settings.channel_ttl_secs())
+            .ignore()
+            .query_async::<()>(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// A channel's events after `after` (exclusive), oldest first, and
+    /// whether any event after `after` was already trimmed away.
+    pub(in crate::store) async fn channel_read(
+        &self,
+        name: &str,
+        after: &str,
+        count: usize,
+    ) -> Result<(Vec<Entry>, bool), StoreError> {
+        let mut conn = self.conn();
+        let entries: Entries = redis::cmd("XRANGE")
+            .arg(keys::channel(name))
+            .arg(format!("({after}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await?;
+        // Redis 7 records the newest id it ever trimmed.
+        let info: redis::Value = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(keys::channel(name))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or(redis::Value::Nil);
+        let max_deleted = max_deleted_entry_id(info).unwrap_or_else(|| "0-0".to_owned());
+        let entries = entries.into_iter().map(|(id, fields)| Entry::from_fields(id, fields)).collect();
+        Ok((entries, id_after(&max_deleted, after)))
+    }
+
+    /// Waits (up to `block`) for entries after the given ids in any of the
+    /// channels; one call per replica tails all of them.
+    async fn channel_tail(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        positions: &[(String, String)],
+        block: Duration,
+    ) -> Result<Vec<(String, Entries)>, StoreError> {
+        if positions.is_empty() {
+            tokio::time::sleep(block).await;
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(256).arg("BLOCK").arg(block.as_millis() as u64).arg("STREAMS");
+        for (name, _) in positions {
+            cmd.arg(keys::channel(name));
+        }
+        for (_, id) in positions {
+            cmd.arg(id);
+        }
+        let reply: Option<Vec<(String, Entries)>> = cmd.query_async(conn).await?;
+        Ok(reply
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(key, entries)| key.strip_prefix(keys::CHANNEL_PREFIX).map(|name| (name.to_owned(), entries)))
+            .collect())
+    }
+
+    /// The id of the newest entry of a channel (`0-0` when empty).
+    pub(in crate::store) async fn channel_last_id(&self, name: &str) -> Result<String, StoreError> {
+        Ok(self.newest(&keys::channel(name)).await?.map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+    }
+}
+
+/// `max-deleted-entry-id` from an `XINFO STREAM` reply (RESP2 or RESP3).
+fn max_deleted_entry_id(info: redis::Value) -> Option<String> {
+    let is_key = |k: &redis::Value| matches!(k, redis::Value::BulkString(k) if k == b"max-deleted-entry-id");
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(v) => Some(String::from_utf8_lossy(v).into_owned()),
+        _ => None,
+    };
+    match info {
+        redis::Value::Array(items) => {
+            items.chunks(2).find_map(|kv| if is_key(&kv[0]) { kv.get(1).and_then(text) } else { None })
+        }
+        redis::Value::Map(items) => items.iter().find_map(|(k, v)| if is_key(k) { text(v) } else { None }),
+        _ => None,
+    }
+}
+
+/// Compares Redis stream ids `a > b`.
+pub(in crate::store) fn id_after(a: &str, b: &str) -> bool {
+    fn parts(id: &str) -> (u64, u64) {
+        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+    }
+    parts(a) > parts(b)
+}
+
+#[derive(Debug)]
+struct Want {
+    /// The newest id ingested (or the start position).
+    last: String,
+    /// Local subscribers that need it.
+    watchers: usize,
+}
+
+/// One per replica: tails, with a single blocking `XREAD`, every channel
+/// that has a local subscriber, and feeds new events into the local
+/// [`ChannelHub`], from which all local subscribers fan out.
+#[derive(Debug)]
+pub(in crate::store) struct ChannelTail {
+    redis: Arc<RedisStore>,
+    hub: Arc<ChannelHub>,
+    wanted: Mutex<HashMap<String, Want>>,
+}
+
+/// Keeps a channel tailed while it lives.
+#[derive(Debug)]
+pub(in crate::store) struct TailGuard {
+    tail: Arc<ChannelTail>,
+    name: String,
+}
+
+impl Drop for TailGuard {
+    fn drop(&mut self) {
+        let mut wanted = self.tail.wanted.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(want) = wanted.get_mut(&self.name) {
+            want.watchers -= 1;
+            if want.watchers == 0 {
+                wanted.remove(&self.name);
+            }
+        }
+    }
+}
+
+/// How long one `XREAD` blocks; also the longest a newly watched channel
+/// waits for its first tail round.
+const TAIL_BLOCK: Duration = Duration::from_millis(100);
+
+impl ChannelTail {
+    /// A tail feeding `hub`.
+    pub(in crate::store) fn new(redis: Arc<RedisStore>, hub: Arc<ChannelHub>) -> Arc<Self> {
+        Arc::new(Self { redis, hub, wanted: Mutex::new(HashMap::new()) })
+    }
+
+    /// Tails `name` from after `from` (an id) while the guard lives.
+    pub(in crate::store) fn watch(self: &Arc<Self>, name: &str, from: &str) -> TailGuard {
+        let mut wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
+        // A channel already tailed keeps its position: what it ingested
+        // after `from` is in the local log, where the subscriber starts.
+        let want = wanted.entry(name.to_owned()).or_insert_with(|| Want { last: from.to_owned(), watchers: 0 });
+        want.watchers += 1;
+        TailGuard { tail: self.clone(), name: name.to_owned() }
+    }
+
+    /// Runs until `stop`, reconnecting after failures.
+    pub(in crate::store) async fn run(self: Arc<Self>, stop: CancellationToken) {
+        while !stop.is_cancelled() {
+            let mut conn = match self.redis.dedicated().await {
+                Ok(conn) => conn,
+                Err(_) => {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            let mut counted_refresh = Instant::now();
+            loop {
+                // Subscriber counts live with a TTL; keep those of channels
+                // with local subscribers from expiring.
+                if counted_refresh.elapsed() >= Duration::from_secs(30) {
+                    counted_refresh = Instant::now();
+                    let names: Vec<String> =
+                        self.wanted.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect();
+                    for name in names {
+                        let _ = self.redis.count_subscriber(&name, "refresh", 0).await;
+                    }
+                }
+                let positions: Vec<(String, String)> = {
+                    let wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
+                    wanted.iter().map(|(name, want)| (name.clone(), want.last.clone())).collect()
+                };
+                let result = tokio::select! {
+                    () = stop.cancelled() => return,
+                    result = self.redis.channel_tail(&mut conn, &positions, TAIL_BLOCK) => result,
+                };
+                match result {
+                    Ok(batches) => self.ingest(batches),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "channel tail lost redis; reconnecting");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    /// Feeds what one `XREAD` returned into the local hub, skipping what a
+    /// channel's position already covers.
+    fn ingest(&self, batches: Vec<(String, Entries)>) {
+        for (name, entries) in batches {
+            let mut wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(want) = wanted.get_mut(&name) else { continue };
+            for (id, fields) in entries {
+                if !id_after(&id, &want.last) {
+                    continue;
+                }
+                want.last = id.clone();
+                let entry = Entry::from_fields(id, fields);
+                self.hub.ingest(&name, entry.id, entry.event, entry.data);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_ids_compare_by_time_then_sequence() {
+        assert!(id_after("2-0", "1-9"));
+        assert!(id_after("1-10", "1-9"));
+        assert!(!id_after("1-9", "1-9"));
+        assert!(!id_after("0-0", "1-0"));
+    }
+
+    #[test]
+    fn the_newest_trimmed_id_is_found_in_both_reply_shapes() {
+        let key = redis::Value::BulkString(b"max-deleted-entry-id".to_vec());
+        let value = redis::Value::BulkString(b"5-1".to_vec());
+        let resp2 = redis::Value::Array(vec![
+            redis::Value::BulkString(b"length".to_vec()),
+            redis::Value::Int(3),
+            key.clone(),
+            value.clone(),
+        ]);
+        assert_eq!(max_deleted_entry_id(resp2).as_deref(), Some("5-1"));
+        let resp3 = redis::Value::Map(vec![(key, value)]);
+        assert_eq!(max_deleted_entry_id(resp3).as_deref(), Some("5-1"));
+        assert_eq!(max_deleted_entry_id(redis::Value::Nil), None);
+    }
+}

@@ -1,0 +1,159 @@
+//! Channels through the one store handle: publishing, and subscribing from
+//! a position with history. In memory a channel is a local log; with a
+//! shared store Redis orders and keeps the events, every replica's tail
+//! feeds them into its local log, and each replica counts its subscribers
+//! in Redis so that a publish reports the cluster's total.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::{Stream, StreamExt};
+
+use super::channels::{ChannelEvent, ChannelItem, Start};
+use super::redis::RedisStore;
+use super::{Shared, Store, StoreError};
+
+/// A subscriber's events: history first, then live ones. The subscriber is
+/// counted (and, shared, its channel tailed) until the feed is dropped.
+pub type ChannelFeed = Pin<Box<dyn Stream<Item = ChannelItem> + Send + 'static>>;
+
+/// Where a subscriber resumes, from its `Last-Event-ID`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelPosition {
+    /// A position in this process's log (the in-memory store's ids). With a
+    /// shared store `n` means the entry `n-0`.
+    Seq(u64),
+    /// A shared store's entry id, `<ms>-<seq>`. In memory it names no
+    /// position this process issued: the subscriber is told of a gap.
+    Entry(String),
+}
+
+impl ChannelPosition {
+    /// Parses a channel event id in either form.
+    pub fn parse(id: &str) -> Option<Self> {
+        if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
+            return id.parse().ok().map(ChannelPosition::Seq);
+        }
+        let (ms, seq) = id.split_once('-')?;
+        (ms.parse::<u64>().is_ok() && seq.parse::<u64>().is_ok()).then(|| ChannelPosition::Entry(id.to_owned()))
+    }
+}
+
+/// The answer to a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The event's id (what subscribers see as `id:`).
+    pub id: String,
+    /// Subscribers connected to receive it (across replicas when shared).
+    pub subscribers: usize,
+}
+
+/// This replica's share of a channel's subscriber count in Redis, given
+/// back when the subscription ends.
+struct CountedSubscriber {
+    redis: Arc<RedisStore>,
+    name: String,
+    replica: String,
+}
+
+impl Drop for CountedSubscriber {
+    fn drop(&mut self) {
+        let (redis, name, replica) =
+            (self.redis.clone(), std::mem::take(&mut self.name), std::mem::take(&mut self.replica));
+        tokio::spawn(async move {
+            let _ = redis.count_subscriber(&name, &replica, -1).await;
+        });
+    }
+}
+
+impl Store {
+    /// Publishes `data` (JSON text) as `event` (`None`: `message`).
+    pub async fn publish(&self, name: &str, event: Option<String>, data: String) -> Result<Published, StoreError> {
+        match &self.0.shared {
+            // Shared: Redis orders and stores it; every replica's tail (this
+            // one's included) delivers it to local subscribers.
+            Some(shared) => {
+                let id = shared.redis.channel_publish(name, event.as_deref(), &data).await?;
+                Ok(Published { id, subscribers: shared.redis.channel_subscribers(name).await? })
+            }
+            None => {
+                let (seq, subscribers) = self.0.channels.publish(name, event, data);
+                Ok(Published { id: seq.to_string(), subscribers })
+            }
+        }
+    }
+
+    /// Subscribes to channel `name` after `after` (only new events when
+    /// `None`). Missed events the channel no longer holds are announced as
+    /// one [`ChannelItem::Gap`] first: never a silent skip.
+    pub async fn subscribe(&self, name: &str, after: Option<ChannelPosition>) -> Result<ChannelFeed, StoreError> {
+        let Some(shared) = &self.0.shared else {
+            let start = match after {
+                None => Start::New,
+                Some(ChannelPosition::Seq(seq)) => Start::AfterSeq(seq),
+                Some(ChannelPosition::Entry(_)) => Start::AfterSeq(u64::MAX),
+            };
+            return Ok(Box::pin(self.0.channels.subscribe(name, start)));
+        };
+        self.subscribe_shared(shared, name, after).await
+    }
+
+    /// Shared subscription: history from Redis, then live events as this
+    /// replica's tail feeds them into the local log.
+    async fn subscribe_shared(
+        &self,
+        shared: &Shared,
+        name: &str,
+        after: Option<ChannelPosition>,
+    ) -> Result<ChannelFeed, StoreError> {
+        let redis = &shared.redis;
+        let after = after.map(|position| match position {
+            ChannelPosition::Seq(seq) => format!("{seq}-0"),
+            ChannelPosition::Entry(id) => id,
+        });
+        let (history, start_id) = match after {
+            Some(after) => {
+                let (entries, gap) = redis.channel_read(name, &after, self.0.settings.channel_max_events).await?;
+                let mut items = Vec::with_capacity(entries.len() + 1);
+                if gap {
+                    let first_id = entries.first().map(|e| e.id.clone()).unwrap_or_default();
+                    items.push(ChannelItem::Gap { first_id });
+                }
+                let newest = entries.last().map_or(after, |e| e.id.clone());
+                items.extend(
+                    entries
+                        .into_iter()
+                        .map(|e| ChannelItem::Event(Arc::new(ChannelEvent::new(0, e.id, e.event, e.data)))),
+                );
+                (items, newest)
+            }
+            None => (Vec::new(), redis.channel_last_id(name).await?),
+        };
+        let tail = shared.tail.watch(name, &start_id);
+        redis.count_subscriber(name, &shared.replica_id, 1).await?;
+        let counted =
+            CountedSubscriber { redis: redis.clone(), name: name.to_owned(), replica: shared.replica_id.clone() };
+        let live = self.0.channels.subscribe(name, Start::AfterId(start_id));
+        let guards = (tail, counted);
+        Ok(Box::pin(futures_util::stream::iter(history).chain(live).map(move |item| {
+            // Keeps the channel tailed and this subscriber counted while the
+            // feed lives.
+            let _ = &guards;
+            item
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_positions_parse_in_both_forms_and_nothing_else() {
+        assert_eq!(ChannelPosition::parse("42"), Some(ChannelPosition::Seq(42)));
+        assert_eq!(ChannelPosition::parse("1700000000000-3"), Some(ChannelPosition::Entry("1700000000000-3".into())));
+        for bad in ["", "-", "1-", "-1", "a-1", "1-2-3", "1.5", "99999999999999999999999"] {
+            assert_eq!(ChannelPosition::parse(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! [`StreamWriter`]: the producer's handle on its stream's log. Appends go
+//! to the local log, which readers here follow, and, with a shared store,
+//! are copied to Redis in order for readers on other replicas. The
+//! producer never learns which store runs.
+
+use std::sync::Arc;
+
+use super::memory::LiveStream;
+use super::redis::Replicator;
+use crate::event::StreamEvent;
+
+/// Writes one stream's log; made by [`super::Store::create`].
+#[derive(Debug)]
+pub struct StreamWriter {
+    log: Arc<LiveStream>,
+    replicator: Option<Replicator>,
+}
+
+impl StreamWriter {
+    pub(super) fn new(log: Arc<LiveStream>, replicator: Option<Replicator>) -> Self {
+        Self { log, replicator }
+    }
+
+    /// The local log: its facts drive the producer's flow control.
+    pub fn log(&self) -> &LiveStream {
+        &self.log
+    }
+
+    /// Appends without waking the readers (the producer wakes them once per
+    /// batch, [`LiveStream::wake_readers`]).
+    pub fn append_quietly(&self, event: StreamEvent) {
+        let logged = self.log.append_quietly(event);
+        if let Some(replicator) = &self.replicator {
+            replicator.push(logged);
+        }
+    }
+
+    /// Appends and wakes the readers.
+    pub fn append(&self, event: StreamEvent) {
+        self.append_quietly(event);
+        self.log.wake_readers();
+    }
+
+    /// Whether the stream was stopped because the shared store failed.
+    pub fn store_failed(&self) -> bool {
+        self.replicator.as_ref().is_some_and(Replicator::has_failed)
+    }
+
+    /// Before giving up on a stream nobody reads here: a last look for a
+    /// reader on another replica (its periodic announcement may not have
+    /// arrived yet); if there is one, the stream is held for it.
+    pub async fn reader_elsewhere(&self) -> bool {
+        match &self.replicator {
+            Some(replicator) => replicator.hold_for_remote_reader().await,
+            None => false,
+        }
+    }
+
+    /// Waits (bounded) until everything appended, the terminal event
+    /// included, has reached the shared store and the lease is released.
+    pub async fn finish(self) {
+        if let Some(replicator) = self.replicator {
+            replicator.finish().await;
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Following a channel: a store's [`ChannelFeed`] plus what belongs to the
+//! connection, as for streams: heartbeats while quiet, `shutdown` when the
+//! server closes, and the end of the response at the maximum duration
+//! (`EventSource` then reconnects with `Last-Event-ID` and misses nothing).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use tokio::time::{Instant, sleep_until};
+
+use super::OnlyWhenWoken;
+use super::reader::FollowSettings;
+use crate::store::{ChannelEvent, ChannelFeed, ChannelItem};
+
+/// What a channel subscriber's connection carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelMessage {
+    /// A published event.
+    Event(Arc<ChannelEvent>),
+    /// Events were missed that the channel no longer holds.
+    Gap {
+        /// The id of the oldest event still kept.
+        first_id: String,
+    },
+    /// Nothing happened for a while.
+    Heartbeat,
+    /// The server is going away; reconnect after `retry_ms`.
+    Shutdown {
+        /// Reconnect hint in milliseconds.
+        retry_ms: u64,
+    },
+}
+
+impl AsRef<ChannelMessage> for ChannelMessage {
+    fn as_ref(&self) -> &ChannelMessage {
+        self
+    }
+}
+
+/// Follows `feed` for at most `max_duration`, adding heartbeats and the
+/// shutdown message.
+pub fn follow_channel(
+    mut feed: ChannelFeed,
+    settings: FollowSettings,
+    max_duration: Duration,
+) -> impl Stream<Item = ChannelMessage> + Send + 'static {
+    async_stream::stream! {
+        // A child token of our own, watched only when it fires (see
+        // `OnlyWhenWoken`): the shared one would be a lock per event.
+        let closing = settings.closing.child_token();
+        let mut closing_watch = OnlyWhenWoken::new(closing.clone().cancelled_owned());
+        let ends = sleep_until(Instant::now() + max_duration);
+        tokio::pin!(ends);
+        // One heartbeat timer, moved only when it fires: silence is
+        // measured from the last event, without a timer per event.
+        let mut last_sent = Instant::now();
+        let heartbeat_timer = sleep_until(last_sent + settings.heartbeat);
+        tokio::pin!(heartbeat_timer);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut closing_watch => {
+                    yield ChannelMessage::Shutdown { retry_ms: settings.shutdown_retry_ms };
+                    return;
+                }
+                () = &mut ends => return,
+                item = feed.next() => {
+                    match item {
+                        Some(ChannelItem::Event(event)) => yield ChannelMessage::Event(event),
+                        Some(ChannelItem::Gap { first_id }) => yield ChannelMessage::Gap { first_id },
+                        None => return,
+                    }
+                    last_sent = Instant::now();
+                }
+                () = &mut heartbeat_timer => {
+                    if Instant::now() >= last_sent + settings.heartbeat {
+                        yield ChannelMessage::Heartbeat;
+                        last_sent = Instant::now();
+                    }
+                    heartbeat_timer.as_mut().reset(last_sent + settings.heartbeat);
+                }
+            }
+        }
+    }
+}

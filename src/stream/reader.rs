@@ -1,0 +1,116 @@
+//! The one reader: follows a stream's log through a [`Cursor`], in memory
+//! or in the shared store alike, and adds what belongs to a connection
+//! rather than to the stream: heartbeats while quiet, `shutdown` when the
+//! server closes, and a terminal error instead of a silent skip when the
+//! log cannot continue (`resume_gap`, `generator_lost`,
+//! `store_unavailable`).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use super::OnlyWhenWoken;
+use crate::event::{ErrorCode, StreamEvent};
+use crate::store::{Cursor, Read};
+
+/// Most events handed on per log read.
+const BATCH: usize = 256;
+
+/// How a reader behaves on its connection.
+#[derive(Debug, Clone)]
+pub struct FollowSettings {
+    /// Silence after which a heartbeat is sent.
+    pub heartbeat: Duration,
+    /// Fires when the server closes streams for shutdown.
+    pub closing: CancellationToken,
+    /// The `retry:` hint sent with `shutdown`.
+    pub shutdown_retry_ms: u64,
+}
+
+/// Follows a stream's log from the cursor's position on: replays what is
+/// logged, then waits for more, until the terminal event.
+///
+/// Shutdown is watched with [`OnlyWhenWoken`]: looked at per event only as
+/// an atomic flag, not a lock.
+pub fn follow(mut cursor: Cursor, settings: FollowSettings) -> impl Stream<Item = Arc<StreamEvent>> + Send + 'static {
+    async_stream::stream! {
+        let stream_id = cursor.stream_id();
+        let shutdown = || Arc::new(StreamEvent::Shutdown { retry_ms: settings.shutdown_retry_ms });
+        // A child token of our own: `is_cancelled` locks the token's mutex,
+        // and the shared shutdown token would be one lock contended by every
+        // reader.
+        let closing = settings.closing.child_token();
+        let mut closing_watch = OnlyWhenWoken::new(closing.clone().cancelled_owned());
+        let mut next = cursor.from();
+        // Reused for every read: no allocation per event.
+        let mut batch = VecDeque::with_capacity(16);
+        // One heartbeat timer, moved only when it fires: silence is
+        // measured from the last write, without a timer per event.
+        let mut last_write = Instant::now();
+        let heartbeat_timer = sleep_until(last_write + settings.heartbeat);
+        tokio::pin!(heartbeat_timer);
+        'wake: loop {
+            if closing_watch.may_be_ready() && closing.is_cancelled() {
+                yield shutdown();
+                return;
+            }
+            // Everything there is, batch after batch.
+            loop {
+                let ended = move |code: ErrorCode, message: String| {
+                    Arc::new(StreamEvent::Error { stream_id, seq: next, code, message })
+                };
+                match cursor.read(next, BATCH, &mut batch).await {
+                    Ok(Read::Events) => {}
+                    Ok(Read::CaughtUp) => break,
+                    Ok(Read::Gap { first_kept }) => {
+                        yield ended(ErrorCode::ResumeGap, format!("events from {next} on are no longer retained (oldest kept: {first_kept}); start a new stream"));
+                        return;
+                    }
+                    Ok(Read::ProducerLost) => {
+                        yield ended(ErrorCode::GeneratorLost, "the replica generating this stream is gone".into());
+                        return;
+                    }
+                    Err(e) => {
+                        yield ended(ErrorCode::StoreUnavailable, format!("the shared store failed: {e}"));
+                        return;
+                    }
+                }
+                while let Some(event) = batch.pop_front() {
+                    let terminal = event.is_terminal();
+                    next = event.seq().map_or(next, |s| s + 1);
+                    yield event;
+                    // Reached only once the consumer asked for more: the
+                    // event was taken.
+                    cursor.advance(next);
+                    if terminal {
+                        return;
+                    }
+                }
+                last_write = Instant::now();
+                if closing_watch.may_be_ready() && closing.is_cancelled() {
+                    continue 'wake;
+                }
+            }
+            tokio::select! {
+                biased;
+                () = &mut closing_watch => {
+                    yield shutdown();
+                    return;
+                }
+                () = cursor.changed(next) => {}
+                () = &mut heartbeat_timer => {
+                    let due = last_write + settings.heartbeat;
+                    if Instant::now() >= due {
+                        yield Arc::new(StreamEvent::Heartbeat);
+                        last_write = Instant::now();
+                    }
+                    heartbeat_timer.as_mut().reset(last_write + settings.heartbeat);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The stream service: opening, resuming and cancelling streams, for every
+//! route and dialect. Handlers parse and authorize their own request shape,
+//! then call this; it checks the limits, asks the store for a log, starts
+//! the producer and hands back the events that a dialect renders. Nothing
+//! here knows which store runs or what the wire looks like.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+
+use super::produce::{RunContext, RunSettings, spawn};
+use super::reader::{FollowSettings, follow};
+use super::{EngineSettings, events};
+use crate::auth::Principal;
+use crate::config::{LimitsConfig, StreamConfig};
+use crate::event::{StreamEvent, StreamId};
+use crate::generator::{GenerateRequest, Registry};
+use crate::limits::{SlotRefused, StreamSlots};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use crate::store::{Located, Store, StoreError};
+
+/// The events of one stream as one connection receives them.
+pub type EventStream = Pin<Box<dyn Stream<Item = Arc<StreamEvent>> + Send + 'static>>;
+
+/// Why a stream could not be opened, resumed or cancelled.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// More chat messages than allowed.
+    #[error("{count} chat messages exceed the limit of {limit}")]
+    TooManyMessages {
+        /// Messages sent.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The prompt (with the messages' contents) is too large.
+    #[error("the prompt exceeds the limit of {limit} bytes")]
+    PromptTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// No generator of that name.
+    #[error("unknown generator `{name}`; available: {}", .available.join(", "))]
+    UnknownGenerator {
+        /// What was asked for.
+        name: String,
+        /// What exists.
+        available: Vec<String>,
+    },
+    /// The server is draining for shutdown.
+    #[error("the server is shutting down")]
+    Draining,
+    /// No stream slot is free.
+    #[error(transparent)]
+    NoSlot(#[from] SlotRefused),
+    /// Unknown, expired, or another subject's stream (not told apart).
+    #[error("no such stream")]
+    NotFound,
+    /// The shared store failed or is unreachable.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The OS random number generator failed.
+    #[error("OS RNG failed: {0}")]
+    Rng(String),
+}
+
+/// What a new stream is asked for, in any dialect.
+#[derive(Debug, Default)]
+pub struct OpenRequest {
+    /// What the generator gets.
+    pub generate: GenerateRequest,
+    /// The generator (or upstream, or alias) by name; the default if none.
+    pub generator: Option<String>,
+    /// The client's pace wish, clamped to the configured bounds.
+    pub pace_ms: Option<u32>,
+    /// How long generation continues without a client; the configured
+    /// grace if `None`. Dialects whose clients cannot resume pass zero.
+    pub detach_grace: Option<Duration>,
+}
+
+/// A stream that has started, with its first reader attached.
+pub struct Opened {
+    /// The stream's id.
+    pub stream_id: StreamId,
+    /// The generator's registry name.
+    pub generator: String,
+    /// Its events, from the first.
+    pub events: EventStream,
+}
+
+/// The answer to a resume.
+pub enum Resumed {
+    /// The client already has every event of a finished stream.
+    Complete,
+    /// The events from the requested position on.
+    Events(EventStream),
+}
+
+/// Settings the service applies to every stream.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    /// Pacing, heartbeats, prompt size and the default generator.
+    pub stream: StreamConfig,
+    /// Message count, duration and flow-control bounds.
+    pub limits: LimitsConfig,
+    /// Default detach grace.
+    pub detach_grace: Duration,
+    /// The `retry:` hint sent with `shutdown`.
+    pub shutdown_retry: Duration,
+}
+
+/// Opens, resumes and cancels streams. Cheap to clone.
+#[derive(Clone)]
+pub struct StreamService(Arc<Inner>);
+
+struct Inner {
+    settings: ServiceSettings,
+    generators: Registry,
+    store: Store,
+    slots: Arc<StreamSlots>,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+}
+
+impl StreamService {
+    /// A service over these parts.
+    pub fn new(
+        settings: ServiceSettings,
+        generators: Registry,
+        store: Store,
+        slots: Arc<StreamSlots>,
+        metrics: Arc<Metrics>,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self(Arc::new(Inner { settings, generators, store, slots, metrics, shutdown }))
+    }
+
+    /// The generators offered (for model listings).
+    pub fn generators(&self) -> &Registry {
+        &self.0.generators
+    }
+
+    /// Starts a generation. Everything is checked before the generator is
+    /// asked for anything, so a refused request never starts work; callers
+    /// check the scope first.
+    pub async fn open(&self, caller: &Principal, request: OpenRequest) -> Result<Opened, StreamError> {
+        let inner = &*self.0;
+        let (cfg, limits) = (&inner.settings.stream, &inner.settings.limits);
+        let generate = request.generate;
+        if generate.messages.len() > limits.max_messages {
+            return Err(StreamError::TooManyMessages { count: generate.messages.len(), limit: limits.max_messages });
+        }
+        let prompt_bytes = generate.prompt.len() + generate.messages.iter().map(|m| m.content.len()).sum::<usize>();
+        if prompt_bytes > cfg.max_prompt_bytes {
+            return Err(StreamError::PromptTooLarge { limit: cfg.max_prompt_bytes });
+        }
+        let name = request.generator.unwrap_or_else(|| cfg.default_generator.clone());
+        let entry = inner
+            .generators
+            .get(&name)
+            .ok_or_else(|| StreamError::UnknownGenerator { name: name.clone(), available: inner.generators.names() })?;
+        if inner.shutdown.is_draining() {
+            return Err(StreamError::Draining);
+        }
+        if !inner.store.is_healthy() {
+            return Err(StoreError::unavailable().into());
+        }
+        let permit = inner.slots.try_acquire(&caller.subject)?;
+        let stream_id = StreamId::random().map_err(|e| StreamError::Rng(e.to_string()))?;
+        let settings = EngineSettings {
+            pace: cfg.pace.resolve(entry.pace, request.pace_ms.map(u64::from)),
+            max_duration: limits.max_stream_duration,
+        };
+        tracing::debug!(subject = %caller.subject, generator = %name, %stream_id, "stream opened");
+        // A child token: polled on every event, it must not be the lock all
+        // streams share.
+        let closing = inner.shutdown.closing().child_token();
+        // The first reader is attached before the producer starts.
+        let (writer, cursor) = inner.store.create(stream_id, &caller.subject, &name, &closing).await?;
+        let batch_ready = settings.pace.is_zero();
+        let engine = events(stream_id, name.clone(), entry.generator.generate(generate), settings);
+        let ctx = RunContext {
+            subject: caller.subject.clone(),
+            permit,
+            slots: inner.slots.clone(),
+            metrics: inner.metrics.clone(),
+        };
+        let run = RunSettings {
+            window: limits.send_queue,
+            max_lag: limits.max_lag,
+            detach_grace: request.detach_grace.unwrap_or(inner.settings.detach_grace),
+            batch_ready,
+        };
+        spawn(engine, writer, ctx, run);
+        Ok(Opened { stream_id, generator: name, events: Box::pin(follow(cursor, self.follow_settings())) })
+    }
+
+    /// Finds a stream the caller may see: its own, or any with `admin`.
+    /// Another subject's stream is reported exactly like an unknown one.
+    pub async fn locate(&self, caller: &Principal, id: &StreamId) -> Result<Located, StreamError> {
+        match self.0.store.locate(id).await? {
+            Some(located) if located.owner == caller.subject || caller.is_admin() => Ok(located),
+            _ => Err(StreamError::NotFound),
+        }
+    }
+
+    /// Replays a located stream from sequence `from` and follows it live.
+    pub async fn resume(&self, located: Located, from: u64) -> Result<Resumed, StreamError> {
+        Ok(match self.0.store.cursor(&located, from).await? {
+            None => Resumed::Complete,
+            Some(cursor) => Resumed::Events(Box::pin(follow(cursor, self.follow_settings()))),
+        })
+    }
+
+    /// Cancels a located stream wherever it runs: its generator (and any
+    /// upstream request) is dropped and every reader gets `cancelled`.
+    pub async fn cancel(&self, caller: &Principal, located: Located) -> Result<(), StreamError> {
+        self.0.store.cancel(&located).await?;
+        tracing::info!(stream_id = %located.id, subject = %caller.subject, "stream cancelled");
+        Ok(())
+    }
+
+    /// How readers of this server's streams and channels behave on their
+    /// connections (heartbeats, shutdown).
+    pub fn follow_settings(&self) -> FollowSettings {
+        FollowSettings {
+            heartbeat: self.0.settings.stream.heartbeat,
+            closing: self.0.shutdown.closing().clone(),
+            shutdown_retry_ms: self.0.settings.shutdown_retry.as_millis() as u64,
+        }
+    }
+}
