@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::auth::{AuthError, Scope};
+use crate::event::ErrorCode;
 use crate::limits::{RateLimited, RateScope, SlotRefused};
 
 /// Media type of every error body.
@@ -76,7 +77,7 @@ pub enum ApiError {
     #[error("generation failed ({code}): {message}")]
     GenerationFailed {
         /// The stream error code.
-        code: crate::event::ErrorCode,
+        code: ErrorCode,
         /// Its detail.
         message: String,
     },
@@ -125,11 +126,13 @@ impl ApiError {
             ApiError::StreamNotFound => (StatusCode::NOT_FOUND, "stream_not_found", "Not found"),
             ApiError::ModelNotFound { .. } => (StatusCode::NOT_FOUND, "model_not_found", "Not found"),
             ApiError::GenerationFailed { .. } => (StatusCode::BAD_GATEWAY, "generation_failed", "Bad gateway"),
-            ApiError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "Service unavailable"),
+            ApiError::StoreUnavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::StoreUnavailable.as_str(), "Service unavailable")
+            }
             ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining", "Service unavailable"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", "Not found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Method not allowed"),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal server error"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal.as_str(), "Internal server error"),
         }
     }
 }

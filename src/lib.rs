@@ -3,20 +3,33 @@
 //! cluster per event.
 //!
 //! # Layout
-//! - [`config`]: settings from flags, env and TOML, validated into [`config::Config`].
-//! - [`cli`]: the command line (serve, token).
+//! Each layer uses only the layers below it (`ARCHITECTURE.md` shows the
+//! path of one character and of a resume through them):
+//! - [`api`]: HTTP handlers per resource, thin: parse, authorize, call the
+//!   stream service or the store, render; [`api::sse`] builds every SSE
+//!   response.
+//! - [`app`]: the route table and the layer stack; [`state`]: the state
+//!   every handler gets.
+//! - [`dialect`]: one renderer per wire protocol (native, OpenAI chat
+//!   completions, channel subscriptions), from typed events.
+//! - [`stream`]: the engine (grapheme splitting, pacing, ids), the
+//!   producer and its flow control (backpressure, detach, slow consumers),
+//!   the one reader that follows a log (heartbeats, shutdown, resume gaps),
+//!   and the [`stream::StreamService`] every route calls.
+//! - [`store`]: one handle over the memory and Redis logs and channels; it
+//!   keeps events and says when new ones arrive, and holds no policy.
+//! - [`generator`]: the `Generator` trait, its registry, `demo`, `echo` and
+//!   the OpenAI-compatible upstreams.
+//! - [`event`]: the vocabulary all of them share: stream events, ids,
+//!   outcome codes, usage.
 //! - [`auth`]: token extraction, JWT validation, scopes, minting.
-//! - [`error`]: [`error::ApiError`], the one mapping of failures to problem+json.
-//! - [`sse`]: the event-stream wire format (encoder and spec parser).
-//! - [`stream`]: the engine (grapheme splitting, pacing, ids, heartbeats)
-//!   and the per-stream task with its bounded queue.
-//! - [`store`]: stream logs (resume) and channel logs (broadcast).
-//! - [`dialect`]: renders engine events on the wire (native; OpenAI next).
-//! - [`generator`]: the `Generator` trait, registry, `demo` and `echo`.
 //! - [`limits`]: request rates, stream slots, client IP behind proxies.
+//! - [`sse`]: the event-stream wire format (encoder and spec parser).
+//! - [`config`]: settings from flags, env and TOML, validated into
+//!   [`config::Config`]; [`cli`]: the command line (serve, token,
+//!   healthcheck).
+//! - [`error`]: [`error::ApiError`], the one mapping of failures to HTTP.
 //! - [`metrics`]: Prometheus counters and gauges, per application.
-//! - [`api`]: HTTP handlers per resource.
-//! - [`app`]: state, route table and layer stack.
 //! - [`shutdown`]: the drain-then-close sequence.
 //! - [`server`]: binding, connections and their limits, serving.
 

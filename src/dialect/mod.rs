@@ -26,7 +26,7 @@ const MAX_WRITE: usize = 16 * 1024;
 
 /// Renders the events of one stream (or one subscription) into SSE bytes.
 pub trait Dialect: Send + 'static {
-    /// What it renders: [`StreamEvent`] for streams.
+    /// What it renders: [`crate::event::StreamEvent`] for streams.
     type Event;
     /// Bytes written before the first event (e.g. `retry:`).
     fn preamble(&mut self, buf: &mut BytesMut);

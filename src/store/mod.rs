@@ -6,7 +6,7 @@
 //! events and says when new ones arrive; it holds no policy (backpressure,
 //! detach grace, heartbeats and shutdown are the lifecycle's, in
 //! [`crate::stream`]). Which store runs is its own business:
-//! - in memory (the default): [`StreamHub`]-held logs that the producer
+//! - in memory (the default): [`LiveStream`] logs that the producer
 //!   appends to and readers here follow;
 //! - shared (`--redis-url`): the same local logs, each also replicated to
 //!   Redis, so readers on other replicas follow it there; cancels reach
