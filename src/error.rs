@@ -132,7 +132,9 @@ impl ApiError {
             ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining", "Service unavailable"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", "Not found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Method not allowed"),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal.as_str(), "Internal server error"),
+            ApiError::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal.as_str(), "Internal server error")
+            }
         }
     }
 }
