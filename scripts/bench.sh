@@ -16,6 +16,10 @@
 #   BENCH_QUICK=1       a smoke test at a fraction of the scale (figures not
 #                       comparable with the targets; BENCHMARKS.md says so)
 #   BENCH_NO_REPORT=1   do not rewrite BENCHMARKS.md
+#   BENCH_BASELINE=path another tokengate binary (e.g. one built from an
+#                       earlier commit): scenarios 1, 1b and 2 then alternate
+#                       tokengate with it instead of the reference, print a
+#                       side-by-side summary and leave BENCHMARKS.md alone
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,6 +28,11 @@ OUT=${BENCH_OUT:-target/bench}
 RUNS=${BENCH_RUNS:-3}
 SCENARIOS=${BENCH_SCENARIOS:-"1 2 3 4 5 6 strace"}
 QUICK=${BENCH_QUICK:-0}
+BASELINE=${BENCH_BASELINE:-}
+if [[ -n $BASELINE ]]; then
+  [[ -x $BASELINE ]] || { echo "BENCH_BASELINE=$BASELINE is not an executable" >&2; exit 2; }
+  SCENARIOS=${BENCH_SCENARIOS:-"1 2"}
+fi
 START=$(date +%s)
 
 TG=target/release/tokengate
@@ -139,23 +148,26 @@ loadgen() { # scenario server run mode [args...]
 # One run of a scenario on one server.
 run_one() { # scenario server run
   local s=$1 server=$2 run=$3
+  # "baseline" is tokengate from another binary, tagged apart.
+  local TAG=$server TG=$TG
+  if [[ $server == baseline ]]; then server=tokengate TG=$BASELINE; fi
   local TGA=(--addr "$HOST:$TG_PORT" --target tokengate) REFA=(--addr "$HOST:$REF_PORT" --target reference)
   case "$s/$server" in
   s1/tokengate)
     start_tokengate $TG_PORT "s1-tokengate-$run" "${TG_NO_RATE[@]}"
-    loadgen s1 tokengate "$run" stream "${TGA[@]}" --conns $S1_CONNS --chars $S1_CHARS ;;
+    loadgen s1 "$TAG" "$run" stream "${TGA[@]}" --conns $S1_CONNS --chars $S1_CHARS ;;
   s1/reference)
     start_reference "s1-reference-$run"
     loadgen s1 reference "$run" stream "${REFA[@]}" --conns $S1_CONNS --chars $S1_CHARS ;;
   s1b/tokengate)
     start_tokengate $TG_PORT "s1b-tokengate-$run" "${TG_NO_RATE[@]}"
-    loadgen s1b tokengate "$run" stream "${TGA[@]}" --conns $S1_CONNS --chars $S1_CHARS --threads 2 ;;
+    loadgen s1b "$TAG" "$run" stream "${TGA[@]}" --conns $S1_CONNS --chars $S1_CHARS --threads 2 ;;
   s1b/reference)
     start_reference "s1b-reference-$run"
     loadgen s1b reference "$run" stream "${REFA[@]}" --conns $S1_CONNS --chars $S1_CHARS --threads 2 ;;
   s2/tokengate)
     start_tokengate $TG_PORT "s2-tokengate-$run" "${TG_NO_RATE[@]}"
-    loadgen s2 tokengate "$run" stream "${TGA[@]}" --conns $S2_CONNS --chars $S2_CHARS --pace-ms $S2_PACE ;;
+    loadgen s2 "$TAG" "$run" stream "${TGA[@]}" --conns $S2_CONNS --chars $S2_CHARS --pace-ms $S2_PACE ;;
   s2/reference)
     start_reference "s2-reference-$run"
     loadgen s2 reference "$run" stream "${REFA[@]}" --conns $S2_CONNS --chars $S2_CHARS --pace-ms $S2_PACE ;;
@@ -214,16 +226,19 @@ alternate() { # scenario first second
 }
 
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
+# Who tokengate is compared with in scenarios 1, 1b and 2.
+OTHER=reference
+[[ -n $BASELINE ]] && OTHER=baseline
 
 for s in $SCENARIOS; do
   case $s in
   1)
-    note "scenario 1: unpaced throughput"; log_cmd "# scenario 1"; alternate s1 tokengate reference
+    note "scenario 1: unpaced throughput"; log_cmd "# scenario 1"; alternate s1 tokengate $OTHER
     # The same with a 2-thread load generator: with one thread the client
     # itself can be the bottleneck (it is for the reference's many small
     # writes), with two it competes with the server for the 2 cores.
-    note "scenario 1b: unpaced throughput, 2-thread load generator"; log_cmd "# scenario 1b"; alternate s1b tokengate reference ;;
-  2) note "scenario 2: paced"; log_cmd "# scenario 2"; alternate s2 tokengate reference ;;
+    note "scenario 1b: unpaced throughput, 2-thread load generator"; log_cmd "# scenario 1b"; alternate s1b tokengate $OTHER ;;
+  2) note "scenario 2: paced"; log_cmd "# scenario 2"; alternate s2 tokengate $OTHER ;;
   3) note "scenario 3: idle"; log_cmd "# scenario 3"; alternate s3 tokengate reference ;;
   4) note "scenario 4: fan-out"; log_cmd "# scenario 4"; alternate s4 tokengate reference ;;
   5)
@@ -363,7 +378,29 @@ S5=A mock OpenAI-compatible upstream (\`tokengate-bench mock-upstream\`, one cha
 S6=Open-loop schedule of $S6_RATE stream opens/s for $S6_SECS s over $S6_CONNS kept-alive connections, each open with the token of the next of $S6_SUBJECTS subjects (round robin), 8-character echo streams; both rate limiters on in tokengate (per subject 6,000/min, per IP 6,000,000/min: consulted, never refusing). Latency is from the scheduled start to \`done\`. Profiled once, see below.
 EOF
 
-if [[ ${BENCH_NO_REPORT:-0} != 1 ]]; then
+if [[ -n $BASELINE ]]; then
+  # Medians per scenario and binary, and this build's ratio to the baseline.
+  python3 - "$RESULTS" "$BASELINE" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+keys = [("chars_per_s", "chars/s"), ("server_cpu_us_per_char", "server CPU us/char"),
+        ("gap_p50", "gap p50 ms"), ("gap_p99", "gap p99 ms")]
+def value(r, k):
+    return r.get("gap_ms", {}).get(k[4:]) if k.startswith("gap_") else r.get(k)
+print(f"side by side with {sys.argv[2]} (medians of alternating runs; n = runs per binary)")
+for s in sorted({r["tags"]["scenario"] for r in rows if "tags" in r}):
+    for k, label in keys:
+        med = {}
+        for server in ("tokengate", "baseline"):
+            vals = [value(r, k) for r in rows if r.get("tags", {}).get("scenario") == s and r["tags"].get("server") == server]
+            vals = [v for v in vals if isinstance(v, (int, float))]
+            med[server] = statistics.median(vals) if vals else None
+        t, b = med["tokengate"], med["baseline"]
+        ratio = f"{t / b:.3f}" if t is not None and b else "-"
+        n = sum(1 for r in rows if r.get("tags", {}).get("scenario") == s) // 2
+        print(f"{s:5} {label:20} this build {t}  baseline {b}  ratio {ratio}  (n = {n})")
+PY
+elif [[ ${BENCH_NO_REPORT:-0} != 1 ]]; then
   log_cmd "$BENCH report --results $RESULTS --dir $OUT --out BENCHMARKS.md"
   $BENCH report --results "$RESULTS" --dir "$OUT" --out "$ROOT/BENCHMARKS.md"
 fi

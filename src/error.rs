@@ -303,6 +303,7 @@ impl From<crate::stream::StreamError> for ApiError {
             StreamError::Draining => ApiError::Draining,
             StreamError::NoSlot(refused) => ApiError::NoSlot(refused),
             StreamError::NotFound => ApiError::StreamNotFound,
+            StreamError::StoreUnavailable => ApiError::StoreUnavailable,
             StreamError::Store(e) => e.into(),
             StreamError::Rng(e) => ApiError::Internal(format!("OS RNG failed: {e}")),
         }

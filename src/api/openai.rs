@@ -20,7 +20,7 @@ use crate::dialect::openai::OpenAiChunks;
 use crate::error::{ApiError, OpenAiError};
 use crate::generator::{ChatMessage, GenerateRequest, SamplingOptions, Usage};
 use crate::state::AppState;
-use crate::stream::{OpenRequest, StreamError, StreamEvent};
+use crate::stream::{EventStream, OpenRequest, StreamError, StreamEvent};
 
 /// A message's content: a string, or a list of parts of which the text
 /// parts are used.
@@ -46,6 +46,21 @@ pub struct Part {
 pub struct Message {
     role: String,
     content: Option<Content>,
+}
+
+impl Message {
+    /// The message as a generator gets it: the text parts joined, other
+    /// parts (images, audio) left out.
+    fn into_chat(self) -> ChatMessage {
+        let content = match self.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                parts.into_iter().filter(|p| p.kind == "text").filter_map(|p| p.text).collect::<Vec<_>>().join("")
+            }
+        };
+        ChatMessage { role: self.role, content }
+    }
 }
 
 /// `stream_options`.
@@ -89,20 +104,7 @@ pub async fn chat_completions(
     if req.n.is_some_and(|n| n != 1) {
         return Err(ApiError::BadRequest("only n = 1 is supported".into()).into());
     }
-    let messages: Vec<ChatMessage> = req
-        .messages
-        .into_iter()
-        .map(|m| ChatMessage {
-            role: m.role,
-            content: match m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t,
-                Some(Content::Parts(parts)) => {
-                    parts.into_iter().filter(|p| p.kind == "text").filter_map(|p| p.text).collect::<Vec<_>>().join("")
-                }
-            },
-        })
-        .collect();
+    let messages: Vec<ChatMessage> = req.messages.into_iter().map(Message::into_chat).collect();
     if messages.is_empty() {
         return Err(ApiError::BadRequest("`messages` must not be empty".into()).into());
     }
@@ -129,25 +131,8 @@ pub async fn chat_completions(
         let dialect = OpenAiChunks::new(id, created, model, include_usage, state.config.openai_chunk_graphemes);
         return Ok(sse_response(events, dialect, state.metrics.clone()));
     }
-    // Not streaming: gather the whole answer (the same engine ran).
-    let mut events = std::pin::pin!(events);
-    let mut text = String::new();
-    let mut finish: Option<(u64, Option<Usage>)> = None;
-    while let Some(event) = events.next().await {
-        match event.as_ref() {
-            StreamEvent::Delta { text: t, .. } => text.push_str(t),
-            StreamEvent::Done { chars, usage, .. } => {
-                finish = Some((*chars, *usage));
-                break;
-            }
-            StreamEvent::Error { code, message, .. } => {
-                return Err(ApiError::GenerationFailed { code: *code, message: message.clone() }.into());
-            }
-            StreamEvent::Shutdown { .. } => return Err(ApiError::Draining.into()),
-            StreamEvent::Start { .. } | StreamEvent::Heartbeat => {}
-        }
-    }
-    let (chars, usage) = finish.ok_or_else(|| ApiError::Internal("stream ended without a result".into()))?;
+    // Not streaming: the whole answer from the same engine.
+    let (text, chars, usage) = gather(events).await?;
     let usage = usage
         .map_or_else(|| json!({ "prompt_tokens": 0, "completion_tokens": chars, "total_tokens": chars }), |u| json!(u));
     Ok(Json(json!({
@@ -159,6 +144,25 @@ pub async fn chat_completions(
         "usage": usage,
     }))
     .into_response())
+}
+
+/// Reads a whole stream for a non-streaming answer: its text, its length in
+/// grapheme clusters and the usage an upstream reported.
+async fn gather(events: EventStream) -> Result<(String, u64, Option<Usage>), ApiError> {
+    let mut events = std::pin::pin!(events);
+    let mut text = String::new();
+    while let Some(event) = events.next().await {
+        match event.as_ref() {
+            StreamEvent::Delta { text: t, .. } => text.push_str(t),
+            StreamEvent::Done { chars, usage, .. } => return Ok((text, *chars, *usage)),
+            StreamEvent::Error { code, message, .. } => {
+                return Err(ApiError::GenerationFailed { code: *code, message: message.clone() });
+            }
+            StreamEvent::Shutdown { .. } => return Err(ApiError::Draining),
+            StreamEvent::Start { .. } | StreamEvent::Heartbeat => {}
+        }
+    }
+    Err(ApiError::Internal("stream ended without a result".into()))
 }
 
 /// `GET /v1/models`: every generator and upstream alias, as OpenAI models.

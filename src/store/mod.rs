@@ -55,11 +55,6 @@ impl StoreError {
     fn new(detail: String) -> Self {
         Self(detail)
     }
-
-    /// The store is known to be unreachable (its health probe failed).
-    pub fn unavailable() -> Self {
-        Self("unreachable".into())
-    }
 }
 
 /// Retention of stream and channel logs.

@@ -59,7 +59,11 @@ pub enum StreamError {
     /// Unknown, expired, or another subject's stream (not told apart).
     #[error("no such stream")]
     NotFound,
-    /// The shared store failed or is unreachable.
+    /// The shared store is known to be unreachable (its health probe
+    /// failed): refused before anything is tried.
+    #[error("the shared store is unavailable")]
+    StoreUnavailable,
+    /// A request to the shared store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The OS random number generator failed.
@@ -166,7 +170,7 @@ impl StreamService {
             return Err(StreamError::Draining);
         }
         if !inner.store.is_healthy() {
-            return Err(StoreError::unavailable().into());
+            return Err(StreamError::StoreUnavailable);
         }
         let permit = inner.slots.try_acquire(&caller.subject)?;
         let stream_id = StreamId::random().map_err(|e| StreamError::Rng(e.to_string()))?;
