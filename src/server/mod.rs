@@ -32,7 +32,7 @@ use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::state::{AppState, Inner};
 use crate::store::{Store, StoreSettings};
-use crate::stream::{ServiceSettings, StreamService};
+use crate::stream::{ServiceParts, ServiceSettings, StreamService};
 
 mod stall;
 
@@ -106,26 +106,32 @@ fn build_state(config: Config, generators: Registry) -> Result<AppState, ConfigE
     let slots = StreamSlots::new(limits.max_streams, limits.max_streams_per_subject);
     let metrics = Arc::new(Metrics::new());
     let store_config = &config.store;
-    let settings = StoreSettings {
+    let retention = StoreSettings {
         stream_max_events: store_config.stream_max_events,
         stream_ttl: store_config.stream_ttl,
         channel_max_events: store_config.channel_max_events,
         channel_ttl: store_config.channel_ttl,
     };
     let store = match &store_config.redis_url {
-        None => Store::memory(settings),
-        Some(url) => Store::shared(&String::from_utf8_lossy(url.expose()), settings)
+        None => Store::memory(retention),
+        Some(url) => Store::shared(&String::from_utf8_lossy(url.expose()), retention)
             .map_err(|e| ConfigError::invalid("redis_url", e.to_string()))?,
     };
     let shutdown = Shutdown::new();
-    let service = ServiceSettings {
+    let settings = ServiceSettings {
         stream: config.stream.clone(),
         limits: config.limits.clone(),
         detach_grace: store_config.detach_grace,
         shutdown_retry: config.shutdown_retry,
     };
-    let streams =
-        StreamService::new(service, generators, store.clone(), slots.clone(), metrics.clone(), shutdown.clone());
+    let streams = StreamService::new(ServiceParts {
+        settings,
+        generators,
+        store: store.clone(),
+        slots: slots.clone(),
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    });
     Ok(AppState::new(Inner { config, shutdown, rates, slots, metrics, store, streams }))
 }
 

@@ -26,7 +26,9 @@ pub use channel::{ChannelMessage, follow_channel};
 pub use engine::{EngineSettings, events};
 pub use graphemes::GraphemeSplitter;
 pub use reader::{FollowSettings, follow};
-pub use service::{EventStream, OpenRequest, Opened, Resumed, ServiceSettings, StreamError, StreamService};
+pub use service::{
+    EventStream, OpenRequest, Opened, Resumed, ServiceParts, ServiceSettings, StreamError, StreamService,
+};
 pub use woken::OnlyWhenWoken;
 
 pub use crate::event::{ErrorCode, FinishReason, Outcome, StreamEvent, StreamId};

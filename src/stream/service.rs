@@ -118,28 +118,29 @@ pub struct ServiceSettings {
 
 /// Opens, resumes and cancels streams. Cheap to clone.
 #[derive(Clone)]
-pub struct StreamService(Arc<Inner>);
+pub struct StreamService(Arc<ServiceParts>);
 
-struct Inner {
-    settings: ServiceSettings,
-    generators: Registry,
-    store: Store,
-    slots: Arc<StreamSlots>,
-    metrics: Arc<Metrics>,
-    shutdown: Shutdown,
+/// What the stream service works with.
+pub struct ServiceParts {
+    /// Limits and defaults for every stream.
+    pub settings: ServiceSettings,
+    /// The generators, by name.
+    pub generators: Registry,
+    /// Where stream logs live.
+    pub store: Store,
+    /// Stream slots (global and per subject).
+    pub slots: Arc<StreamSlots>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Shutdown phases: no new streams while draining, `shutdown` to
+    /// readers when closing.
+    pub shutdown: Shutdown,
 }
 
 impl StreamService {
     /// A service over these parts.
-    pub fn new(
-        settings: ServiceSettings,
-        generators: Registry,
-        store: Store,
-        slots: Arc<StreamSlots>,
-        metrics: Arc<Metrics>,
-        shutdown: Shutdown,
-    ) -> Self {
-        Self(Arc::new(Inner { settings, generators, store, slots, metrics, shutdown }))
+    pub fn new(parts: ServiceParts) -> Self {
+        Self(Arc::new(parts))
     }
 
     /// The generators offered (for model listings).
