@@ -41,7 +41,7 @@ pub struct SamplingOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f64>,
     /// Most tokens to generate.
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::api::json::opt_int")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::opt_int")]
     pub max_tokens: Option<u32>,
     /// Stop sequence(s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,7 +53,7 @@ pub struct SamplingOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frequency_penalty: Option<f64>,
     /// Sampling seed.
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::api::json::opt_int")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::opt_int")]
     pub seed: Option<i64>,
 }
 
