@@ -13,28 +13,7 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header,
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
-
-/// Bytes that must never be printed: `Debug` shows only the length.
-#[derive(Clone)]
-pub struct Secret(Vec<u8>);
-
-impl Secret {
-    /// Wraps secret bytes.
-    pub fn new(bytes: Vec<u8>) -> Self {
-        Self(bytes)
-    }
-
-    /// The bytes, for the one place that needs them.
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Secret([redacted; {} bytes])", self.0.len())
-    }
-}
+use crate::secret::Secret;
 
 /// Where the verification key comes from.
 #[derive(Debug, Clone)]

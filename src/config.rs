@@ -19,7 +19,8 @@ use serde::Deserialize;
 use crate::generator::upstream::{Upstream, UpstreamSettings};
 use crate::limits::Rate;
 
-use crate::auth::{AuthConfig, KeyMaterial, Secret, TokenSources};
+use crate::auth::{AuthConfig, KeyMaterial, TokenSources};
+use crate::secret::Secret;
 
 /// Default listen address: loopback only, so a first run exposes nothing.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

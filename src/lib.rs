@@ -6,6 +6,7 @@
 //! - [`config`]: settings from flags, env and TOML, validated into [`config::Config`].
 //! - [`cli`]: the command line (serve, token).
 //! - [`auth`]: token extraction, JWT validation, scopes, minting.
+//! - [`secret`]: [`secret::Secret`], bytes whose `Debug` never shows them.
 //! - [`json`]: JSON details where JSON Schema and serde disagree (`3.0` as an integer).
 //! - [`error`]: [`error::ApiError`], the one mapping of failures to problem+json.
 //! - [`sse`]: the event-stream wire format (encoder and spec parser).
@@ -32,6 +33,7 @@ pub mod generator;
 pub mod json;
 pub mod limits;
 pub mod metrics;
+pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod sse;

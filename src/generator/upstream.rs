@@ -22,7 +22,7 @@ use std::time::Duration;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 
-use crate::auth::Secret;
+use crate::secret::Secret;
 use crate::config::ConfigError;
 
 /// Default connect timeout.
