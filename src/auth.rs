@@ -12,7 +12,6 @@ use base64::Engine as _;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
 use crate::secret::Secret;
 
 /// Where the verification key comes from.
@@ -215,7 +214,7 @@ impl AuthConfig {
         audience: Option<String>,
         leeway: Duration,
         sources: TokenSources,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, AuthSetupError> {
         let (decoding, encoding, family, default_alg, generated_secret) = match key {
             KeyMaterial::Secret { secret, generated } => (
                 DecodingKey::from_secret(secret.expose()),
@@ -232,7 +231,7 @@ impl AuthConfig {
                 } else if let Ok(k) = DecodingKey::from_ed_pem(&public_pem) {
                     (k, Algorithm::EdDSA)
                 } else {
-                    return Err(ConfigError::invalid("jwt_public_key_file", "not a PEM RSA, EC or Ed25519 public key"));
+                    return Err(AuthSetupError::PublicKey);
                 };
                 let encoding = match private_pem {
                     None => None,
@@ -242,12 +241,7 @@ impl AuthConfig {
                             Algorithm::ES256 => EncodingKey::from_ec_pem(pem.expose()),
                             _ => EncodingKey::from_ed_pem(pem.expose()),
                         }
-                        .map_err(|e| {
-                            ConfigError::invalid(
-                                "jwt_private_key_file",
-                                format!("not a PEM private key of the public key's type: {e}"),
-                            )
-                        })?,
+                        .map_err(|e| AuthSetupError::PrivateKey(e.to_string()))?,
                     ),
                 };
                 let family = decoding.family();
@@ -259,17 +253,10 @@ impl AuthConfig {
             Some(names) => names
                 .iter()
                 .map(|name| {
-                    let alg = Algorithm::from_str(name.trim()).map_err(|_| {
-                        ConfigError::invalid(
-                            "jwt_algorithms",
-                            format!("unknown algorithm `{name}` (use e.g. HS256, RS256, ES256, EdDSA)"),
-                        )
-                    })?;
+                    let alg =
+                        Algorithm::from_str(name.trim()).map_err(|_| AuthSetupError::UnknownAlgorithm(name.clone()))?;
                     if alg.family() != family {
-                        return Err(ConfigError::invalid(
-                            "jwt_algorithms",
-                            format!("`{name}` does not fit the configured key"),
-                        ));
+                        return Err(AuthSetupError::AlgorithmMismatch(name.clone()));
                     }
                     Ok(alg)
                 })
@@ -413,6 +400,28 @@ impl AuthConfig {
         };
         jsonwebtoken::encode(&Header::new(self.algorithms[0]), &claims, key).map_err(|e| MintError::Sign(e.to_string()))
     }
+}
+
+/// Why the key and the algorithm allow-list cannot be used together. Each
+/// variant names what is wrong, not where it was configured: the caller
+/// (`config`) knows which setting it came from and says so.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthSetupError {
+    /// The public key is none of the kinds jsonwebtoken can verify with.
+    #[error("not a PEM RSA, EC or Ed25519 public key")]
+    PublicKey,
+    /// The private key does not parse as the public key's kind (which is
+    /// what would sign tokens that this server then refuses).
+    #[error("not a PEM private key of the public key's type: {0}")]
+    PrivateKey(String),
+    /// An allow-list entry that names no algorithm.
+    #[error("unknown algorithm `{0}` (use e.g. HS256, RS256, ES256, EdDSA)")]
+    UnknownAlgorithm(String),
+    /// An allow-list entry of another family than the key (HS256 with a
+    /// public key, RS256 with a secret): allowing it is how algorithm
+    /// confusion attacks work.
+    #[error("`{0}` does not fit the configured key")]
+    AlgorithmMismatch(String),
 }
 
 /// Why a token could not be minted.

@@ -16,10 +16,9 @@ use std::num::NonZeroU32;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::generator::upstream::{Upstream, UpstreamSettings};
+use crate::auth::{AuthConfig, AuthSetupError, KeyMaterial, TokenSources};
+use crate::generator::upstream::{Upstream, UpstreamConfigError, UpstreamSettings};
 use crate::limits::Rate;
-
-use crate::auth::{AuthConfig, KeyMaterial, TokenSources};
 use crate::secret::Secret;
 
 /// Default listen address: loopback only, so a first run exposes nothing.
@@ -324,6 +323,26 @@ impl ConfigError {
     }
 }
 
+// The layers below report what is wrong; which setting it came from is
+// known only here, so the mapping to a setting name lives here too.
+
+impl From<AuthSetupError> for ConfigError {
+    fn from(e: AuthSetupError) -> Self {
+        let setting = match e {
+            AuthSetupError::PublicKey => "jwt_public_key_file",
+            AuthSetupError::PrivateKey(_) => "jwt_private_key_file",
+            AuthSetupError::UnknownAlgorithm(_) | AuthSetupError::AlgorithmMismatch(_) => "jwt_algorithms",
+        };
+        ConfigError::invalid(setting, e.to_string())
+    }
+}
+
+impl From<UpstreamConfigError> for ConfigError {
+    fn from(e: UpstreamConfigError) -> Self {
+        ConfigError::invalid("upstreams", e.to_string())
+    }
+}
+
 /// How deltas are paced.
 #[derive(Debug, Clone)]
 pub struct PaceConfig {
@@ -504,7 +523,7 @@ impl Config {
                             format!("`{item}`: `{ms}` is not a number of milliseconds"),
                         )
                     })?;
-                    Ok((name.trim().to_owned(), Duration::from_millis(ms)))
+                    Ok::<_, ConfigError>((name.trim().to_owned(), Duration::from_millis(ms)))
                 })
                 .collect::<Result<_, _>>()?,
         };
@@ -713,7 +732,7 @@ fn upstreams(s: &Settings) -> Result<Vec<Upstream>, ConfigError> {
         (None, Some(_)) => return Err(ConfigError::invalid("upstream_url", "required with upstream_model")),
         (None, None) => {}
     }
-    crate::generator::upstream::validate(&all)
+    Ok(crate::generator::upstream::validate(&all)?)
 }
 
 fn key_material(s: &Settings) -> Result<KeyMaterial, ConfigError> {
