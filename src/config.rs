@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::auth::{AuthConfig, AuthSetupError, KeyMaterial, TokenSources};
+use crate::generator::RegistryError;
 use crate::generator::upstream::{Upstream, UpstreamConfigError, UpstreamSettings};
 use crate::limits::Rate;
 use crate::secret::Secret;
@@ -340,6 +341,16 @@ impl From<AuthSetupError> for ConfigError {
 impl From<UpstreamConfigError> for ConfigError {
     fn from(e: UpstreamConfigError) -> Self {
         ConfigError::invalid("upstreams", e.to_string())
+    }
+}
+
+impl From<RegistryError> for ConfigError {
+    fn from(e: RegistryError) -> Self {
+        let setting = match e {
+            RegistryError::PromptsDir { .. } => "prompts_dir",
+            RegistryError::Client { .. } | RegistryError::NameTaken(_) => "upstreams",
+        };
+        ConfigError::invalid(setting, e.to_string())
     }
 }
 

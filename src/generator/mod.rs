@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use demo::{DemoGenerator, Prompt};
 pub use echo::EchoGenerator;
 pub use openai::OpenAiGenerator;
-pub use registry::{Entry, Registry};
+pub use registry::{Entry, Registry, RegistryError, builtin_generators};
 
 /// A chat message as clients send it (`role` is free text: `system`,
 /// `user`, `assistant`, ...).
