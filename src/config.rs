@@ -32,11 +32,11 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
 /// Default `retry:` hint sent at the start of every stream.
 pub const DEFAULT_RETRY: Duration = Duration::from_secs(3);
 /// Default time between deltas.
-pub const DEFAULT_PACE_MS: u64 = 20;
+pub const DEFAULT_PACE_MS: u32 = 20;
 /// Default lowest pace a request may ask for.
-pub const DEFAULT_PACE_MIN_MS: u64 = 0;
+pub const DEFAULT_PACE_MIN_MS: u32 = 0;
 /// Default highest pace a request may ask for.
-pub const DEFAULT_PACE_MAX_MS: u64 = 1000;
+pub const DEFAULT_PACE_MAX_MS: u32 = 1000;
 /// Default generator when a request names none.
 pub const DEFAULT_GENERATOR: &str = "demo";
 /// Default time streams get to finish after SIGTERM before `shutdown`.
@@ -154,13 +154,13 @@ pub struct Settings {
     pub retry: Option<String>,
     /// Default milliseconds between deltas.
     #[arg(long, global = true, env = "TOKENGATE_PACE_MS")]
-    pub pace_ms: Option<u64>,
+    pub pace_ms: Option<u32>,
     /// Lowest `pace_ms` a request may ask for.
     #[arg(long, global = true, env = "TOKENGATE_PACE_MIN_MS")]
-    pub pace_min_ms: Option<u64>,
+    pub pace_min_ms: Option<u32>,
     /// Highest `pace_ms` a request may ask for.
     #[arg(long, global = true, env = "TOKENGATE_PACE_MAX_MS")]
-    pub pace_max_ms: Option<u64>,
+    pub pace_max_ms: Option<u32>,
     /// Per-generator default pace, `name=ms`, comma separated.
     #[arg(long, global = true, env = "TOKENGATE_GENERATOR_PACE", value_delimiter = ',')]
     pub generator_pace: Option<Vec<String>>,
@@ -370,9 +370,9 @@ pub struct PaceConfig {
 impl PaceConfig {
     /// The pace for one request: its own wish clamped to the bounds, or the
     /// generator's default.
-    pub fn resolve(&self, generator_default: Duration, requested_ms: Option<u64>) -> Duration {
+    pub fn resolve(&self, generator_default: Duration, requested_ms: Option<u32>) -> Duration {
         match requested_ms {
-            Some(ms) => Duration::from_millis(ms).clamp(self.min, self.max),
+            Some(ms) => millis(ms).clamp(self.min, self.max),
             None => generator_default,
         }
     }
@@ -517,9 +517,9 @@ impl Config {
         }
 
         let pace = PaceConfig {
-            default: Duration::from_millis(s.pace_ms.unwrap_or(DEFAULT_PACE_MS)),
-            min: Duration::from_millis(s.pace_min_ms.unwrap_or(DEFAULT_PACE_MIN_MS)),
-            max: Duration::from_millis(s.pace_max_ms.unwrap_or(DEFAULT_PACE_MAX_MS)),
+            default: millis(s.pace_ms.unwrap_or(DEFAULT_PACE_MS)),
+            min: millis(s.pace_min_ms.unwrap_or(DEFAULT_PACE_MIN_MS)),
+            max: millis(s.pace_max_ms.unwrap_or(DEFAULT_PACE_MAX_MS)),
             per_generator: s
                 .generator_pace
                 .iter()
@@ -528,13 +528,13 @@ impl Config {
                     let (name, ms) = item
                         .split_once('=')
                         .ok_or_else(|| ConfigError::invalid("generator_pace", format!("`{item}` is not `name=ms`")))?;
-                    let ms: u64 = ms.trim().parse().map_err(|_| {
+                    let ms: u32 = ms.trim().parse().map_err(|_| {
                         ConfigError::invalid(
                             "generator_pace",
-                            format!("`{item}`: `{ms}` is not a number of milliseconds"),
+                            format!("`{item}`: `{ms}` is not a number of milliseconds (0 to {})", u32::MAX),
                         )
                     })?;
-                    Ok::<_, ConfigError>((name.trim().to_owned(), Duration::from_millis(ms)))
+                    Ok::<_, ConfigError>((name.trim().to_owned(), millis(ms)))
                 })
                 .collect::<Result<_, _>>()?,
         };
@@ -632,6 +632,10 @@ impl Config {
             },
         })
     }
+}
+
+fn millis(ms: u32) -> Duration {
+    Duration::from_millis(u64::from(ms))
 }
 
 fn rate(

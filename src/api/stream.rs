@@ -247,10 +247,8 @@ pub async fn start_stream(
     }
     let permit = state.slots.try_acquire(&principal.subject)?;
     let stream_id = StreamId::random().map_err(|e| ApiError::Internal(format!("OS RNG failed: {e}")))?;
-    let settings = EngineSettings {
-        pace: cfg.pace.resolve(entry.pace, pace_ms.map(u64::from)),
-        max_duration: limits.max_stream_duration,
-    };
+    let settings =
+        EngineSettings { pace: cfg.pace.resolve(entry.pace, pace_ms), max_duration: limits.max_stream_duration };
     tracing::debug!(subject = %principal.subject, generator = %name, %stream_id, "stream opened");
     if let Some(redis) = &state.redis {
         redis.create_stream(&stream_id, &principal.subject, &name).await?;

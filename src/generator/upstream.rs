@@ -69,7 +69,7 @@ pub struct UpstreamSettings {
     /// Retries before the first byte (connect errors, 5xx, timeouts).
     pub retries: Option<u32>,
     /// Default pace for this upstream's deltas in ms (0: as they come).
-    pub pace_ms: Option<u64>,
+    pub pace_ms: Option<u32>,
     /// Reuse connections through a pool (and honour `HTTP_PROXY`) for an
     /// `http://` upstream too; `https://` ones always are.
     pub pooled: Option<bool>,
@@ -273,7 +273,7 @@ impl Upstream {
             retries,
             aliases: s.aliases.clone(),
             fallbacks: s.fallbacks.clone(),
-            pace: s.pace_ms.map(Duration::from_millis),
+            pace: s.pace_ms.map(|ms| Duration::from_millis(u64::from(ms))),
             pooled: s.pooled.unwrap_or(false),
         })
     }
