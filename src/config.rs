@@ -37,6 +37,10 @@ pub const DEFAULT_PACE_MS: u32 = 20;
 pub const DEFAULT_PACE_MIN_MS: u32 = 0;
 /// Default highest pace a request may ask for.
 pub const DEFAULT_PACE_MAX_MS: u32 = 1000;
+/// Default log format.
+pub const DEFAULT_LOG_FORMAT: &str = "text";
+/// Default graphemes per `chat.completion.chunk`.
+pub const DEFAULT_OPENAI_CHUNK_GRAPHEMES: usize = 1;
 /// Default generator when a request names none.
 pub const DEFAULT_GENERATOR: &str = "demo";
 /// Default time streams get to finish after SIGTERM before `shutdown`.
@@ -488,154 +492,176 @@ fn read_file(setting: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError>
 }
 
 impl Config {
-    /// Validates settings into a runtime config. `random_secret` is used when
-    /// no key is configured (the no-config demo start).
+    /// Validates settings into a runtime config, one group at a time (each
+    /// step below reads the settings of one concern). With no key
+    /// configured, a random per-process secret is generated (the no-config
+    /// demo start).
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
-        let listen_text = s.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
-        let listen: SocketAddr = listen_text.parse().map_err(|e| {
-            ConfigError::invalid("listen", format!("`{listen_text}` is not an address like 127.0.0.1:8080 ({e})"))
-        })?;
-        let listen_backlog = s.listen_backlog.unwrap_or(DEFAULT_LISTEN_BACKLOG);
-        if listen_backlog == 0 {
-            return Err(ConfigError::invalid("listen_backlog", "must be at least 1"));
-        }
-
-        let key = key_material(&s)?;
-        let auth = AuthConfig::new(
-            key,
-            s.jwt_algorithms.as_deref(),
-            s.jwt_issuer.clone(),
-            s.jwt_audience.clone(),
-            duration("jwt_leeway", s.jwt_leeway.as_deref(), DEFAULT_JWT_LEEWAY)?,
-            TokenSources {
-                cookie: s.token_cookie.clone().unwrap_or_else(|| DEFAULT_TOKEN_COOKIE.to_owned()),
-                query: s.token_query.clone().unwrap_or_else(|| DEFAULT_TOKEN_QUERY.to_owned()),
-            },
-        )?;
-        if s.jwt_private_key_file.is_some() && auth.key_is_secret() {
-            return Err(ConfigError::invalid("jwt_private_key_file", "only meaningful with jwt_public_key_file"));
-        }
-
-        let pace = PaceConfig {
-            default: millis(s.pace_ms.unwrap_or(DEFAULT_PACE_MS)),
-            min: millis(s.pace_min_ms.unwrap_or(DEFAULT_PACE_MIN_MS)),
-            max: millis(s.pace_max_ms.unwrap_or(DEFAULT_PACE_MAX_MS)),
-            per_generator: s
-                .generator_pace
-                .iter()
-                .flatten()
-                .map(|item| {
-                    let (name, ms) = item
-                        .split_once('=')
-                        .ok_or_else(|| ConfigError::invalid("generator_pace", format!("`{item}` is not `name=ms`")))?;
-                    let ms: u32 = ms.trim().parse().map_err(|_| {
-                        ConfigError::invalid(
-                            "generator_pace",
-                            format!("`{item}`: `{ms}` is not a number of milliseconds (0 to {})", u32::MAX),
-                        )
-                    })?;
-                    Ok::<_, ConfigError>((name.trim().to_owned(), millis(ms)))
-                })
-                .collect::<Result<_, _>>()?,
-        };
-        if pace.min > pace.max {
-            return Err(ConfigError::invalid("pace_min_ms", "is above pace_max_ms"));
-        }
-        let heartbeat = duration("heartbeat", s.heartbeat.as_deref(), DEFAULT_HEARTBEAT)?;
-        if heartbeat.is_zero() {
-            return Err(ConfigError::invalid("heartbeat", "must be above zero"));
-        }
-
-        let cors_origins = match &s.cors_origins {
-            None => None,
-            Some(list) => {
-                let list: Vec<String> = list.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
-                if list.iter().any(|o| o == "*") && list.len() > 1 {
-                    return Err(ConfigError::invalid("cors_origins", "`*` cannot be combined with explicit origins"));
-                }
-                for origin in list.iter().filter(|o| *o != "*") {
-                    let ok = (origin.starts_with("http://") || origin.starts_with("https://"))
-                        && !origin.ends_with('/')
-                        && axum::http::HeaderValue::from_str(origin).is_ok();
-                    if !ok {
-                        return Err(ConfigError::invalid(
-                            "cors_origins",
-                            format!("`{origin}` is not an origin like https://chat.example.com"),
-                        ));
-                    }
-                }
-                Some(list)
-            }
-        };
-
-        let log_json = match s.log_format.as_deref() {
-            None | Some("text") => false,
-            Some("json") => true,
-            Some(other) => {
-                return Err(ConfigError::invalid("log_format", format!("`{other}` is neither `text` nor `json`")));
-            }
-        };
-
-        if let Some(dir) = &s.prompts_dir
-            && !dir.is_dir()
-        {
-            return Err(ConfigError::invalid("prompts_dir", format!("{} is not a directory", dir.display())));
-        }
-
+        let (listen, listen_backlog) = listen(&s)?;
+        let auth = auth(&s)?;
+        let stream = stream(&s)?;
+        let cors_origins = cors_origins(s.cors_origins.as_deref())?;
+        let log_json = log_json(s.log_format.as_deref())?;
+        let prompts_dir = prompts_dir(s.prompts_dir.as_deref())?;
         Ok(Config {
             listen,
             listen_backlog,
             auth,
-            stream: StreamConfig {
-                heartbeat,
-                retry: duration("retry", s.retry.as_deref(), DEFAULT_RETRY)?,
-                pace,
-                default_generator: s.default_generator.clone().unwrap_or_else(|| DEFAULT_GENERATOR.to_owned()),
-                max_prompt_bytes: s.max_prompt_bytes.unwrap_or(DEFAULT_MAX_PROMPT_BYTES),
-            },
+            stream,
             cors_origins,
-            prompts_dir: s.prompts_dir.clone(),
+            prompts_dir,
             max_body_bytes: s.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
             shutdown_grace: duration("shutdown_grace", s.shutdown_grace.as_deref(), DEFAULT_SHUTDOWN_GRACE)?,
             shutdown_retry: duration("shutdown_retry", s.shutdown_retry.as_deref(), DEFAULT_SHUTDOWN_RETRY)?,
             log_json,
             limits: limits(&s)?,
             upstreams: upstreams(&s)?,
-            openai_chunk_graphemes: at_least_one("openai_chunk_graphemes", s.openai_chunk_graphemes, 1)?,
-            store: StoreConfig {
-                detach_grace: duration("detach_grace", s.detach_grace.as_deref(), DEFAULT_DETACH_GRACE)?,
-                stream_ttl: duration("stream_ttl", s.stream_ttl.as_deref(), DEFAULT_STREAM_TTL)?,
-                stream_max_events: at_least_one("stream_max_events", s.stream_max_events, DEFAULT_STREAM_MAX_EVENTS)?,
-                channel_max_events: at_least_one(
-                    "channel_max_events",
-                    s.channel_max_events,
-                    DEFAULT_CHANNEL_MAX_EVENTS,
-                )?,
-                channel_ttl: duration("channel_ttl", s.channel_ttl.as_deref(), DEFAULT_CHANNEL_TTL)?,
-                max_publish_bytes: at_least_one("max_publish_bytes", s.max_publish_bytes, DEFAULT_MAX_PUBLISH_BYTES)?,
-                redis_url: match &s.redis_url {
-                    None => None,
-                    Some(url)
-                        if url.starts_with("redis://")
-                            || url.starts_with("rediss://")
-                            || url.starts_with("redis+unix://") =>
-                    {
-                        Some(Secret::new(url.clone().into_bytes()))
-                    }
-                    Some(_) => {
-                        return Err(ConfigError::invalid(
-                            "redis_url",
-                            "must start with redis://, rediss:// or redis+unix://",
-                        ));
-                    }
-                },
-            },
+            openai_chunk_graphemes: at_least_one(
+                "openai_chunk_graphemes",
+                s.openai_chunk_graphemes,
+                DEFAULT_OPENAI_CHUNK_GRAPHEMES,
+            )?,
+            store: store(&s)?,
         })
     }
 }
 
+fn listen(s: &Settings) -> Result<(SocketAddr, u32), ConfigError> {
+    let text = s.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+    let listen: SocketAddr = text
+        .parse()
+        .map_err(|e| ConfigError::invalid("listen", format!("`{text}` is not an address like 127.0.0.1:8080 ({e})")))?;
+    let backlog = s.listen_backlog.unwrap_or(DEFAULT_LISTEN_BACKLOG);
+    if backlog == 0 {
+        return Err(ConfigError::invalid("listen_backlog", "must be at least 1"));
+    }
+    Ok((listen, backlog))
+}
+
+fn auth(s: &Settings) -> Result<AuthConfig, ConfigError> {
+    let key = key_material(s)?;
+    let auth = AuthConfig::new(
+        key,
+        s.jwt_algorithms.as_deref(),
+        s.jwt_issuer.clone(),
+        s.jwt_audience.clone(),
+        duration("jwt_leeway", s.jwt_leeway.as_deref(), DEFAULT_JWT_LEEWAY)?,
+        TokenSources {
+            cookie: s.token_cookie.clone().unwrap_or_else(|| DEFAULT_TOKEN_COOKIE.to_owned()),
+            query: s.token_query.clone().unwrap_or_else(|| DEFAULT_TOKEN_QUERY.to_owned()),
+        },
+    )?;
+    if s.jwt_private_key_file.is_some() && auth.key_is_secret() {
+        return Err(ConfigError::invalid("jwt_private_key_file", "only meaningful with jwt_public_key_file"));
+    }
+    Ok(auth)
+}
+
+fn stream(s: &Settings) -> Result<StreamConfig, ConfigError> {
+    let pace = pace(s)?;
+    let heartbeat = duration("heartbeat", s.heartbeat.as_deref(), DEFAULT_HEARTBEAT)?;
+    if heartbeat.is_zero() {
+        return Err(ConfigError::invalid("heartbeat", "must be above zero"));
+    }
+    Ok(StreamConfig {
+        heartbeat,
+        retry: duration("retry", s.retry.as_deref(), DEFAULT_RETRY)?,
+        pace,
+        default_generator: s.default_generator.clone().unwrap_or_else(|| DEFAULT_GENERATOR.to_owned()),
+        max_prompt_bytes: s.max_prompt_bytes.unwrap_or(DEFAULT_MAX_PROMPT_BYTES),
+    })
+}
+
 fn millis(ms: u32) -> Duration {
     Duration::from_millis(u64::from(ms))
+}
+
+fn pace(s: &Settings) -> Result<PaceConfig, ConfigError> {
+    let pace = PaceConfig {
+        default: millis(s.pace_ms.unwrap_or(DEFAULT_PACE_MS)),
+        min: millis(s.pace_min_ms.unwrap_or(DEFAULT_PACE_MIN_MS)),
+        max: millis(s.pace_max_ms.unwrap_or(DEFAULT_PACE_MAX_MS)),
+        per_generator: s.generator_pace.iter().flatten().map(|item| generator_pace(item)).collect::<Result<_, _>>()?,
+    };
+    if pace.min > pace.max {
+        return Err(ConfigError::invalid("pace_min_ms", "is above pace_max_ms"));
+    }
+    Ok(pace)
+}
+
+/// One `name=ms` item of `generator_pace`.
+fn generator_pace(item: &str) -> Result<(String, Duration), ConfigError> {
+    let (name, ms) = item
+        .split_once('=')
+        .ok_or_else(|| ConfigError::invalid("generator_pace", format!("`{item}` is not `name=ms`")))?;
+    let ms: u32 = ms.trim().parse().map_err(|_| {
+        ConfigError::invalid(
+            "generator_pace",
+            format!("`{item}`: `{ms}` is not a number of milliseconds (0 to {})", u32::MAX),
+        )
+    })?;
+    Ok((name.trim().to_owned(), millis(ms)))
+}
+
+fn cors_origins(origins: Option<&[String]>) -> Result<Option<Vec<String>>, ConfigError> {
+    let Some(list) = origins else { return Ok(None) };
+    let list: Vec<String> = list.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
+    if list.iter().any(|o| o == "*") && list.len() > 1 {
+        return Err(ConfigError::invalid("cors_origins", "`*` cannot be combined with explicit origins"));
+    }
+    for origin in list.iter().filter(|o| *o != "*") {
+        let ok = (origin.starts_with("http://") || origin.starts_with("https://"))
+            && !origin.ends_with('/')
+            && axum::http::HeaderValue::from_str(origin).is_ok();
+        if !ok {
+            return Err(ConfigError::invalid(
+                "cors_origins",
+                format!("`{origin}` is not an origin like https://chat.example.com"),
+            ));
+        }
+    }
+    Ok(Some(list))
+}
+
+fn log_json(format: Option<&str>) -> Result<bool, ConfigError> {
+    match format.unwrap_or(DEFAULT_LOG_FORMAT) {
+        "text" => Ok(false),
+        "json" => Ok(true),
+        other => Err(ConfigError::invalid("log_format", format!("`{other}` is neither `text` nor `json`"))),
+    }
+}
+
+fn prompts_dir(dir: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
+    match dir {
+        Some(dir) if !dir.is_dir() => {
+            Err(ConfigError::invalid("prompts_dir", format!("{} is not a directory", dir.display())))
+        }
+        dir => Ok(dir.map(Path::to_owned)),
+    }
+}
+
+fn store(s: &Settings) -> Result<StoreConfig, ConfigError> {
+    Ok(StoreConfig {
+        detach_grace: duration("detach_grace", s.detach_grace.as_deref(), DEFAULT_DETACH_GRACE)?,
+        stream_ttl: duration("stream_ttl", s.stream_ttl.as_deref(), DEFAULT_STREAM_TTL)?,
+        stream_max_events: at_least_one("stream_max_events", s.stream_max_events, DEFAULT_STREAM_MAX_EVENTS)?,
+        channel_max_events: at_least_one("channel_max_events", s.channel_max_events, DEFAULT_CHANNEL_MAX_EVENTS)?,
+        channel_ttl: duration("channel_ttl", s.channel_ttl.as_deref(), DEFAULT_CHANNEL_TTL)?,
+        max_publish_bytes: at_least_one("max_publish_bytes", s.max_publish_bytes, DEFAULT_MAX_PUBLISH_BYTES)?,
+        redis_url: redis_url(s.redis_url.as_deref())?,
+    })
+}
+
+fn redis_url(url: Option<&str>) -> Result<Option<Secret>, ConfigError> {
+    match url {
+        None => Ok(None),
+        Some(url)
+            if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") =>
+        {
+            Ok(Some(Secret::new(url.to_owned().into_bytes())))
+        }
+        Some(_) => Err(ConfigError::invalid("redis_url", "must start with redis://, rediss:// or redis+unix://")),
+    }
 }
 
 fn rate(
