@@ -2,9 +2,25 @@
 //! environment variables and a TOML file (in that order of precedence),
 //! then validated once into the typed [`Config`] the server runs with.
 //!
-//! [`Settings`] is both the clap argument group and the TOML table, so a
-//! setting has the same name everywhere: `--pace-ms`, `TOKENGATE_PACE_MS`,
-//! `pace_ms`.
+//! [`Settings`] is both the clap argument group and what the TOML file is
+//! read into, so a setting has the same name everywhere: `--pace-ms`,
+//! `TOKENGATE_PACE_MS`, `pace_ms`.
+//!
+//! The file groups settings in sections by concern (see `src/config/file.rs` for the
+//! reading rules); a key keeps its flat name inside its section:
+//!
+//! | section | keys |
+//! |---|---|
+//! | `[server]` (or the top level) | `listen`, `listen_backlog`, `cors_origins`, `log_format`, `shutdown_grace`, `shutdown_retry` |
+//! | `[auth]` | `jwt_*`, `token_cookie`, `token_query` |
+//! | `[limits]` | `rate_*`, `trusted_proxies`, `max_streams`, `max_streams_per_subject`, `send_queue`, `max_lag`, `max_body_bytes`, `max_prompt_bytes`, `max_messages`, `max_stream_duration`, `max_header_bytes`, `header_timeout`, `max_connections` |
+//! | `[stream]` | `heartbeat`, `retry`, `pace_ms`, `pace_min_ms`, `pace_max_ms`, `generator_pace`, `default_generator`, `prompts_dir`, `openai_chunk_graphemes`, `upstream_url`, `upstream_model`, `upstream_api_key_env` |
+//! | `[store]` | `redis_url`, `detach_grace`, `stream_ttl`, `stream_max_events`, `channel_max_events`, `channel_ttl`, `max_publish_bytes` |
+//! | `[upstreams.NAME]` | one upstream model server each ([`UpstreamSettings`]) |
+//!
+//! Every key is also accepted at the top level (the flat files of earlier
+//! versions keep working); the same key both at the top level and in its
+//! section is an error, as are unknown keys and keys in the wrong section.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,13 +30,14 @@ use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 
 use ipnet::IpNet;
-use serde::Deserialize;
 
 use crate::auth::{AuthConfig, AuthSetupError, KeyMaterial, TokenSources};
 use crate::generator::RegistryError;
 use crate::generator::upstream::{Upstream, UpstreamConfigError, UpstreamSettings};
 use crate::limits::Rate;
 use crate::secret::Secret;
+
+mod file;
 
 /// Default listen address: loopback only, so a first run exposes nothing.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -104,9 +121,9 @@ pub const DEFAULT_MAX_PUBLISH_BYTES: usize = 64 * 1024;
 pub const MIN_SECRET_BYTES: usize = 32;
 
 /// Every setting, all optional, as read from one source. The same struct is
-/// the clap argument group (flags and env) and the TOML file's table.
-#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// the clap argument group (flags and env) and what the TOML file is read
+/// into (its sections are only grouping).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Settings {
     /// Address to listen on.
     #[arg(long, global = true, env = "TOKENGATE_LISTEN")]
@@ -298,11 +315,11 @@ impl Settings {
             upstream_model, upstream_api_key_env, upstreams, openai_chunk_graphemes)
     }
 
-    /// Reads a TOML settings file.
+    /// Reads a TOML settings file (flat keys, or grouped in sections).
     pub fn from_toml_file(path: &Path) -> Result<Settings, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::invalid("config", format!("cannot read {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| ConfigError::invalid("config", format!("{}: {e}", path.display())))
+        file::parse(path, &text)
     }
 }
 
