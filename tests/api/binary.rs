@@ -155,6 +155,18 @@ fn file_keys_in_the_wrong_section_or_given_twice_are_refused() {
     }
 }
 
+#[test]
+fn an_out_of_range_pace_is_refused_naming_the_flag() {
+    for (args, envs) in [
+        (vec!["--pace-ms", "5000000000"], vec![]),
+        (vec![], vec![("TOKENGATE_PACE_MS", "5000000000")]),
+        (vec!["--pace-max-ms=-1"], vec![]),
+    ] {
+        let err = run_fail(&args, &envs);
+        assert!(err.contains("--pace-"), "{args:?} {envs:?}: {err}");
+    }
+}
+
 /// A running binary; killed on drop.
 pub struct Server {
     pub child: Child,
