@@ -124,6 +124,7 @@ pub const MIN_SECRET_BYTES: usize = 32;
 /// the clap argument group (flags and env) and what the TOML file is read
 /// into (its sections are only grouping).
 #[derive(Debug, Clone, Default, clap::Args)]
+#[command(mut_args = help_with_default)]
 pub struct Settings {
     /// Address to listen on.
     #[arg(long, global = true, env = "TOKENGATE_LISTEN")]
@@ -290,6 +291,70 @@ pub struct Settings {
     /// Log format: `text` or `json`.
     #[arg(long, global = true, env = "TOKENGATE_LOG_FORMAT")]
     pub log_format: Option<String>,
+}
+
+/// Each setting's default as `--help` shows it, from the `DEFAULT_*`
+/// constants the validation uses, so the two cannot drift apart. Settings
+/// without one fixed default (a random secret, the key's algorithm, the
+/// shipped texts, none) are not listed; their help says what happens.
+pub fn help_defaults() -> Vec<(&'static str, String)> {
+    let time = |d: Duration| humantime::format_duration(d).to_string();
+    vec![
+        ("listen", DEFAULT_LISTEN.to_owned()),
+        ("listen_backlog", DEFAULT_LISTEN_BACKLOG.to_string()),
+        ("jwt_leeway", time(DEFAULT_JWT_LEEWAY)),
+        ("token_cookie", DEFAULT_TOKEN_COOKIE.to_owned()),
+        ("token_query", DEFAULT_TOKEN_QUERY.to_owned()),
+        ("heartbeat", time(DEFAULT_HEARTBEAT)),
+        ("retry", time(DEFAULT_RETRY)),
+        ("pace_ms", DEFAULT_PACE_MS.to_string()),
+        ("pace_min_ms", DEFAULT_PACE_MIN_MS.to_string()),
+        ("pace_max_ms", DEFAULT_PACE_MAX_MS.to_string()),
+        ("default_generator", DEFAULT_GENERATOR.to_owned()),
+        ("max_body_bytes", DEFAULT_MAX_BODY_BYTES.to_string()),
+        ("max_prompt_bytes", DEFAULT_MAX_PROMPT_BYTES.to_string()),
+        ("shutdown_grace", time(DEFAULT_SHUTDOWN_GRACE)),
+        ("shutdown_retry", time(DEFAULT_SHUTDOWN_RETRY)),
+        ("rate_subject_per_min", DEFAULT_RATE_SUBJECT_PER_MIN.to_string()),
+        ("rate_subject_burst", DEFAULT_RATE_SUBJECT_BURST.to_string()),
+        ("rate_ip_per_min", DEFAULT_RATE_IP_PER_MIN.to_string()),
+        ("rate_ip_burst", DEFAULT_RATE_IP_BURST.to_string()),
+        ("max_streams", DEFAULT_MAX_STREAMS.to_string()),
+        ("max_streams_per_subject", DEFAULT_MAX_STREAMS_PER_SUBJECT.to_string()),
+        ("send_queue", DEFAULT_SEND_QUEUE.to_string()),
+        ("max_lag", time(DEFAULT_MAX_LAG)),
+        ("max_messages", DEFAULT_MAX_MESSAGES.to_string()),
+        ("max_stream_duration", time(DEFAULT_MAX_STREAM_DURATION)),
+        ("max_header_bytes", DEFAULT_MAX_HEADER_BYTES.to_string()),
+        ("header_timeout", time(DEFAULT_HEADER_TIMEOUT)),
+        ("max_connections", DEFAULT_MAX_CONNECTIONS.to_string()),
+        ("detach_grace", time(DEFAULT_DETACH_GRACE)),
+        ("stream_ttl", time(DEFAULT_STREAM_TTL)),
+        ("stream_max_events", DEFAULT_STREAM_MAX_EVENTS.to_string()),
+        ("channel_max_events", DEFAULT_CHANNEL_MAX_EVENTS.to_string()),
+        ("channel_ttl", time(DEFAULT_CHANNEL_TTL)),
+        ("max_publish_bytes", DEFAULT_MAX_PUBLISH_BYTES.to_string()),
+        ("openai_chunk_graphemes", DEFAULT_OPENAI_CHUNK_GRAPHEMES.to_string()),
+        ("log_format", DEFAULT_LOG_FORMAT.to_owned()),
+    ]
+}
+
+/// Appends `[default: ...]` (clap's own notation) to a flag's help without
+/// giving clap the default: a clap default would fill the field, and the
+/// layering ([`Settings::or`]) needs a flag that was not given to stay
+/// `None` so that env and file can still supply it.
+fn help_with_default(arg: clap::Arg) -> clap::Arg {
+    let Some((_, default)) = help_defaults().into_iter().find(|(id, _)| arg.get_id() == *id) else { return arg };
+    let help = arg.get_help().map(|help| format!("{help} [default: {default}]"));
+    let long_help = arg.get_long_help().map(|help| format!("{help}\n\n[default: {default}]"));
+    let arg = match help {
+        Some(help) => arg.help(help),
+        None => arg,
+    };
+    match long_help {
+        Some(long_help) => arg.long_help(long_help),
+        None => arg,
+    }
 }
 
 macro_rules! layer_fields {
@@ -835,4 +900,34 @@ fn key_material(s: &Settings) -> Result<KeyMaterial, ConfigError> {
     getrandom::fill(&mut bytes)
         .map_err(|e| ConfigError::invalid("jwt_secret", format!("no key configured and the OS RNG failed: {e}")))?;
     Ok(KeyMaterial::Secret { secret: Secret::new(bytes), generated: true })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_help_default_names_a_flag_and_reaches_its_help() {
+        let command = <Settings as clap::Args>::augment_args(clap::Command::new("t"));
+        for (id, default) in help_defaults() {
+            let arg = command.get_arguments().find(|a| a.get_id() == id);
+            let help = arg.and_then(|a| a.get_help()).map(|h| h.to_string()).unwrap_or_default();
+            assert!(help.ends_with(&format!("[default: {default}]")), "`{id}`: {help:?}");
+        }
+    }
+
+    #[test]
+    fn help_defaults_are_what_an_empty_config_runs_with() {
+        // The help shows the constants; the validated config must use them.
+        let config = Config::from_settings(Settings::default()).map_err(|e| e.to_string());
+        let Ok(config) = config else { panic!("{config:?}") };
+        let shown: BTreeMap<_, _> = help_defaults().into_iter().collect();
+        assert_eq!(shown["listen"], config.listen.to_string());
+        assert_eq!(shown["max_stream_duration"], "30m");
+        assert_eq!(shown["heartbeat"], humantime::format_duration(config.stream.heartbeat).to_string());
+        assert_eq!(shown["pace_ms"], config.stream.pace.default.as_millis().to_string());
+        assert_eq!(shown["max_streams"], config.limits.max_streams.to_string());
+        assert_eq!(shown["channel_ttl"], "1h");
+        assert_eq!(shown["log_format"], if config.log_json { "json" } else { "text" });
+    }
 }
