@@ -2,6 +2,14 @@
 //! query; first present wins), validating it as a JWT against an explicit
 //! algorithm allow-list, and checking scopes. Also mints tokens for the
 //! demo start and `tokengate token`.
+//!
+//! The key lives in an [`AuthConfig`] held by the application state, not in
+//! a static, so servers with different keys can run side by side (tests do).
+//! This module only says *why* a token fails ([`AuthError`], each with a
+//! stable code); the answer on the wire (401, `WWW-Authenticate`) is chosen
+//! once, in `error`. It knows nothing of configuration sources either:
+//! [`AuthSetupError`] says what is wrong with a key, and `config` says which
+//! setting it came from.
 
 use std::fmt;
 use std::str::FromStr;
@@ -26,14 +34,19 @@ pub enum KeyMaterial {
     },
     /// A PEM public key, and optionally its private key for minting.
     PublicKey {
-        /// PEM of the public key.
+        /// PEM of the public key; its type (RSA, EC, Ed25519) decides the
+        /// algorithm family every allowed algorithm must belong to.
         public_pem: Vec<u8>,
-        /// PEM of the private key, for `tokengate token`.
+        /// PEM of the private key, for `tokengate token` only: verifying
+        /// needs just the public key, so a serving replica need not hold it.
         private_pem: Option<Secret>,
     },
 }
 
 /// Names under which the token may arrive besides `Authorization: Bearer`.
+/// Configurable because the cookie may have to fit the site's own cookie
+/// names, and an `EventSource` (which cannot send headers) needs one of the
+/// two.
 #[derive(Debug, Clone)]
 pub struct TokenSources {
     /// Cookie name.
@@ -63,6 +76,8 @@ impl Scope {
         }
     }
 
+    /// Scopes are a bit set: a check is one AND, and a [`Principal`], made
+    /// for every authenticated request, stays small and cheap to clone.
     fn bit(self) -> u8 {
         match self {
             Scope::Stream => 1,
@@ -77,6 +92,8 @@ impl Scope {
 pub struct Principal {
     /// The token's `sub`; streams are bound to it.
     pub subject: String,
+    /// [`Scope::bit`]s; scope names a token carries that tokengate does not
+    /// know are ignored, so one token can serve several services.
     scopes: u8,
 }
 
@@ -154,17 +171,21 @@ enum ScopeClaim {
     List(Vec<String>),
 }
 
-/// The claims tokengate reads and writes.
+/// The claims tokengate reads and writes. Every one is optional here, also
+/// the required `sub` and `exp`, so that a missing one is reported by the
+/// validator as `missing_claim` rather than as a shape error.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Claims {
-    // Optional here so that a missing one is reported as such by the
-    // validator (`missing_claim`) rather than as a shape error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sub: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     exp: Option<u64>,
+    /// Written when minting, for whoever inspects the token; not checked:
+    /// `exp` and `nbf` are what bound its validity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
+    /// Either form (see [`ScopeClaim`]): identity providers differ, and a
+    /// token should not fail over how its scopes are spelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     scope: Option<ScopeClaim>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -178,15 +199,26 @@ struct Claims {
 #[derive(Clone)]
 pub struct AuthConfig {
     decoding: DecodingKey,
+    /// `None` with a public key and no private key: minting then fails with
+    /// [`MintError::NoSigningKey`] instead of signing with the wrong key.
     encoding: Option<EncodingKey>,
+    /// Never empty; the first one signs minted tokens.
     algorithms: Vec<Algorithm>,
+    /// Built once here rather than per request: it holds the allow-list,
+    /// the leeway and the required claims.
     validation: Validation,
+    /// Kept beside `validation` so minted tokens carry the `iss` and `aud`
+    /// that validation will ask for.
     issuer: Option<String>,
     audience: Option<String>,
+    /// The start banner prints a demo token only then: a token for a real
+    /// key printed to stdout would end up in log collectors.
     generated_secret: bool,
     sources: TokenSources,
 }
 
+/// By hand, so that no key material can reach a log line through
+/// `{:?}` of the config.
 impl fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthConfig")
@@ -199,6 +231,7 @@ impl fmt::Debug for AuthConfig {
     }
 }
 
+/// `Algorithm` has no `Display`; its `Debug` is the JOSE name (`HS256`).
 fn alg_name(alg: Algorithm) -> String {
     format!("{alg:?}")
 }
@@ -286,7 +319,8 @@ impl AuthConfig {
         Ok(Self { decoding, encoding, algorithms, validation, issuer, audience, generated_secret, sources })
     }
 
-    /// True when verifying with an HMAC secret.
+    /// True when verifying with an HMAC secret (then a private key file
+    /// would be ignored, which config refuses rather than let pass).
     pub fn key_is_secret(&self) -> bool {
         self.decoding.family() == AlgorithmFamily::Hmac
     }
@@ -309,6 +343,10 @@ impl AuthConfig {
     /// Finds the token: `Authorization: Bearer`, then the cookie, then the
     /// query parameter. An `Authorization` header of another scheme is not
     /// ours and is passed over.
+    ///
+    /// The header comes first because it is the one a client sets on
+    /// purpose; a browser sends the cookie on every request, so a page must
+    /// be able to override it by sending a header.
     pub fn extract<'a>(&self, headers: &'a HeaderMap, query: Option<&'a str>) -> Option<String> {
         for value in headers.get_all(axum::http::header::AUTHORIZATION) {
             if let Ok(text) = value.to_str()
@@ -336,6 +374,11 @@ impl AuthConfig {
     }
 
     /// Validates a token and returns who it is.
+    ///
+    /// jsonwebtoken's many error kinds are folded into the few a client can
+    /// act on. A key-type mismatch counts as an algorithm refusal: a token
+    /// naming an algorithm of another family than the key is exactly what
+    /// the allow-list exists to refuse.
     pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
@@ -387,6 +430,8 @@ impl AuthConfig {
 
     /// Signs a token for `subject` with `scope` (space separated), valid for
     /// `ttl`; adds `iss`/`aud` when configured so the token passes here.
+    /// No `nbf`: the token is valid at once, also on a replica whose clock
+    /// is a little behind this one's.
     pub fn mint(&self, subject: &str, scope: &str, ttl: Duration) -> Result<String, MintError> {
         let key = self.encoding.as_ref().ok_or(MintError::NoSigningKey)?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -436,6 +481,9 @@ pub enum MintError {
 }
 
 /// The `alg` of a token's header, read without trusting anything else.
+/// Only to name the algorithm in a refusal: the header never chooses the
+/// key or the algorithm used to verify (that would be the `alg` confusion
+/// this module guards against).
 fn header_alg(token: &str) -> Option<String> {
     let header = token.split('.').next()?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header.trim_end_matches('=')).ok()?;
