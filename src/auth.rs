@@ -236,6 +236,102 @@ fn alg_name(alg: Algorithm) -> String {
     format!("{alg:?}")
 }
 
+/// What a [`KeyMaterial`] gives: the keys, and what follows from their type.
+struct Keys {
+    decoding: DecodingKey,
+    encoding: Option<EncodingKey>,
+    /// Every allowed algorithm must be of this family.
+    family: AlgorithmFamily,
+    /// Allowed when no allow-list is configured.
+    default_alg: Algorithm,
+    generated_secret: bool,
+}
+
+impl Keys {
+    /// A public key's type is found by trying each parser: PEM says
+    /// `PUBLIC KEY` for all of them.
+    fn new(key: KeyMaterial) -> Result<Self, AuthSetupError> {
+        let (public_pem, private_pem) = match key {
+            KeyMaterial::Secret { secret, generated } => {
+                return Ok(Self {
+                    decoding: DecodingKey::from_secret(secret.expose()),
+                    encoding: Some(EncodingKey::from_secret(secret.expose())),
+                    family: AlgorithmFamily::Hmac,
+                    default_alg: Algorithm::HS256,
+                    generated_secret: generated,
+                });
+            }
+            KeyMaterial::PublicKey { public_pem, private_pem } => (public_pem, private_pem),
+        };
+        let (decoding, default_alg) = if let Ok(k) = DecodingKey::from_rsa_pem(&public_pem) {
+            (k, Algorithm::RS256)
+        } else if let Ok(k) = DecodingKey::from_ec_pem(&public_pem) {
+            (k, Algorithm::ES256)
+        } else if let Ok(k) = DecodingKey::from_ed_pem(&public_pem) {
+            (k, Algorithm::EdDSA)
+        } else {
+            return Err(AuthSetupError::PublicKey);
+        };
+        let encoding = match private_pem {
+            None => None,
+            Some(pem) => Some(
+                match default_alg {
+                    Algorithm::RS256 => EncodingKey::from_rsa_pem(pem.expose()),
+                    Algorithm::ES256 => EncodingKey::from_ec_pem(pem.expose()),
+                    _ => EncodingKey::from_ed_pem(pem.expose()),
+                }
+                .map_err(|e| AuthSetupError::PrivateKey(e.to_string()))?,
+            ),
+        };
+        let family = decoding.family();
+        Ok(Self { decoding, encoding, family, default_alg, generated_secret: false })
+    }
+
+    /// The allow-list by name, each of the key's family; the key's default
+    /// algorithm when none is configured. Never empty.
+    fn allowed(&self, names: Option<&[String]>) -> Result<Vec<Algorithm>, AuthSetupError> {
+        let Some(names @ [_, ..]) = names else { return Ok(vec![self.default_alg]) };
+        names
+            .iter()
+            .map(|name| {
+                let alg =
+                    Algorithm::from_str(name.trim()).map_err(|_| AuthSetupError::UnknownAlgorithm(name.clone()))?;
+                if alg.family() != self.family {
+                    return Err(AuthSetupError::AlgorithmMismatch(name.clone()));
+                }
+                Ok(alg)
+            })
+            .collect()
+    }
+}
+
+/// The validator: the allow-list, the leeway, and `exp` and `sub` required
+/// always, `iss` and `aud` when configured.
+fn validation(algorithms: &[Algorithm], leeway: Duration, issuer: Option<&str>, audience: Option<&str>) -> Validation {
+    let mut validation = Validation::new(algorithms[0]);
+    validation.algorithms = algorithms.to_vec();
+    // Whole seconds; a fraction rounds up rather than silently to zero.
+    validation.leeway = leeway.as_secs() + u64::from(leeway.subsec_nanos() > 0);
+    validation.validate_nbf = true;
+    let mut required = vec!["exp", "sub"];
+    match issuer {
+        Some(iss) => {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        None => validation.iss = None,
+    }
+    match audience {
+        Some(aud) => {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
+        None => validation.validate_aud = false,
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
 impl AuthConfig {
     /// Checks the key and allow-list fit together (every allowed algorithm
     /// must belong to the key's family, which is what rules out algorithm
@@ -248,75 +344,19 @@ impl AuthConfig {
         leeway: Duration,
         sources: TokenSources,
     ) -> Result<Self, AuthSetupError> {
-        let (decoding, encoding, family, default_alg, generated_secret) = match key {
-            KeyMaterial::Secret { secret, generated } => (
-                DecodingKey::from_secret(secret.expose()),
-                Some(EncodingKey::from_secret(secret.expose())),
-                AlgorithmFamily::Hmac,
-                Algorithm::HS256,
-                generated,
-            ),
-            KeyMaterial::PublicKey { public_pem, private_pem } => {
-                let (decoding, default_alg) = if let Ok(k) = DecodingKey::from_rsa_pem(&public_pem) {
-                    (k, Algorithm::RS256)
-                } else if let Ok(k) = DecodingKey::from_ec_pem(&public_pem) {
-                    (k, Algorithm::ES256)
-                } else if let Ok(k) = DecodingKey::from_ed_pem(&public_pem) {
-                    (k, Algorithm::EdDSA)
-                } else {
-                    return Err(AuthSetupError::PublicKey);
-                };
-                let encoding = match private_pem {
-                    None => None,
-                    Some(pem) => Some(
-                        match default_alg {
-                            Algorithm::RS256 => EncodingKey::from_rsa_pem(pem.expose()),
-                            Algorithm::ES256 => EncodingKey::from_ec_pem(pem.expose()),
-                            _ => EncodingKey::from_ed_pem(pem.expose()),
-                        }
-                        .map_err(|e| AuthSetupError::PrivateKey(e.to_string()))?,
-                    ),
-                };
-                let family = decoding.family();
-                (decoding, encoding, family, default_alg, false)
-            }
-        };
-        let algorithms = match algorithms {
-            None | Some([]) => vec![default_alg],
-            Some(names) => names
-                .iter()
-                .map(|name| {
-                    let alg =
-                        Algorithm::from_str(name.trim()).map_err(|_| AuthSetupError::UnknownAlgorithm(name.clone()))?;
-                    if alg.family() != family {
-                        return Err(AuthSetupError::AlgorithmMismatch(name.clone()));
-                    }
-                    Ok(alg)
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        };
-        let mut validation = Validation::new(algorithms[0]);
-        validation.algorithms = algorithms.clone();
-        // Whole seconds; a fraction rounds up rather than silently to zero.
-        validation.leeway = leeway.as_secs() + u64::from(leeway.subsec_nanos() > 0);
-        validation.validate_nbf = true;
-        let mut required = vec!["exp", "sub"];
-        match &issuer {
-            Some(iss) => {
-                validation.set_issuer(&[iss]);
-                required.push("iss");
-            }
-            None => validation.iss = None,
-        }
-        match &audience {
-            Some(aud) => {
-                validation.set_audience(&[aud]);
-                required.push("aud");
-            }
-            None => validation.validate_aud = false,
-        }
-        validation.set_required_spec_claims(&required);
-        Ok(Self { decoding, encoding, algorithms, validation, issuer, audience, generated_secret, sources })
+        let keys = Keys::new(key)?;
+        let algorithms = keys.allowed(algorithms)?;
+        let validation = validation(&algorithms, leeway, issuer.as_deref(), audience.as_deref());
+        Ok(Self {
+            decoding: keys.decoding,
+            encoding: keys.encoding,
+            algorithms,
+            validation,
+            issuer,
+            audience,
+            generated_secret: keys.generated_secret,
+            sources,
+        })
     }
 
     /// True when verifying with an HMAC secret (then a private key file
