@@ -2,6 +2,14 @@
 //! query; first present wins), validating it as a JWT against an explicit
 //! algorithm allow-list, and checking scopes. Also mints tokens for the
 //! demo start and `tokengate token`.
+//!
+//! The key lives in an [`AuthConfig`] held by the application state, not in
+//! a static, so servers with different keys can run side by side (tests do).
+//! This module only says *why* a token fails ([`AuthError`], each with a
+//! stable code); the answer on the wire (401, `WWW-Authenticate`) is chosen
+//! once, in `error`. It knows nothing of configuration sources either:
+//! [`AuthSetupError`] says what is wrong with a key, and `config` says which
+//! setting it came from.
 
 use std::fmt;
 use std::str::FromStr;
@@ -12,29 +20,7 @@ use base64::Engine as _;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
-
-/// Bytes that must never be printed: `Debug` shows only the length.
-#[derive(Clone)]
-pub struct Secret(Vec<u8>);
-
-impl Secret {
-    /// Wraps secret bytes.
-    pub fn new(bytes: Vec<u8>) -> Self {
-        Self(bytes)
-    }
-
-    /// The bytes, for the one place that needs them.
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Secret([redacted; {} bytes])", self.0.len())
-    }
-}
+use crate::secret::Secret;
 
 /// Where the verification key comes from.
 #[derive(Debug, Clone)]
@@ -48,14 +34,19 @@ pub enum KeyMaterial {
     },
     /// A PEM public key, and optionally its private key for minting.
     PublicKey {
-        /// PEM of the public key.
+        /// PEM of the public key; its type (RSA, EC, Ed25519) decides the
+        /// algorithm family every allowed algorithm must belong to.
         public_pem: Vec<u8>,
-        /// PEM of the private key, for `tokengate token`.
+        /// PEM of the private key, for `tokengate token` only: verifying
+        /// needs just the public key, so a serving replica need not hold it.
         private_pem: Option<Secret>,
     },
 }
 
 /// Names under which the token may arrive besides `Authorization: Bearer`.
+/// Configurable because the cookie may have to fit the site's own cookie
+/// names, and an `EventSource` (which cannot send headers) needs one of the
+/// two.
 #[derive(Debug, Clone)]
 pub struct TokenSources {
     /// Cookie name.
@@ -85,6 +76,8 @@ impl Scope {
         }
     }
 
+    /// Scopes are a bit set: a check is one AND, and a [`Principal`], made
+    /// for every authenticated request, stays small and cheap to clone.
     fn bit(self) -> u8 {
         match self {
             Scope::Stream => 1,
@@ -99,6 +92,8 @@ impl Scope {
 pub struct Principal {
     /// The token's `sub`; streams are bound to it.
     pub subject: String,
+    /// [`Scope::bit`]s; scope names a token carries that tokengate does not
+    /// know are ignored, so one token can serve several services.
     scopes: u8,
 }
 
@@ -176,17 +171,21 @@ enum ScopeClaim {
     List(Vec<String>),
 }
 
-/// The claims tokengate reads and writes.
+/// The claims tokengate reads and writes. Every one is optional here, also
+/// the required `sub` and `exp`, so that a missing one is reported by the
+/// validator as `missing_claim` rather than as a shape error.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Claims {
-    // Optional here so that a missing one is reported as such by the
-    // validator (`missing_claim`) rather than as a shape error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sub: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     exp: Option<u64>,
+    /// Written when minting, for whoever inspects the token; not checked:
+    /// `exp` and `nbf` are what bound its validity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
+    /// Either form (see [`ScopeClaim`]): identity providers differ, and a
+    /// token should not fail over how its scopes are spelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     scope: Option<ScopeClaim>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -200,15 +199,26 @@ struct Claims {
 #[derive(Clone)]
 pub struct AuthConfig {
     decoding: DecodingKey,
+    /// `None` with a public key and no private key: minting then fails with
+    /// [`MintError::NoSigningKey`] instead of signing with the wrong key.
     encoding: Option<EncodingKey>,
+    /// Never empty; the first one signs minted tokens.
     algorithms: Vec<Algorithm>,
+    /// Built once here rather than per request: it holds the allow-list,
+    /// the leeway and the required claims.
     validation: Validation,
+    /// Kept beside `validation` so minted tokens carry the `iss` and `aud`
+    /// that validation will ask for.
     issuer: Option<String>,
     audience: Option<String>,
+    /// The start banner prints a demo token only then: a token for a real
+    /// key printed to stdout would end up in log collectors.
     generated_secret: bool,
     sources: TokenSources,
 }
 
+/// By hand, so that no key material can reach a log line through
+/// `{:?}` of the config.
 impl fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthConfig")
@@ -221,8 +231,105 @@ impl fmt::Debug for AuthConfig {
     }
 }
 
+/// `Algorithm` has no `Display`; its `Debug` is the JOSE name (`HS256`).
 fn alg_name(alg: Algorithm) -> String {
     format!("{alg:?}")
+}
+
+/// What a [`KeyMaterial`] gives: the keys, and what follows from their type.
+struct Keys {
+    decoding: DecodingKey,
+    encoding: Option<EncodingKey>,
+    /// Every allowed algorithm must be of this family.
+    family: AlgorithmFamily,
+    /// Allowed when no allow-list is configured.
+    default_alg: Algorithm,
+    generated_secret: bool,
+}
+
+impl Keys {
+    /// A public key's type is found by trying each parser: PEM says
+    /// `PUBLIC KEY` for all of them.
+    fn new(key: KeyMaterial) -> Result<Self, AuthSetupError> {
+        let (public_pem, private_pem) = match key {
+            KeyMaterial::Secret { secret, generated } => {
+                return Ok(Self {
+                    decoding: DecodingKey::from_secret(secret.expose()),
+                    encoding: Some(EncodingKey::from_secret(secret.expose())),
+                    family: AlgorithmFamily::Hmac,
+                    default_alg: Algorithm::HS256,
+                    generated_secret: generated,
+                });
+            }
+            KeyMaterial::PublicKey { public_pem, private_pem } => (public_pem, private_pem),
+        };
+        let (decoding, default_alg) = if let Ok(k) = DecodingKey::from_rsa_pem(&public_pem) {
+            (k, Algorithm::RS256)
+        } else if let Ok(k) = DecodingKey::from_ec_pem(&public_pem) {
+            (k, Algorithm::ES256)
+        } else if let Ok(k) = DecodingKey::from_ed_pem(&public_pem) {
+            (k, Algorithm::EdDSA)
+        } else {
+            return Err(AuthSetupError::PublicKey);
+        };
+        let encoding = match private_pem {
+            None => None,
+            Some(pem) => Some(
+                match default_alg {
+                    Algorithm::RS256 => EncodingKey::from_rsa_pem(pem.expose()),
+                    Algorithm::ES256 => EncodingKey::from_ec_pem(pem.expose()),
+                    _ => EncodingKey::from_ed_pem(pem.expose()),
+                }
+                .map_err(|e| AuthSetupError::PrivateKey(e.to_string()))?,
+            ),
+        };
+        let family = decoding.family();
+        Ok(Self { decoding, encoding, family, default_alg, generated_secret: false })
+    }
+
+    /// The allow-list by name, each of the key's family; the key's default
+    /// algorithm when none is configured. Never empty.
+    fn allowed(&self, names: Option<&[String]>) -> Result<Vec<Algorithm>, AuthSetupError> {
+        let Some(names @ [_, ..]) = names else { return Ok(vec![self.default_alg]) };
+        names
+            .iter()
+            .map(|name| {
+                let alg =
+                    Algorithm::from_str(name.trim()).map_err(|_| AuthSetupError::UnknownAlgorithm(name.clone()))?;
+                if alg.family() != self.family {
+                    return Err(AuthSetupError::AlgorithmMismatch(name.clone()));
+                }
+                Ok(alg)
+            })
+            .collect()
+    }
+}
+
+/// The validator: the allow-list, the leeway, and `exp` and `sub` required
+/// always, `iss` and `aud` when configured.
+fn validation(algorithms: &[Algorithm], leeway: Duration, issuer: Option<&str>, audience: Option<&str>) -> Validation {
+    let mut validation = Validation::new(algorithms[0]);
+    validation.algorithms = algorithms.to_vec();
+    // Whole seconds; a fraction rounds up rather than silently to zero.
+    validation.leeway = leeway.as_secs() + u64::from(leeway.subsec_nanos() > 0);
+    validation.validate_nbf = true;
+    let mut required = vec!["exp", "sub"];
+    match issuer {
+        Some(iss) => {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        None => validation.iss = None,
+    }
+    match audience {
+        Some(aud) => {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
+        None => validation.validate_aud = false,
+    }
+    validation.set_required_spec_claims(&required);
+    validation
 }
 
 impl AuthConfig {
@@ -236,91 +343,24 @@ impl AuthConfig {
         audience: Option<String>,
         leeway: Duration,
         sources: TokenSources,
-    ) -> Result<Self, ConfigError> {
-        let (decoding, encoding, family, default_alg, generated_secret) = match key {
-            KeyMaterial::Secret { secret, generated } => (
-                DecodingKey::from_secret(secret.expose()),
-                Some(EncodingKey::from_secret(secret.expose())),
-                AlgorithmFamily::Hmac,
-                Algorithm::HS256,
-                generated,
-            ),
-            KeyMaterial::PublicKey { public_pem, private_pem } => {
-                let (decoding, default_alg) = if let Ok(k) = DecodingKey::from_rsa_pem(&public_pem) {
-                    (k, Algorithm::RS256)
-                } else if let Ok(k) = DecodingKey::from_ec_pem(&public_pem) {
-                    (k, Algorithm::ES256)
-                } else if let Ok(k) = DecodingKey::from_ed_pem(&public_pem) {
-                    (k, Algorithm::EdDSA)
-                } else {
-                    return Err(ConfigError::invalid("jwt_public_key_file", "not a PEM RSA, EC or Ed25519 public key"));
-                };
-                let encoding = match private_pem {
-                    None => None,
-                    Some(pem) => Some(
-                        match default_alg {
-                            Algorithm::RS256 => EncodingKey::from_rsa_pem(pem.expose()),
-                            Algorithm::ES256 => EncodingKey::from_ec_pem(pem.expose()),
-                            _ => EncodingKey::from_ed_pem(pem.expose()),
-                        }
-                        .map_err(|e| {
-                            ConfigError::invalid(
-                                "jwt_private_key_file",
-                                format!("not a PEM private key of the public key's type: {e}"),
-                            )
-                        })?,
-                    ),
-                };
-                let family = decoding.family();
-                (decoding, encoding, family, default_alg, false)
-            }
-        };
-        let algorithms = match algorithms {
-            None | Some([]) => vec![default_alg],
-            Some(names) => names
-                .iter()
-                .map(|name| {
-                    let alg = Algorithm::from_str(name.trim()).map_err(|_| {
-                        ConfigError::invalid(
-                            "jwt_algorithms",
-                            format!("unknown algorithm `{name}` (use e.g. HS256, RS256, ES256, EdDSA)"),
-                        )
-                    })?;
-                    if alg.family() != family {
-                        return Err(ConfigError::invalid(
-                            "jwt_algorithms",
-                            format!("`{name}` does not fit the configured key"),
-                        ));
-                    }
-                    Ok(alg)
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        };
-        let mut validation = Validation::new(algorithms[0]);
-        validation.algorithms = algorithms.clone();
-        // Whole seconds; a fraction rounds up rather than silently to zero.
-        validation.leeway = leeway.as_secs() + u64::from(leeway.subsec_nanos() > 0);
-        validation.validate_nbf = true;
-        let mut required = vec!["exp", "sub"];
-        match &issuer {
-            Some(iss) => {
-                validation.set_issuer(&[iss]);
-                required.push("iss");
-            }
-            None => validation.iss = None,
-        }
-        match &audience {
-            Some(aud) => {
-                validation.set_audience(&[aud]);
-                required.push("aud");
-            }
-            None => validation.validate_aud = false,
-        }
-        validation.set_required_spec_claims(&required);
-        Ok(Self { decoding, encoding, algorithms, validation, issuer, audience, generated_secret, sources })
+    ) -> Result<Self, AuthSetupError> {
+        let keys = Keys::new(key)?;
+        let algorithms = keys.allowed(algorithms)?;
+        let validation = validation(&algorithms, leeway, issuer.as_deref(), audience.as_deref());
+        Ok(Self {
+            decoding: keys.decoding,
+            encoding: keys.encoding,
+            algorithms,
+            validation,
+            issuer,
+            audience,
+            generated_secret: keys.generated_secret,
+            sources,
+        })
     }
 
-    /// True when verifying with an HMAC secret.
+    /// True when verifying with an HMAC secret (then a private key file
+    /// would be ignored, which config refuses rather than let pass).
     pub fn key_is_secret(&self) -> bool {
         self.decoding.family() == AlgorithmFamily::Hmac
     }
@@ -343,6 +383,10 @@ impl AuthConfig {
     /// Finds the token: `Authorization: Bearer`, then the cookie, then the
     /// query parameter. An `Authorization` header of another scheme is not
     /// ours and is passed over.
+    ///
+    /// The header comes first because it is the one a client sets on
+    /// purpose; a browser sends the cookie on every request, so a page must
+    /// be able to override it by sending a header.
     pub fn extract<'a>(&self, headers: &'a HeaderMap, query: Option<&'a str>) -> Option<String> {
         for value in headers.get_all(axum::http::header::AUTHORIZATION) {
             if let Ok(text) = value.to_str()
@@ -370,6 +414,11 @@ impl AuthConfig {
     }
 
     /// Validates a token and returns who it is.
+    ///
+    /// jsonwebtoken's many error kinds are folded into the few a client can
+    /// act on. A key-type mismatch counts as an algorithm refusal: a token
+    /// naming an algorithm of another family than the key is exactly what
+    /// the allow-list exists to refuse.
     pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
@@ -421,6 +470,8 @@ impl AuthConfig {
 
     /// Signs a token for `subject` with `scope` (space separated), valid for
     /// `ttl`; adds `iss`/`aud` when configured so the token passes here.
+    /// No `nbf`: the token is valid at once, also on a replica whose clock
+    /// is a little behind this one's.
     pub fn mint(&self, subject: &str, scope: &str, ttl: Duration) -> Result<String, MintError> {
         let key = self.encoding.as_ref().ok_or(MintError::NoSigningKey)?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -436,6 +487,28 @@ impl AuthConfig {
     }
 }
 
+/// Why the key and the algorithm allow-list cannot be used together. Each
+/// variant names what is wrong, not where it was configured: the caller
+/// (`config`) knows which setting it came from and says so.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthSetupError {
+    /// The public key is none of the kinds jsonwebtoken can verify with.
+    #[error("not a PEM RSA, EC or Ed25519 public key")]
+    PublicKey,
+    /// The private key does not parse as the public key's kind (which is
+    /// what would sign tokens that this server then refuses).
+    #[error("not a PEM private key of the public key's type: {0}")]
+    PrivateKey(String),
+    /// An allow-list entry that names no algorithm.
+    #[error("unknown algorithm `{0}` (use e.g. HS256, RS256, ES256, EdDSA)")]
+    UnknownAlgorithm(String),
+    /// An allow-list entry of another family than the key (HS256 with a
+    /// public key, RS256 with a secret): allowing it is how algorithm
+    /// confusion attacks work.
+    #[error("`{0}` does not fit the configured key")]
+    AlgorithmMismatch(String),
+}
+
 /// Why a token could not be minted.
 #[derive(Debug, thiserror::Error)]
 pub enum MintError {
@@ -448,6 +521,9 @@ pub enum MintError {
 }
 
 /// The `alg` of a token's header, read without trusting anything else.
+/// Only to name the algorithm in a refusal: the header never chooses the
+/// key or the algorithm used to verify (that would be the `alg` confusion
+/// this module guards against).
 fn header_alg(token: &str) -> Option<String> {
     let header = token.split('.').next()?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header.trim_end_matches('=')).ok()?;

@@ -2,9 +2,25 @@
 //! environment variables and a TOML file (in that order of precedence),
 //! then validated once into the typed [`Config`] the server runs with.
 //!
-//! [`Settings`] is both the clap argument group and the TOML table, so a
-//! setting has the same name everywhere: `--pace-ms`, `TOKENGATE_PACE_MS`,
-//! `pace_ms`.
+//! [`Settings`] is both the clap argument group and what the TOML file is
+//! read into, so a setting has the same name everywhere: `--pace-ms`,
+//! `TOKENGATE_PACE_MS`, `pace_ms`.
+//!
+//! The file groups settings in sections by concern (see `src/config/file.rs` for the
+//! reading rules); a key keeps its flat name inside its section:
+//!
+//! | section | keys |
+//! |---|---|
+//! | `[server]` (or the top level) | `listen`, `listen_backlog`, `cors_origins`, `log_format`, `shutdown_grace`, `shutdown_retry` |
+//! | `[auth]` | `jwt_*`, `token_cookie`, `token_query` |
+//! | `[limits]` | `rate_*`, `trusted_proxies`, `max_streams`, `max_streams_per_subject`, `send_queue`, `max_lag`, `max_body_bytes`, `max_prompt_bytes`, `max_messages`, `max_stream_duration`, `max_header_bytes`, `header_timeout`, `max_connections` |
+//! | `[stream]` | `heartbeat`, `retry`, `pace_ms`, `pace_min_ms`, `pace_max_ms`, `generator_pace`, `default_generator`, `prompts_dir`, `openai_chunk_graphemes`, `upstream_url`, `upstream_model`, `upstream_api_key_env` |
+//! | `[store]` | `redis_url`, `detach_grace`, `stream_ttl`, `stream_max_events`, `channel_max_events`, `channel_ttl`, `max_publish_bytes` |
+//! | `[upstreams.NAME]` | one upstream model server each ([`UpstreamSettings`]) |
+//!
+//! Every key is also accepted at the top level (the flat files of earlier
+//! versions keep working); the same key both at the top level and in its
+//! section is an error, as are unknown keys and keys in the wrong section.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,12 +30,14 @@ use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 
 use ipnet::IpNet;
-use serde::Deserialize;
 
-use crate::generator::upstream::{Upstream, UpstreamSettings};
+use crate::auth::{AuthConfig, AuthSetupError, KeyMaterial, TokenSources};
+use crate::generator::RegistryError;
+use crate::generator::upstream::{Upstream, UpstreamConfigError, UpstreamSettings};
 use crate::limits::Rate;
+use crate::secret::Secret;
 
-use crate::auth::{AuthConfig, KeyMaterial, Secret, TokenSources};
+mod file;
 
 /// Default listen address: loopback only, so a first run exposes nothing.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -31,11 +49,15 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
 /// Default `retry:` hint sent at the start of every stream.
 pub const DEFAULT_RETRY: Duration = Duration::from_secs(3);
 /// Default time between deltas.
-pub const DEFAULT_PACE_MS: u64 = 20;
+pub const DEFAULT_PACE_MS: u32 = 20;
 /// Default lowest pace a request may ask for.
-pub const DEFAULT_PACE_MIN_MS: u64 = 0;
+pub const DEFAULT_PACE_MIN_MS: u32 = 0;
 /// Default highest pace a request may ask for.
-pub const DEFAULT_PACE_MAX_MS: u64 = 1000;
+pub const DEFAULT_PACE_MAX_MS: u32 = 1000;
+/// Default log format.
+pub const DEFAULT_LOG_FORMAT: &str = "text";
+/// Default graphemes per `chat.completion.chunk`.
+pub const DEFAULT_OPENAI_CHUNK_GRAPHEMES: usize = 1;
 /// Default generator when a request names none.
 pub const DEFAULT_GENERATOR: &str = "demo";
 /// Default time streams get to finish after SIGTERM before `shutdown`.
@@ -99,9 +121,10 @@ pub const DEFAULT_MAX_PUBLISH_BYTES: usize = 64 * 1024;
 pub const MIN_SECRET_BYTES: usize = 32;
 
 /// Every setting, all optional, as read from one source. The same struct is
-/// the clap argument group (flags and env) and the TOML file's table.
-#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// the clap argument group (flags and env) and what the TOML file is read
+/// into (its sections are only grouping).
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(mut_args = help_with_default)]
 pub struct Settings {
     /// Address to listen on.
     #[arg(long, global = true, env = "TOKENGATE_LISTEN")]
@@ -153,13 +176,13 @@ pub struct Settings {
     pub retry: Option<String>,
     /// Default milliseconds between deltas.
     #[arg(long, global = true, env = "TOKENGATE_PACE_MS")]
-    pub pace_ms: Option<u64>,
+    pub pace_ms: Option<u32>,
     /// Lowest `pace_ms` a request may ask for.
     #[arg(long, global = true, env = "TOKENGATE_PACE_MIN_MS")]
-    pub pace_min_ms: Option<u64>,
+    pub pace_min_ms: Option<u32>,
     /// Highest `pace_ms` a request may ask for.
     #[arg(long, global = true, env = "TOKENGATE_PACE_MAX_MS")]
-    pub pace_max_ms: Option<u64>,
+    pub pace_max_ms: Option<u32>,
     /// Per-generator default pace, `name=ms`, comma separated.
     #[arg(long, global = true, env = "TOKENGATE_GENERATOR_PACE", value_delimiter = ',')]
     pub generator_pace: Option<Vec<String>>,
@@ -270,6 +293,70 @@ pub struct Settings {
     pub log_format: Option<String>,
 }
 
+/// Each setting's default as `--help` shows it, from the `DEFAULT_*`
+/// constants the validation uses, so the two cannot drift apart. Settings
+/// without one fixed default (a random secret, the key's algorithm, the
+/// shipped texts, none) are not listed; their help says what happens.
+pub fn help_defaults() -> Vec<(&'static str, String)> {
+    let time = |d: Duration| humantime::format_duration(d).to_string();
+    vec![
+        ("listen", DEFAULT_LISTEN.to_owned()),
+        ("listen_backlog", DEFAULT_LISTEN_BACKLOG.to_string()),
+        ("jwt_leeway", time(DEFAULT_JWT_LEEWAY)),
+        ("token_cookie", DEFAULT_TOKEN_COOKIE.to_owned()),
+        ("token_query", DEFAULT_TOKEN_QUERY.to_owned()),
+        ("heartbeat", time(DEFAULT_HEARTBEAT)),
+        ("retry", time(DEFAULT_RETRY)),
+        ("pace_ms", DEFAULT_PACE_MS.to_string()),
+        ("pace_min_ms", DEFAULT_PACE_MIN_MS.to_string()),
+        ("pace_max_ms", DEFAULT_PACE_MAX_MS.to_string()),
+        ("default_generator", DEFAULT_GENERATOR.to_owned()),
+        ("max_body_bytes", DEFAULT_MAX_BODY_BYTES.to_string()),
+        ("max_prompt_bytes", DEFAULT_MAX_PROMPT_BYTES.to_string()),
+        ("shutdown_grace", time(DEFAULT_SHUTDOWN_GRACE)),
+        ("shutdown_retry", time(DEFAULT_SHUTDOWN_RETRY)),
+        ("rate_subject_per_min", DEFAULT_RATE_SUBJECT_PER_MIN.to_string()),
+        ("rate_subject_burst", DEFAULT_RATE_SUBJECT_BURST.to_string()),
+        ("rate_ip_per_min", DEFAULT_RATE_IP_PER_MIN.to_string()),
+        ("rate_ip_burst", DEFAULT_RATE_IP_BURST.to_string()),
+        ("max_streams", DEFAULT_MAX_STREAMS.to_string()),
+        ("max_streams_per_subject", DEFAULT_MAX_STREAMS_PER_SUBJECT.to_string()),
+        ("send_queue", DEFAULT_SEND_QUEUE.to_string()),
+        ("max_lag", time(DEFAULT_MAX_LAG)),
+        ("max_messages", DEFAULT_MAX_MESSAGES.to_string()),
+        ("max_stream_duration", time(DEFAULT_MAX_STREAM_DURATION)),
+        ("max_header_bytes", DEFAULT_MAX_HEADER_BYTES.to_string()),
+        ("header_timeout", time(DEFAULT_HEADER_TIMEOUT)),
+        ("max_connections", DEFAULT_MAX_CONNECTIONS.to_string()),
+        ("detach_grace", time(DEFAULT_DETACH_GRACE)),
+        ("stream_ttl", time(DEFAULT_STREAM_TTL)),
+        ("stream_max_events", DEFAULT_STREAM_MAX_EVENTS.to_string()),
+        ("channel_max_events", DEFAULT_CHANNEL_MAX_EVENTS.to_string()),
+        ("channel_ttl", time(DEFAULT_CHANNEL_TTL)),
+        ("max_publish_bytes", DEFAULT_MAX_PUBLISH_BYTES.to_string()),
+        ("openai_chunk_graphemes", DEFAULT_OPENAI_CHUNK_GRAPHEMES.to_string()),
+        ("log_format", DEFAULT_LOG_FORMAT.to_owned()),
+    ]
+}
+
+/// Appends `[default: ...]` (clap's own notation) to a flag's help without
+/// giving clap the default: a clap default would fill the field, and the
+/// layering ([`Settings::or`]) needs a flag that was not given to stay
+/// `None` so that env and file can still supply it.
+fn help_with_default(arg: clap::Arg) -> clap::Arg {
+    let Some((_, default)) = help_defaults().into_iter().find(|(id, _)| arg.get_id() == *id) else { return arg };
+    let help = arg.get_help().map(|help| format!("{help} [default: {default}]"));
+    let long_help = arg.get_long_help().map(|help| format!("{help}\n\n[default: {default}]"));
+    let arg = match help {
+        Some(help) => arg.help(help),
+        None => arg,
+    };
+    match long_help {
+        Some(long_help) => arg.long_help(long_help),
+        None => arg,
+    }
+}
+
 macro_rules! layer_fields {
     ($high:ident, $low:ident; $($field:ident),* $(,)?) => {
         Settings { $($field: $high.$field.or($low.$field)),* }
@@ -293,11 +380,11 @@ impl Settings {
             upstream_model, upstream_api_key_env, upstreams, openai_chunk_graphemes)
     }
 
-    /// Reads a TOML settings file.
+    /// Reads a TOML settings file (flat keys, or grouped in sections).
     pub fn from_toml_file(path: &Path) -> Result<Settings, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::invalid("config", format!("cannot read {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| ConfigError::invalid("config", format!("{}: {e}", path.display())))
+        file::parse(path, &text)
     }
 }
 
@@ -323,6 +410,36 @@ impl ConfigError {
     }
 }
 
+// The layers below report what is wrong; which setting it came from is
+// known only here, so the mapping to a setting name lives here too.
+
+impl From<AuthSetupError> for ConfigError {
+    fn from(e: AuthSetupError) -> Self {
+        let setting = match e {
+            AuthSetupError::PublicKey => "jwt_public_key_file",
+            AuthSetupError::PrivateKey(_) => "jwt_private_key_file",
+            AuthSetupError::UnknownAlgorithm(_) | AuthSetupError::AlgorithmMismatch(_) => "jwt_algorithms",
+        };
+        ConfigError::invalid(setting, e.to_string())
+    }
+}
+
+impl From<UpstreamConfigError> for ConfigError {
+    fn from(e: UpstreamConfigError) -> Self {
+        ConfigError::invalid("upstreams", e.to_string())
+    }
+}
+
+impl From<RegistryError> for ConfigError {
+    fn from(e: RegistryError) -> Self {
+        let setting = match e {
+            RegistryError::PromptsDir { .. } => "prompts_dir",
+            RegistryError::Client { .. } | RegistryError::NameTaken(_) => "upstreams",
+        };
+        ConfigError::invalid(setting, e.to_string())
+    }
+}
+
 /// How deltas are paced.
 #[derive(Debug, Clone)]
 pub struct PaceConfig {
@@ -339,9 +456,9 @@ pub struct PaceConfig {
 impl PaceConfig {
     /// The pace for one request: its own wish clamped to the bounds, or the
     /// generator's default.
-    pub fn resolve(&self, generator_default: Duration, requested_ms: Option<u64>) -> Duration {
+    pub fn resolve(&self, generator_default: Duration, requested_ms: Option<u32>) -> Duration {
         match requested_ms {
-            Some(ms) => Duration::from_millis(ms).clamp(self.min, self.max),
+            Some(ms) => millis(ms).clamp(self.min, self.max),
             None => generator_default,
         }
     }
@@ -457,149 +574,175 @@ fn read_file(setting: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError>
 }
 
 impl Config {
-    /// Validates settings into a runtime config. `random_secret` is used when
-    /// no key is configured (the no-config demo start).
+    /// Validates settings into a runtime config, one group at a time (each
+    /// step below reads the settings of one concern). With no key
+    /// configured, a random per-process secret is generated (the no-config
+    /// demo start).
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
-        let listen_text = s.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
-        let listen: SocketAddr = listen_text.parse().map_err(|e| {
-            ConfigError::invalid("listen", format!("`{listen_text}` is not an address like 127.0.0.1:8080 ({e})"))
-        })?;
-        let listen_backlog = s.listen_backlog.unwrap_or(DEFAULT_LISTEN_BACKLOG);
-        if listen_backlog == 0 {
-            return Err(ConfigError::invalid("listen_backlog", "must be at least 1"));
-        }
-
-        let key = key_material(&s)?;
-        let auth = AuthConfig::new(
-            key,
-            s.jwt_algorithms.as_deref(),
-            s.jwt_issuer.clone(),
-            s.jwt_audience.clone(),
-            duration("jwt_leeway", s.jwt_leeway.as_deref(), DEFAULT_JWT_LEEWAY)?,
-            TokenSources {
-                cookie: s.token_cookie.clone().unwrap_or_else(|| DEFAULT_TOKEN_COOKIE.to_owned()),
-                query: s.token_query.clone().unwrap_or_else(|| DEFAULT_TOKEN_QUERY.to_owned()),
-            },
-        )?;
-        if s.jwt_private_key_file.is_some() && auth.key_is_secret() {
-            return Err(ConfigError::invalid("jwt_private_key_file", "only meaningful with jwt_public_key_file"));
-        }
-
-        let pace = PaceConfig {
-            default: Duration::from_millis(s.pace_ms.unwrap_or(DEFAULT_PACE_MS)),
-            min: Duration::from_millis(s.pace_min_ms.unwrap_or(DEFAULT_PACE_MIN_MS)),
-            max: Duration::from_millis(s.pace_max_ms.unwrap_or(DEFAULT_PACE_MAX_MS)),
-            per_generator: s
-                .generator_pace
-                .iter()
-                .flatten()
-                .map(|item| {
-                    let (name, ms) = item
-                        .split_once('=')
-                        .ok_or_else(|| ConfigError::invalid("generator_pace", format!("`{item}` is not `name=ms`")))?;
-                    let ms: u64 = ms.trim().parse().map_err(|_| {
-                        ConfigError::invalid(
-                            "generator_pace",
-                            format!("`{item}`: `{ms}` is not a number of milliseconds"),
-                        )
-                    })?;
-                    Ok((name.trim().to_owned(), Duration::from_millis(ms)))
-                })
-                .collect::<Result<_, _>>()?,
-        };
-        if pace.min > pace.max {
-            return Err(ConfigError::invalid("pace_min_ms", "is above pace_max_ms"));
-        }
-        let heartbeat = duration("heartbeat", s.heartbeat.as_deref(), DEFAULT_HEARTBEAT)?;
-        if heartbeat.is_zero() {
-            return Err(ConfigError::invalid("heartbeat", "must be above zero"));
-        }
-
-        let cors_origins = match &s.cors_origins {
-            None => None,
-            Some(list) => {
-                let list: Vec<String> = list.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
-                if list.iter().any(|o| o == "*") && list.len() > 1 {
-                    return Err(ConfigError::invalid("cors_origins", "`*` cannot be combined with explicit origins"));
-                }
-                for origin in list.iter().filter(|o| *o != "*") {
-                    let ok = (origin.starts_with("http://") || origin.starts_with("https://"))
-                        && !origin.ends_with('/')
-                        && axum::http::HeaderValue::from_str(origin).is_ok();
-                    if !ok {
-                        return Err(ConfigError::invalid(
-                            "cors_origins",
-                            format!("`{origin}` is not an origin like https://chat.example.com"),
-                        ));
-                    }
-                }
-                Some(list)
-            }
-        };
-
-        let log_json = match s.log_format.as_deref() {
-            None | Some("text") => false,
-            Some("json") => true,
-            Some(other) => {
-                return Err(ConfigError::invalid("log_format", format!("`{other}` is neither `text` nor `json`")));
-            }
-        };
-
-        if let Some(dir) = &s.prompts_dir
-            && !dir.is_dir()
-        {
-            return Err(ConfigError::invalid("prompts_dir", format!("{} is not a directory", dir.display())));
-        }
-
+        let (listen, listen_backlog) = listen(&s)?;
+        let auth = auth(&s)?;
+        let stream = stream(&s)?;
+        let cors_origins = cors_origins(s.cors_origins.as_deref())?;
+        let log_json = log_json(s.log_format.as_deref())?;
+        let prompts_dir = prompts_dir(s.prompts_dir.as_deref())?;
         Ok(Config {
             listen,
             listen_backlog,
             auth,
-            stream: StreamConfig {
-                heartbeat,
-                retry: duration("retry", s.retry.as_deref(), DEFAULT_RETRY)?,
-                pace,
-                default_generator: s.default_generator.clone().unwrap_or_else(|| DEFAULT_GENERATOR.to_owned()),
-                max_prompt_bytes: s.max_prompt_bytes.unwrap_or(DEFAULT_MAX_PROMPT_BYTES),
-            },
+            stream,
             cors_origins,
-            prompts_dir: s.prompts_dir.clone(),
+            prompts_dir,
             max_body_bytes: s.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
             shutdown_grace: duration("shutdown_grace", s.shutdown_grace.as_deref(), DEFAULT_SHUTDOWN_GRACE)?,
             shutdown_retry: duration("shutdown_retry", s.shutdown_retry.as_deref(), DEFAULT_SHUTDOWN_RETRY)?,
             log_json,
             limits: limits(&s)?,
             upstreams: upstreams(&s)?,
-            openai_chunk_graphemes: at_least_one("openai_chunk_graphemes", s.openai_chunk_graphemes, 1)?,
-            store: StoreConfig {
-                detach_grace: duration("detach_grace", s.detach_grace.as_deref(), DEFAULT_DETACH_GRACE)?,
-                stream_ttl: duration("stream_ttl", s.stream_ttl.as_deref(), DEFAULT_STREAM_TTL)?,
-                stream_max_events: at_least_one("stream_max_events", s.stream_max_events, DEFAULT_STREAM_MAX_EVENTS)?,
-                channel_max_events: at_least_one(
-                    "channel_max_events",
-                    s.channel_max_events,
-                    DEFAULT_CHANNEL_MAX_EVENTS,
-                )?,
-                channel_ttl: duration("channel_ttl", s.channel_ttl.as_deref(), DEFAULT_CHANNEL_TTL)?,
-                max_publish_bytes: at_least_one("max_publish_bytes", s.max_publish_bytes, DEFAULT_MAX_PUBLISH_BYTES)?,
-                redis_url: match &s.redis_url {
-                    None => None,
-                    Some(url)
-                        if url.starts_with("redis://")
-                            || url.starts_with("rediss://")
-                            || url.starts_with("redis+unix://") =>
-                    {
-                        Some(Secret::new(url.clone().into_bytes()))
-                    }
-                    Some(_) => {
-                        return Err(ConfigError::invalid(
-                            "redis_url",
-                            "must start with redis://, rediss:// or redis+unix://",
-                        ));
-                    }
-                },
-            },
+            openai_chunk_graphemes: at_least_one(
+                "openai_chunk_graphemes",
+                s.openai_chunk_graphemes,
+                DEFAULT_OPENAI_CHUNK_GRAPHEMES,
+            )?,
+            store: store(&s)?,
         })
+    }
+}
+
+fn listen(s: &Settings) -> Result<(SocketAddr, u32), ConfigError> {
+    let text = s.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+    let listen: SocketAddr = text
+        .parse()
+        .map_err(|e| ConfigError::invalid("listen", format!("`{text}` is not an address like 127.0.0.1:8080 ({e})")))?;
+    let backlog = s.listen_backlog.unwrap_or(DEFAULT_LISTEN_BACKLOG);
+    if backlog == 0 {
+        return Err(ConfigError::invalid("listen_backlog", "must be at least 1"));
+    }
+    Ok((listen, backlog))
+}
+
+fn auth(s: &Settings) -> Result<AuthConfig, ConfigError> {
+    let key = key_material(s)?;
+    let auth = AuthConfig::new(
+        key,
+        s.jwt_algorithms.as_deref(),
+        s.jwt_issuer.clone(),
+        s.jwt_audience.clone(),
+        duration("jwt_leeway", s.jwt_leeway.as_deref(), DEFAULT_JWT_LEEWAY)?,
+        TokenSources {
+            cookie: s.token_cookie.clone().unwrap_or_else(|| DEFAULT_TOKEN_COOKIE.to_owned()),
+            query: s.token_query.clone().unwrap_or_else(|| DEFAULT_TOKEN_QUERY.to_owned()),
+        },
+    )?;
+    if s.jwt_private_key_file.is_some() && auth.key_is_secret() {
+        return Err(ConfigError::invalid("jwt_private_key_file", "only meaningful with jwt_public_key_file"));
+    }
+    Ok(auth)
+}
+
+fn stream(s: &Settings) -> Result<StreamConfig, ConfigError> {
+    let pace = pace(s)?;
+    let heartbeat = duration("heartbeat", s.heartbeat.as_deref(), DEFAULT_HEARTBEAT)?;
+    if heartbeat.is_zero() {
+        return Err(ConfigError::invalid("heartbeat", "must be above zero"));
+    }
+    Ok(StreamConfig {
+        heartbeat,
+        retry: duration("retry", s.retry.as_deref(), DEFAULT_RETRY)?,
+        pace,
+        default_generator: s.default_generator.clone().unwrap_or_else(|| DEFAULT_GENERATOR.to_owned()),
+        max_prompt_bytes: s.max_prompt_bytes.unwrap_or(DEFAULT_MAX_PROMPT_BYTES),
+    })
+}
+
+fn millis(ms: u32) -> Duration {
+    Duration::from_millis(u64::from(ms))
+}
+
+fn pace(s: &Settings) -> Result<PaceConfig, ConfigError> {
+    let pace = PaceConfig {
+        default: millis(s.pace_ms.unwrap_or(DEFAULT_PACE_MS)),
+        min: millis(s.pace_min_ms.unwrap_or(DEFAULT_PACE_MIN_MS)),
+        max: millis(s.pace_max_ms.unwrap_or(DEFAULT_PACE_MAX_MS)),
+        per_generator: s.generator_pace.iter().flatten().map(|item| generator_pace(item)).collect::<Result<_, _>>()?,
+    };
+    if pace.min > pace.max {
+        return Err(ConfigError::invalid("pace_min_ms", "is above pace_max_ms"));
+    }
+    Ok(pace)
+}
+
+/// One `name=ms` item of `generator_pace`.
+fn generator_pace(item: &str) -> Result<(String, Duration), ConfigError> {
+    let (name, ms) = item
+        .split_once('=')
+        .ok_or_else(|| ConfigError::invalid("generator_pace", format!("`{item}` is not `name=ms`")))?;
+    let ms: u32 = ms.trim().parse().map_err(|_| {
+        ConfigError::invalid(
+            "generator_pace",
+            format!("`{item}`: `{ms}` is not a number of milliseconds (0 to {})", u32::MAX),
+        )
+    })?;
+    Ok((name.trim().to_owned(), millis(ms)))
+}
+
+fn cors_origins(origins: Option<&[String]>) -> Result<Option<Vec<String>>, ConfigError> {
+    let Some(list) = origins else { return Ok(None) };
+    let list: Vec<String> = list.iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
+    if list.iter().any(|o| o == "*") && list.len() > 1 {
+        return Err(ConfigError::invalid("cors_origins", "`*` cannot be combined with explicit origins"));
+    }
+    for origin in list.iter().filter(|o| *o != "*") {
+        let ok = (origin.starts_with("http://") || origin.starts_with("https://"))
+            && !origin.ends_with('/')
+            && axum::http::HeaderValue::from_str(origin).is_ok();
+        if !ok {
+            return Err(ConfigError::invalid(
+                "cors_origins",
+                format!("`{origin}` is not an origin like https://chat.example.com"),
+            ));
+        }
+    }
+    Ok(Some(list))
+}
+
+fn log_json(format: Option<&str>) -> Result<bool, ConfigError> {
+    match format.unwrap_or(DEFAULT_LOG_FORMAT) {
+        "text" => Ok(false),
+        "json" => Ok(true),
+        other => Err(ConfigError::invalid("log_format", format!("`{other}` is neither `text` nor `json`"))),
+    }
+}
+
+fn prompts_dir(dir: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
+    match dir {
+        Some(dir) if !dir.is_dir() => {
+            Err(ConfigError::invalid("prompts_dir", format!("{} is not a directory", dir.display())))
+        }
+        dir => Ok(dir.map(Path::to_owned)),
+    }
+}
+
+fn store(s: &Settings) -> Result<StoreConfig, ConfigError> {
+    Ok(StoreConfig {
+        detach_grace: duration("detach_grace", s.detach_grace.as_deref(), DEFAULT_DETACH_GRACE)?,
+        stream_ttl: duration("stream_ttl", s.stream_ttl.as_deref(), DEFAULT_STREAM_TTL)?,
+        stream_max_events: at_least_one("stream_max_events", s.stream_max_events, DEFAULT_STREAM_MAX_EVENTS)?,
+        channel_max_events: at_least_one("channel_max_events", s.channel_max_events, DEFAULT_CHANNEL_MAX_EVENTS)?,
+        channel_ttl: duration("channel_ttl", s.channel_ttl.as_deref(), DEFAULT_CHANNEL_TTL)?,
+        max_publish_bytes: at_least_one("max_publish_bytes", s.max_publish_bytes, DEFAULT_MAX_PUBLISH_BYTES)?,
+        redis_url: redis_url(s.redis_url.as_deref())?,
+    })
+}
+
+fn redis_url(url: Option<&str>) -> Result<Option<Secret>, ConfigError> {
+    match url {
+        None => Ok(None),
+        Some(url)
+            if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") =>
+        {
+            Ok(Some(Secret::new(url.to_owned().into_bytes())))
+        }
+        Some(_) => Err(ConfigError::invalid("redis_url", "must start with redis://, rediss:// or redis+unix://")),
     }
 }
 
@@ -712,7 +855,7 @@ fn upstreams(s: &Settings) -> Result<Vec<Upstream>, ConfigError> {
         (None, Some(_)) => return Err(ConfigError::invalid("upstream_url", "required with upstream_model")),
         (None, None) => {}
     }
-    crate::generator::upstream::validate(&all)
+    Ok(crate::generator::upstream::validate(&all)?)
 }
 
 fn key_material(s: &Settings) -> Result<KeyMaterial, ConfigError> {
@@ -757,4 +900,34 @@ fn key_material(s: &Settings) -> Result<KeyMaterial, ConfigError> {
     getrandom::fill(&mut bytes)
         .map_err(|e| ConfigError::invalid("jwt_secret", format!("no key configured and the OS RNG failed: {e}")))?;
     Ok(KeyMaterial::Secret { secret: Secret::new(bytes), generated: true })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_help_default_names_a_flag_and_reaches_its_help() {
+        let command = <Settings as clap::Args>::augment_args(clap::Command::new("t"));
+        for (id, default) in help_defaults() {
+            let arg = command.get_arguments().find(|a| a.get_id() == id);
+            let help = arg.and_then(|a| a.get_help()).map(|h| h.to_string()).unwrap_or_default();
+            assert!(help.ends_with(&format!("[default: {default}]")), "`{id}`: {help:?}");
+        }
+    }
+
+    #[test]
+    fn help_defaults_are_what_an_empty_config_runs_with() {
+        // The help shows the constants; the validated config must use them.
+        let config = Config::from_settings(Settings::default()).map_err(|e| e.to_string());
+        let Ok(config) = config else { panic!("{config:?}") };
+        let shown: BTreeMap<_, _> = help_defaults().into_iter().collect();
+        assert_eq!(shown["listen"], config.listen.to_string());
+        assert_eq!(shown["max_stream_duration"], "30m");
+        assert_eq!(shown["heartbeat"], humantime::format_duration(config.stream.heartbeat).to_string());
+        assert_eq!(shown["pace_ms"], config.stream.pace.default.as_millis().to_string());
+        assert_eq!(shown["max_streams"], config.limits.max_streams.to_string());
+        assert_eq!(shown["channel_ttl"], "1h");
+        assert_eq!(shown["log_format"], if config.log_json { "json" } else { "text" });
+    }
 }

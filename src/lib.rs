@@ -23,6 +23,8 @@
 //! - [`event`]: the vocabulary all of them share: stream events, ids,
 //!   outcome codes, usage.
 //! - [`auth`]: token extraction, JWT validation, scopes, minting.
+//! - [`secret`]: [`secret::Secret`], bytes whose `Debug` never shows them.
+//! - [`json`]: JSON details where JSON Schema and serde disagree (`3.0` as an integer).
 //! - [`limits`]: request rates, stream slots, client IP behind proxies.
 //! - [`sse`]: the event-stream wire format (encoder and spec parser).
 //! - [`config`]: settings from flags, env and TOML, validated into
@@ -42,8 +44,10 @@ pub mod dialect;
 pub mod error;
 pub mod event;
 pub mod generator;
+pub mod json;
 pub mod limits;
 pub mod metrics;
+pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod sse;

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use demo::{DemoGenerator, Prompt};
 pub use echo::EchoGenerator;
 pub use openai::OpenAiGenerator;
-pub use registry::{Entry, Registry};
+pub use registry::{Entry, Registry, RegistryError, builtin_generators};
 
 pub use crate::event::{ErrorCode, Usage};
 
@@ -43,7 +43,7 @@ pub struct SamplingOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f64>,
     /// Most tokens to generate.
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::api::json::opt_int")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::opt_int")]
     pub max_tokens: Option<u32>,
     /// Stop sequence(s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,7 +55,7 @@ pub struct SamplingOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frequency_penalty: Option<f64>,
     /// Sampling seed.
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::api::json::opt_int")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::opt_int")]
     pub seed: Option<i64>,
 }
 

@@ -21,11 +21,11 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::{Value, json};
-use tokio::time::{Instant, sleep, sleep_until, timeout_at};
+use tokio::time::{Instant, Sleep, sleep, sleep_until, timeout_at};
 
 use super::http1::{self, SendFailure};
 use super::upstream::Upstream;
-use super::{Chunk, GenerateRequest, Generator, GeneratorError, TextStream, Usage};
+use super::{Chunk, ErrorCode, GenerateRequest, Generator, GeneratorError, TextStream, Usage};
 use crate::sse::{EventRef, Parser};
 
 /// One upstream plus its fallbacks, as one generator.
@@ -35,12 +35,8 @@ pub struct OpenAiGenerator {
     description: String,
 }
 
-fn upstream_error(code: &'static str, message: impl Into<String>) -> GeneratorError {
-    // TEMPORARY until the generator split lands: the literals become ErrorCode variants.
-    GeneratorError::Upstream {
-        code: crate::event::ErrorCode::parse(code).unwrap_or(crate::event::ErrorCode::UpstreamError),
-        message: message.into(),
-    }
+fn upstream_error(code: ErrorCode, message: impl Into<String>) -> GeneratorError {
+    GeneratorError::Upstream { code, message: message.into() }
 }
 
 /// Most upstream bytes gathered into one chunk of text.
@@ -293,7 +289,7 @@ async fn start(upstream: &Upstream, transport: &Transport, body: &Value, deadlin
         Err(_) => {
             return Err(Attempt {
                 error: upstream_error(
-                    "upstream_first_byte_timeout",
+                    ErrorCode::UpstreamFirstByteTimeout,
                     format!("upstream `{}` did not answer in time", upstream.name),
                 ),
                 retry: true,
@@ -301,9 +297,9 @@ async fn start(upstream: &Upstream, transport: &Transport, body: &Value, deadlin
         }
         Ok(Err(failure @ (SendFailure::ConnectTimeout | SendFailure::ConnectFailed))) => {
             let code = if failure == SendFailure::ConnectTimeout {
-                "upstream_connect_timeout"
+                ErrorCode::UpstreamConnectTimeout
             } else {
-                "upstream_connect_failed"
+                ErrorCode::UpstreamConnectFailed
             };
             return Err(Attempt {
                 error: upstream_error(code, format!("cannot reach upstream `{}`", upstream.name)),
@@ -313,7 +309,7 @@ async fn start(upstream: &Upstream, transport: &Transport, body: &Value, deadlin
         Ok(Err(SendFailure::Disconnected)) => {
             return Err(Attempt {
                 error: upstream_error(
-                    "upstream_disconnected",
+                    ErrorCode::UpstreamDisconnected,
                     format!("upstream `{}` failed before answering", upstream.name),
                 ),
                 retry: true,
@@ -339,11 +335,11 @@ async fn start(upstream: &Upstream, transport: &Transport, body: &Value, deadlin
     };
     let name = &upstream.name;
     let (code, retry) = match status {
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ("upstream_unauthorized", false),
-        StatusCode::NOT_FOUND => ("upstream_not_found", false),
-        StatusCode::TOO_MANY_REQUESTS => ("upstream_rate_limited", false),
-        s if s.is_server_error() => ("upstream_unavailable", true),
-        _ => ("upstream_bad_request", false),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => (ErrorCode::UpstreamUnauthorized, false),
+        StatusCode::NOT_FOUND => (ErrorCode::UpstreamNotFound, false),
+        StatusCode::TOO_MANY_REQUESTS => (ErrorCode::UpstreamRateLimited, false),
+        s if s.is_server_error() => (ErrorCode::UpstreamUnavailable, true),
+        _ => (ErrorCode::UpstreamBadRequest, false),
     };
     let mut message = format!("upstream `{name}` answered {status}");
     if let Some(after) = retry_after {
@@ -370,6 +366,205 @@ fn mask_keys(text: &str, upstream: &Upstream) -> String {
         .join(" ")
 }
 
+/// The request body for `upstream`: the chat, streaming with usage, and
+/// the request's sampling options as they are.
+fn request_body(upstream: &Upstream, request: &GenerateRequest) -> Value {
+    let mut body = json!({
+        "model": upstream.model,
+        "messages": messages_for(request),
+        "stream": true,
+        "stream_options": { "include_usage": true },
+    });
+    if let (Value::Object(map), Ok(Value::Object(options))) = (&mut body, serde_json::to_value(&request.options)) {
+        map.extend(options);
+    }
+    body
+}
+
+/// Gets a response head from the first upstream of `chain` that gives one
+/// before `deadline`: each is tried up to `1 + retries` times while its
+/// failure is worth retrying (with backoff), then the next one. Returns
+/// the upstream that answered with its body, or the last failure.
+async fn connect(
+    chain: &[(Arc<Upstream>, Transport)],
+    request: &GenerateRequest,
+    deadline: Instant,
+) -> Result<(Arc<Upstream>, Pieces), GeneratorError> {
+    let mut last_error = upstream_error(ErrorCode::UpstreamUnavailable, "no upstream configured");
+    'chain: for (upstream, transport) in chain {
+        let body = request_body(upstream, request);
+        for attempt in 0..=upstream.retries {
+            match start(upstream, transport, &body, deadline).await {
+                Ok(response) => return Ok((upstream.clone(), response)),
+                Err(failed) => {
+                    tracing::info!(upstream = %upstream.name, attempt, code = failed.error.code().as_str(), "upstream attempt failed");
+                    last_error = failed.error;
+                    if !failed.retry || attempt == upstream.retries {
+                        break;
+                    }
+                    // 100 ms, 200 ms, 400 ms, ... within the total deadline.
+                    let backoff = Duration::from_millis(100 << attempt.min(6));
+                    if Instant::now() + backoff >= deadline {
+                        break 'chain;
+                    }
+                    sleep(backoff).await;
+                }
+            }
+        }
+    }
+    Err(last_error)
+}
+
+/// What one read of an upstream body came to.
+enum Step {
+    /// Text, usage and perhaps the in-band end, of every piece that was
+    /// ready (see [`BodyReader::take_ready`]).
+    Read(Absorbed),
+    /// The body ended after the upstream said it had finished.
+    Finished,
+    /// The body failed, timed out or ended before finishing.
+    Failed(GeneratorError),
+}
+
+/// An upstream response body after its head: the SSE parser that spans
+/// reads, and the idle and total timeouts.
+struct BodyReader {
+    upstream: Arc<Upstream>,
+    body: Pieces,
+    parser: Parser,
+    /// The whole generation's deadline (`total_timeout` from the start).
+    deadline: Instant,
+    /// `total_timeout`, for the message when the deadline passes.
+    total: Duration,
+    /// A frame carried a `finish_reason`: a close after that is the end,
+    /// not a failure (some upstreams send no `[DONE]`).
+    finished: bool,
+    /// The end of the body (or its error) met while taking ready pieces;
+    /// handled on the next read, once the text before it is handed on.
+    deferred: Option<Option<Result<Bytes, String>>>,
+    /// When the last piece came; the idle timeout counts from here.
+    last_frame: Instant,
+}
+
+impl BodyReader {
+    fn new(upstream: Arc<Upstream>, body: Pieces, deadline: Instant, total: Duration) -> Self {
+        Self {
+            upstream,
+            body,
+            parser: Parser::new(),
+            deadline,
+            total,
+            finished: false,
+            deferred: None,
+            last_frame: Instant::now(),
+        }
+    }
+
+    /// When the idle or the total timeout is due, whichever is first.
+    fn due(&self) -> Instant {
+        self.deadline.min(self.last_frame + self.upstream.idle_timeout)
+    }
+
+    /// The next piece of the body, or `None` at its end; `Err` when a
+    /// timeout passed first. `timer` is the one timer of the whole body,
+    /// moved only when it fires: arming a fresh timeout for every frame
+    /// cost a timer-wheel insert and removal per character.
+    async fn next_piece(&mut self, mut timer: Pin<&mut Sleep>) -> Result<Option<Result<Bytes, String>>, ()> {
+        loop {
+            tokio::select! {
+                biased;
+                next = self.body.next() => return Ok(next),
+                () = &mut timer => {
+                    let due = self.due();
+                    if Instant::now() >= due {
+                        return Err(());
+                    }
+                    timer.as_mut().reset(due);
+                }
+            }
+        }
+    }
+
+    /// Reads on: everything that is ready now, or how the body ended.
+    async fn read(&mut self, timer: Pin<&mut Sleep>) -> Step {
+        let next = match self.deferred.take() {
+            Some(end) => Ok(end),
+            None => self.next_piece(timer).await,
+        };
+        self.last_frame = Instant::now();
+        let name = &self.upstream.name;
+        let bytes = match next {
+            Ok(Some(Ok(bytes))) => bytes,
+            Err(()) if Instant::now() >= self.deadline => {
+                let total = humantime::format_duration(self.total);
+                return Step::Failed(upstream_error(
+                    ErrorCode::UpstreamTotalTimeout,
+                    format!("upstream `{name}` exceeded {total}"),
+                ));
+            }
+            Err(()) => {
+                let idle = humantime::format_duration(self.upstream.idle_timeout);
+                return Step::Failed(upstream_error(
+                    ErrorCode::UpstreamIdleTimeout,
+                    format!("upstream `{name}` sent nothing for {idle}"),
+                ));
+            }
+            Ok(Some(Err(_)) | None) if self.finished => return Step::Finished,
+            Ok(Some(Err(_)) | None) => {
+                return Step::Failed(upstream_error(
+                    ErrorCode::UpstreamDisconnected,
+                    format!("upstream `{name}` closed the stream before finishing"),
+                ));
+            }
+        };
+        let read = self.take_ready(&bytes);
+        self.finished |= read.finished;
+        Step::Read(read)
+    }
+
+    /// The body yields one piece per HTTP chunk, and upstreams send one
+    /// chunk per frame: take every piece that is already here (one network
+    /// read holds hundreds) and hand the text of all of them on as one
+    /// chunk. The engine then has it ready at once, and the client gets it
+    /// in one write rather than one per frame. Nothing waits for a piece
+    /// not yet here.
+    fn take_ready(&mut self, first: &[u8]) -> Absorbed {
+        let mut read = Absorbed::default();
+        read.absorb(&mut self.parser, first);
+        let mut taken = first.len();
+        while taken < MAX_READY_BYTES && read.end.is_none() {
+            match self.body.next().now_or_never() {
+                Some(Some(Ok(more))) => {
+                    taken += more.len();
+                    read.absorb(&mut self.parser, &more);
+                }
+                Some(end) => {
+                    // An error or the end: handled once this text is.
+                    self.deferred = Some(end);
+                    break;
+                }
+                None => break,
+            }
+        }
+        read
+    }
+
+    /// The error an in-band end stands for (`None` for `[DONE]`).
+    fn end_error(&self, end: End) -> Option<GeneratorError> {
+        let name = &self.upstream.name;
+        match end {
+            End::Done => None,
+            End::Malformed => Some(upstream_error(
+                ErrorCode::UpstreamMalformed,
+                format!("upstream `{name}` sent a chunk that is not JSON"),
+            )),
+            End::Error(message) => {
+                Some(upstream_error(ErrorCode::UpstreamError, format!("upstream `{name}`: {message}")))
+            }
+        }
+    }
+}
+
 impl Generator for OpenAiGenerator {
     fn description(&self) -> &str {
         &self.description
@@ -380,133 +575,36 @@ impl Generator for OpenAiGenerator {
         Box::pin(async_stream::stream! {
             let total = chain.first().map_or(super::upstream::DEFAULT_TOTAL_TIMEOUT, |(u, _)| u.total_timeout);
             let deadline = Instant::now() + total;
-            let mut last_error = upstream_error("upstream_unavailable", "no upstream configured");
-            let mut started = None;
-            'chain: for (upstream, transport) in &chain {
-                let mut body = json!({
-                    "model": upstream.model,
-                    "messages": messages_for(&request),
-                    "stream": true,
-                    "stream_options": { "include_usage": true },
-                });
-                if let (Value::Object(map), Ok(Value::Object(options))) = (&mut body, serde_json::to_value(&request.options)) {
-                    map.extend(options);
+            let (upstream, body) = match connect(&chain, &request, deadline).await {
+                Ok(started) => started,
+                Err(error) => {
+                    yield Err(error);
+                    return;
                 }
-                for attempt in 0..=upstream.retries {
-                    match start(upstream, transport, &body, deadline).await {
-                        Ok(response) => {
-                            started = Some((upstream.clone(), response));
-                            break 'chain;
-                        }
-                        Err(failed) => {
-                            tracing::info!(upstream = %upstream.name, attempt, code = failed.error.code().as_str(), "upstream attempt failed");
-                            last_error = failed.error;
-                            if !failed.retry || attempt == upstream.retries {
-                                break;
-                            }
-                            // 100 ms, 200 ms, 400 ms, ... within the total deadline.
-                            let backoff = Duration::from_millis(100 << attempt.min(6));
-                            if Instant::now() + backoff >= deadline {
-                                break 'chain;
-                            }
-                            sleep(backoff).await;
-                        }
-                    }
-                }
-            }
-            let Some((upstream, response)) = started else {
-                yield Err(last_error);
-                return;
             };
-            let mut body = response;
-            let mut parser = Parser::new();
-            let mut finished = false;
-            let mut deferred = None;
-            // One timer for the whole body, moved only when it fires: arming
-            // a fresh timeout for every frame cost a timer-wheel insert and
-            // removal per character. `last_frame` says when it should fire.
-            let mut last_frame = Instant::now();
-            let timer = sleep_until(deadline.min(last_frame + upstream.idle_timeout));
+            let mut reader = BodyReader::new(upstream, body, deadline, total);
+            let timer = sleep_until(reader.due());
             tokio::pin!(timer);
             loop {
-                let next = if let Some(end) = deferred.take() {
-                    Ok(end)
-                } else {
-                    loop {
-                        tokio::select! {
-                            biased;
-                            next = body.next() => break Ok(next),
-                            () = &mut timer => {
-                                let due = deadline.min(last_frame + upstream.idle_timeout);
-                                if Instant::now() >= due {
-                                    break Err(());
-                                }
-                                timer.as_mut().reset(due);
-                            }
-                        }
-                    }
-                };
-                last_frame = Instant::now();
-                let next = match next {
-                    Ok(next) => next,
-                    Err(_) if Instant::now() >= deadline => {
-                        yield Err(upstream_error("upstream_total_timeout", format!("upstream `{}` exceeded {}", upstream.name, humantime::format_duration(total))));
-                        return;
-                    }
-                    Err(_) => {
-                        yield Err(upstream_error("upstream_idle_timeout", format!("upstream `{}` sent nothing for {}", upstream.name, humantime::format_duration(upstream.idle_timeout))));
+                let read = match reader.read(timer.as_mut()).await {
+                    Step::Read(read) => read,
+                    Step::Finished => return,
+                    Step::Failed(error) => {
+                        yield Err(error);
                         return;
                     }
                 };
-                let bytes = match next {
-                    Some(Ok(bytes)) => bytes,
-                    Some(Err(_)) | None if finished => return,
-                    Some(Err(_)) | None => {
-                        yield Err(upstream_error("upstream_disconnected", format!("upstream `{}` closed the stream before finishing", upstream.name)));
-                        return;
-                    }
-                };
-                // The body yields one piece per HTTP chunk, and upstreams
-                // send one chunk per frame: take every piece that is already
-                // here (one network read holds hundreds) and hand the text of
-                // all of them on as one chunk. The engine then has it ready
-                // at once, and the client gets it in one write rather than
-                // one per frame. Nothing waits for a piece not yet here.
-                let mut read = Absorbed::default();
-                read.absorb(&mut parser, &bytes);
-                let mut taken = bytes.len();
-                while taken < MAX_READY_BYTES && read.end.is_none() {
-                    match body.next().now_or_never() {
-                        Some(Some(Ok(more))) => {
-                            taken += more.len();
-                            read.absorb(&mut parser, &more);
-                        }
-                        Some(end) => {
-                            // An error or the end: handled once this text is.
-                            deferred = Some(end);
-                            break;
-                        }
-                        None => break,
-                    }
-                }
-                finished |= read.finished;
                 if !read.text.is_empty() {
                     yield Ok(Chunk::Text(read.text));
                 }
                 if let Some(usage) = read.usage {
                     yield Ok(Chunk::Usage(usage));
                 }
-                match read.end {
-                    None => {}
-                    Some(End::Done) => return,
-                    Some(End::Malformed) => {
-                        yield Err(upstream_error("upstream_malformed", format!("upstream `{}` sent a chunk that is not JSON", upstream.name)));
-                        return;
+                if let Some(end) = read.end {
+                    if let Some(error) = reader.end_error(end) {
+                        yield Err(error);
                     }
-                    Some(End::Error(message)) => {
-                        yield Err(upstream_error("upstream_error", format!("upstream `{}`: {message}", upstream.name)));
-                        return;
-                    }
+                    return;
                 }
             }
         })

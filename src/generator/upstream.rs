@@ -22,8 +22,7 @@ use std::time::Duration;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 
-use crate::auth::Secret;
-use crate::config::ConfigError;
+use crate::secret::Secret;
 
 /// Default connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -70,7 +69,7 @@ pub struct UpstreamSettings {
     /// Retries before the first byte (connect errors, 5xx, timeouts).
     pub retries: Option<u32>,
     /// Default pace for this upstream's deltas in ms (0: as they come).
-    pub pace_ms: Option<u64>,
+    pub pace_ms: Option<u32>,
     /// Reuse connections through a pool (and honour `HTTP_PROXY`) for an
     /// `http://` upstream too; `https://` ones always are.
     pub pooled: Option<bool>,
@@ -110,50 +109,151 @@ pub struct Upstream {
     pub pooled: bool,
 }
 
-fn dur(name: &str, what: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+/// Why an `[upstreams.NAME]` table cannot be used. Every variant names the
+/// upstream, since a file may hold many; the caller (`config`) adds which
+/// setting (`upstreams`) it was.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamConfigError {
+    /// `base_url` is not an http(s) URL.
+    #[error("upstream `{upstream}`: base_url `{base_url}` must start with http:// or https://")]
+    BaseUrl {
+        /// The upstream's name.
+        upstream: String,
+        /// The URL as written.
+        base_url: String,
+    },
+    /// `model` is empty.
+    #[error("upstream `{upstream}`: model is required")]
+    MissingModel {
+        /// The upstream's name.
+        upstream: String,
+    },
+    /// Both `api_key_env` and `api_key_file`: which one wins would be a guess.
+    #[error("upstream `{upstream}`: set api_key_env or api_key_file, not both")]
+    TwoKeys {
+        /// The upstream's name.
+        upstream: String,
+    },
+    /// `api_key_env` names an unset variable.
+    #[error("upstream `{upstream}`: environment variable `{var}` (api_key_env) is not set")]
+    KeyEnvUnset {
+        /// The upstream's name.
+        upstream: String,
+        /// The variable's name.
+        var: String,
+    },
+    /// `api_key_file` cannot be read.
+    #[error("upstream `{upstream}`: cannot read api_key_file {}: {source}", path.display())]
+    KeyFile {
+        /// The upstream's name.
+        upstream: String,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why not.
+        source: std::io::Error,
+    },
+    /// A `headers` key that is no HTTP header name.
+    #[error("upstream `{upstream}`: header name `{header}` is invalid")]
+    HeaderName {
+        /// The upstream's name.
+        upstream: String,
+        /// The name as written.
+        header: String,
+    },
+    /// A `headers` value that cannot be sent (control characters, say).
+    #[error("upstream `{upstream}`: header `{header}` has an invalid value")]
+    HeaderValue {
+        /// The upstream's name.
+        upstream: String,
+        /// The header's name.
+        header: String,
+    },
+    /// `retries` above [`MAX_RETRIES`].
+    #[error("upstream `{upstream}`: retries must be at most {MAX_RETRIES}")]
+    TooManyRetries {
+        /// The upstream's name.
+        upstream: String,
+    },
+    /// A timeout that is not a duration.
+    #[error("upstream `{upstream}`: {setting} `{value}`: {source}")]
+    Timeout {
+        /// The upstream's name.
+        upstream: String,
+        /// Which timeout (`connect_timeout`, ...).
+        setting: &'static str,
+        /// The value as written.
+        value: String,
+        /// Why it does not parse.
+        source: humantime::DurationError,
+    },
+    /// A fallback that names no other upstream.
+    #[error("upstream `{upstream}`: fallback `{fallback}` is not another upstream")]
+    Fallback {
+        /// The upstream's name.
+        upstream: String,
+        /// The fallback as written.
+        fallback: String,
+    },
+}
+
+fn dur(
+    upstream: &str,
+    setting: &'static str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, UpstreamConfigError> {
     match value {
         None => Ok(default),
-        Some(v) => humantime::parse_duration(v)
-            .map_err(|e| ConfigError::invalid("upstreams", format!("upstream `{name}`: {what} `{v}`: {e}"))),
+        Some(v) => humantime::parse_duration(v).map_err(|source| UpstreamConfigError::Timeout {
+            upstream: upstream.to_owned(),
+            setting,
+            value: v.to_owned(),
+            source,
+        }),
     }
 }
 
 impl Upstream {
     /// Validates one table. Reads the API key now, so a missing key stops
     /// start-up instead of failing the first request.
-    pub fn from_settings(name: &str, s: &UpstreamSettings) -> Result<Self, ConfigError> {
-        let err = |reason: String| ConfigError::invalid("upstreams", format!("upstream `{name}`: {reason}"));
+    pub fn from_settings(name: &str, s: &UpstreamSettings) -> Result<Self, UpstreamConfigError> {
+        let upstream = || name.to_owned();
         let base = s.base_url.trim_end_matches('/');
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(err(format!("base_url `{}` must start with http:// or https://", s.base_url)));
+            return Err(UpstreamConfigError::BaseUrl { upstream: upstream(), base_url: s.base_url.clone() });
         }
         if s.model.is_empty() {
-            return Err(err("model is required".into()));
+            return Err(UpstreamConfigError::MissingModel { upstream: upstream() });
         }
         let api_key = match (&s.api_key_env, &s.api_key_file) {
-            (Some(_), Some(_)) => return Err(err("set api_key_env or api_key_file, not both".into())),
+            (Some(_), Some(_)) => return Err(UpstreamConfigError::TwoKeys { upstream: upstream() }),
             (Some(var), None) => Some(Secret::new(
                 std::env::var(var)
-                    .map_err(|_| err(format!("environment variable `{var}` (api_key_env) is not set")))?
+                    .map_err(|_| UpstreamConfigError::KeyEnvUnset { upstream: upstream(), var: var.clone() })?
                     .into_bytes(),
             )),
             (None, Some(path)) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| err(format!("cannot read api_key_file {}: {e}", path.display())))?;
+                let text = std::fs::read_to_string(path).map_err(|source| UpstreamConfigError::KeyFile {
+                    upstream: upstream(),
+                    path: path.clone(),
+                    source,
+                })?;
                 Some(Secret::new(text.trim().as_bytes().to_vec()))
             }
             (None, None) => None,
         };
         let mut headers = HeaderMap::new();
         for (k, v) in &s.headers {
-            let name = HeaderName::try_from(k.as_str()).map_err(|_| err(format!("header name `{k}` is invalid")))?;
-            let value =
-                HeaderValue::try_from(v.as_str()).map_err(|_| err(format!("header `{k}` has an invalid value")))?;
+            let header = || k.clone();
+            let name = HeaderName::try_from(k.as_str())
+                .map_err(|_| UpstreamConfigError::HeaderName { upstream: upstream(), header: header() })?;
+            let value = HeaderValue::try_from(v.as_str())
+                .map_err(|_| UpstreamConfigError::HeaderValue { upstream: upstream(), header: header() })?;
             headers.insert(name, value);
         }
         let retries = s.retries.unwrap_or(DEFAULT_RETRIES);
         if retries > MAX_RETRIES {
-            return Err(err(format!("retries must be at most {MAX_RETRIES}")));
+            return Err(UpstreamConfigError::TooManyRetries { upstream: upstream() });
         }
         Ok(Self {
             name: name.to_owned(),
@@ -173,23 +273,20 @@ impl Upstream {
             retries,
             aliases: s.aliases.clone(),
             fallbacks: s.fallbacks.clone(),
-            pace: s.pace_ms.map(Duration::from_millis),
+            pace: s.pace_ms.map(|ms| Duration::from_millis(u64::from(ms))),
             pooled: s.pooled.unwrap_or(false),
         })
     }
 }
 
 /// Validates every upstream and their fallback references.
-pub fn validate(upstreams: &BTreeMap<String, UpstreamSettings>) -> Result<Vec<Upstream>, ConfigError> {
+pub fn validate(upstreams: &BTreeMap<String, UpstreamSettings>) -> Result<Vec<Upstream>, UpstreamConfigError> {
     let list: Vec<Upstream> =
         upstreams.iter().map(|(name, s)| Upstream::from_settings(name, s)).collect::<Result<_, _>>()?;
     for u in &list {
         for f in &u.fallbacks {
             if !upstreams.contains_key(f) || f == &u.name {
-                return Err(ConfigError::invalid(
-                    "upstreams",
-                    format!("upstream `{}`: fallback `{f}` is not another upstream", u.name),
-                ));
+                return Err(UpstreamConfigError::Fallback { upstream: u.name.clone(), fallback: f.clone() });
             }
         }
     }

@@ -2,6 +2,10 @@
 //! trusted proxy; then the forwarding headers are read right to left and the
 //! first address that is not a trusted proxy is the client. Headers from
 //! untrusted peers are ignored: anyone can write them.
+//!
+//! The address keys the per-IP rate limit, which runs before
+//! authentication; believing a forged header would let one client pose as
+//! many (and dodge the limit) or as another (and use up its budget).
 
 use std::net::IpAddr;
 
@@ -9,6 +13,12 @@ use axum::http::HeaderMap;
 use ipnet::IpNet;
 
 /// Resolves the client IP for rate limiting and logs.
+///
+/// Each proxy appends the address it received from, so only the entries to
+/// the right of the last untrusted hop were written by proxies we trust;
+/// anything left of it is whatever the client chose to send. When every
+/// hop is trusted (a request from inside the proxies' network), the
+/// leftmost entry is the best there is.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(&canonical(*ip)));
     if !is_trusted(&peer) {
@@ -27,7 +37,9 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     chain.first().copied().unwrap_or(peer)
 }
 
-/// IPv4-mapped IPv6 addresses compare as IPv4.
+/// IPv4-mapped IPv6 addresses compare as IPv4. A dual-stack listener sees
+/// IPv4 peers as `::ffff:a.b.c.d`: without this, a trusted `10.0.0.0/8`
+/// would not match them, and one client could count under two keys.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
@@ -35,6 +47,10 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// `X-Forwarded-For`, the de facto header (nginx writes it), read only when
+/// there is no `Forwarded`. Several header lines are one list, in order.
+/// Entries that do not parse are skipped: proxies write addresses, so
+/// anything else came from the client and is left of them anyway.
 fn x_forwarded_for(headers: &HeaderMap) -> Vec<IpAddr> {
     headers
         .get_all("x-forwarded-for")
@@ -46,6 +62,9 @@ fn x_forwarded_for(headers: &HeaderMap) -> Vec<IpAddr> {
 }
 
 /// RFC 7239 `Forwarded: for=192.0.2.60;proto=http, for="[2001:db8::1]:4711"`.
+/// Preferred when present: a proxy that writes the standard header means
+/// it. Obfuscated nodes (`for=_hidden`, `for=unknown`) carry no address and
+/// are skipped like garbage.
 fn forwarded_for(headers: &HeaderMap) -> Vec<IpAddr> {
     headers
         .get_all("forwarded")
@@ -61,7 +80,8 @@ fn forwarded_for(headers: &HeaderMap) -> Vec<IpAddr> {
         .collect()
 }
 
-/// An address, optionally with a port, IPv6 optionally in brackets.
+/// An address, optionally with a port; IPv6 in brackets as `Forwarded`
+/// writes it (RFC 7239), or bare as `X-Forwarded-For` usually does.
 fn parse_node(s: &str) -> Option<IpAddr> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Some(canonical(ip));

@@ -12,6 +12,8 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
+/// A governor limiter keyed by `K` (one GCRA state per key) on governor's
+/// default clock.
 type Keyed<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
 
 /// Which limiter refused.
@@ -44,11 +46,16 @@ pub struct Rate {
 }
 
 impl Rate {
+    /// An `Option` only because governor refuses a zero period: 60 s over a
+    /// `u32` never is one (config caps the rate at one per microsecond), and
+    /// a limiter left out is better than a panic if that ever changed.
     fn quota(self) -> Option<Quota> {
         Quota::with_period(Duration::from_secs(60) / self.per_minute.get()).map(|q| q.allow_burst(self.burst))
     }
 }
 
+/// One limiter and the burst its quota was built with, which a refusal
+/// reports (`RateLimit-Limit`).
 struct Limiter<K: Hash + Eq + Clone> {
     limiter: Keyed<K>,
     burst: u32,
@@ -62,6 +69,8 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         })
     }
 
+    /// `retry_after` is read on governor's clock type: its instants are not
+    /// `std::time::Instant`s and only compare with their own kind.
     fn check(&self, key: &K, scope: RateScope) -> Result<(), RateLimited> {
         self.limiter.check_key(key).map(|_| ()).map_err(|not_until| RateLimited {
             scope,
@@ -70,6 +79,9 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         })
     }
 
+    /// `shrink_to_fit` as well as `retain_recent`: after a burst of distinct
+    /// keys (a scan, many clients reconnecting) the map would otherwise keep
+    /// its peak capacity for good.
     fn prune(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
@@ -93,7 +105,8 @@ impl RateLimits {
         self.ip.as_ref().map_or(Ok(()), |l| l.check(&ip, RateScope::Ip))
     }
 
-    /// Counts one request from `subject`.
+    /// Counts one request from `subject`. The key is copied into a `String`
+    /// because governor looks keys up by `&K` of the map's own key type.
     pub fn check_subject(&self, subject: &str) -> Result<(), RateLimited> {
         match &self.subject {
             None => Ok(()),

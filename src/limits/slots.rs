@@ -30,13 +30,18 @@ pub enum SlotRefused {
 /// The slot table.
 #[derive(Debug)]
 pub struct StreamSlots {
+    /// An `Arc` so a permit can be owned (`'static`) and moved into the
+    /// stream's task with the stream.
     global: Arc<Semaphore>,
+    /// Kept for the refusal's message: a semaphore does not say its size.
     max_global: usize,
     max_per_subject: usize,
     /// Open streams per subject; an entry is removed at zero, so the map
     /// holds only subjects with open streams.
     per_subject: Mutex<HashMap<String, usize>>,
+    /// Streams open, for metrics and shutdown, read without taking the lock.
     open: AtomicUsize,
+    /// Woken when `open` drops to zero, so shutdown waits without polling.
     idle: Notify,
 }
 
@@ -44,7 +49,9 @@ pub struct StreamSlots {
 #[derive(Debug)]
 pub struct SlotPermit {
     slots: Arc<StreamSlots>,
+    /// Which per-subject count to take back on drop.
     subject: String,
+    /// Returned to the semaphore by its own drop, after ours.
     _global: OwnedSemaphorePermit,
 }
 
@@ -63,6 +70,9 @@ impl StreamSlots {
 
     /// Takes a slot for `subject`, or says which cap is in the way (the
     /// subject's first: its own excess should not look like server load).
+    ///
+    /// The table stays locked while the global permit is taken, so two
+    /// requests of one subject cannot both pass its check.
     pub fn try_acquire(self: &Arc<Self>, subject: &str) -> Result<SlotPermit, SlotRefused> {
         let mut table = self.per_subject.lock().unwrap_or_else(PoisonError::into_inner);
         let held = table.get(subject).copied().unwrap_or(0);
@@ -86,7 +96,9 @@ impl StreamSlots {
         self.per_subject.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 
-    /// Resolves once no stream is open.
+    /// Resolves once no stream is open. The `Notified` future is made
+    /// before the count is read, so a last stream ending in between still
+    /// wakes it.
     pub async fn until_idle(&self) {
         loop {
             let notified = self.idle.notified();

@@ -25,8 +25,7 @@ use self::stall::StallGuard;
 
 use crate::app::router;
 use crate::config::{Config, ConfigError};
-use crate::generator::upstream::Upstream;
-use crate::generator::{DemoGenerator, EchoGenerator, Generator, OpenAiGenerator, Registry};
+use crate::generator::{self, Registry};
 use crate::limits::{RateLimits, StreamSlots};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -67,35 +66,9 @@ pub enum ServerError {
 
 /// The built-in generators (`demo`, `echo`) at the configured default pace,
 /// and one `openai` generator per configured upstream (under its name and
-/// aliases).
+/// aliases); see [`crate::generator::builtin_generators`].
 pub fn builtin_generators(config: &Config) -> Result<Registry, ConfigError> {
-    let demo = match &config.prompts_dir {
-        Some(dir) => DemoGenerator::from_dir(dir)
-            .map_err(|e| ConfigError::invalid("prompts_dir", format!("{}: {e}", dir.display())))?,
-        None => DemoGenerator::shipped(),
-    };
-    let mut registry = Registry::new();
-    registry.register("demo", Arc::new(demo), config.stream.pace.default);
-    registry.register("echo", Arc::new(EchoGenerator), config.stream.pace.default);
-    let by_name: std::collections::HashMap<&str, Arc<Upstream>> =
-        config.upstreams.iter().map(|u| (u.name.as_str(), Arc::new(u.clone()))).collect();
-    for upstream in &config.upstreams {
-        let primary = by_name.get(upstream.name.as_str()).cloned().unwrap_or_else(|| Arc::new(upstream.clone()));
-        let fallbacks = upstream.fallbacks.iter().filter_map(|f| by_name.get(f.as_str()).cloned()).collect();
-        let generator: Arc<dyn Generator> = Arc::new(
-            OpenAiGenerator::new(primary, fallbacks)
-                .map_err(|e| ConfigError::invalid("upstreams", format!("upstream `{}`: {e}", upstream.name)))?,
-        );
-        // Model servers are not paced unless asked: every delay is latency.
-        let pace = upstream.pace.unwrap_or(Duration::ZERO);
-        for name in std::iter::once(&upstream.name).chain(&upstream.aliases) {
-            if registry.get(name).is_some() {
-                return Err(ConfigError::invalid("upstreams", format!("the name `{name}` is used twice")));
-            }
-            registry.register(name.clone(), generator.clone(), pace);
-        }
-    }
-    Ok(registry)
+    Ok(generator::builtin_generators(config.prompts_dir.as_deref(), config.stream.pace.default, &config.upstreams)?)
 }
 
 /// The shared state: limits, metrics, the store and the stream service

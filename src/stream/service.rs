@@ -176,7 +176,7 @@ impl StreamService {
         let permit = inner.slots.try_acquire(&caller.subject)?;
         let stream_id = StreamId::random().map_err(|e| StreamError::Rng(e.to_string()))?;
         let settings = EngineSettings {
-            pace: cfg.pace.resolve(entry.pace, request.pace_ms.map(u64::from)),
+            pace: cfg.pace.resolve(entry.pace, request.pace_ms),
             max_duration: limits.max_stream_duration,
         };
         tracing::debug!(subject = %caller.subject, generator = %name, %stream_id, "stream opened");

@@ -112,6 +112,93 @@ fn flags_beat_env_beat_file() {
     assert!(decode(&via_env, f).is_some());
 }
 
+#[test]
+fn a_sectioned_file_is_read_and_flags_beat_env_beat_it() {
+    let dir = tempdir();
+    let file = dir.join("tokengate.toml");
+    let (f, e, c) = (
+        "file-secret-0123456789-0123456789-abc",
+        "env-secret-0123456789-0123456789-abcd",
+        "flag-secret-0123456789-0123456789-abc",
+    );
+    // `max_streams = 0` is refused: a start that succeeds shows the file's
+    // value was overridden, one that fails shows it was read.
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[auth]\njwt_secret = \"{f}\"\n[limits]\nmax_streams = 0\n[stream]\npace_ms = 5\n[store]\nstream_ttl = \"1m\"\n"
+    );
+    std::fs::write(&file, text).unwrap();
+    let cfg = file.to_str().unwrap();
+    let err = run_fail(&["--config", cfg, "token", "--sub", "a"], &[]);
+    assert!(err.contains("`max_streams`") && err.contains("at least 1"), "{err}");
+    let from_file = mint(&["--config", cfg, "token", "--sub", "a", "--max-streams", "5"], &[]);
+    assert!(decode(&from_file, f).is_some());
+    let env = [("TOKENGATE_JWT_SECRET", e), ("TOKENGATE_MAX_STREAMS", "5")];
+    let env_too = mint(&["--config", cfg, "token", "--sub", "a"], &env);
+    assert!(decode(&env_too, e).is_some());
+    let env = [("TOKENGATE_JWT_SECRET", e), ("TOKENGATE_MAX_STREAMS", "0")];
+    let all = mint(&["--config", cfg, "token", "--sub", "a", "--jwt-secret", c, "--max-streams", "5"], &env);
+    assert!(decode(&all, c).is_some());
+}
+
+#[test]
+fn file_keys_in_the_wrong_section_or_given_twice_are_refused() {
+    let dir = tempdir();
+    for (name, text, wanted) in [
+        ("wrong.toml", "[auth]\nmax_streams = 10\n", "`max_streams` belongs in [limits]"),
+        ("unknown.toml", "[limits]\nmax_strems = 10\n", "unknown field `max_strems`"),
+        ("twice.toml", "pace_ms = 1\n[stream]\npace_ms = 2\n", "`pace_ms` is set both"),
+    ] {
+        let file = dir.join(name);
+        std::fs::write(&file, text).unwrap();
+        let err = run_fail(&["--config", file.to_str().unwrap(), "token", "--sub", "a"], &[]);
+        assert!(err.contains("`config`") && err.contains(wanted), "{name}: {err}");
+    }
+}
+
+#[test]
+fn an_out_of_range_pace_is_refused_naming_the_flag() {
+    for (args, envs) in [
+        (vec!["--pace-ms", "5000000000"], vec![]),
+        (vec![], vec![("TOKENGATE_PACE_MS", "5000000000")]),
+        (vec!["--pace-max-ms=-1"], vec![]),
+    ] {
+        let err = run_fail(&args, &envs);
+        assert!(err.contains("--pace-"), "{args:?} {envs:?}: {err}");
+    }
+}
+
+#[test]
+fn help_shows_each_flags_default() {
+    let out = cmd().arg("--help").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8(out.stdout).unwrap();
+    // Each flag's help, up to the next flag.
+    let flag_help = |flag: &str| -> String {
+        let start = help.find(&format!("--{flag} ")).unwrap_or_else(|| panic!("--{flag} missing: {help}"));
+        let rest = &help[start + flag.len() + 3..];
+        rest[..rest.find("\n      --").unwrap_or(rest.len())].to_owned()
+    };
+    for (flag, default) in [
+        ("listen", "127.0.0.1:8080"),
+        ("listen-backlog", "4096"),
+        ("heartbeat", "15s"),
+        ("pace-ms", "20"),
+        ("max-streams", "10000"),
+        ("max-stream-duration", "30m"),
+        ("token-cookie", "tokengate_token"),
+        ("log-format", "text"),
+    ] {
+        let text = flag_help(flag);
+        assert!(text.contains(&format!("[default: {default}]")), "--{flag}: {text}");
+    }
+    // Settings without one fixed default show none. (That a shown default
+    // is not a clap default, which would override env and file, is what
+    // the precedence tests above check.)
+    assert!(!flag_help("jwt-secret").contains("[default:"));
+    let sub = cmd().args(["token", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&sub.stdout).contains("[default: 127.0.0.1:8080]"));
+}
+
 /// A running binary; killed on drop.
 pub struct Server {
     pub child: Child,
