@@ -13,6 +13,11 @@ use bytes::{BufMut, BytesMut};
 /// ids). `data` is split on CRLF, CR and LF, which a conforming parser joins
 /// back with LF; payloads that must keep exact line endings go in JSON, whose
 /// string escapes carry no raw line breaks.
+///
+/// An empty `data` still gets one `data:` line, so the event is dispatched (with empty data)
+/// instead of being dropped by the parser as a block without data. Every field gets one space
+/// after its colon, which is the one a parser strips, so a value that starts with a space
+/// keeps it.
 pub fn push_event(buf: &mut BytesMut, id: Option<&str>, event: Option<&str>, data: &str) {
     if let Some(id) = id {
         push_field(buf, b"id: ", id, true);
@@ -29,7 +34,8 @@ pub fn push_event(buf: &mut BytesMut, id: Option<&str>, event: Option<&str>, dat
 }
 
 /// Appends a `retry:` block telling `EventSource` how long to wait before it
-/// reconnects.
+/// reconnects. A block of its own: without data it dispatches nothing, and a parser applies
+/// the field as soon as it reads the line, so it can go anywhere in the stream.
 pub fn push_retry(buf: &mut BytesMut, retry_ms: u64) {
     buf.put_slice(b"retry: ");
     push_u64(buf, retry_ms);
@@ -38,6 +44,8 @@ pub fn push_retry(buf: &mut BytesMut, retry_ms: u64) {
 
 /// Appends a comment block (`: text`), used as a heartbeat: parsers ignore it
 /// but it keeps proxies and load balancers from timing the connection out.
+/// Text with line breaks becomes one comment line per line, so a break cannot turn the rest
+/// into a field.
 pub fn push_comment(buf: &mut BytesMut, text: &str) {
     for line in split_lines(text) {
         buf.put_slice(b": ");
@@ -50,6 +58,10 @@ pub fn push_comment(buf: &mut BytesMut, text: &str) {
 /// Appends `s` as a JSON string literal (with quotes), escaping exactly what
 /// RFC 8259 requires. This is the per-character hot path, so it copies runs
 /// of plain bytes at once instead of going through a serializer.
+///
+/// No raw CR or LF survives, so the literal always fits on one `data:` line. Working on bytes is
+/// sound: every byte that needs escaping is ASCII, never part of a multi-byte character. What
+/// JSON allows raw (DEL, U+2028, U+2029, `/`) is left as it is.
 pub fn push_json_string(buf: &mut BytesMut, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     buf.put_u8(b'"');
@@ -79,6 +91,10 @@ pub fn push_json_string(buf: &mut BytesMut, s: &str) {
     buf.put_u8(b'"');
 }
 
+/// Writes one field line. The value is checked first and copied in one piece when clean (the
+/// common case); otherwise the forbidden bytes are dropped, which keeps the text valid UTF-8
+/// since CR, LF and NUL are single bytes. NUL is only dropped from `id` (`is_id`), the one field
+/// where a parser rejects it.
 fn push_field(buf: &mut BytesMut, name: &[u8], value: &str, is_id: bool) {
     buf.put_slice(name);
     if value.bytes().any(|b| b == b'\r' || b == b'\n' || (is_id && b == 0)) {
@@ -116,16 +132,21 @@ fn split_lines(s: &str) -> impl Iterator<Item = &str> {
 
 /// Small stack buffer for decimal integers (no allocation on the hot path).
 struct DecimalBuf {
+    /// 20 digits: exactly as many as `u64::MAX` has.
     bytes: [u8; 20],
+    /// Index of the first digit; the digits fill the buffer from the end.
     start: usize,
 }
 
 impl DecimalBuf {
+    /// The digits written, without the unused front of the buffer.
     fn as_bytes(&self) -> &[u8] {
         &self.bytes[self.start..]
     }
 }
 
+/// `n` in decimal, written from the last digit backwards: no reversal, and no need to know the
+/// length first. Zero is one digit, `0`.
 fn itoa_buf(mut n: u64) -> DecimalBuf {
     let mut out = DecimalBuf { bytes: [0; 20], start: 20 };
     loop {

@@ -1,6 +1,10 @@
 //! In-memory broadcast channels: each a bounded, expiring log of published
 //! events that subscribers follow, so a subscriber that reconnects with
 //! `Last-Event-ID` gets what it missed (within the log) and nothing twice.
+//!
+//! With a shared store these are the replica's local copies: Redis orders and keeps the events,
+//! and the channel tail ingests them here (with their Redis ids), so live fan-out to many
+//! subscribers never touches Redis per subscriber.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,7 +31,9 @@ pub(super) struct ChannelSettings {
 /// One published event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelEvent {
-    /// Position in this process's log of the channel (1-based).
+    /// Position in this process's log of the channel (1-based). Consecutive within a log, which
+    /// is what lets a subscriber index straight to its position. Events replayed as history
+    /// from Redis carry 0: they are in no local log.
     pub seq: u64,
     /// The SSE id: the position in memory mode, the Redis entry id with a
     /// shared store.
@@ -63,17 +69,25 @@ pub enum ChannelItem {
     },
 }
 
+/// One channel's retained events.
 #[derive(Debug)]
 struct Log {
+    /// At most `max_events`, oldest first; the oldest is dropped on overflow.
     events: VecDeque<Arc<ChannelEvent>>,
+    /// The position of the next event; counts dropped events too, so positions are never reused.
     next_seq: u64,
+    /// The last publish, ingest or subscriber leaving: what the sweep's TTL counts from.
     last_activity: Instant,
 }
 
+/// A channel: its log, and how its subscribers learn of new events.
 #[derive(Debug)]
 struct Channel {
     log: Mutex<Log>,
+    /// `notify_waiters` after every push: it wakes only subscribers already waiting, so a
+    /// subscriber enables its `Notified` before looking at the log.
     appended: Notify,
+    /// Live subscribers here: what a memory-store publish reports, and what keeps the sweep off.
     subscribers: AtomicUsize,
 }
 
@@ -84,6 +98,8 @@ pub(super) struct ChannelHub {
     settings: ChannelSettings,
 }
 
+/// Locks, ignoring poison, so that one task panicking while it held a lock does not turn every
+/// later publish and subscribe of the process into a panic as well.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -100,7 +116,8 @@ pub(super) enum Start {
     AfterId(String),
 }
 
-/// Counts a subscriber while it lives.
+/// Counts a subscriber while it lives. Leaving stamps the channel's activity, so an idle
+/// channel's TTL runs from its last subscriber's departure.
 struct Subscriber(Arc<Channel>);
 
 impl Drop for Subscriber {
@@ -116,6 +133,8 @@ impl ChannelHub {
         Arc::new(Self { channels: Mutex::new(HashMap::new()), settings })
     }
 
+    /// The channel `name`, created empty on first use (by a publish, an ingest or a subscribe);
+    /// the sweep forgets it again.
     fn channel(&self, name: &str) -> Arc<Channel> {
         lock(&self.channels)
             .entry(name.to_owned())
@@ -130,7 +149,7 @@ impl ChannelHub {
     }
 
     /// Publishes; returns the event's position and how many subscribers are
-    /// connected to receive it.
+    /// connected to receive it (a count at that moment; each still reads at its own pace).
     pub(super) fn publish(&self, name: &str, event: Option<String>, data: String) -> (u64, usize) {
         let channel = self.channel(name);
         let seq = Self::push(&channel, self.settings.max_events, None, event, data);
@@ -145,6 +164,9 @@ impl ChannelHub {
         channel.appended.notify_waiters();
     }
 
+    /// Appends under the log's lock and returns the position; the caller wakes subscribers
+    /// after the lock is released. `id` defaults to the position (memory mode). The SSE block is
+    /// encoded here, once per event, inside the lock.
     fn push(channel: &Channel, max_events: usize, id: Option<String>, event: Option<String>, data: String) -> u64 {
         {
             let mut log = lock(&channel.log);
@@ -162,6 +184,11 @@ impl ChannelHub {
 
     /// Subscribes from `start`, then follows live events; the subscriber
     /// is counted until the feed is dropped. The feed never ends by itself.
+    ///
+    /// A position this log never issued (`AfterSeq` at or past the next position: the channel
+    /// was swept or the process restarted) is answered with a gap, as is one already dropped;
+    /// after a gap the feed continues from the oldest event kept. Each look at the log takes up
+    /// to 256 events under one lock, then hands them on without it.
     pub(super) fn subscribe(&self, name: &str, start: Start) -> impl Stream<Item = ChannelItem> + Send + 'static {
         let channel = self.channel(name);
         channel.subscribers.fetch_add(1, Ordering::AcqRel);

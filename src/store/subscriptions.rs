@@ -29,7 +29,10 @@ pub enum ChannelPosition {
 }
 
 impl ChannelPosition {
-    /// Parses a channel event id in either form.
+    /// Parses a channel event id in either form, whichever store runs: an id issued by the other
+    /// kind of store (a server restarted with or without Redis) still parses, and is answered
+    /// as the variants say rather than refused. `None` (a bad request) for anything else,
+    /// including digits beyond `u64`.
     pub fn parse(id: &str) -> Option<Self> {
         if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
             return id.parse().ok().map(ChannelPosition::Seq);
@@ -50,6 +53,10 @@ pub struct Published {
 
 /// This replica's share of a channel's subscriber count in Redis, given
 /// back when the subscription ends.
+///
+/// `Drop` cannot wait, so the decrement runs in a spawned task (a Tokio runtime must be
+/// current) and is best effort: if it fails, the count stays one too high until the hash
+/// expires.
 struct CountedSubscriber {
     redis: Arc<RedisStore>,
     name: String,
@@ -67,7 +74,9 @@ impl Drop for CountedSubscriber {
 }
 
 impl Store {
-    /// Publishes `data` (JSON text) as `event` (`None`: `message`).
+    /// Publishes `data` (JSON text) as `event` (`None`: `message`). With a shared store the
+    /// count is read after the publish, as a second command: it is the cluster's subscribers at
+    /// about that moment, not a list of who received the event.
     pub async fn publish(&self, name: &str, event: Option<String>, data: String) -> Result<Published, StoreError> {
         match &self.0.shared {
             // Shared: Redis orders and stores it; every replica's tail (this
@@ -100,6 +109,11 @@ impl Store {
 
     /// Shared subscription: history from Redis, then live events as this
     /// replica's tail feeds them into the local log.
+    ///
+    /// History, tail and live feed meet at one id: any history ends there, the tail ingests
+    /// after it and the live feed starts after it in the local log, so the hand-over has no hole
+    /// (for the repeats possible when the tail is behind it, see `ChannelTail::watch`). If Redis
+    /// fails on the way, the guards made so far are dropped with the error.
     async fn subscribe_shared(
         &self,
         shared: &Shared,

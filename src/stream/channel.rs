@@ -18,14 +18,17 @@ use crate::store::{ChannelEvent, ChannelFeed, ChannelItem};
 pub enum ChannelMessage {
     /// A published event.
     Event(Arc<ChannelEvent>),
-    /// Events were missed that the channel no longer holds.
+    /// Events were missed that the channel no longer holds. Not terminal, unlike a stream's
+    /// `resume_gap`: the subscriber is told, and the subscription goes on with the oldest event
+    /// kept.
     Gap {
         /// The id of the oldest event still kept.
         first_id: String,
     },
-    /// Nothing happened for a while.
+    /// Nothing was sent for the heartbeat interval (keeps proxies from closing the connection).
     Heartbeat,
-    /// The server is going away; reconnect after `retry_ms`.
+    /// The server is going away; reconnect after `retry_ms`. Last on the connection; sent even
+    /// when events are waiting, which a reconnect with `Last-Event-ID` gets while they are kept.
     Shutdown {
         /// Reconnect hint in milliseconds.
         retry_ms: u64,
@@ -40,6 +43,11 @@ impl AsRef<ChannelMessage> for ChannelMessage {
 
 /// Follows `feed` for at most `max_duration`, adding heartbeats and the
 /// shutdown message.
+///
+/// At `max_duration` the response simply ends, with no message: the feed itself never ends, so
+/// this is what bounds one connection, and the client's reconnect (`EventSource` does it by
+/// itself) resumes from its `Last-Event-ID`. Dropping the stream drops the feed, which stops
+/// counting the subscriber.
 pub fn follow_channel(
     mut feed: ChannelFeed,
     settings: FollowSettings,

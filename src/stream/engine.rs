@@ -23,14 +23,24 @@ use crate::generator::{Chunk, TextStream};
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
     /// Minimum time between two deltas; zero sends them as fast as they are
-    /// taken.
+    /// taken. A cadence (each delta due one pace after the previous one was due), except that
+    /// after a stall of the consumer or the generator it restarts from then instead of catching
+    /// up in a burst.
     pub pace: Duration,
-    /// The stream ends with an `error` (`max_duration`) after this long.
+    /// The stream ends with an `error` (`max_duration`) after this long, counted from when the
+    /// event after `Start` is first asked for. The limit is noticed while the engine waits (for
+    /// the pace or for the generator): a generator that never makes it wait is stopped at its
+    /// next pause.
     pub max_duration: Duration,
 }
 
 /// The event sequence of one generation: `Start` (sequence 0), `Delta`s
 /// (1..=n), then `Done` or `Error` (n+1).
+///
+/// Exactly one terminal event, always last, and the sequence numbers have no hole: the
+/// producer logs them as they come, and a resume by sequence number depends on both. `Done`
+/// carries the last usage the generator reported. On a generator error the clusters already
+/// received are delivered first, unpaced, so the client keeps all the text that was produced.
 pub fn events(
     stream_id: StreamId,
     generator: String,
@@ -109,6 +119,8 @@ pub fn events(
     }
 }
 
+/// The terminal error when the duration limit strikes after `seq` deltas; clusters received
+/// but not yet sent are dropped with it.
 fn max_duration_error(stream_id: StreamId, seq: u64, limit: Duration) -> StreamEvent {
     StreamEvent::Error {
         stream_id,

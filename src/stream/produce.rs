@@ -27,10 +27,17 @@ use crate::store::{LiveStream, StreamWriter};
 #[derive(Debug, Clone, Copy)]
 pub(super) struct RunSettings {
     /// Events the producer may be ahead of its slowest reader.
+    /// Counted in events not yet taken by a local reader's consumer (the configured send
+    /// queue); readers on other replicas do not hold it back.
     pub window: usize,
     /// Longest the producer waits on a full window.
+    /// One continuous wait: the clock starts again whenever room appears. Past it the stream
+    /// ends with `slow_consumer`, so one stuck client cannot hold a generator (and a slot)
+    /// open without bound.
     pub max_lag: Duration,
     /// How long generation continues with no reader attached.
+    /// Zero for dialects whose clients cannot resume: the stream is abandoned as soon as its
+    /// reader goes, unless a reader on another replica holds it.
     pub detach_grace: Duration,
     /// Take every event the engine has ready at once into one batch. Worth
     /// it for unpaced streams (a fast generator, an upstream read carrying
@@ -39,10 +46,14 @@ pub(super) struct RunSettings {
     pub batch_ready: bool,
 }
 
-/// Most events appended per batch before readers are woken.
+/// Most events appended per batch before readers are woken: with an engine that always has
+/// an event ready, this bounds how long readers wait for the batch's wake-up.
 const MAX_BATCH: usize = 256;
 
 /// Accounting for one stream.
+///
+/// Moved into the producer task: the slot permit in it is freed by that task, only after the
+/// generator is dropped and the log flushed.
 pub(super) struct RunContext {
     /// The token subject.
     pub subject: String,
@@ -56,10 +67,17 @@ pub(super) struct RunContext {
 
 /// Why the producer stopped before the engine's own end.
 enum Stop {
+    /// Replication to the shared store failed. Told first: a failure also fires the stop
+    /// token that a cancel and a shutdown fire.
     StoreFailed,
+    /// `DELETE` of the stream, on whichever replica it arrived.
     Cancelled,
+    /// Server shutdown: the stop token fired for neither reason above.
     Closing,
+    /// The slowest reader left the window full for `max_lag`.
     SlowConsumer,
+    /// No reader was attached for the detach grace, and (with a shared store) a last look found
+    /// none on another replica either.
     Abandoned,
 }
 
@@ -85,6 +103,10 @@ impl Stop {
 
 /// Spawns the producer of a stream. Attach the first reader before calling
 /// ([`crate::store::Store::create`] does).
+///
+/// The task is detached: nothing joins it, and it ends by itself (the engine's end or a
+/// `Stop`). The open-streams gauge is set here because the caller has just taken the
+/// slot; the task sets it again once it frees it.
 pub(super) fn spawn(
     engine: impl Stream<Item = StreamEvent> + Send + 'static,
     writer: StreamWriter,
@@ -101,6 +123,12 @@ pub(super) fn spawn(
 
 /// The producer task: produce until the engine ends or something stops
 /// the stream, append the terminal event, then account for the stream.
+///
+/// A stop appends an `error` numbered right after the last logged event, so a resuming
+/// client sees no hole before it. The end runs in a fixed order: drop the generator, flush the
+/// log to the shared store, free the slot, then metrics and the log line. If the engine ends
+/// without a terminal event (not its contract), none is logged and the outcome counts as
+/// `internal`.
 async fn produce(
     engine: impl Stream<Item = StreamEvent> + Send + 'static,
     writer: StreamWriter,
@@ -149,6 +177,9 @@ async fn produce(
 
 /// Produces until the engine ends (its terminal event is then in the log
 /// and in `outcome`) or a reason to stop comes first, which is returned.
+///
+/// Both selects are biased towards the stop future, so a cancel or shutdown is honoured even
+/// when the engine always has an event ready; a stop noticed mid-batch ends the batch.
 ///
 /// Over 80 lines because it is one select loop on the per-character hot
 /// path: its state (the batch, the deferred wake, the watches made once)

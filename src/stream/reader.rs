@@ -17,7 +17,8 @@ use super::OnlyWhenWoken;
 use crate::event::{ErrorCode, StreamEvent};
 use crate::store::{Cursor, Read};
 
-/// Most events handed on per log read.
+/// Most events handed on per log read. Also how late a shutdown can be noticed during a long
+/// replay: it is looked at between batches.
 const BATCH: usize = 256;
 
 /// How a reader behaves on its connection.
@@ -25,7 +26,8 @@ const BATCH: usize = 256;
 pub struct FollowSettings {
     /// Silence after which a heartbeat is sent.
     pub heartbeat: Duration,
-    /// Fires when the server closes streams for shutdown.
+    /// Fires when the server closes streams for shutdown. The server's shared token: each
+    /// reader takes a child of its own, so per-event checks never contend on it.
     pub closing: CancellationToken,
     /// The `retry:` hint sent with `shutdown`.
     pub shutdown_retry_ms: u64,
@@ -36,6 +38,13 @@ pub struct FollowSettings {
 ///
 /// Shutdown is watched with [`OnlyWhenWoken`]: looked at per event only as
 /// an atomic flag, not a lock.
+///
+/// An event counts as delivered, and the cursor advances past it, only when the consumer
+/// polls for the next one: for a local cursor that is what moves the producer's window, so a
+/// connection that stops taking events stops the generator (remote readers do not hold the
+/// window). The stream ends after the first terminal event: the log's own (`done`, `error`),
+/// a `shutdown` of this connection, or an `error` the reader makes itself, numbered with the
+/// sequence it could not read. Dropping it drops the cursor (a local reader detaches).
 pub fn follow(mut cursor: Cursor, settings: FollowSettings) -> impl Stream<Item = Arc<StreamEvent>> + Send + 'static {
     async_stream::stream! {
         let stream_id = cursor.stream_id();

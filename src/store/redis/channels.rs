@@ -2,6 +2,11 @@
 //! ids are the SSE ids), per-replica subscriber counts, and the
 //! [`ChannelTail`] that feeds every channel a local subscriber follows into
 //! the local [`ChannelHub`] with one blocking `XREAD` per replica.
+//!
+//! Redis assigns the entry ids (`XADD *`), so publishes from every replica get one order, and a
+//! subscriber's `Last-Event-ID` means the same position on whichever replica it reconnects to.
+//! Subscribers never read Redis per event: history comes from one `XRANGE`, live events from
+//! the local hub that this replica's tail feeds.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,6 +22,9 @@ use super::{Entries, RedisStore};
 use crate::store::StoreError;
 
 /// A channel entry's event name and data.
+///
+/// Fields are read leniently: an entry without a data field (not one this code writes) carries
+/// JSON `null`, so it is delivered in a valid form rather than dropped or failing the read.
 pub(in crate::store) struct Entry {
     /// The entry id (the SSE id).
     pub(in crate::store) id: String,
@@ -35,6 +43,11 @@ impl Entry {
 
 impl RedisStore {
     /// Publishes to a channel; returns the event's id.
+    ///
+    /// `XADD` and `EXPIRE` are two commands: if the second fails, the event is published yet the
+    /// caller gets an error (a client that retries publishes it twice). The log's TTL is renewed
+    /// only here, so a channel nobody publishes to loses its Redis history after `channel_ttl`
+    /// even while subscribed; the next publish starts a new log.
     pub(in crate::store) async fn channel_publish(
         &self,
         name: &str,
@@ -55,13 +68,18 @@ impl RedisStore {
 
     /// Subscribers of a channel on all replicas (each replica keeps its own
     /// count in a hash; a replica that died keeps its count until the key
-    /// expires).
+    /// expires, which live replicas' refreshes of the same key postpone).
+    ///
+    /// Only positive counts are added up: the tail's `refresh` field is always 0, and a replica's
+    /// count goes negative when its decrements land after the hash had expired.
     pub(in crate::store) async fn channel_subscribers(&self, name: &str) -> Result<usize, StoreError> {
         let counts: Vec<i64> = self.conn().hvals(keys::subscribers(name)).await?;
         Ok(counts.into_iter().filter(|n| *n > 0).sum::<i64>() as usize)
     }
 
-    /// Adds `delta` to this replica's subscriber count for a channel.
+    /// Adds `delta` to this replica's subscriber count for a channel, and renews the hash's TTL
+    /// (a `delta` of 0 only renews it). Replica ids are random per process start: a restarted
+    /// replica counts under a new field, and its old count lingers like a dead replica's.
     pub(in crate::store) async fn count_subscriber(
         &self,
         name: &str,
@@ -81,6 +99,12 @@ impl RedisStore {
 
     /// A channel's events after `after` (exclusive), oldest first, and
     /// whether any event after `after` was already trimmed away.
+    ///
+    /// The gap is told by `max-deleted-entry-id`, which only Redis 7 and later report: on older
+    /// servers, and when the channel's key no longer exists, no gap can be seen and none is
+    /// reported. The two reads are not atomic; a trim between them can only add a gap report,
+    /// never hide one. `count` caps the history; anything after it comes to the subscriber
+    /// from the local log, which the tail feeds.
     pub(in crate::store) async fn channel_read(
         &self,
         name: &str,
@@ -110,6 +134,11 @@ impl RedisStore {
 
     /// Waits (up to `block`) for entries after the given ids in any of the
     /// channels; one call per replica tails all of them.
+    ///
+    /// `conn` must be a dedicated connection: `XREAD BLOCK` holds it for up to `block`, which
+    /// would stall every command queued on the shared one. With nothing to tail it just sleeps
+    /// (an `XREAD` without streams is an error). At most 256 entries per channel come back per
+    /// call; the rest follows on the next one.
     async fn channel_tail(
         &self,
         conn: &mut redis::aio::MultiplexedConnection,
@@ -136,13 +165,17 @@ impl RedisStore {
             .collect())
     }
 
-    /// The id of the newest entry of a channel (`0-0` when empty).
+    /// The id of the newest entry of a channel (`0-0` when empty), where a subscriber without
+    /// `Last-Event-ID` starts: `0-0` precedes any id Redis assigns, so nothing published after
+    /// it is missed.
     pub(in crate::store) async fn channel_last_id(&self, name: &str) -> Result<String, StoreError> {
         Ok(self.newest(&keys::channel(name)).await?.map_or_else(|| "0-0".to_owned(), |(id, _)| id))
     }
 }
 
-/// `max-deleted-entry-id` from an `XINFO STREAM` reply (RESP2 or RESP3).
+/// `max-deleted-entry-id` from an `XINFO STREAM` reply (RESP2 or RESP3). RESP2 gives a flat
+/// array of alternating names and values, RESP3 a map; `None` when the field is absent (Redis
+/// before 7) or the reply is not a stream's info.
 fn max_deleted_entry_id(info: redis::Value) -> Option<String> {
     let is_key = |k: &redis::Value| matches!(k, redis::Value::BulkString(k) if k == b"max-deleted-entry-id");
     let text = |v: &redis::Value| match v {
@@ -159,6 +192,9 @@ fn max_deleted_entry_id(info: redis::Value) -> Option<String> {
 }
 
 /// Compares Redis stream ids `a > b`.
+///
+/// Numerically, by milliseconds then sequence: as text `10-0` would sort before `9-0`. An id
+/// without `-seq` counts as `<ms>-0`, and unparsable parts count as 0.
 pub(in crate::store) fn id_after(a: &str, b: &str) -> bool {
     fn parts(id: &str) -> (u64, u64) {
         let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
@@ -167,11 +203,13 @@ pub(in crate::store) fn id_after(a: &str, b: &str) -> bool {
     parts(a) > parts(b)
 }
 
+/// What the tail follows for one channel, and for how many local subscribers.
 #[derive(Debug)]
 struct Want {
     /// The newest id ingested (or the start position).
     last: String,
-    /// Local subscribers that need it.
+    /// Local subscribers that need it: live [`TailGuard`]s. At zero the entry is removed and
+    /// the channel no longer tailed; a later watcher starts from its own position.
     watchers: usize,
 }
 
@@ -181,11 +219,15 @@ struct Want {
 #[derive(Debug)]
 pub(in crate::store) struct ChannelTail {
     redis: Arc<RedisStore>,
+    /// Where ingested events go; every local subscriber reads them there.
     hub: Arc<ChannelHub>,
+    /// The channels to tail, by name. A plain mutex: held only briefly (to register a watcher,
+    /// copy positions out or ingest one reply), never across an `.await`.
     wanted: Mutex<HashMap<String, Want>>,
 }
 
-/// Keeps a channel tailed while it lives.
+/// Keeps a channel tailed while it lives; held by the subscriber's feed, so the channel stops
+/// being tailed when its last local subscriber goes.
 #[derive(Debug)]
 pub(in crate::store) struct TailGuard {
     tail: Arc<ChannelTail>,
@@ -214,7 +256,12 @@ impl ChannelTail {
         Arc::new(Self { redis, hub, wanted: Mutex::new(HashMap::new()) })
     }
 
-    /// Tails `name` from after `from` (an id) while the guard lives.
+    /// Tails `name` from after `from` (an id) while the guard lives. A newly watched channel is
+    /// included from the next `XREAD` round (within [`TAIL_BLOCK`]).
+    ///
+    /// A limit to know: if the tail has not yet ingested everything up to `from` (an entry
+    /// just published, or the tail reconnecting), those entries reach the local log after the
+    /// new subscriber's live feed has started, so one that got them as history sees them twice.
     pub(in crate::store) fn watch(self: &Arc<Self>, name: &str, from: &str) -> TailGuard {
         let mut wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
         // A channel already tailed keeps its position: what it ingested
@@ -225,6 +272,11 @@ impl ChannelTail {
     }
 
     /// Runs until `stop`, reconnecting after failures.
+    ///
+    /// The positions live in `wanted`, not in the connection, so after a reconnect the tail
+    /// resumes where it was and nothing still held in Redis is lost. Every 30 s it renews the
+    /// subscriber counts of the channels it tails (which assumes `channel_ttl` well above 30 s,
+    /// the default is an hour).
     pub(in crate::store) async fn run(self: Arc<Self>, stop: CancellationToken) {
         while !stop.is_cancelled() {
             let mut conn = match self.redis.dedicated().await {
@@ -273,6 +325,10 @@ impl ChannelTail {
 
     /// Feeds what one `XREAD` returned into the local hub, skipping what a
     /// channel's position already covers.
+    ///
+    /// The positions may have changed since the `XREAD` was sent: a channel whose watchers all
+    /// left is dropped from the reply, and one watched afresh from a later id skips what its
+    /// subscriber already had as history.
     fn ingest(&self, batches: Vec<(String, Entries)>) {
         for (name, entries) in batches {
             let mut wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);

@@ -3,6 +3,11 @@
 //! readers' holds (a reader on another replica keeps the producer going
 //! past its local detach grace), cancels over pub/sub, and the
 //! [`Replicator`] that copies a local log to Redis and keeps its lease.
+//!
+//! Pub/sub does not queue: a cancel or attach announcement published while a replica's
+//! listener is reconnecting never reaches it. The listener's state is therefore part of the
+//! store's health (`listening`), and attachments are also found by polling the reader key
+//! once a second, so a lost announcement only delays the hold.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -19,12 +24,17 @@ use super::{LEASE, LEASE_REFRESH, RESPONSE_TIMEOUT, RedisStore};
 use crate::event::{StreamEvent, StreamId};
 use crate::store::StoreError;
 
-/// How long a remote reader's announcement lasts (renewed every second).
+/// How long a remote reader's announcement lasts (renewed every second), and how long a hold
+/// it causes lasts: longer than the renewal period, so that a renewal arriving a little late
+/// neither lets the key expire nor the producer's hold run out in between.
 pub(in crate::store) const REMOTE_READER: Duration = Duration::from_secs(3);
 
 impl RedisStore {
     /// Refreshes the producer's lease, and keeps the running stream's keys
     /// from expiring however long it runs.
+    ///
+    /// Three commands in one round trip; no transaction is needed, as each only pushes an expiry
+    /// forward. `EXPIRE` on the log key is a no-op before the first append has created it.
     async fn refresh_lease(&self, id: &StreamId) -> Result<(), StoreError> {
         let keep = self.settings.running_ttl_secs();
         redis::pipe()
@@ -53,17 +63,23 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Whether a reader on another replica announced itself recently.
+    /// Whether a reader on another replica announced itself within the last
+    /// [`REMOTE_READER`]. One key per stream, whatever the number of such readers: any of them
+    /// renewing it keeps the stream held.
     pub(in crate::store) async fn remote_reader(&self, id: &StreamId) -> Result<bool, StoreError> {
         Ok(self.conn().exists(keys::remote_reader(id)).await?)
     }
 
-    /// Whether the producer's lease is alive.
+    /// Whether the producer's lease is alive. It is deleted together with the terminal event,
+    /// so a log that stops growing without a lease and without a terminal event has lost its
+    /// producer (the remote cursor reads once more to be sure).
     pub(in crate::store) async fn leased(&self, id: &StreamId) -> Result<bool, StoreError> {
         Ok(self.conn().exists(keys::lease(id)).await?)
     }
 
-    /// Asks whichever replica produces `id` to cancel it.
+    /// Asks whichever replica produces `id` to cancel it. Every replica hears it and ignores ids
+    /// it does not produce; nothing confirms delivery, and if the producer is gone the message
+    /// is lost (its readers then see the lease lapse instead).
     pub(in crate::store) async fn publish_cancel(&self, id: &StreamId) -> Result<(), StoreError> {
         self.conn().publish::<_, _, ()>(keys::CANCEL_CHANNEL, id.to_string()).await?;
         Ok(())
@@ -71,6 +87,10 @@ impl RedisStore {
 
     /// Listens for cancels and for readers attaching on other replicas, and
     /// applies those for streams produced here; resubscribes after outages.
+    ///
+    /// Runs on its own pub/sub connection (a subscribed connection can do nothing else). The
+    /// health flag is raised only once the subscription is in place and lowered as soon as the
+    /// session ends, so `/readyz` reports a lost subscription as soon as the listener notices.
     pub(in crate::store) async fn listen_for_cancels(self: Arc<Self>, hub: Arc<StreamHub>, stop: CancellationToken) {
         use futures_util::StreamExt;
         loop {
@@ -111,14 +131,23 @@ impl RedisStore {
 /// queued, and keeps its lease alive. Reports the first failure through
 /// `failed` and the stream's stop token (the producer then ends the stream
 /// with `store_unavailable`).
+///
+/// Any failure ends the stream rather than being retried later: an event written after a lost
+/// one would leave a hole that a remote reader reading across it skips without noticing, and a
+/// lease that cannot be refreshed soon lapses, after which such readers report the producer
+/// lost anyway.
 #[derive(Debug)]
 pub(in crate::store) struct Replicator {
+    /// For the last-moment look for remote readers (the task has its own handle).
     store: Arc<RedisStore>,
+    /// Bounded queue to the task; dropping it tells the task to drain and end.
     tx: mpsc::Sender<Arc<StreamEvent>>,
+    /// The writing task, awaited (with a bound) by [`Replicator::finish`].
     task: tokio::task::JoinHandle<()>,
     /// Cancelled when replication failed (the stream's stop token fires
     /// too; this one says why).
     failed: CancellationToken,
+    /// The local log: its stop token is fired on failure, and remote holds are noted on it.
     stream: Arc<LiveStream>,
 }
 
@@ -126,6 +155,9 @@ impl Replicator {
     /// Starts replicating `stream`; `capacity` bounds what may queue. Every
     /// lease refresh also looks for readers on other replicas and holds the
     /// stream for them (the detach grace counts only local readers).
+    ///
+    /// One task does both, one command at a time, so appends stay in order; each `append`
+    /// takes whatever has queued meanwhile (up to 512 events) as one transaction.
     pub(in crate::store) fn start(store: Arc<RedisStore>, stream: Arc<LiveStream>, capacity: usize) -> Self {
         let id = stream.id;
         let (tx, mut rx) = mpsc::channel::<Arc<StreamEvent>>(capacity.max(1));
@@ -167,6 +199,10 @@ impl Replicator {
     }
 
     /// Queues an event; a full queue counts as a failure.
+    ///
+    /// Never waits: the producer calls it per event on its hot path. A queue holding `capacity`
+    /// events means Redis is that far behind; the stream ends rather than buffer without bound
+    /// or drop an event.
     pub(in crate::store) fn push(&self, event: Arc<StreamEvent>) {
         if self.tx.try_send(event).is_err() {
             self.failed.cancel();
@@ -181,6 +217,7 @@ impl Replicator {
 
     /// Looks for a reader on another replica (its periodic announcement may
     /// not have arrived yet); if there is one, holds the stream for it.
+    /// A failed lookup counts as no reader.
     pub(in crate::store) async fn hold_for_remote_reader(&self) -> bool {
         if let Ok(true) = self.store.remote_reader(&self.stream.id).await {
             self.stream.hold_for_remote(Instant::now() + REMOTE_READER);
@@ -190,6 +227,10 @@ impl Replicator {
     }
 
     /// Waits (bounded) until everything queued is written.
+    ///
+    /// Closing the queue lets the task write what is left and end. After `2 × RESPONSE_TIMEOUT`
+    /// it stops waiting, but the task is not aborted: it goes on writing in the background,
+    /// while the caller frees the stream's slot.
     pub(in crate::store) async fn finish(self) {
         drop(self.tx);
         let _ = tokio::time::timeout(RESPONSE_TIMEOUT * 2, self.task).await;

@@ -1,6 +1,14 @@
 //! Stream logs in Redis: each stream's events as a Redis Stream (entry ids
 //! `0-{seq+1}`, so `XRANGE` by sequence number is exact), trimmed with
 //! `MAXLEN ~`, and its owner and generator in a hash.
+//!
+//! Only the [`Replicator`](super::Replicator) of the producing replica writes a log, in sequence
+//! order, so explicit entry ids always grow; readers on any replica read it with plain `XRANGE`
+//! (no consumer groups: a reader's position is its own cursor, nothing is acknowledged).
+//!
+//! Trimming is approximate (`MAXLEN ~` drops whole internal nodes), so Redis may keep somewhat
+//! more than `stream_max_events`; a resume is refused as a gap only once its position is really
+//! gone, which can be later than in the exactly trimmed local log.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +21,9 @@ use super::{Entries, LEASE, RedisStore};
 use crate::event::{ErrorCode, FinishReason, StreamEvent, StreamId, Usage};
 use crate::store::StoreError;
 
-/// A stream's owner and generator, as stored.
+/// A stream's metadata as another replica reads it back. Only the owner is: it is all that
+/// locating a stream decides (who may resume or cancel it); the generator's name reaches a
+/// reader in the replayed `Start` event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(in crate::store) struct RemoteMeta {
     /// Owning subject.
@@ -21,13 +31,24 @@ pub(in crate::store) struct RemoteMeta {
 }
 
 /// The stored form of a logged event (compact field names: one per char).
+///
+/// A stream stores one entry per grapheme cluster, so every byte per entry counts. Neither the
+/// stream id nor the sequence number is stored: the key names the stream and the entry id
+/// carries the sequence number, and [`decode`] puts both back. Renaming a tag or field makes
+/// the entries that live replicas wrote unreadable (they would be skipped as undecodable), so
+/// the names are part of the format shared by every replica of a rolling upgrade.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t")]
 enum Stored {
+    /// `Start`: `g` is the generator's name.
     #[serde(rename = "s")]
     Start { g: String },
+    /// `Delta`: `x` is its one grapheme cluster.
     #[serde(rename = "d")]
     Delta { x: String },
+    /// `Done`: `n` is the number of deltas, `u` the usage if reported (absent otherwise, and
+    /// absent reads as none). No finish reason is stored: `Stop` is the only one, and decoding
+    /// restores it, so a new [`FinishReason`] needs a field here first.
     #[serde(rename = "f")]
     Done {
         n: u64,
@@ -40,6 +61,9 @@ enum Stored {
     Error { c: String, m: String },
 }
 
+/// The JSON an event is logged as; `None` for the events that belong to one connection rather
+/// than to the stream (`Shutdown`, `Heartbeat`), which are never logged, and, in principle, for a
+/// serialization failure. [`RedisStore::append`] skips what this refuses.
 fn encode(event: &StreamEvent) -> Option<String> {
     let stored = match event {
         StreamEvent::Start { generator, .. } => Stored::Start { g: generator.clone() },
@@ -51,6 +75,10 @@ fn encode(event: &StreamEvent) -> Option<String> {
     serde_json::to_string(&stored).ok()
 }
 
+/// Rebuilds a logged event from its entry: `stream_id` from the key and `seq` from the entry id
+/// (a `Start` is always sequence 0, so its `seq` is not needed). `None` for JSON this version
+/// cannot read: [`RedisStore::read`] skips such an entry, and [`RedisStore::last_event`] then
+/// knows no last event.
 fn decode(stream_id: StreamId, seq: u64, json: &str) -> Option<StreamEvent> {
     Some(match serde_json::from_str::<Stored>(json).ok()? {
         Stored::Start { g } => StreamEvent::Start { stream_id, generator: g },
@@ -65,7 +93,10 @@ fn decode(stream_id: StreamId, seq: u64, json: &str) -> Option<StreamEvent> {
 }
 
 impl RedisStore {
-    /// The last logged event's sequence number and whether it is terminal.
+    /// The last logged event's sequence number and whether it is terminal; `None` for a log that
+    /// does not exist (yet: the key appears with the first replicated event) or whose newest
+    /// entry does not decode. `Store::cursor` uses it to answer a resume of a finished stream
+    /// that the client has fully seen without opening a cursor.
     pub(in crate::store) async fn last_event(&self, id: &StreamId) -> Result<Option<(u64, bool)>, StoreError> {
         Ok(self.newest(&keys::stream(id)).await?.and_then(|(entry_id, fields)| {
             let seq = keys::seq_of(&entry_id)?;
@@ -74,7 +105,10 @@ impl RedisStore {
         }))
     }
 
-    /// Records a new stream and takes its lease.
+    /// Records a new stream and takes its lease, in one `MULTI`: a replica that finds the
+    /// metadata also finds the lease, so a stream that has not logged anything yet is not taken
+    /// for one whose producer died. The metadata gets the running TTL; the log key does not exist
+    /// until the first append.
     pub(in crate::store) async fn create_stream(
         &self,
         id: &StreamId,
@@ -94,7 +128,12 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Appends events (consecutive, in order) to a stream's log.
+    /// Appends events (consecutive, in order) to a stream's log, in one `MULTI`.
+    ///
+    /// The entry ids are given explicitly, so the order is the caller's duty: Redis refuses an
+    /// id not above the log's newest one. Every append also pushes expiry forward: the log key
+    /// to the running TTL while the stream runs; once a terminal event is in the batch, log and
+    /// metadata to the finished TTL, and the lease is deleted.
     pub(in crate::store) async fn append(&self, id: &StreamId, events: &[Arc<StreamEvent>]) -> Result<(), StoreError> {
         let key = keys::stream(id);
         // Atomic: the terminal event and the lease's removal are seen
@@ -129,7 +168,8 @@ impl RedisStore {
         Ok(())
     }
 
-    /// The stream's owner, if Redis still holds the stream.
+    /// The stream's owner, if Redis still holds the stream. Both metadata fields must be there
+    /// (they are only ever written together); a hash without them counts as no stream.
     pub(in crate::store) async fn meta(&self, id: &StreamId) -> Result<Option<RemoteMeta>, StoreError> {
         let map: HashMap<String, String> = self.conn().hgetall(keys::meta(id)).await?;
         Ok(match (map.get(keys::OWNER), map.get(keys::GENERATOR)) {
@@ -140,6 +180,12 @@ impl RedisStore {
 
     /// Events from `from` on (up to `count`); `Err(first)` when `from` was
     /// trimmed away.
+    ///
+    /// A trimmed position shows as a first entry above `from`; `Err` then carries that entry's
+    /// sequence number, the oldest kept. An empty result only says that nothing is at `from`
+    /// yet: whether more can come is for the lease to say ([`RedisStore::leased`]). An entry
+    /// that does not decode is left out of the result; if it is the one at `from` and more
+    /// follow, the read reports a gap at the next one.
     pub(in crate::store) async fn read(
         &self,
         id: &StreamId,
