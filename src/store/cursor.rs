@@ -48,7 +48,19 @@ impl Cursor {
     ) -> Result<Read, StoreError> {
         match self {
             Cursor::Local(r) => Ok(r.read(from, max, out)),
-            Cursor::Remote(r) => r.read(from, max, out).await,
+            // Boxed: inline, the Redis round trip's state would make every
+            // reader's future larger, local ones included.
+            Cursor::Remote(r) => Box::pin(r.read(from, max, out)).await,
+        }
+    }
+
+    /// [`Self::read`] when it needs no I/O (a local log), without making a
+    /// future; `None` for a remote log, which must be read with
+    /// [`Self::read`]. The reader's hot path: once per batch of events.
+    pub fn read_now(&mut self, from: u64, max: usize, out: &mut VecDeque<Arc<StreamEvent>>) -> Option<Read> {
+        match self {
+            Cursor::Local(r) => Some(r.read(from, max, out)),
+            Cursor::Remote(_) => None,
         }
     }
 
@@ -56,7 +68,8 @@ impl Cursor {
     pub async fn changed(&self, from: u64) {
         match self {
             Cursor::Local(r) => r.changed(from).await,
-            Cursor::Remote(r) => r.changed().await,
+            // Boxed for the same reason (a timer is larger than a waker).
+            Cursor::Remote(r) => Box::pin(r.changed()).await,
         }
     }
 
