@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 /// `X-Accel-Buffering: no` so that nginx passes each event on at once.
 pub fn sse_response<S, D>(events: S, dialect: D, metrics: Arc<Metrics>) -> Response
 where
-    S: Stream + Send + 'static,
+    S: Stream + Unpin + Send + 'static,
     S::Item: AsRef<D::Event>,
     D: Dialect,
 {

@@ -42,17 +42,20 @@ pub trait Dialect: Send + 'static {
 /// ready when the body is polled goes out in the same chunk, so a fast
 /// generator costs one write per batch instead of one per character, while
 /// a paced one is written the moment each event exists.
+///
+/// `events` is taken `Unpin` (a stream the caller boxed once, as the stream
+/// service does) so that each event is not behind a second box here.
 pub fn sse_body<S, D>(
     events: S,
     mut dialect: D,
     metrics: Arc<Metrics>,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static
 where
-    S: Stream + Send + 'static,
+    S: Stream + Unpin + Send + 'static,
     S::Item: AsRef<D::Event>,
     D: Dialect,
 {
-    let mut events = Box::pin(events);
+    let mut events = events;
     let mut buf = BytesMut::with_capacity(512);
     dialect.preamble(&mut buf);
     let mut finished = false;

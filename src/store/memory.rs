@@ -200,17 +200,10 @@ impl StreamHub {
 }
 
 impl LiveStream {
-    /// Appends the next event (the producer only) and wakes the readers.
-    /// Past `max_events` the oldest is dropped.
-    pub fn append(&self, event: StreamEvent) -> Arc<StreamEvent> {
-        let event = self.append_quietly(event);
-        self.wake_readers();
-        event
-    }
-
-    /// Appends without waking the readers: the producer appends a batch of
-    /// events that were ready together, then wakes them once
-    /// ([`Self::wake_readers`]), so they read the batch in one go.
+    /// Appends the next event (the producer only) without waking the
+    /// readers: the producer appends a batch of events that were ready
+    /// together, then wakes them once ([`Self::wake_readers`]), so they read
+    /// the batch in one go. Past `max_events` the oldest is dropped.
     pub fn append_quietly(&self, event: StreamEvent) -> Arc<StreamEvent> {
         let terminal = event.is_terminal();
         let event = Arc::new(event);

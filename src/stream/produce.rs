@@ -387,7 +387,7 @@ mod tests {
             closing: CancellationToken::new(),
             shutdown_retry_ms: 1000,
         };
-        let events = follow(cursor, follow_settings);
+        let events = Box::pin(follow(cursor, follow_settings));
         let mut body = Box::pin(sse_body(events, Native { retry_ms: 1000 }, metrics));
         // A task of its own, like a connection (the test's own future is
         // polled on a different schedule).
