@@ -7,9 +7,26 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::StoreError;
-use super::memory::{Read, Reader};
+use super::memory::Reader;
 use super::remote::RemoteCursor;
 use crate::event::{StreamEvent, StreamId};
+
+/// What a reader found at its position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// Events were added to the reader's batch.
+    Events,
+    /// Nothing new yet.
+    CaughtUp,
+    /// The position was already dropped from the log.
+    Gap {
+        /// The oldest sequence number still kept.
+        first_kept: u64,
+    },
+    /// The stream will never continue: its producer is gone without a
+    /// terminal event (its replica died).
+    ProducerLost,
+}
 
 /// A reader's position in a stream's log.
 #[derive(Debug)]

@@ -16,6 +16,7 @@ use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::cursor::Read;
 use crate::event::{StreamEvent, StreamId};
 
 /// Retention of stream logs.
@@ -116,23 +117,6 @@ pub struct Attachment {
     pub detached_since: Option<Instant>,
     /// The hold of the latest reader seen on another replica.
     pub remote_until: Option<Instant>,
-}
-
-/// What a reader found at its position.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Read {
-    /// Events were added to the reader's batch.
-    Events,
-    /// Nothing new yet.
-    CaughtUp,
-    /// The position was already dropped from the log.
-    Gap {
-        /// The oldest sequence number still kept.
-        first_kept: u64,
-    },
-    /// The stream will never continue: its producer is gone without a
-    /// terminal event (its replica died).
-    ProducerLost,
 }
 
 fn lock(m: &Mutex<LogState>) -> MutexGuard<'_, LogState> {

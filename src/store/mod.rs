@@ -37,8 +37,8 @@ use self::redis::{ChannelTail, RedisSettings, RedisStore, Replicator};
 use crate::event::StreamId;
 
 pub use channels::{ChannelEvent, ChannelItem};
-pub use cursor::Cursor;
-pub use memory::{Attachment, Flow, LiveStream, Read, Reader};
+pub use cursor::{Cursor, Read};
+pub use memory::{Attachment, Flow, LiveStream, Reader};
 pub use remote::RemoteCursor;
 pub use subscriptions::{ChannelFeed, ChannelPosition, Published};
 pub use writer::StreamWriter;

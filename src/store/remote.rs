@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::StoreError;
-use super::memory::Read;
+use super::cursor::Read;
 use super::redis::{REMOTE_POLL, RedisStore};
 use crate::event::{StreamEvent, StreamId};
 
