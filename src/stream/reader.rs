@@ -45,6 +45,9 @@ pub struct FollowSettings {
 /// window). The stream ends after the first terminal event: the log's own (`done`, `error`),
 /// a `shutdown` of this connection, or an `error` the reader makes itself, numbered with the
 /// sequence it could not read. Dropping it drops the cursor (a local reader detaches).
+///
+/// One generator body (about 80 lines): the batch, the timer and the watch live across its
+/// yields, on the per-event path.
 pub fn follow(mut cursor: Cursor, settings: FollowSettings) -> impl Stream<Item = Arc<StreamEvent>> + Send + 'static {
     async_stream::stream! {
         let stream_id = cursor.stream_id();
