@@ -245,7 +245,10 @@ impl IntoResponse for OpenAiError {
 
 /// Whether a path answers errors in the OpenAI shape.
 pub fn wants_openai_errors(path: &str) -> bool {
-    path == "/v1/chat/completions" || path == "/v1/models"
+    path == "/v1/chat/completions"
+        || path == "/v1/models"
+        || path == "/v1/responses"
+        || path.starts_with("/v1/responses/")
 }
 
 /// Marks an error response so the refusal middleware can count and log it

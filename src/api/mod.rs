@@ -10,6 +10,7 @@ pub mod demo;
 pub mod health;
 pub mod json;
 pub mod openai;
+pub mod responses;
 pub mod resume;
 pub mod spec;
 pub mod sse;

@@ -10,6 +10,7 @@
 pub mod channel;
 pub mod native;
 pub mod openai;
+pub mod responses;
 
 use std::convert::Infallible;
 use std::task::Poll;

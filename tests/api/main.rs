@@ -16,6 +16,7 @@ mod nginx;
 mod observability;
 mod openai_compat;
 pub mod redis;
+mod responses;
 mod resume;
 mod spec;
 mod sse_props;
