@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 
-use crate::event::{ErrorCode, Outcome};
+use crate::event::{ErrorCode, Outcome, Protocol};
 
 const META: Metadata<'static> = Metadata::new("tokengate", Level::INFO, Some("tokengate::metrics"));
 
@@ -82,6 +82,11 @@ impl Metrics {
     /// An authentication failure, by reason.
     pub fn auth_failed(&self, reason: &'static str) {
         self.counter("tokengate_auth_failures_total", "reason", reason).increment(1);
+    }
+
+    /// A stream was opened, by the protocol it is served in.
+    pub fn stream_opened(&self, protocol: Protocol) {
+        self.counter("tokengate_streams_opened_total", "dialect", protocol.as_str()).increment(1);
     }
 
     /// A stream ended, by outcome (`done`, `shutdown` or the error code).

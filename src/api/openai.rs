@@ -18,6 +18,7 @@ use super::sse::sse_response;
 use crate::auth::{Principal, Scope};
 use crate::dialect::openai::OpenAiChunks;
 use crate::error::{ApiError, OpenAiError};
+use crate::event::Protocol;
 use crate::generator::{ChatMessage, GenerateRequest, SamplingOptions, Usage};
 use crate::state::AppState;
 use crate::stream::{EventStream, OpenRequest, StreamError, StreamEvent};
@@ -118,6 +119,7 @@ pub async fn chat_completions(
         generator: Some(model.clone()),
         pace_ms: None,
         detach_grace: Some(Duration::ZERO),
+        protocol: Protocol::OpenAiChat,
     };
     let opened = state.streams.open(&principal, open).await.map_err(|e| match e {
         StreamError::UnknownGenerator { name, available } => ApiError::ModelNotFound { name, available },

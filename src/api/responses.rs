@@ -24,6 +24,7 @@ use super::sse::sse_response;
 use crate::auth::{Principal, Scope};
 use crate::dialect::responses::{ResponseState, Responses, stream_of};
 use crate::error::{ApiError, OpenAiError};
+use crate::event::Protocol;
 use crate::generator::{ChatMessage, GenerateRequest, SamplingOptions};
 use crate::state::AppState;
 use crate::store::Located;
@@ -114,6 +115,7 @@ pub async fn create_response(
         generator: Some(req.model.clone()),
         pace_ms: None,
         detach_grace: None,
+        protocol: Protocol::OpenAiResponses,
     };
     let opened = state.streams.open(&principal, open).await.map_err(|e| match e {
         StreamError::UnknownGenerator { name, available } => ApiError::ModelNotFound { name, available },

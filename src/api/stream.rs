@@ -15,6 +15,7 @@ use super::json::JsonObject;
 use super::resume::{native_response, resume_at, resume_point};
 use crate::auth::{Principal, Scope};
 use crate::error::ApiError;
+use crate::event::Protocol;
 use crate::generator::{ChatMessage, GenerateRequest};
 use crate::state::AppState;
 use crate::stream::OpenRequest;
@@ -83,7 +84,7 @@ async fn open(
     generator: Option<String>,
     pace_ms: Option<u32>,
 ) -> Result<Response, ApiError> {
-    let request = OpenRequest { generate, generator, pace_ms, detach_grace: None };
+    let request = OpenRequest { generate, generator, pace_ms, detach_grace: None, protocol: Protocol::Native };
     let opened = state.streams.open(principal, request).await?;
     Ok(native_response(state, opened.events))
 }

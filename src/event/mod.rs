@@ -6,11 +6,13 @@
 
 mod code;
 mod id;
+mod protocol;
 
 use serde::{Deserialize, Serialize};
 
 pub use code::{ErrorCode, Outcome};
 pub use id::StreamId;
+pub use protocol::Protocol;
 
 /// Token counts an upstream reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

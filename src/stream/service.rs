@@ -15,7 +15,7 @@ use super::reader::{FollowSettings, follow};
 use super::{EngineSettings, events};
 use crate::auth::Principal;
 use crate::config::{LimitsConfig, StreamConfig};
-use crate::event::{StreamEvent, StreamId};
+use crate::event::{Protocol, StreamEvent, StreamId};
 use crate::generator::{GenerateRequest, Registry};
 use crate::limits::{SlotRefused, StreamSlots};
 use crate::metrics::Metrics;
@@ -83,6 +83,8 @@ pub struct OpenRequest {
     /// How long generation continues without a client; the configured
     /// grace if `None`. Dialects whose clients cannot resume pass zero.
     pub detach_grace: Option<Duration>,
+    /// The protocol the stream is served in (counted in the metrics).
+    pub protocol: Protocol,
 }
 
 /// A stream that has started, with its first reader attached.
@@ -200,6 +202,7 @@ impl StreamService {
             batch_ready,
         };
         spawn(engine, writer, ctx, run);
+        inner.metrics.stream_opened(request.protocol);
         Ok(Opened { stream_id, generator: name, events: Box::pin(follow(cursor, self.follow_settings())) })
     }
 

@@ -67,6 +67,11 @@ async fn a_streamed_response_has_the_sdk_order_and_the_exact_text() {
     assert_eq!(response["id"], events[0].1["response"]["id"], "one response id throughout");
     assert_eq!(response["output"][0]["content"][0]["text"], HOSTILE);
     assert_eq!(response["usage"]["output_tokens"], HOSTILE.graphemes(true).count());
+    // Streams are counted by the protocol they were opened with.
+    assert_eq!(app.metric("tokengate_streams_opened_total{dialect=\"openai_responses\"}").await, 1.0);
+    let native = app.stream("generator=echo&prompt=hi").await;
+    read_events(native, LIMIT).await;
+    assert_eq!(app.metric("tokengate_streams_opened_total{dialect=\"native\"}").await, 1.0);
 }
 
 #[tokio::test]
