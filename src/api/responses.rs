@@ -81,6 +81,9 @@ fn messages(input: &Value, instructions: Option<String>) -> Result<Vec<ChatMessa
         Value::String(text) => messages.push(ChatMessage { role: "user".into(), content: text.clone() }),
         Value::Array(items) => {
             for item in items {
+                if !item.is_object() {
+                    return Err(ApiError::BadRequest("every `input` item must be an object".into()));
+                }
                 let is_message = item["type"].as_str().is_none_or(|t| t == "message");
                 if let (true, Some(role)) = (is_message, item["role"].as_str()) {
                     messages.push(ChatMessage { role: role.to_owned(), content: content_text(&item["content"]) });

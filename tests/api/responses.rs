@@ -158,6 +158,8 @@ async fn the_non_streaming_answer_and_errors_use_the_openai_shapes() {
     let bad = create(&app, &token, json!({"model": "echo", "input": 5})).await;
     assert_eq!(bad.status(), 400);
     assert_eq!(bad.json::<Value>().await.unwrap()["error"]["type"], "invalid_request_error");
+    let not_items = create(&app, &token, json!({"model": "echo", "input": [[null]], "stream": true})).await;
+    assert_eq!(not_items.status(), 400, "input items are objects");
     let unauthorized = create(&app, "not-a-jwt", json!({"model": "echo", "input": "x"})).await;
     assert_eq!(unauthorized.status(), 401);
     assert_eq!(unauthorized.json::<Value>().await.unwrap()["error"]["type"], "authentication_error");
