@@ -1,6 +1,7 @@
 //! Authentication: finding the token in a request (bearer header, on the
-//! Anthropic route `x-api-key`, cookie, query; first present wins), validating it as a JWT against an explicit
-//! algorithm allow-list, and checking scopes. Also mints tokens for the
+//! Anthropic route `x-api-key`, cookie, query; first present wins),
+//! validating it as a JWT against an explicit algorithm allow-list, and
+//! checking scopes. Also mints tokens for the
 //! demo start and `tokengate token`.
 //!
 //! The key lives in an [`AuthConfig`] held by the application state, not in

@@ -20,7 +20,7 @@
 //! - [`store`]: one handle over the memory and Redis logs and channels; it
 //!   keeps events and says when new ones arrive, and holds no policy.
 //! - [`generator`]: the `Generator` trait, its registry, `demo`, `echo` and
-//!   the OpenAI-compatible upstreams.
+//!   the OpenAI-compatible and Anthropic upstreams.
 //! - [`event`]: the vocabulary all of them share: stream events, ids,
 //!   outcome codes, usage.
 //! - [`auth`]: token extraction (bearer, `x-api-key` on the Anthropic

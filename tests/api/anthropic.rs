@@ -1,7 +1,8 @@
 //! The Anthropic Messages endpoint: the event sequence on the wire for a
 //! finished and a failed stream, the non-streaming answer, `x-api-key`,
 //! errors in the Anthropic shape (also from the fallbacks and the per-IP
-//! limit), and the official `anthropic` Python SDK as a client.
+//! limit), the official `anthropic` Python SDK as a client, and an upstream
+//! of `kind = "anthropic"` against the mock upstream.
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use serde_json::{Value, json};
 use unicode_segmentation::UnicodeSegmentation;
 
 use crate::helpers::*;
+use crate::mock_upstream;
 
 const LIMIT: Duration = Duration::from_secs(15);
 
@@ -350,4 +352,106 @@ async fn the_official_anthropic_python_sdk_streams_through_tokengate() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the SDK check failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("anthropic sdk ok"), "{stdout}");
+}
+
+const UPSTREAM_KEY: &str = "sk-ant-test-0123456789-secret";
+
+async fn anthropic_upstream_app(pooled: bool) -> (TestApp, mock_upstream::MockUpstream) {
+    let mock = mock_upstream::start().await;
+    let key = std::env::temp_dir().join(format!("tokengate-anthropic-key-{}-{pooled}", std::process::id()));
+    std::fs::write(&key, format!("{UPSTREAM_KEY}\n")).unwrap();
+    let upstream = |model: &str| tokengate::generator::upstream::UpstreamSettings {
+        kind: Some(tokengate::generator::upstream::UpstreamKind::Anthropic),
+        base_url: mock.base_url(),
+        model: model.to_owned(),
+        api_key_file: Some(key.clone()),
+        first_byte_timeout: Some("500ms".into()),
+        idle_timeout: Some("500ms".into()),
+        retries: Some(0),
+        pooled: Some(pooled),
+        ..Default::default()
+    };
+    let mut settings = base_settings();
+    settings.upstreams = Some(
+        [
+            ("claude", upstream("normal")),
+            ("claude-error", upstream("error-event")),
+            ("claude-401", upstream("status-401")),
+        ]
+        .into_iter()
+        .map(|(n, u)| (n.to_owned(), u))
+        .collect(),
+    );
+    (spawn_app_with(settings).await, mock)
+}
+
+#[tokio::test]
+async fn an_anthropic_upstream_streams_exact_text_with_its_usage() {
+    for pooled in [false, true] {
+        let (app, mock) = anthropic_upstream_app(pooled).await;
+        let token = app.token("alice", "stream");
+        let resp = post(
+            &app,
+            Some(&token),
+            json!({"model": "claude", "max_tokens": 64, "stream": true, "system": "be brief",
+                   "stop_sequences": ["END"], "temperature": 0.25, "top_p": 0.5,
+                   "messages": [{"role": "user", "content": HOSTILE}]}),
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        let events = events(resp).await;
+        let text: String = events
+            .iter()
+            .filter(|(n, _)| n == "content_block_delta")
+            .map(|(_, d)| d["delta"]["text"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(text, HOSTILE, "pooled: {pooled}");
+        let deltas = events.iter().filter(|(n, _)| n == "content_block_delta").count();
+        assert_eq!(deltas, HOSTILE.graphemes(true).count(), "re-chunked into grapheme clusters");
+        let (name, last_delta) = &events[events.len() - 2];
+        assert_eq!(name, "message_delta");
+        assert_eq!(last_delta["usage"], json!({"input_tokens": 11, "output_tokens": 22}));
+        assert_eq!(events.last().unwrap().0, "message_stop");
+        // What the upstream got: the Messages shape, its key as x-api-key.
+        let body = mock.seen.last_body.lock().unwrap().clone();
+        assert_eq!(
+            body,
+            json!({"model": "normal", "max_tokens": 64, "stream": true, "system": "be brief",
+                   "messages": [{"role": "user", "content": HOSTILE}], "stop_sequences": ["END"],
+                   "temperature": 0.25, "top_p": 0.5})
+        );
+        let (key, version) = mock.seen.last_anthropic_headers.lock().unwrap().clone();
+        assert_eq!(key.as_deref(), Some(UPSTREAM_KEY));
+        assert_eq!(version.as_deref(), Some("2023-06-01"));
+        assert_eq!(*mock.seen.last_auth.lock().unwrap(), None, "no bearer header to an Anthropic upstream");
+    }
+}
+
+#[tokio::test]
+async fn an_anthropic_upstreams_failures_are_terminal_errors() {
+    let (app, _mock) = anthropic_upstream_app(false).await;
+    let token = app.token("alice", "stream");
+    let open = |model: &str| json!({"model": model, "max_tokens": 8, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let got = events(post(&app, Some(&token), open("claude-error")).await).await;
+    let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["message_start", "content_block_start", "content_block_delta", "error"]);
+    let error = &got[3].1["error"];
+    assert_eq!(error["type"], "api_error", "{error}");
+    assert_eq!(error["code"], "upstream_error", "{error}");
+    assert!(error["message"].as_str().unwrap().contains("Overloaded"), "{error}");
+
+    let got = events(post(&app, Some(&token), open("claude-401")).await).await;
+    let error = &got.last().unwrap().1["error"];
+    assert_eq!(error["code"], "upstream_unauthorized", "{error}");
+    assert!(!error["message"].as_str().unwrap().contains(UPSTREAM_KEY), "{error}");
+    // Through the native route too: an upstream is a generator like any.
+    let resp = app
+        .client
+        .post(format!("{}/v1/stream", app.base))
+        .bearer_auth(&token)
+        .json(&json!({"generator": "claude", "prompt": "héllo"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delta_text(&read_events(resp, LIMIT).await), "héllo");
 }
