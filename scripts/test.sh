@@ -35,11 +35,11 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_install nginx
 command -v chromedriver >/dev/null || apt_install chromium chromium-driver
 command -v python3 >/dev/null || apt_install python3 python3-venv
 # Python tools live in a project-local virtual environment: the OpenAPI
-# validator, the official `openai` SDK (a client in the tests) and the
-# schema validators for the deploy files.
+# validator, the official `openai` and `anthropic` SDKs (clients in the
+# tests) and the schema validators for the deploy files.
 VENV=.venv
-PY_TOOLS="openapi-spec-validator openai kubernetes-validate check-jsonschema schemathesis"
-if [ ! -x "$VENV/bin/schemathesis" ] || [ ! -x "$VENV/bin/kubernetes-validate" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
+PY_TOOLS="openapi-spec-validator openai anthropic kubernetes-validate check-jsonschema schemathesis"
+if [ ! -x "$VENV/bin/schemathesis" ] || [ ! -x "$VENV/bin/kubernetes-validate" ] || ! "$VENV/bin/python" -c "import openai, anthropic" 2>/dev/null; then
     python3 -m venv "$VENV" || { apt_install python3-venv && python3 -m venv "$VENV"; }
     "$VENV/bin/pip" install -q --disable-pip-version-check $PY_TOOLS
 fi

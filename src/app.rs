@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderName, HeaderValue, Method, Request, header};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{MethodRouter, get, post};
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -19,7 +19,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tracing::Instrument;
 
 use crate::api;
-use crate::error::{ApiError, OpenAiError, Refusal, wants_openai_errors};
+use crate::error::{ApiError, ErrorShape, Refusal};
 use crate::limits::client_ip;
 use crate::state::AppState;
 
@@ -42,6 +42,7 @@ pub fn route_table() -> Vec<RouteEntry> {
         ("/v1/responses", &["POST"], post(api::responses::create_response)),
         ("/v1/responses/{id}", &["GET"], get(api::responses::retrieve_response)),
         ("/v1/responses/{id}/cancel", &["POST"], post(api::responses::cancel_response)),
+        ("/v1/messages", &["POST"], post(api::anthropic::create_message)),
     ]
 }
 
@@ -83,9 +84,9 @@ impl MakeRequestId for RandomRequestId {
 }
 
 /// The full application: routes plus layers, outermost first:
-/// 1. sensitive headers: `Authorization` and `Cookie` are marked before
-///    anything can log them; then the request id is set (or kept) and
-///    propagated to the response;
+/// 1. sensitive headers: `Authorization`, `Cookie` and `x-api-key` (the
+///    Anthropic route's token) are marked before anything can log them;
+///    then the request id is set (or kept) and propagated to the response;
 /// 2. trace: one span per request with the query redacted, one line per
 ///    response, nothing per body chunk (that would be a line per character);
 /// 3. refusals: every error response is counted by reason and logged once,
@@ -113,7 +114,11 @@ pub fn router(state: AppState) -> Router {
     router
         .layer(
             ServiceBuilder::new()
-                .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION, header::COOKIE]))
+                .layer(SetSensitiveRequestHeadersLayer::new([
+                    header::AUTHORIZATION,
+                    header::COOKIE,
+                    HeaderName::from_static(crate::auth::API_KEY_HEADER),
+                ]))
                 .layer(SetRequestIdLayer::new(HeaderName::from_static(REQUEST_ID), RandomRequestId))
                 .layer(PropagateRequestIdLayer::new(HeaderName::from_static(REQUEST_ID)))
                 .layer(trace)
@@ -180,12 +185,7 @@ async fn limit_ip_rate(State(state): State<AppState>, request: Request<Body>, ne
     {
         let ip = client_ip(peer.ip(), request.headers(), &state.config.limits.trusted_proxies);
         if let Err(limited) = state.rates.check_ip(ip) {
-            let error = ApiError::RateLimited(limited);
-            return if wants_openai_errors(request.uri().path()) {
-                OpenAiError(error).into_response()
-            } else {
-                error.into_response()
-            };
+            return ErrorShape::for_path(request.uri().path()).respond(ApiError::RateLimited(limited));
         }
     }
     next.run(request).await
@@ -194,7 +194,13 @@ async fn limit_ip_rate(State(state): State<AppState>, request: Request<Body>, ne
 fn cors_layer(origins: &[String]) -> CorsLayer {
     let base = CorsLayer::new()
         .allow_methods([Method::GET, Method::POST, Method::DELETE])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, HeaderName::from_static("last-event-id")])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("last-event-id"),
+            HeaderName::from_static(crate::auth::API_KEY_HEADER),
+            HeaderName::from_static("anthropic-version"),
+        ])
         // Cross-origin `fetch` clients may read when to retry.
         .expose_headers([
             header::RETRY_AFTER,

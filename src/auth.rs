@@ -1,6 +1,7 @@
-//! Authentication: finding the token in a request (bearer header, cookie,
-//! query; first present wins), validating it as a JWT against an explicit
-//! algorithm allow-list, and checking scopes. Also mints tokens for the
+//! Authentication: finding the token in a request (bearer header, on the
+//! Anthropic route `x-api-key`, cookie, query; first present wins),
+//! validating it as a JWT against an explicit algorithm allow-list, and
+//! checking scopes. Also mints tokens for the
 //! demo start and `tokengate token`.
 //!
 //! The key lives in an [`AuthConfig`] held by the application state, not in
@@ -54,6 +55,11 @@ pub struct TokenSources {
     /// Query parameter name.
     pub query: String,
 }
+
+/// The header the Anthropic SDKs send their API key in; the Anthropic
+/// route takes a tokengate JWT there. Marked sensitive in `app` like
+/// `Authorization`.
+pub const API_KEY_HEADER: &str = "x-api-key";
 
 /// A permission carried in the token's `scope` claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -388,6 +394,20 @@ impl AuthConfig {
     /// purpose; a browser sends the cookie on every request, so a page must
     /// be able to override it by sending a header.
     pub fn extract<'a>(&self, headers: &'a HeaderMap, query: Option<&'a str>) -> Option<String> {
+        self.find(headers, query, false)
+    }
+
+    /// [`AuthConfig::extract`] on a route that also takes the token in
+    /// [`API_KEY_HEADER`] (where the Anthropic SDKs put their key): bearer,
+    /// then `x-api-key`, then the cookie, then the query parameter. The
+    /// header is a deliberate choice of the client too, so it beats the
+    /// cookie; a client that sends both headers means the bearer one, as
+    /// everywhere else.
+    pub fn extract_with_api_key<'a>(&self, headers: &'a HeaderMap, query: Option<&'a str>) -> Option<String> {
+        self.find(headers, query, true)
+    }
+
+    fn find(&self, headers: &HeaderMap, query: Option<&str>, api_key: bool) -> Option<String> {
         for value in headers.get_all(axum::http::header::AUTHORIZATION) {
             if let Ok(text) = value.to_str()
                 && let Some((scheme, token)) = text.trim().split_once(' ')
@@ -395,6 +415,12 @@ impl AuthConfig {
             {
                 return Some(token.trim().to_owned());
             }
+        }
+        if api_key
+            && let Some(token) = headers.get(API_KEY_HEADER).and_then(|v| v.to_str().ok()).map(str::trim)
+            && !token.is_empty()
+        {
+            return Some(token.to_owned());
         }
         for value in headers.get_all(axum::http::header::COOKIE) {
             if let Ok(text) = value.to_str() {

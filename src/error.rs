@@ -243,12 +243,91 @@ impl IntoResponse for OpenAiError {
     }
 }
 
-/// Whether a path answers errors in the OpenAI shape.
-pub fn wants_openai_errors(path: &str) -> bool {
-    path == "/v1/chat/completions"
-        || path == "/v1/models"
-        || path == "/v1/responses"
-        || path.starts_with("/v1/responses/")
+/// The same errors in the shape the Anthropic SDKs parse,
+/// `{"type": "error", "error": {"type", "message"}}`, for
+/// `POST /v1/messages`, with tokengate's problem `code` beside them in
+/// `error.code`. Status and headers are the problem+json ones.
+#[derive(Debug)]
+pub struct AnthropicError(pub ApiError);
+
+impl From<ApiError> for AnthropicError {
+    fn from(e: ApiError) -> Self {
+        AnthropicError(e)
+    }
+}
+
+impl AnthropicError {
+    /// Anthropic's error `type`: by status, except that the server being
+    /// unable to take the request now (draining, no free slot, the shared
+    /// store down) is `overloaded_error`, which the SDKs retry.
+    fn kind(&self) -> &'static str {
+        let (status, _, _) = self.0.parts();
+        match (&self.0, status.as_u16()) {
+            (ApiError::Draining | ApiError::StoreUnavailable | ApiError::NoSlot(SlotRefused::Global { .. }), _) => {
+                "overloaded_error"
+            }
+            (_, 401) => "authentication_error",
+            (_, 403) => "permission_error",
+            (_, 404) => "not_found_error",
+            (_, 429) => "rate_limit_error",
+            (_, s) if s >= 500 => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        let (_, code, _) = self.0.parts();
+        let kind = self.kind();
+        let body = json!({ "type": "error", "error": { "type": kind, "message": self.0.detail(), "code": code } });
+        self.0.respond(body, "application/json")
+    }
+}
+
+/// Which shape a route's errors take, so that the fallbacks (404, 405) and
+/// the middleware (the per-IP rate limit) answer a dialect's clients in
+/// the shape their SDK parses, like the route's own handler does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorShape {
+    /// RFC 9457 `application/problem+json` (the native routes).
+    Problem,
+    /// [`OpenAiError`].
+    OpenAi,
+    /// [`AnthropicError`].
+    Anthropic,
+}
+
+impl ErrorShape {
+    /// The shape for a request path. `/v1/messages/...` is Anthropic's too,
+    /// so an SDK call tokengate does not serve (`messages/count_tokens`,
+    /// `messages/batches`) gets a 404 its SDK can read.
+    pub fn for_path(path: &str) -> ErrorShape {
+        match path {
+            "/v1/chat/completions" | "/v1/models" | "/v1/responses" => ErrorShape::OpenAi,
+            p if p.starts_with("/v1/responses/") => ErrorShape::OpenAi,
+            "/v1/messages" => ErrorShape::Anthropic,
+            p if p.starts_with("/v1/messages/") => ErrorShape::Anthropic,
+            _ => ErrorShape::Problem,
+        }
+    }
+
+    /// The media type of an error body in this shape.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            ErrorShape::Problem => PROBLEM_JSON,
+            ErrorShape::OpenAi | ErrorShape::Anthropic => "application/json",
+        }
+    }
+
+    /// `error` as a response in this shape.
+    pub fn respond(self, error: ApiError) -> Response {
+        match self {
+            ErrorShape::Problem => error.into_response(),
+            ErrorShape::OpenAi => OpenAiError(error).into_response(),
+            ErrorShape::Anthropic => AnthropicError(error).into_response(),
+        }
+    }
 }
 
 /// Marks an error response so the refusal middleware can count and log it

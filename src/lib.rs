@@ -11,7 +11,8 @@
 //! - [`app`]: the route table and the layer stack; [`state`]: the state
 //!   every handler gets.
 //! - [`dialect`]: one renderer per wire protocol (native, OpenAI chat
-//!   completions, channel subscriptions), from typed events.
+//!   completions, Anthropic Messages, channel subscriptions), from typed
+//!   events.
 //! - [`stream`]: the engine (grapheme splitting, pacing, ids), the
 //!   producer and its flow control (backpressure, detach, slow consumers),
 //!   the one reader that follows a log (heartbeats, shutdown, resume gaps),
@@ -19,10 +20,11 @@
 //! - [`store`]: one handle over the memory and Redis logs and channels; it
 //!   keeps events and says when new ones arrive, and holds no policy.
 //! - [`generator`]: the `Generator` trait, its registry, `demo`, `echo` and
-//!   the OpenAI-compatible upstreams.
+//!   the OpenAI-compatible and Anthropic upstreams.
 //! - [`event`]: the vocabulary all of them share: stream events, ids,
 //!   outcome codes, usage.
-//! - [`auth`]: token extraction, JWT validation, scopes, minting.
+//! - [`auth`]: token extraction (bearer, `x-api-key` on the Anthropic
+//!   route, cookie, query), JWT validation, scopes, minting.
 //! - [`secret`]: [`secret::Secret`], bytes whose `Debug` never shows them.
 //! - [`json`]: JSON details where JSON Schema and serde disagree (`3.0` as an integer).
 //! - [`limits`]: request rates, stream slots, client IP behind proxies.

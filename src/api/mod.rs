@@ -2,11 +2,13 @@
 //! authenticate (via the [`Principal`] extractor), validate input, and hand
 //! the work to the stream service ([`crate::stream::StreamService`]) or
 //! the store; every failure is an [`ApiError`]. Handler modules do not
-//! import each other: what two of them share lives in [`json`], [`resume`]
-//! and [`sse`] (the one place an SSE response is built).
+//! import each other: what two of them share lives in [`json`], [`resume`],
+//! [`gather`] and [`sse`] (the one place an SSE response is built).
 
+pub mod anthropic;
 pub mod channels;
 pub mod demo;
+pub mod gather;
 pub mod health;
 pub mod json;
 pub mod openai;
@@ -21,7 +23,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 
 use crate::auth::{AuthError, Principal, Scope};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorShape};
 use crate::state::AppState;
 
 impl FromRequestParts<AppState> for Principal {
@@ -29,11 +31,32 @@ impl FromRequestParts<AppState> for Principal {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let auth = &state.config.auth;
-        let token = auth.extract(&parts.headers, parts.uri.query()).ok_or(AuthError::Missing)?;
-        let principal = auth.authenticate(&token)?;
-        state.rates.check_subject(&principal.subject).map_err(ApiError::RateLimited)?;
-        Ok(principal)
+        authenticate(auth.extract(&parts.headers, parts.uri.query()), state)
     }
+}
+
+/// The caller of a route that also takes its token in `x-api-key` (the
+/// Anthropic route; see [`crate::auth::AuthConfig::extract_with_api_key`]
+/// for the order of the sources). Otherwise the same checks as
+/// [`Principal`].
+#[derive(Debug, Clone)]
+pub struct ApiKeyPrincipal(pub Principal);
+
+impl FromRequestParts<AppState> for ApiKeyPrincipal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let auth = &state.config.auth;
+        authenticate(auth.extract_with_api_key(&parts.headers, parts.uri.query()), state).map(ApiKeyPrincipal)
+    }
+}
+
+/// Validates the token found and applies the subject's request rate.
+fn authenticate(token: Option<String>, state: &AppState) -> Result<Principal, ApiError> {
+    let token = token.ok_or(AuthError::Missing)?;
+    let principal = state.config.auth.authenticate(&token)?;
+    state.rates.check_subject(&principal.subject).map_err(ApiError::RateLimited)?;
+    Ok(principal)
 }
 
 /// Refuses with 403 unless the caller holds `scope`.
@@ -41,18 +64,14 @@ pub fn require(principal: &Principal, scope: Scope) -> Result<(), ApiError> {
     if principal.has(scope) { Ok(()) } else { Err(ApiError::MissingScope(scope)) }
 }
 
-/// 404 for every unknown path, as problem+json.
-pub async fn not_found() -> ApiError {
-    ApiError::NotFound
+/// 404 for every unknown path, as problem+json (or in a dialect's shape
+/// under its routes, see [`ErrorShape::for_path`]).
+pub async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
+    ErrorShape::for_path(uri.path()).respond(ApiError::NotFound)
 }
 
 /// 405 for a known path with the wrong method, as problem+json (or in the
-/// OpenAI shape on the OpenAI-compatible routes).
+/// shape of the dialect the route belongs to).
 pub async fn method_not_allowed(uri: axum::http::Uri) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    if crate::error::wants_openai_errors(uri.path()) {
-        crate::error::OpenAiError(ApiError::MethodNotAllowed).into_response()
-    } else {
-        ApiError::MethodNotAllowed.into_response()
-    }
+    ErrorShape::for_path(uri.path()).respond(ApiError::MethodNotAllowed)
 }

@@ -9,19 +9,19 @@ use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::gather::gather;
 use super::json::JsonObject;
 use super::sse::sse_response;
 use crate::auth::{Principal, Scope};
 use crate::dialect::openai::OpenAiChunks;
 use crate::error::{ApiError, OpenAiError};
 use crate::event::Protocol;
-use crate::generator::{ChatMessage, GenerateRequest, SamplingOptions, Usage};
+use crate::generator::{ChatMessage, GenerateRequest, SamplingOptions};
 use crate::state::AppState;
-use crate::stream::{EventStream, OpenRequest, StreamError, StreamEvent};
+use crate::stream::{OpenRequest, StreamError};
 
 /// A message's content: a string, or a list of parts of which the text
 /// parts are used.
@@ -134,7 +134,7 @@ pub async fn chat_completions(
         return Ok(sse_response(events, dialect, state.metrics.clone()));
     }
     // Not streaming: the whole answer from the same engine.
-    let (text, chars, usage) = gather(events).await?;
+    let super::gather::Gathered { text, chars, usage, .. } = gather(events).await?;
     let usage = usage
         .map_or_else(|| json!({ "prompt_tokens": 0, "completion_tokens": chars, "total_tokens": chars }), |u| json!(u));
     Ok(Json(json!({
@@ -146,25 +146,6 @@ pub async fn chat_completions(
         "usage": usage,
     }))
     .into_response())
-}
-
-/// Reads a whole stream for a non-streaming answer: its text, its length in
-/// grapheme clusters and the usage an upstream reported.
-async fn gather(events: EventStream) -> Result<(String, u64, Option<Usage>), ApiError> {
-    let mut events = std::pin::pin!(events);
-    let mut text = String::new();
-    while let Some(event) = events.next().await {
-        match event.as_ref() {
-            StreamEvent::Delta { text: t, .. } => text.push_str(t),
-            StreamEvent::Done { chars, usage, .. } => return Ok((text, *chars, *usage)),
-            StreamEvent::Error { code, message, .. } => {
-                return Err(ApiError::GenerationFailed { code: *code, message: message.clone() });
-            }
-            StreamEvent::Shutdown { .. } => return Err(ApiError::Draining),
-            StreamEvent::Start { .. } | StreamEvent::Heartbeat => {}
-        }
-    }
-    Err(ApiError::Internal("stream ended without a result".into()))
 }
 
 /// `GET /v1/models`: every generator and upstream alias, as OpenAI models.

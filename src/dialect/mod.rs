@@ -1,12 +1,13 @@
 //! Dialects render the engine's typed events on the wire. Generation and
-//! framing never depend on the dialect, so new wire formats (OpenAI chunks,
-//! Anthropic events, ...) are one renderer each. Channel subscriptions are
+//! framing never depend on the dialect, so each wire format ([`native`],
+//! [`openai`] chunks, [`anthropic`] events, ...) is one renderer. Channel subscriptions are
 //! rendered the same way ([`channel`]).
 //!
 //! [`sse_body`] is the shared framing: it turns any event stream into the
 //! HTTP body, coalescing every event that is already available into one
 //! write (without waiting for events that are not).
 
+pub mod anthropic;
 pub mod channel;
 pub mod native;
 pub mod openai;

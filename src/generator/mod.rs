@@ -3,6 +3,7 @@
 //! the rest (grapheme splitting, pacing, ids, framing). Generators are held
 //! as `Arc<dyn Generator>` in a [`Registry`] and chosen by name per request.
 
+mod anthropic;
 mod demo;
 mod echo;
 mod http1;

@@ -1,5 +1,8 @@
 //! `openai`: streams from any OpenAI-compatible chat completions server
-//! (OpenAI, vLLM, llama.cpp server, Ollama's `/v1`, LM Studio, ...).
+//! (OpenAI, vLLM, llama.cpp server, Ollama's `/v1`, LM Studio, ...), or,
+//! for an upstream of `kind = "anthropic"`, from the Anthropic Messages API
+//! (its body and frames are in [`super::anthropic`]; all the rest is
+//! shared).
 //!
 //! The upstream's SSE is parsed with the crate's spec parser (lines and
 //! UTF-8 sequences cut across network reads, comments, `data: [DONE]`,
@@ -23,8 +26,9 @@ use serde::de::IgnoredAny;
 use serde_json::{Value, json};
 use tokio::time::{Instant, Sleep, sleep, sleep_until, timeout_at};
 
+use super::anthropic::{self, Frames};
 use super::http1::{self, SendFailure};
-use super::upstream::Upstream;
+use super::upstream::{Upstream, UpstreamKind};
 use super::{Chunk, ErrorCode, GenerateRequest, Generator, GeneratorError, TextStream, Usage};
 use crate::sse::{EventRef, Parser};
 
@@ -65,13 +69,18 @@ struct Absorbed {
 
 impl Absorbed {
     /// Parses `bytes` (frames borrowed from the parser: no allocation per
-    /// frame) and takes in what they say.
-    fn absorb(&mut self, parser: &mut Parser, bytes: &[u8]) {
+    /// frame) and takes in what they say; `anthropic` reads them as an
+    /// Anthropic stream instead of chat completion chunks.
+    fn absorb(&mut self, parser: &mut Parser, bytes: &[u8], mut anthropic: Option<&mut Frames>) {
         parser.feed_with(bytes, |item| {
             if self.end.is_some() {
                 return;
             }
             let EventRef::Message { data, .. } = item else { return };
+            if let Some(frames) = anthropic.as_deref_mut() {
+                self.take_anthropic(frames.read(data));
+                return;
+            }
             if data.trim() == "[DONE]" {
                 self.end = Some(End::Done);
                 return;
@@ -89,6 +98,25 @@ impl Absorbed {
                 self.end = Some(End::Error(message));
             }
         });
+    }
+}
+
+impl Absorbed {
+    fn take_anthropic(&mut self, read: Option<anthropic::Read>) {
+        let Some(read) = read else {
+            self.end = Some(End::Malformed);
+            return;
+        };
+        self.text.push_str(&read.text);
+        self.finished |= read.finished;
+        if read.usage.is_some() {
+            self.usage = read.usage;
+        }
+        if let Some(message) = read.error {
+            self.end = Some(End::Error(message));
+        } else if read.stop {
+            self.end = Some(End::Done);
+        }
     }
 }
 
@@ -180,7 +208,11 @@ struct Attempt {
 impl OpenAiGenerator {
     /// A generator for `primary`, falling back to `fallbacks` in order.
     pub fn new(primary: Arc<Upstream>, fallbacks: Vec<Arc<Upstream>>) -> Result<Self, reqwest::Error> {
-        let description = format!("OpenAI-compatible upstream `{}` (model {})", primary.name, primary.model);
+        let api = match primary.kind {
+            UpstreamKind::Openai => "OpenAI-compatible",
+            UpstreamKind::Anthropic => "Anthropic",
+        };
+        let description = format!("{api} upstream `{}` (model {})", primary.name, primary.model);
         let chain = std::iter::once(primary)
             .chain(fallbacks)
             .map(|u| {
@@ -230,13 +262,31 @@ struct Head {
     body: Pieces,
 }
 
-async fn send(upstream: &Upstream, transport: &Transport, body: &Value) -> Result<Head, SendFailure> {
+/// The headers and the bearer key of a request: an Anthropic upstream
+/// gets its key as `x-api-key` (marked sensitive) instead.
+fn auth(upstream: &Upstream) -> (Cow<'_, reqwest::header::HeaderMap>, Option<&[u8]>) {
     let key = upstream.api_key.as_ref().map(|k| k.expose());
+    match (upstream.kind, key) {
+        (UpstreamKind::Anthropic, Some(key)) => {
+            let mut headers = upstream.headers.clone();
+            // Checked when the upstream was configured.
+            if let Ok(mut value) = reqwest::header::HeaderValue::from_bytes(key) {
+                value.set_sensitive(true);
+                headers.insert("x-api-key", value);
+            }
+            (Cow::Owned(headers), None)
+        }
+        (UpstreamKind::Anthropic, None) => (Cow::Borrowed(&upstream.headers), None),
+        (UpstreamKind::Openai, key) => (Cow::Borrowed(&upstream.headers), key),
+    }
+}
+
+async fn send(upstream: &Upstream, transport: &Transport, body: &Value) -> Result<Head, SendFailure> {
+    let (headers, key) = auth(upstream);
     match transport {
         Transport::Driven => {
             let json = Bytes::from(serde_json::to_vec(body).map_err(|_| SendFailure::Disconnected)?);
-            let (parts, body) =
-                http1::post_json(&upstream.url, &upstream.headers, key, json, upstream.connect_timeout).await?;
+            let (parts, body) = http1::post_json(&upstream.url, &headers, key, json, upstream.connect_timeout).await?;
             Ok(Head {
                 status: parts.status,
                 retry_after: retry_after(&parts.headers),
@@ -244,7 +294,7 @@ async fn send(upstream: &Upstream, transport: &Transport, body: &Value) -> Resul
             })
         }
         Transport::Pooled(client) => {
-            let mut req = client.post(&upstream.url).headers(upstream.headers.clone()).json(body);
+            let mut req = client.post(&upstream.url).headers(headers.into_owned()).json(body);
             if let Some(key) = key {
                 req = req.bearer_auth(String::from_utf8_lossy(key));
             }
@@ -369,6 +419,9 @@ fn mask_keys(text: &str, upstream: &Upstream) -> String {
 /// The request body for `upstream`: the chat, streaming with usage, and
 /// the request's sampling options as they are.
 fn request_body(upstream: &Upstream, request: &GenerateRequest) -> Value {
+    if upstream.kind == UpstreamKind::Anthropic {
+        return anthropic::request_body(&upstream.model, request);
+    }
     let mut body = json!({
         "model": upstream.model,
         "messages": messages_for(request),
@@ -444,10 +497,13 @@ struct BodyReader {
     deferred: Option<Option<Result<Bytes, String>>>,
     /// When the last piece came; the idle timeout counts from here.
     last_frame: Instant,
+    /// For an Anthropic upstream, the reader of its events.
+    anthropic: Option<Frames>,
 }
 
 impl BodyReader {
     fn new(upstream: Arc<Upstream>, body: Pieces, deadline: Instant, total: Duration) -> Self {
+        let upstream_kind = upstream.kind;
         Self {
             upstream,
             body,
@@ -457,6 +513,7 @@ impl BodyReader {
             finished: false,
             deferred: None,
             last_frame: Instant::now(),
+            anthropic: (upstream_kind == UpstreamKind::Anthropic).then(Frames::default),
         }
     }
 
@@ -530,13 +587,13 @@ impl BodyReader {
     /// not yet here.
     fn take_ready(&mut self, first: &[u8]) -> Absorbed {
         let mut read = Absorbed::default();
-        read.absorb(&mut self.parser, first);
+        read.absorb(&mut self.parser, first, self.anthropic.as_mut());
         let mut taken = first.len();
         while taken < MAX_READY_BYTES && read.end.is_none() {
             match self.body.next().now_or_never() {
                 Some(Some(Ok(more))) => {
                     taken += more.len();
-                    read.absorb(&mut self.parser, &more);
+                    read.absorb(&mut self.parser, &more, self.anthropic.as_mut());
                 }
                 Some(end) => {
                     // An error or the end: handled once this text is.

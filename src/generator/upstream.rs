@@ -1,5 +1,6 @@
-//! Upstream model servers (OpenAI-compatible chat completions): their
-//! settings as written in the TOML file, validated into [`Upstream`]s.
+//! Upstream model servers (OpenAI-compatible chat completions, or with
+//! `kind = "anthropic"` the Anthropic Messages API): their settings as
+//! written in the TOML file, validated into [`Upstream`]s.
 //!
 //! ```toml
 //! [upstreams.local]
@@ -14,6 +15,13 @@
 //! idle_timeout = "60s"
 //! total_timeout = "10m"
 //! retries = 2
+//!
+//! [upstreams.claude]
+//! kind = "anthropic"                 # POST {base_url}/messages, key as x-api-key
+//! base_url = "https://api.anthropic.com/v1"
+//! model = "claude-sonnet-4-5"
+//! api_key_env = "ANTHROPIC_API_KEY"
+//! anthropic_version = "2023-06-01"   # the default
 //! ```
 
 use std::collections::BTreeMap;
@@ -36,12 +44,31 @@ pub const DEFAULT_TOTAL_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_RETRIES: u32 = 2;
 /// Most retries accepted in configuration.
 pub const MAX_RETRIES: u32 = 5;
+/// `anthropic-version` sent to `kind = "anthropic"` upstreams by default.
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// Which API an upstream speaks; the generator's request body, headers and
+/// stream parsing follow it, everything else (retries, fallbacks,
+/// timeouts, cancellation) is the same.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKind {
+    /// OpenAI-compatible chat completions (`/chat/completions`, bearer key).
+    #[default]
+    Openai,
+    /// The Anthropic Messages API (`/messages`, `x-api-key`,
+    /// `anthropic-version`).
+    Anthropic,
+}
 
 /// One `[upstreams.NAME]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSettings {
-    /// Base URL up to `/v1` (the path `/chat/completions` is appended).
+    /// The API it speaks (`openai`, the default, or `anthropic`).
+    pub kind: Option<UpstreamKind>,
+    /// Base URL up to `/v1` (the path `/chat/completions`, or `/messages`
+    /// for `anthropic`, is appended).
     pub base_url: String,
     /// The upstream's model name.
     pub model: String,
@@ -73,6 +100,9 @@ pub struct UpstreamSettings {
     /// Reuse connections through a pool (and honour `HTTP_PROXY`) for an
     /// `http://` upstream too; `https://` ones always are.
     pub pooled: Option<bool>,
+    /// `anthropic-version` for `kind = "anthropic"` (default
+    /// [`DEFAULT_ANTHROPIC_VERSION`]).
+    pub anthropic_version: Option<String>,
 }
 
 /// A validated upstream.
@@ -80,13 +110,15 @@ pub struct UpstreamSettings {
 pub struct Upstream {
     /// Its name (a generator name).
     pub name: String,
-    /// `.../chat/completions`.
+    /// The API it speaks.
+    pub kind: UpstreamKind,
+    /// `.../chat/completions` (or `.../messages`).
     pub url: String,
     /// The upstream's model name.
     pub model: String,
     /// The API key, if any.
     pub api_key: Option<Secret>,
-    /// Extra headers.
+    /// Extra headers (for `anthropic`, with `anthropic-version`).
     pub headers: HeaderMap,
     /// Connect timeout.
     pub connect_timeout: Duration,
@@ -251,13 +283,31 @@ impl Upstream {
                 .map_err(|_| UpstreamConfigError::HeaderValue { upstream: upstream(), header: header() })?;
             headers.insert(name, value);
         }
+        let kind = s.kind.unwrap_or_default();
+        if kind == UpstreamKind::Anthropic {
+            let version = s.anthropic_version.as_deref().unwrap_or(DEFAULT_ANTHROPIC_VERSION);
+            let value = HeaderValue::try_from(version).map_err(|_| UpstreamConfigError::HeaderValue {
+                upstream: upstream(),
+                header: "anthropic_version".into(),
+            })?;
+            headers.entry("anthropic-version").or_insert(value);
+            // The key goes in a header: refuse one that cannot, now.
+            if api_key.as_ref().is_some_and(|k| HeaderValue::from_bytes(k.expose()).is_err()) {
+                return Err(UpstreamConfigError::HeaderValue { upstream: upstream(), header: "x-api-key".into() });
+            }
+        }
+        let path = match kind {
+            UpstreamKind::Openai => "chat/completions",
+            UpstreamKind::Anthropic => "messages",
+        };
         let retries = s.retries.unwrap_or(DEFAULT_RETRIES);
         if retries > MAX_RETRIES {
             return Err(UpstreamConfigError::TooManyRetries { upstream: upstream() });
         }
         Ok(Self {
             name: name.to_owned(),
-            url: format!("{base}/chat/completions"),
+            kind,
+            url: format!("{base}/{path}"),
             model: s.model.clone(),
             api_key,
             headers,

@@ -301,6 +301,7 @@ async fn sigterm_drains_and_exits_zero_and_logs_never_show_tokens() {
     let client = reqwest::Client::new();
     let token = |sub: &str| hs256(serde_json::json!({"sub": sub, "exp": now() + 600, "scope": "stream"}));
     let (t_query, t_cookie, t_bearer, t_bad) = (token("q"), token("c"), token("b"), format!("{}x", token("bad")));
+    let t_key = token("k");
     let url = format!("{}/v1/stream?generator=echo&prompt=hi", server.base);
     let r = client.get(format!("{url}&access_token={t_query}")).send().await.unwrap();
     assert_eq!(delta_text(&read_events(r, Duration::from_secs(10)).await), "hi");
@@ -310,6 +311,15 @@ async fn sigterm_drains_and_exits_zero_and_logs_never_show_tokens() {
     assert_eq!(delta_text(&read_events(r, Duration::from_secs(10)).await), "hi");
     let r = client.get(format!("{url}&access_token={t_bad}")).send().await.unwrap();
     assert_eq!(r.status(), 401);
+    // The Anthropic route's `x-api-key`.
+    let r = client
+        .post(format!("{}/v1/messages", server.base))
+        .header("x-api-key", &t_key)
+        .json(&serde_json::json!({"model": "echo", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     // A stream that is open when SIGTERM arrives gets `shutdown`.
     let open = client
         .get(format!("{}/v1/stream?generator=echo&pace_ms=1000&prompt=long-text", server.base))
@@ -337,6 +347,7 @@ async fn sigterm_drains_and_exits_zero_and_logs_never_show_tokens() {
         ("cookie", &t_cookie),
         ("bearer", &t_bearer),
         ("bad", &t_bad),
+        ("x-api-key", &t_key),
         ("secret", &SECRET.to_owned()),
     ] {
         assert!(!logs.contains(t.as_str()), "{name} token leaked into logs");

@@ -1,6 +1,7 @@
 //! A mock OpenAI-compatible upstream: a real HTTP server on 127.0.0.1:0
 //! whose behaviour is chosen by the request's `model`, counting requests and
-//! noticing when a client drops its streamed response.
+//! noticing when a client drops its streamed response. It also answers
+//! `/v1/messages` as an Anthropic upstream ([`handle_anthropic`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,6 +32,8 @@ pub struct Seen {
     pub last_auth: Mutex<Option<String>>,
     /// `flaky` failures left.
     pub flaky_failures: AtomicUsize,
+    /// The last `x-api-key` and `anthropic-version` headers.
+    pub last_anthropic_headers: Mutex<(Option<String>, Option<String>)>,
 }
 
 /// A running mock.
@@ -48,7 +51,10 @@ impl MockUpstream {
 pub async fn start() -> MockUpstream {
     let seen = Arc::new(Seen::default());
     seen.flaky_failures.store(1, Ordering::SeqCst);
-    let app = Router::new().route("/v1/chat/completions", post(handle)).with_state(seen.clone());
+    let app = Router::new()
+        .route("/v1/chat/completions", post(handle))
+        .route("/v1/messages", post(handle_anthropic))
+        .with_state(seen.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -177,6 +183,74 @@ async fn handle(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: String)
             tokio::time::sleep(Duration::from_secs(30)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()
         }
+        _ => (StatusCode::BAD_REQUEST, "unknown mode").into_response(),
+    }
+}
+
+fn anthropic_event(name: &str, data: Value) -> Vec<u8> {
+    format!("event: {name}\ndata: {data}\n\n").into_bytes()
+}
+
+/// `/v1/messages`: an Anthropic stream of the last user message, one event
+/// per character (so cuts fall inside grapheme clusters), with usage; or,
+/// by `model`, an `event: error` after one delta, or a 401.
+async fn handle_anthropic(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: String) -> Response {
+    seen.requests.fetch_add(1, Ordering::SeqCst);
+    let request: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    *seen.last_auth.lock().unwrap() = header("authorization");
+    *seen.last_anthropic_headers.lock().unwrap() = (header("x-api-key"), header("anthropic-version"));
+    *seen.last_body.lock().unwrap() = request.clone();
+    let text = request["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let delta = |t: &str| {
+        anthropic_event(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}}),
+        )
+    };
+    let mut parts = vec![
+        anthropic_event(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                   "content": [], "model": "m", "stop_reason": null, "stop_sequence": null,
+                   "usage": {"input_tokens": 11, "output_tokens": 1}}}),
+        ),
+        anthropic_event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        anthropic_event("ping", json!({"type": "ping"})),
+    ];
+    match request["model"].as_str().unwrap_or_default() {
+        "normal" => {
+            parts.extend(text.chars().map(|c| delta(&c.to_string())));
+            parts.push(anthropic_event("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
+            parts.push(anthropic_event(
+                "message_delta",
+                json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                       "usage": {"output_tokens": 22}}),
+            ));
+            parts.push(anthropic_event("message_stop", json!({"type": "message_stop"})));
+            streamed(seen, parts, Duration::ZERO, false)
+        }
+        "error-event" => {
+            parts.push(delta("a"));
+            parts.push(anthropic_event(
+                "error",
+                json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+            ));
+            streamed(seen, parts, Duration::ZERO, false)
+        }
+        "status-401" => (
+            StatusCode::UNAUTHORIZED,
+            r#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#,
+        )
+            .into_response(),
         _ => (StatusCode::BAD_REQUEST, "unknown mode").into_response(),
     }
 }

@@ -41,12 +41,8 @@ async fn router_answers_exactly_the_listed_methods() {
                 assert!(resp.status() != 404 && resp.status() != 405, "{method} {path}: {}", resp.status());
             } else {
                 assert_eq!(resp.status(), 405, "{method} {path}");
-                // The OpenAI-compatible routes answer in the OpenAI shape.
-                let expected = if tokengate::error::wants_openai_errors(path) {
-                    "application/json"
-                } else {
-                    "application/problem+json"
-                };
+                // The dialects' routes answer in their own shape.
+                let expected = tokengate::error::ErrorShape::for_path(path).content_type();
                 assert_eq!(resp.headers()["content-type"], expected, "{method} {path}");
             }
         }

@@ -1,0 +1,43 @@
+//! Reading a whole stream for the non-streaming answers of the dialect
+//! routes (`stream: false`): the same engine runs, and its events are
+//! gathered instead of rendered.
+
+use futures_util::StreamExt;
+
+use crate::error::ApiError;
+use crate::generator::Usage;
+use crate::stream::{EventStream, FinishReason, StreamEvent};
+
+/// A whole generation, as a non-streaming answer reports it.
+#[derive(Debug)]
+pub struct Gathered {
+    /// All the text.
+    pub text: String,
+    /// Its length in grapheme clusters.
+    pub chars: u64,
+    /// The usage an upstream reported.
+    pub usage: Option<Usage>,
+    /// Why it finished.
+    pub finish_reason: FinishReason,
+}
+
+/// Reads a whole stream for a non-streaming answer; a stream that ends with
+/// an error or a shutdown is that error.
+pub async fn gather(events: EventStream) -> Result<Gathered, ApiError> {
+    let mut events = std::pin::pin!(events);
+    let mut text = String::new();
+    while let Some(event) = events.next().await {
+        match event.as_ref() {
+            StreamEvent::Delta { text: t, .. } => text.push_str(t),
+            StreamEvent::Done { chars, usage, finish_reason, .. } => {
+                return Ok(Gathered { text, chars: *chars, usage: *usage, finish_reason: *finish_reason });
+            }
+            StreamEvent::Error { code, message, .. } => {
+                return Err(ApiError::GenerationFailed { code: *code, message: message.clone() });
+            }
+            StreamEvent::Shutdown { .. } => return Err(ApiError::Draining),
+            StreamEvent::Start { .. } | StreamEvent::Heartbeat => {}
+        }
+    }
+    Err(ApiError::Internal("stream ended without a result".into()))
+}
