@@ -39,6 +39,9 @@ pub fn route_table() -> Vec<RouteEntry> {
         ("/v1/channels/{name}", &["GET", "POST"], get(api::channels::subscribe).post(api::channels::publish)),
         ("/v1/chat/completions", &["POST"], post(api::openai::chat_completions)),
         ("/v1/models", &["GET"], get(api::openai::models)),
+        ("/v1/ui/chat", &["POST"], post(api::ai_sdk::chat)),
+        ("/v1/ui/chat/{chatId}/stream", &["GET"], get(api::ai_sdk::resume_chat)),
+        ("/v1/ui/chat/{chatId}/stop", &["POST"], post(api::ai_sdk::stop_chat)),
     ]
 }
 
