@@ -238,3 +238,59 @@ async fn the_ai_sdk_client_reads_and_resumes_through_tokengate() {
     assert!(out.status.success(), "the AI SDK check failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("ai sdk ok"), "{stdout}");
 }
+
+#[tokio::test]
+async fn with_redis_a_chat_opened_on_one_replica_resumes_and_stops_on_another() {
+    let redis = crate::redis::RedisServer::start();
+    let settings = || {
+        let mut s = base_settings();
+        s.redis_url = Some(redis.url());
+        s.detach_grace = Some("10s".into());
+        s.pace_ms = Some(20);
+        s
+    };
+    let (a, b) = (spawn_app_with(settings()).await, spawn_app_with(settings()).await);
+    for app in [&a, &b] {
+        let mut tries = 0;
+        while app.get("/readyz", None).await.status() != 200 {
+            tries += 1;
+            assert!(tries < 200, "replica never became ready");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    let token = a.token("alice", "stream");
+    // A replica may still refuse while its cancel listener connects (503).
+    let post = |app: &TestApp, chat: &str, text: &str| {
+        let (client, url, body) = (app.client.clone(), format!("{}/v1/ui/chat", app.base), body(chat, "echo", text));
+        let token = token.clone();
+        async move {
+            for _ in 0..200 {
+                let resp = client.post(&url).bearer_auth(&token).json(&body).send().await.unwrap();
+                if resp.status() == 200 {
+                    return resp;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("the replica never accepted the chat");
+        }
+    };
+    let on = |app: &TestApp, chat: &str, action: &str| {
+        let url = format!("{}/v1/ui/chat/{chat}/{action}", app.base);
+        let req = if action == "stop" { app.client.post(url) } else { app.client.get(url) };
+        req.bearer_auth(&token).send()
+    };
+
+    let prompt = "across replicas 你好 👩‍👩‍👧 e\u{301}";
+    drop(post(&a, "chat-x", prompt).await);
+    let replay = read_parts(on(&b, "chat-x", "stream").await.unwrap()).await;
+    assert_eq!(text(&replay).concat(), prompt);
+    assert_eq!(ending(&replay)[3], json!({"type": "finish", "finishReason": "stop"}));
+    assert_eq!(on(&b, "chat-x", "stream").await.unwrap().status(), 204, "finished: 204 on any replica");
+
+    let running = post(&a, "chat-y", &"y".repeat(300)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(on(&b, "chat-y", "stop").await.unwrap().status(), 204);
+    let parts = read_parts(running).await;
+    let end = ending(&parts);
+    assert_eq!(end[end.len() - 2], json!({"type": "abort"}), "stopped from the other replica");
+}
