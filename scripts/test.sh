@@ -44,6 +44,13 @@ if [ ! -x "$VENV/bin/schemathesis" ] || [ ! -x "$VENV/bin/kubernetes-validate" ]
     "$VENV/bin/pip" install -q --disable-pip-version-check $PY_TOOLS
 fi
 
+# The AI SDK test runs the `ai` npm package's own client code in Node
+# (18 or later), pinned by tests/node/package-lock.json.
+command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+if [ ! -f tests/node/node_modules/ai/package.json ] || [ tests/node/package-lock.json -nt tests/node/node_modules/.package-lock.json ]; then
+    npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+fi
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 

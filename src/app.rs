@@ -43,6 +43,9 @@ pub fn route_table() -> Vec<RouteEntry> {
         ("/v1/responses/{id}", &["GET"], get(api::responses::retrieve_response)),
         ("/v1/responses/{id}/cancel", &["POST"], post(api::responses::cancel_response)),
         ("/v1/messages", &["POST"], post(api::anthropic::create_message)),
+        ("/v1/ui/chat", &["POST"], post(api::ai_sdk::chat)),
+        ("/v1/ui/chat/{chatId}/stream", &["GET"], get(api::ai_sdk::resume_chat)),
+        ("/v1/ui/chat/{chatId}/stop", &["POST"], post(api::ai_sdk::stop_chat)),
     ]
 }
 

@@ -11,8 +11,8 @@
 //! - [`app`]: the route table and the layer stack; [`state`]: the state
 //!   every handler gets.
 //! - [`dialect`]: one renderer per wire protocol (native, OpenAI chat
-//!   completions, Anthropic Messages, channel subscriptions), from typed
-//!   events.
+//!   completions and Responses, Anthropic Messages, the Vercel AI SDK UI
+//!   message stream, channel subscriptions), from typed events.
 //! - [`stream`]: the engine (grapheme splitting, pacing, ids), the
 //!   producer and its flow control (backpressure, detach, slow consumers),
 //!   the one reader that follows a log (heartbeats, shutdown, resume gaps),

@@ -5,6 +5,7 @@
 //! import each other: what two of them share lives in [`json`], [`resume`],
 //! [`gather`] and [`sse`] (the one place an SSE response is built).
 
+pub mod ai_sdk;
 pub mod anthropic;
 pub mod channels;
 pub mod demo;

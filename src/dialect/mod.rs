@@ -7,6 +7,7 @@
 //! HTTP body, coalescing every event that is already available into one
 //! write (without waiting for events that are not).
 
+pub mod ai_sdk;
 pub mod anthropic;
 pub mod channel;
 pub mod native;

@@ -9,6 +9,7 @@
 //! | `tg:r:{id}` | string | a reader on another replica follows the stream |
 //! | `tg:c:{name}` | stream | a channel's events; fields [`DATA`] and [`EVENT_NAME`] |
 //! | `tg:n:{name}` | hash | a channel's subscriber count per replica |
+//! | `tg:u:{len}:{owner}:{chat}` | string | a UI chat's current stream id (`len`: the owner's length in bytes) |
 //! | [`CANCEL_CHANNEL`] | pub/sub | stream ids to cancel, heard by every replica |
 //! | [`ATTACH_CHANNEL`] | pub/sub | stream ids a remote reader just attached to |
 
@@ -52,6 +53,13 @@ pub(super) fn remote_reader(id: &StreamId) -> String {
     format!("tg:r:{id}")
 }
 
+/// A UI chat's current stream. The owner's length comes first, so that no
+/// owner and chat id pair can spell another pair's key, whatever either
+/// contains.
+pub(super) fn chat(owner: &str, chat: &str) -> String {
+    format!("tg:u:{}:{owner}:{chat}", owner.len())
+}
+
 /// A channel's event log.
 pub(super) fn channel(name: &str) -> String {
     format!("{CHANNEL_PREFIX}{name}")
@@ -84,5 +92,11 @@ mod tests {
         }
         assert_eq!(seq_of("0-0"), None);
         assert_eq!(seq_of("12-3"), None);
+    }
+
+    #[test]
+    fn chat_keys_of_different_pairs_differ() {
+        assert_ne!(chat("a:b", "c"), chat("a", "b:c"));
+        assert_eq!(chat("alice", "c1"), "tg:u:5:alice:c1");
     }
 }

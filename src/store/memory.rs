@@ -304,6 +304,11 @@ impl LiveStream {
         })
     }
 
+    /// Whether the terminal event is logged.
+    pub fn is_finished(&self) -> bool {
+        lock(&self.state).finished_at.is_some()
+    }
+
     /// Whether the stream is finished and a reader that has seen everything
     /// before `from` has nothing left to read.
     pub fn is_complete_at(&self, from: u64) -> bool {

@@ -18,6 +18,7 @@
 //! is a [`StreamWriter`].
 
 mod channels;
+mod chats;
 mod cursor;
 mod keys;
 mod memory;
@@ -32,6 +33,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use self::channels::ChannelHub;
+use self::chats::ChatIndex;
 use self::memory::StreamHub;
 use self::redis::{ChannelTail, RedisSettings, RedisStore, Replicator};
 use crate::event::StreamId;
@@ -97,6 +99,9 @@ pub struct Store(Arc<Inner>);
 struct Inner {
     streams: Arc<StreamHub>,
     channels: Arc<ChannelHub>,
+    /// UI chats' current streams (with Redis, Redis holds the binding
+    /// every replica reads).
+    chats: ChatIndex,
     settings: StoreSettings,
     shared: Option<Shared>,
 }
@@ -143,7 +148,7 @@ impl Store {
             redis,
             replica_id: StreamId::random().map(|id| id.to_string()).unwrap_or_else(|_| "replica".to_owned()),
         });
-        Self(Arc::new(Inner { streams, channels, settings, shared }))
+        Self(Arc::new(Inner { streams, channels, chats: ChatIndex::default(), settings, shared }))
     }
 
     /// Whether new streams and subscriptions can be served: always in
@@ -166,6 +171,8 @@ impl Store {
     pub fn sweep(&self) {
         self.0.streams.sweep();
         self.0.channels.sweep();
+        let streams = &self.0.streams;
+        self.0.chats.sweep(|id| streams.get(id).is_some());
     }
 
     /// Streams produced by this process and still retained.
@@ -219,6 +226,37 @@ impl Store {
                 }
                 Ok(Some(Cursor::Remote(RemoteCursor::new(shared.redis.clone(), located.id, from))))
             }
+        }
+    }
+
+    /// Whether a located stream has ended (its terminal event is logged).
+    pub async fn is_finished(&self, located: &Located) -> Result<bool, StoreError> {
+        match &located.place {
+            Place::Local(log) => Ok(log.is_finished()),
+            Place::Remote => {
+                let Some(shared) = &self.0.shared else { return Ok(true) };
+                Ok(matches!(shared.redis.last_event(&located.id).await?, Some((_, true))))
+            }
+        }
+    }
+
+    /// Records stream `id` as the one answering `owner`'s chat `chat` now
+    /// (replacing the chat's earlier stream).
+    pub async fn bind_chat(&self, owner: &str, chat: &str, id: StreamId) -> Result<(), StoreError> {
+        if let Some(shared) = &self.0.shared {
+            shared.redis.bind_chat(owner, chat, &id).await?;
+        }
+        self.0.chats.bind(owner, chat, id);
+        Ok(())
+    }
+
+    /// The stream last bound to `owner`'s chat `chat`, if the binding is
+    /// still kept. With Redis, Redis answers: another replica may have
+    /// opened the chat's newest stream.
+    pub async fn chat_stream(&self, owner: &str, chat: &str) -> Result<Option<StreamId>, StoreError> {
+        match &self.0.shared {
+            Some(shared) => shared.redis.chat_stream(owner, chat).await,
+            None => Ok(self.0.chats.get(owner, chat)),
         }
     }
 

@@ -223,6 +223,28 @@ impl StreamService {
         })
     }
 
+    /// Records stream `id` (just opened by `caller`) as the one answering
+    /// the caller's chat `chat`, for [`Self::chat_stream`].
+    pub async fn bind_chat(&self, caller: &Principal, chat: &str, id: StreamId) -> Result<(), StreamError> {
+        Ok(self.0.store.bind_chat(&caller.subject, chat, id).await?)
+    }
+
+    /// The caller's chat `chat`'s stream while it runs; `None` when the chat
+    /// has none, or its stream has finished or expired. Chats are the
+    /// caller's own: the binding is kept per subject, so no subject finds
+    /// (or shadows) another's chat by its id; the stream found is then
+    /// checked like [`Self::locate`] does (its owner, or `admin`).
+    pub async fn chat_stream(&self, caller: &Principal, chat: &str) -> Result<Option<Located>, StreamError> {
+        let store = &self.0.store;
+        let Some(id) = store.chat_stream(&caller.subject, chat).await? else { return Ok(None) };
+        let located = match self.locate(caller, &id).await {
+            Ok(located) => located,
+            Err(StreamError::NotFound) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok((!store.is_finished(&located).await?).then_some(located))
+    }
+
     /// Cancels a located stream wherever it runs: its generator (and any
     /// upstream request) is dropped and every reader gets `cancelled`.
     pub async fn cancel(&self, caller: &Principal, located: Located) -> Result<(), StreamError> {

@@ -6,13 +6,15 @@
 //! - [`leases`]: producer leases, remote-reader holds, cancels, and the
 //!   [`Replicator`] that copies a local log to Redis;
 //! - [`channels`]: channel logs, subscriber counts and the per-replica
-//!   [`ChannelTail`].
+//!   [`ChannelTail`];
+//! - [`chats`]: which stream answers a UI chat now.
 //!
 //! Every command has a response timeout, so a Redis outage fails requests
 //! quickly instead of hanging them; the connection manager reconnects by
 //! itself, and a health probe feeds `/readyz`.
 
 mod channels;
+mod chats;
 mod leases;
 mod logs;
 
