@@ -377,6 +377,10 @@ async fn anthropic_upstream_app(pooled: bool) -> (TestApp, mock_upstream::MockUp
             ("claude", upstream("normal")),
             ("claude-error", upstream("error-event")),
             ("claude-401", upstream("status-401")),
+            ("claude-cut", upstream("cut")),
+            ("claude-drop", upstream("drop")),
+            ("claude-garbage", upstream("garbage")),
+            ("claude-idle", upstream("idle")),
         ]
         .into_iter()
         .map(|(n, u)| (n.to_owned(), u))
@@ -454,4 +458,38 @@ async fn an_anthropic_upstreams_failures_are_terminal_errors() {
         .await
         .unwrap();
     assert_eq!(delta_text(&read_events(resp, LIMIT).await), "héllo");
+}
+
+#[tokio::test]
+async fn an_anthropic_upstream_cut_dropped_garbled_or_silent_is_exact_or_a_terminal_error() {
+    for pooled in [false, true] {
+        let (app, _mock) = anthropic_upstream_app(pooled).await;
+        let token = app.token("alice", "stream");
+        let native = |generator: &str, prompt: &str| {
+            app.client
+                .post(format!("{}/v1/stream", app.base))
+                .bearer_auth(&token)
+                .json(&json!({"generator": generator, "prompt": prompt}))
+                .send()
+        };
+        // Cut inside UTF-8 sequences and lines, with CRLF: the exact text.
+        let text = "你好 👩‍👩‍👧 e\u{301} ok";
+        let events = read_events(native("claude-cut", text).await.unwrap(), LIMIT).await;
+        assert_eq!(delta_text(&events), text, "pooled {pooled}");
+        for (generator, code) in [
+            ("claude-drop", "upstream_disconnected"),
+            ("claude-garbage", "upstream_malformed"),
+            ("claude-idle", "upstream_idle_timeout"),
+        ] {
+            let events = read_events(native(generator, "héllo").await.unwrap(), LIMIT).await;
+            let all = messages(&events);
+            let (last, data, _) = all.last().unwrap();
+            assert_eq!(
+                (last.as_str(), data["code"].as_str()),
+                ("error", Some(code)),
+                "{generator}, pooled {pooled}: {all:?}"
+            );
+            assert_eq!(all.iter().filter(|(e, _, _)| e == "error" || e == "done").count(), 1, "one terminal event");
+        }
+    }
 }

@@ -193,7 +193,8 @@ fn anthropic_event(name: &str, data: Value) -> Vec<u8> {
 
 /// `/v1/messages`: an Anthropic stream of the last user message, one event
 /// per character (so cuts fall inside grapheme clusters), with usage; or,
-/// by `model`, an `event: error` after one delta, or a 401.
+/// by `model`, the same cut into 1..=7-byte writes with CRLF, a drop before
+/// the end, garbage, silence, an `event: error` after one delta, or a 401.
 async fn handle_anthropic(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: String) -> Response {
     seen.requests.fetch_add(1, Ordering::SeqCst);
     let request: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
@@ -237,6 +238,37 @@ async fn handle_anthropic(State(seen): State<Arc<Seen>>, headers: HeaderMap, bod
             ));
             parts.push(anthropic_event("message_stop", json!({"type": "message_stop"})));
             streamed(seen, parts, Duration::ZERO, false)
+        }
+        "cut" => {
+            // The whole stream with CRLF line ends, cut into 1..=7-byte
+            // writes: inside UTF-8 sequences and inside lines.
+            parts.extend(text.chars().map(|c| delta(&c.to_string())));
+            parts.push(anthropic_event("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
+            parts.push(anthropic_event("message_stop", json!({"type": "message_stop"})));
+            let raw = String::from_utf8(parts.concat()).unwrap().replace("\n\n", "\r\n\r\n").into_bytes();
+            let mut cut = Vec::new();
+            let (mut i, mut size) = (0, 1);
+            while i < raw.len() {
+                let end = (i + size).min(raw.len());
+                cut.push(raw[i..end].to_vec());
+                i = end;
+                size = size % 7 + 1;
+            }
+            streamed(seen, cut, Duration::from_micros(300), false)
+        }
+        // A few deltas, then the connection closes before `message_stop`.
+        "drop" => {
+            parts.extend(text.chars().take(3).map(|c| delta(&c.to_string())));
+            streamed(seen, parts, Duration::ZERO, false)
+        }
+        "garbage" => {
+            parts.push(delta("a"));
+            parts.push(b"event: content_block_delta\ndata: {not json\n\n".to_vec());
+            streamed(seen, parts, Duration::ZERO, false)
+        }
+        "idle" => {
+            parts.push(delta("a"));
+            streamed(seen, parts, Duration::ZERO, true)
         }
         "error-event" => {
             parts.push(delta("a"));
