@@ -375,6 +375,20 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// A stream service refusal on a route where the generator is named
+    /// `model` (the OpenAI and Anthropic dialects, the AI SDK route): an
+    /// unknown one is that API's "model not found".
+    pub fn for_model(e: crate::stream::StreamError) -> Self {
+        match e {
+            crate::stream::StreamError::UnknownGenerator { name, available } => {
+                ApiError::ModelNotFound { name, available }
+            }
+            other => other.into(),
+        }
+    }
+}
+
 impl From<crate::stream::StreamError> for ApiError {
     fn from(e: crate::stream::StreamError) -> Self {
         use crate::stream::StreamError;

@@ -23,7 +23,7 @@ use crate::error::ApiError;
 use crate::event::Protocol;
 use crate::generator::{ChatMessage, GenerateRequest};
 use crate::state::AppState;
-use crate::stream::{EventStream, OpenRequest, Resumed, StreamError};
+use crate::stream::{EventStream, OpenRequest, Resumed};
 
 /// The longest chat id accepted, in characters (the SDK's are 16).
 const MAX_CHAT_ID_CHARS: usize = 256;
@@ -123,10 +123,7 @@ pub async fn chat(
         detach_grace: None,
         protocol: Protocol::AiSdkUi,
     };
-    let opened = state.streams.open(&principal, open).await.map_err(|e| match e {
-        StreamError::UnknownGenerator { name, available } => ApiError::ModelNotFound { name, available },
-        other => other.into(),
-    })?;
+    let opened = state.streams.open(&principal, open).await.map_err(ApiError::for_model)?;
     if let Err(e) = state.streams.bind_chat(&principal, chat, opened.stream_id).await {
         // A stream nobody could resume or stop by its chat: end it now.
         if let Ok(located) = state.streams.locate(&principal, &opened.stream_id).await {

@@ -22,7 +22,7 @@ use crate::error::{AnthropicError, ApiError};
 use crate::event::Protocol;
 use crate::generator::{ChatMessage, GenerateRequest, SamplingOptions, Stop};
 use crate::state::AppState;
-use crate::stream::{OpenRequest, StreamError};
+use crate::stream::OpenRequest;
 
 /// Grapheme clusters per `content_block_delta`.
 const DELTA_GRAPHEMES: usize = 1;
@@ -135,10 +135,7 @@ pub async fn create_message(
         detach_grace: Some(Duration::ZERO),
         protocol: Protocol::AnthropicMessages,
     };
-    let opened = state.streams.open(&principal, open).await.map_err(|e| match e {
-        StreamError::UnknownGenerator { name, available } => ApiError::ModelNotFound { name, available },
-        other => other.into(),
-    })?;
+    let opened = state.streams.open(&principal, open).await.map_err(ApiError::for_model)?;
     let id = format!("msg_{}", opened.stream_id);
     if stream {
         let dialect = AnthropicEvents::new(id, model, DELTA_GRAPHEMES);

@@ -21,7 +21,7 @@ use crate::error::{ApiError, OpenAiError};
 use crate::event::Protocol;
 use crate::generator::{ChatMessage, GenerateRequest, SamplingOptions};
 use crate::state::AppState;
-use crate::stream::{OpenRequest, StreamError};
+use crate::stream::OpenRequest;
 
 /// A message's content: a string, or a list of parts of which the text
 /// parts are used.
@@ -121,10 +121,7 @@ pub async fn chat_completions(
         detach_grace: Some(Duration::ZERO),
         protocol: Protocol::OpenAiChat,
     };
-    let opened = state.streams.open(&principal, open).await.map_err(|e| match e {
-        StreamError::UnknownGenerator { name, available } => ApiError::ModelNotFound { name, available },
-        other => other.into(),
-    })?;
+    let opened = state.streams.open(&principal, open).await.map_err(ApiError::for_model)?;
     let id = format!("chatcmpl-{}", opened.stream_id);
     let created = now();
     let events = opened.events;

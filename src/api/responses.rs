@@ -28,7 +28,7 @@ use crate::event::Protocol;
 use crate::generator::{ChatMessage, GenerateRequest, SamplingOptions};
 use crate::state::AppState;
 use crate::store::Located;
-use crate::stream::{EventStream, OpenRequest, Resumed, StreamError};
+use crate::stream::{EventStream, OpenRequest, Resumed};
 
 /// The request body. Fields tokengate does not use (`tools`, `store`,
 /// `reasoning`, ...) are accepted and ignored, as the SDKs send many.
@@ -120,10 +120,7 @@ pub async fn create_response(
         detach_grace: None,
         protocol: Protocol::OpenAiResponses,
     };
-    let opened = state.streams.open(&principal, open).await.map_err(|e| match e {
-        StreamError::UnknownGenerator { name, available } => ApiError::ModelNotFound { name, available },
-        other => other.into(),
-    })?;
+    let opened = state.streams.open(&principal, open).await.map_err(ApiError::for_model)?;
     let response = ResponseState::new(opened.stream_id, req.model, now());
     if req.stream {
         return Ok(events_response(&state, opened.events, response, None));

@@ -226,17 +226,9 @@ async fn the_ai_sdk_client_reads_and_resumes_through_tokengate() {
     settings.detach_grace = Some("10s".into());
     let app = spawn_app_with(settings).await;
     let expected = "CJK 你好世界, ZWJ 👩‍👩‍👧 and 🏳️‍🌈, combining e\u{301} a\u{308}\u{332}, CRLF \r\nend.";
-    let out = tokio::process::Command::new(node)
-        .arg("tests/node/ai_sdk_check.mjs")
-        .env("TOKENGATE_BASE_URL", &app.base)
-        .env("TOKENGATE_TOKEN", app.token("sdk-user", "stream"))
-        .env("EXPECTED_TEXT", expected)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out).await.expect("bounded").unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the AI SDK check failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("ai sdk ok"), "{stdout}");
+    let token = app.token("sdk-user", "stream");
+    run_client_check(&node, "tests/node/ai_sdk_check.mjs", &app, &token, &[("EXPECTED_TEXT", expected)], "ai sdk ok")
+        .await;
 }
 
 #[tokio::test]

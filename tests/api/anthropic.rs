@@ -324,34 +324,13 @@ async fn the_per_ip_rate_limit_and_a_full_server_answer_in_the_anthropic_shape()
     drop(held);
 }
 
-/// The Python the README test command prepares (a venv with `anthropic`).
-fn python() -> String {
-    let python = std::env::var("TOKENGATE_TEST_PYTHON").unwrap_or_else(|_| ".venv/bin/python".to_owned());
-    let ok =
-        std::process::Command::new(&python).args(["-c", "import anthropic"]).output().is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "{python} with the `anthropic` package is required: run scripts/test.sh (it creates .venv and installs it), or set TOKENGATE_TEST_PYTHON"
-    );
-    python
-}
-
 #[tokio::test]
 async fn the_official_anthropic_python_sdk_streams_through_tokengate() {
-    let python = python();
+    let python = python_with("anthropic");
     let app = spawn_app().await;
-    let out = tokio::process::Command::new(python)
-        .arg("tests/python/anthropic_sdk_check.py")
-        .env("TOKENGATE_BASE_URL", &app.base)
-        .env("TOKENGATE_TOKEN", app.token("sdk-user", "stream"))
-        .env("TOKENGATE_PUBLISH_TOKEN", app.token("sdk-user", "publish"))
-        .env("EXPECTED_TEXT", HOSTILE)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out).await.expect("bounded").unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the SDK check failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("anthropic sdk ok"), "{stdout}");
+    let (token, publish) = (app.token("sdk-user", "stream"), app.token("sdk-user", "publish"));
+    let env = [("TOKENGATE_PUBLISH_TOKEN", publish.as_str()), ("EXPECTED_TEXT", HOSTILE)];
+    run_client_check(&python, "tests/python/anthropic_sdk_check.py", &app, &token, &env, "anthropic sdk ok").await;
 }
 
 const UPSTREAM_KEY: &str = "sk-ant-test-0123456789-secret";

@@ -307,3 +307,41 @@ pub async fn eventually(limit: Duration, what: &str, cond: impl Fn() -> bool) {
 pub fn urlencode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
+
+/// The Python the README test command prepares (a `.venv`), checked to
+/// import `module` (an official SDK the tests use as a client).
+pub fn python_with(module: &str) -> String {
+    let python = std::env::var("TOKENGATE_TEST_PYTHON").unwrap_or_else(|_| ".venv/bin/python".to_owned());
+    let ok = std::process::Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{python} with the `{module}` package is required: run scripts/test.sh (it creates .venv and installs it), or set TOKENGATE_TEST_PYTHON"
+    );
+    python
+}
+
+/// Runs an official client's check script against `app` (at most 60 s),
+/// with `TOKENGATE_BASE_URL`, `TOKENGATE_TOKEN` and `env` in its
+/// environment, and asserts that it succeeded and printed `marker`.
+pub async fn run_client_check(
+    program: &str,
+    script: &str,
+    app: &TestApp,
+    token: &str,
+    env: &[(&str, &str)],
+    marker: &str,
+) {
+    let mut command = tokio::process::Command::new(program);
+    command.arg(script).env("TOKENGATE_BASE_URL", &app.base).env("TOKENGATE_TOKEN", token);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), command.output()).await.expect("bounded").unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains(marker), "{script} did not print `{marker}`:\n{stdout}");
+}

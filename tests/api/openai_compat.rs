@@ -163,32 +163,12 @@ async fn models_and_errors_in_the_openai_shape() {
     assert_eq!(resp.json::<Value>().await.unwrap()["error"]["type"], "authentication_error");
 }
 
-/// The Python the README test command prepares (a venv with `openai`).
-fn python() -> String {
-    let python = std::env::var("TOKENGATE_TEST_PYTHON").unwrap_or_else(|_| ".venv/bin/python".to_owned());
-    let ok =
-        std::process::Command::new(&python).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "{python} with the `openai` package is required: run scripts/test.sh (it creates .venv and installs it), or set TOKENGATE_TEST_PYTHON"
-    );
-    python
-}
-
 #[tokio::test]
 async fn the_official_openai_python_sdk_streams_through_tokengate() {
-    let python = python();
+    let python = python_with("openai");
     let app = spawn_app().await;
     let expected = "The SDK says: 你好, 👩‍👩‍👧 and e\u{301}.";
-    let out = tokio::process::Command::new(python)
-        .arg("tests/python/openai_sdk_check.py")
-        .env("TOKENGATE_BASE_URL", &app.base)
-        .env("TOKENGATE_TOKEN", app.token("sdk-user", "stream"))
-        .env("EXPECTED_TEXT", expected)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out).await.expect("bounded").unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the SDK check failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("openai sdk ok"), "{stdout}");
+    let token = app.token("sdk-user", "stream");
+    let env = [("EXPECTED_TEXT", expected)];
+    run_client_check(&python, "tests/python/openai_sdk_check.py", &app, &token, &env, "openai sdk ok").await;
 }

@@ -172,35 +172,15 @@ async fn the_non_streaming_answer_and_errors_use_the_openai_shapes() {
     assert!(method.json::<Value>().await.unwrap()["error"].is_object(), "405 in the OpenAI shape too");
 }
 
-/// The Python the README test command prepares (a venv with `openai`).
-fn python() -> String {
-    let python = std::env::var("TOKENGATE_TEST_PYTHON").unwrap_or_else(|_| ".venv/bin/python".to_owned());
-    let ok =
-        std::process::Command::new(&python).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "{python} with the `openai` package is required: run scripts/test.sh (it creates .venv and installs it), or set TOKENGATE_TEST_PYTHON"
-    );
-    python
-}
-
 #[tokio::test]
 async fn the_official_openai_python_sdk_uses_the_responses_api_through_tokengate() {
-    let python = python();
+    let python = python_with("openai");
     let mut settings = base_settings();
     // Paced, and resumable after a cut.
     settings.pace_ms = Some(10);
     settings.detach_grace = Some("30s".into());
     let app = spawn_app_with(settings).await;
-    let out = tokio::process::Command::new(python)
-        .arg("tests/python/responses_sdk_check.py")
-        .env("TOKENGATE_BASE_URL", &app.base)
-        .env("TOKENGATE_TOKEN", app.token("sdk-user", "stream"))
-        .env("EXPECTED_TEXT", HOSTILE)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out).await.expect("bounded").unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the SDK check failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("responses sdk ok"), "{stdout}");
+    let token = app.token("sdk-user", "stream");
+    let env = [("EXPECTED_TEXT", HOSTILE)];
+    run_client_check(&python, "tests/python/responses_sdk_check.py", &app, &token, &env, "responses sdk ok").await;
 }
