@@ -138,16 +138,7 @@ async fn handle(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: String)
                 raw.push_str(": ping\r\n\r\n");
             }
             raw.push_str(&finish().replace("\n\n", "\r\n\r\n"));
-            let bytes = raw.into_bytes();
-            let mut parts = Vec::new();
-            let (mut i, mut size) = (0, 1);
-            while i < bytes.len() {
-                let end = (i + size).min(bytes.len());
-                parts.push(bytes[i..end].to_vec());
-                i = end;
-                size = size % 7 + 1;
-            }
-            streamed(seen, parts, Duration::from_micros(300), false)
+            streamed(seen, small_writes(&raw.into_bytes()), Duration::from_micros(300), false)
         }
         "status-401" => (StatusCode::UNAUTHORIZED, "{\"error\":{\"message\":\"bad key\"}}").into_response(),
         "status-404" => (StatusCode::NOT_FOUND, "{\"error\":{\"message\":\"no such model\"}}").into_response(),
@@ -185,6 +176,20 @@ async fn handle(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: String)
         }
         _ => (StatusCode::BAD_REQUEST, "unknown mode").into_response(),
     }
+}
+
+/// `bytes` cut into writes of 1, 2, ..., 7, 1, ... bytes: inside UTF-8
+/// sequences and inside lines.
+fn small_writes(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut parts = Vec::new();
+    let (mut i, mut size) = (0, 1);
+    while i < bytes.len() {
+        let end = (i + size).min(bytes.len());
+        parts.push(bytes[i..end].to_vec());
+        i = end;
+        size = size % 7 + 1;
+    }
+    parts
 }
 
 fn anthropic_event(name: &str, data: Value) -> Vec<u8> {
@@ -246,15 +251,7 @@ async fn handle_anthropic(State(seen): State<Arc<Seen>>, headers: HeaderMap, bod
             parts.push(anthropic_event("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
             parts.push(anthropic_event("message_stop", json!({"type": "message_stop"})));
             let raw = String::from_utf8(parts.concat()).unwrap().replace("\n\n", "\r\n\r\n").into_bytes();
-            let mut cut = Vec::new();
-            let (mut i, mut size) = (0, 1);
-            while i < raw.len() {
-                let end = (i + size).min(raw.len());
-                cut.push(raw[i..end].to_vec());
-                i = end;
-                size = size % 7 + 1;
-            }
-            streamed(seen, cut, Duration::from_micros(300), false)
+            streamed(seen, small_writes(&raw), Duration::from_micros(300), false)
         }
         // A few deltas, then the connection closes before `message_stop`.
         "drop" => {
