@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::json::JsonObject;
+use super::json::json_body;
 use super::sse::sse_response_with;
 use crate::auth::{Principal, Scope};
 use crate::dialect::ai_sdk::{HEADER, UiMessageStream};
@@ -102,8 +102,7 @@ pub async fn chat(
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     super::require(&principal, Scope::Stream)?;
-    let JsonObject::<UiChatRequest>(req) =
-        body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?.try_into()?;
+    let req: UiChatRequest = json_body(body, state.config.max_body_bytes)?;
     let chat = chat_id(&req.id)?;
     if let Some(trigger) = req.trigger.as_deref()
         && !matches!(trigger, "submit-message" | "regenerate-message")

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::ApiKeyPrincipal;
 use super::gather::{Gathered, gather};
-use super::json::JsonObject;
+use super::json::{TextContent, json_body};
 use super::sse::sse_response;
 use crate::auth::Scope;
 use crate::dialect::anthropic::{AnthropicEvents, stop_reason};
@@ -27,43 +27,11 @@ use crate::stream::OpenRequest;
 /// Grapheme clusters per `content_block_delta`.
 const DELTA_GRAPHEMES: usize = 1;
 
-/// `content` or `system`: a string, or a list of content blocks of which
-/// the text blocks are used.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Content {
-    /// Plain text.
-    Text(String),
-    /// Content blocks (`{"type": "text", "text": ...}`; images, tool use
-    /// and tool results are left out).
-    Blocks(Vec<Block>),
-}
-
-impl Content {
-    /// The text blocks joined.
-    fn into_text(self) -> String {
-        match self {
-            Content::Text(t) => t,
-            Content::Blocks(blocks) => {
-                blocks.into_iter().filter(|b| b.kind == "text").filter_map(|b| b.text).collect::<Vec<_>>().join("")
-            }
-        }
-    }
-}
-
-/// One content block.
-#[derive(Debug, Deserialize)]
-pub struct Block {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-}
-
 /// One message as Anthropic clients send it (`user` or `assistant`).
 #[derive(Debug, Deserialize)]
 pub struct Message {
     role: String,
-    content: Content,
+    content: TextContent,
 }
 
 /// The request body. Fields tokengate does not use (`metadata`, `top_k`,
@@ -76,7 +44,7 @@ pub struct MessagesRequest {
     #[serde(default, deserialize_with = "super::json::opt_int")]
     max_tokens: Option<u32>,
     messages: Vec<Message>,
-    system: Option<Content>,
+    system: Option<TextContent>,
     stop_sequences: Option<Vec<String>>,
     temperature: Option<f64>,
     top_p: Option<f64>,
@@ -96,7 +64,7 @@ impl MessagesRequest {
         if self.messages.is_empty() {
             return Err(ApiError::BadRequest("messages: at least one message is required".into()));
         }
-        let system = self.system.map(Content::into_text).filter(|s| !s.is_empty());
+        let system = self.system.map(TextContent::into_text).filter(|s| !s.is_empty());
         let messages = system
             .map(|content| ChatMessage { role: "system".into(), content })
             .into_iter()
@@ -122,8 +90,7 @@ pub async fn create_message(
 ) -> Result<Response, AnthropicError> {
     let ApiKeyPrincipal(principal) = principal?;
     super::require(&principal, Scope::Stream)?;
-    let JsonObject::<MessagesRequest>(req) =
-        body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?.try_into()?;
+    let req: MessagesRequest = json_body(body, state.config.max_body_bytes)?;
     let stream = req.stream;
     let model = req.model.clone();
     let generate = req.into_generate()?;

@@ -16,7 +16,7 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::json::JsonObject;
+use super::json::json_body;
 use super::resume::last_event_id;
 use super::sse::sse_response;
 use crate::auth::{Principal, Scope};
@@ -110,8 +110,7 @@ pub async fn publish(
 ) -> Result<Json<Value>, ApiError> {
     super::require(&principal, Scope::Publish)?;
     check_name(&name)?;
-    let JsonObject::<PublishBody>(body) =
-        body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?.try_into()?;
+    let body: PublishBody = json_body(body, state.config.max_body_bytes)?;
     if let Some(event) = &body.event {
         let ok = !event.is_empty()
             && event.len() <= MAX_EVENT_NAME

@@ -8,6 +8,11 @@ use crate::error::ApiError;
 use crate::generator::Usage;
 use crate::stream::{EventStream, FinishReason, StreamEvent};
 
+/// Unix seconds, for the `created` / `created_at` of the dialects' objects.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// A whole generation, as a non-streaming answer reports it.
 #[derive(Debug)]
 pub struct Gathered {

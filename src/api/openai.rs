@@ -3,7 +3,7 @@
 //! unchanged with a tokengate JWT as their API key. Errors use the OpenAI
 //! shape ([`OpenAiError`]).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::gather::gather;
-use super::json::JsonObject;
+use super::gather::{gather, unix_now};
+use super::json::{TextContent, json_body};
 use super::sse::sse_response;
 use crate::auth::{Principal, Scope};
 use crate::dialect::openai::OpenAiChunks;
@@ -23,44 +23,18 @@ use crate::generator::{ChatMessage, GenerateRequest, SamplingOptions};
 use crate::state::AppState;
 use crate::stream::OpenRequest;
 
-/// A message's content: a string, or a list of parts of which the text
-/// parts are used.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Content {
-    /// Plain text.
-    Text(String),
-    /// Content parts (`{"type": "text", "text": ...}`; others ignored).
-    Parts(Vec<Part>),
-}
-
-/// One content part.
-#[derive(Debug, Deserialize)]
-pub struct Part {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-}
-
 /// One chat message as OpenAI clients send it.
 #[derive(Debug, Deserialize)]
 pub struct Message {
     role: String,
-    content: Option<Content>,
+    content: Option<TextContent>,
 }
 
 impl Message {
     /// The message as a generator gets it: the text parts joined, other
     /// parts (images, audio) left out.
     fn into_chat(self) -> ChatMessage {
-        let content = match self.content {
-            None => String::new(),
-            Some(Content::Text(t)) => t,
-            Some(Content::Parts(parts)) => {
-                parts.into_iter().filter(|p| p.kind == "text").filter_map(|p| p.text).collect::<Vec<_>>().join("")
-            }
-        };
-        ChatMessage { role: self.role, content }
+        ChatMessage { role: self.role, content: self.content.map(TextContent::into_text).unwrap_or_default() }
     }
 }
 
@@ -88,10 +62,6 @@ pub struct ChatRequest {
     options: SamplingOptions,
 }
 
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(
     State(state): State<AppState>,
@@ -100,8 +70,7 @@ pub async fn chat_completions(
 ) -> Result<Response, OpenAiError> {
     let principal = principal?;
     super::require(&principal, Scope::Stream)?;
-    let JsonObject::<ChatRequest>(req) =
-        body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?.try_into()?;
+    let req: ChatRequest = json_body(body, state.config.max_body_bytes)?;
     if req.n.is_some_and(|n| n != 1) {
         return Err(ApiError::BadRequest("only n = 1 is supported".into()).into());
     }
@@ -123,7 +92,7 @@ pub async fn chat_completions(
     };
     let opened = state.streams.open(&principal, open).await.map_err(ApiError::for_model)?;
     let id = format!("chatcmpl-{}", opened.stream_id);
-    let created = now();
+    let created = unix_now();
     let events = opened.events;
     if req.stream {
         let include_usage = req.stream_options.unwrap_or_default().include_usage;

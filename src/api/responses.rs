@@ -9,8 +9,6 @@
 //! what the SDK's `responses.stream(response_id=..., starting_after=N)`
 //! relies on (it asks for the whole replay and drops what it has).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -19,7 +17,8 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::json::JsonObject;
+use super::gather::unix_now;
+use super::json::json_body;
 use super::sse::sse_response;
 use crate::auth::{Principal, Scope};
 use crate::dialect::responses::{ResponseState, Responses, stream_of};
@@ -53,10 +52,6 @@ pub struct RetrieveQuery {
     #[serde(default)]
     stream: bool,
     starting_after: Option<u64>,
-}
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// The text of one input item's `content`: a string, or the text of its
@@ -103,8 +98,7 @@ pub async fn create_response(
 ) -> Result<Response, OpenAiError> {
     let principal = principal?;
     super::require(&principal, Scope::Stream)?;
-    let JsonObject::<CreateResponse>(req) =
-        body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?.try_into()?;
+    let req: CreateResponse = json_body(body, state.config.max_body_bytes)?;
     let messages = messages(&req.input, req.instructions)?;
     let options = SamplingOptions {
         temperature: req.temperature,
@@ -121,7 +115,7 @@ pub async fn create_response(
         protocol: Protocol::OpenAiResponses,
     };
     let opened = state.streams.open(&principal, open).await.map_err(ApiError::for_model)?;
-    let response = ResponseState::new(opened.stream_id, req.model, now());
+    let response = ResponseState::new(opened.stream_id, req.model, unix_now());
     if req.stream {
         return Ok(events_response(&state, opened.events, response, None));
     }
@@ -165,7 +159,7 @@ pub async fn retrieve_response(
     super::require(&principal, Scope::Stream)?;
     let Query(q) = query.map_err(ApiError::from)?;
     let located = locate(&state, &principal, &id).await?;
-    let response = ResponseState::new(located.id, String::new(), now());
+    let response = ResponseState::new(located.id, String::new(), unix_now());
     // The whole log, from the start: sequence numbers count from there.
     let events = match state.streams.resume(located, 0).await.map_err(ApiError::from)? {
         Resumed::Events(events) => events,
@@ -191,7 +185,7 @@ pub async fn cancel_response(
     state.streams.cancel(&principal, located).await.map_err(ApiError::from)?;
     // The log now ends with `cancelled` (or with what ended it before).
     let located = state.streams.locate(&principal, &stream_id).await.map_err(ApiError::from)?;
-    let response = ResponseState::new(stream_id, String::new(), now());
+    let response = ResponseState::new(stream_id, String::new(), unix_now());
     Ok(Json(match state.streams.resume(located, 0).await.map_err(ApiError::from)? {
         Resumed::Events(events) => gather(events, response).await.object(),
         Resumed::Complete => response.object(),

@@ -11,7 +11,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
 
-use super::json::JsonObject;
+use super::json::json_body;
 use super::resume::{native_response, resume_at, resume_point};
 use crate::auth::{Principal, Scope};
 use crate::error::ApiError;
@@ -70,8 +70,7 @@ pub async fn open_stream_post(
     if let Some((id, from)) = resume_point(&headers, None)? {
         return resume_at(&state, &principal, id, from).await;
     }
-    let JsonObject::<StreamBody>(b) =
-        body.map_err(|r| ApiError::from_json_rejection(r, state.config.max_body_bytes))?.try_into()?;
+    let b: StreamBody = json_body(body, state.config.max_body_bytes)?;
     let request = GenerateRequest { prompt: b.prompt, messages: b.messages, ..GenerateRequest::default() };
     open(&state, &principal, request, b.generator, b.pace_ms).await
 }

@@ -88,12 +88,6 @@ impl UiMessageStream {
 impl Dialect for UiMessageStream {
     type Event = StreamEvent;
 
-    fn is_delta(event: &StreamEvent) -> bool {
-        matches!(event, StreamEvent::Delta { .. })
-    }
-
-    fn preamble(&mut self, _buf: &mut BytesMut) {}
-
     fn render(&mut self, event: &StreamEvent, buf: &mut BytesMut) {
         match event {
             StreamEvent::Start { stream_id, .. } => {

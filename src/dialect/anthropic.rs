@@ -134,12 +134,6 @@ impl AnthropicEvents {
 impl Dialect for AnthropicEvents {
     type Event = StreamEvent;
 
-    fn is_delta(event: &StreamEvent) -> bool {
-        matches!(event, StreamEvent::Delta { .. })
-    }
-
-    fn preamble(&mut self, _buf: &mut BytesMut) {}
-
     fn render(&mut self, event: &StreamEvent, buf: &mut BytesMut) {
         match event {
             StreamEvent::Start { .. } => self.start(buf),

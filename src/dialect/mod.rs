@@ -27,18 +27,32 @@ use crate::metrics::Metrics;
 /// Stop adding ready events to one write past this many bytes.
 const MAX_WRITE: usize = 16 * 1024;
 
+/// What a dialect renders: whether an event is a text delta is the one
+/// thing the shared framing asks (deltas are counted per write).
+pub trait Rendered {
+    /// Whether this is a text delta.
+    fn is_delta(&self) -> bool {
+        false
+    }
+}
+
+impl Rendered for crate::event::StreamEvent {
+    fn is_delta(&self) -> bool {
+        matches!(self, crate::event::StreamEvent::Delta { .. })
+    }
+}
+
+impl Rendered for crate::stream::ChannelMessage {}
+
 /// Renders the events of one stream (or one subscription) into SSE bytes.
 pub trait Dialect: Send + 'static {
     /// What it renders: [`crate::event::StreamEvent`] for streams.
-    type Event;
-    /// Bytes written before the first event (e.g. `retry:`).
-    fn preamble(&mut self, buf: &mut BytesMut);
+    type Event: Rendered;
+    /// Bytes written before the first event (e.g. `retry:`); none unless
+    /// the dialect says so.
+    fn preamble(&mut self, _buf: &mut BytesMut) {}
     /// Appends the wire form of one event (possibly nothing).
     fn render(&mut self, event: &Self::Event, buf: &mut BytesMut);
-    /// Whether the event is a text delta (counted in the metrics per write).
-    fn is_delta(_event: &Self::Event) -> bool {
-        false
-    }
 }
 
 /// The HTTP body for a stream of events in `dialect`. Every event that is
@@ -76,7 +90,7 @@ where
             match events.poll_next_unpin(cx) {
                 Poll::Ready(Some(event)) => {
                     let event = event.as_ref();
-                    deltas += u64::from(D::is_delta(event));
+                    deltas += u64::from(event.is_delta());
                     dialect.render(event, &mut buf);
                     if buf.len() >= MAX_WRITE {
                         return Poll::Ready(Some(take(&mut buf, &mut deltas)));

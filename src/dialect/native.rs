@@ -35,10 +35,6 @@ fn push_id(buf: &mut BytesMut, stream_id: StreamId, seq: u64) {
 impl Dialect for Native {
     type Event = StreamEvent;
 
-    fn is_delta(event: &StreamEvent) -> bool {
-        matches!(event, StreamEvent::Delta { .. })
-    }
-
     fn preamble(&mut self, buf: &mut BytesMut) {
         push_retry(buf, self.retry_ms);
     }

@@ -77,12 +77,6 @@ impl OpenAiChunks {
 impl Dialect for OpenAiChunks {
     type Event = StreamEvent;
 
-    fn is_delta(event: &StreamEvent) -> bool {
-        matches!(event, StreamEvent::Delta { .. })
-    }
-
-    fn preamble(&mut self, _buf: &mut BytesMut) {}
-
     fn render(&mut self, event: &StreamEvent, buf: &mut BytesMut) {
         match event {
             StreamEvent::Start { .. } => {

@@ -307,12 +307,6 @@ impl Responses {
 impl Dialect for Responses {
     type Event = StreamEvent;
 
-    fn is_delta(event: &StreamEvent) -> bool {
-        matches!(event, StreamEvent::Delta { .. })
-    }
-
-    fn preamble(&mut self, _buf: &mut BytesMut) {}
-
     fn render(&mut self, event: &StreamEvent, buf: &mut BytesMut) {
         if self.ended {
             return;
