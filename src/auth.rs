@@ -73,6 +73,14 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// Every scope.
+    pub const ALL: [Scope; 3] = [Scope::Stream, Scope::Publish, Scope::Admin];
+
+    /// The scope a name in a token means, if tokengate knows it.
+    pub fn parse(name: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
     /// The scope's name in tokens.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -101,9 +109,27 @@ pub struct Principal {
     /// [`Scope::bit`]s; scope names a token carries that tokengate does not
     /// know are ignored, so one token can serve several services.
     scopes: u8,
+    /// The token's `exp` (Unix seconds): a stream or subscription opened
+    /// with it ends (`token_expired`) a grace period after this.
+    pub expires_at: u64,
+    /// The value of the configured class claim (e.g. `tier`), which picks
+    /// the subject's quota; `None` without that setting or claim.
+    pub class: Option<String>,
 }
 
 impl Principal {
+    /// A principal from its parts: for credentials that are not a JWT
+    /// (a stream ticket carries what its token granted).
+    pub fn new(subject: String, scopes: &[Scope], expires_at: u64, class: Option<String>) -> Self {
+        let scopes = scopes.iter().fold(0, |bits, s| bits | s.bit());
+        Self { subject, scopes, expires_at, class }
+    }
+
+    /// The scopes held, in [`Scope::ALL`] order.
+    pub fn scopes(&self) -> Vec<Scope> {
+        Scope::ALL.into_iter().filter(|s| self.scopes & s.bit() != 0).collect()
+    }
+
     /// Whether the token carries `admin` (any subject's streams).
     pub fn is_admin(&self) -> bool {
         self.scopes & Scope::Admin.bit() != 0
@@ -198,6 +224,10 @@ struct Claims {
     iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     aud: Option<String>,
+    /// Every other claim, for the configured class claim (see
+    /// [`Principal::class`]). Empty when minting.
+    #[serde(flatten, skip_serializing)]
+    other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Validated authentication settings: the key, the algorithm allow-list and
@@ -221,6 +251,8 @@ pub struct AuthConfig {
     /// key printed to stdout would end up in log collectors.
     generated_secret: bool,
     sources: TokenSources,
+    /// The claim whose value becomes [`Principal::class`].
+    class_claim: Option<String>,
 }
 
 /// By hand, so that no key material can reach a log line through
@@ -362,7 +394,15 @@ impl AuthConfig {
             audience,
             generated_secret: keys.generated_secret,
             sources,
+            class_claim: None,
         })
+    }
+
+    /// Reads `claim` of every token into [`Principal::class`] (the quota
+    /// class, e.g. `tier`).
+    pub fn with_class_claim(mut self, claim: Option<String>) -> Self {
+        self.class_claim = claim;
+        self
     }
 
     /// True when verifying with an HMAC secret (then a private key file
@@ -484,14 +524,15 @@ impl AuthConfig {
             Some(ScopeClaim::Text(s)) => s.split_ascii_whitespace().collect(),
             Some(ScopeClaim::List(l)) => l.iter().map(String::as_str).collect(),
         };
-        for name in names {
-            for scope in [Scope::Stream, Scope::Publish, Scope::Admin] {
-                if name == scope.as_str() {
-                    scopes |= scope.bit();
-                }
-            }
+        for scope in names.into_iter().filter_map(Scope::parse) {
+            scopes |= scope.bit();
         }
-        Ok(Principal { subject, scopes })
+        let class = self.class_claim.as_ref().and_then(|name| match claims.other.get(name) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => Some(v.to_string()),
+            _ => None,
+        });
+        Ok(Principal { subject, scopes, expires_at: claims.exp.unwrap_or(0), class })
     }
 
     /// Signs a token for `subject` with `scope` (space separated), valid for
@@ -508,6 +549,7 @@ impl AuthConfig {
             scope: Some(ScopeClaim::Text(scope.to_owned())),
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
+            other: serde_json::Map::new(),
         };
         jsonwebtoken::encode(&Header::new(self.algorithms[0]), &claims, key).map_err(|e| MintError::Sign(e.to_string()))
     }

@@ -165,6 +165,11 @@ impl ApiError {
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         match &self {
+            // RFC 6750 §3.1: a request with no credentials at all gets a
+            // bare challenge; `error` is for credentials that failed.
+            ApiError::Auth(AuthError::Missing) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(r#"Bearer realm="tokengate""#));
+            }
             ApiError::Auth(e) => {
                 let value = format!(
                     r#"Bearer realm="tokengate", error="invalid_token", error_description="{}""#,

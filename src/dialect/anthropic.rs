@@ -17,7 +17,8 @@ use crate::sse::push_json_string;
 /// Anthropic's error `type` for a terminal stream error: the server being
 /// unable to keep serving is `overloaded_error` (the SDKs' advice is to
 /// retry), a limit on time is `timeout_error`, an upstream's rate limit
-/// `rate_limit_error`, and every other failure of the generator, the
+/// `rate_limit_error` (and so is the subject's own quota), an expired
+/// token `authentication_error`, and every other failure of the generator, the
 /// upstream or the gateway itself `api_error`. tokengate's own code is in
 /// the error's `code` field and its message.
 pub fn stream_error_type(code: ErrorCode) -> &'static str {
@@ -28,7 +29,8 @@ pub fn stream_error_type(code: ErrorCode) -> &'static str {
         | ErrorCode::UpstreamFirstByteTimeout
         | ErrorCode::UpstreamIdleTimeout
         | ErrorCode::UpstreamTotalTimeout => "timeout_error",
-        ErrorCode::UpstreamRateLimited => "rate_limit_error",
+        ErrorCode::UpstreamRateLimited | ErrorCode::QuotaExceeded => "rate_limit_error",
+        ErrorCode::TokenExpired => "authentication_error",
         ErrorCode::GeneratorFailed
         | ErrorCode::Cancelled
         | ErrorCode::ClientGone

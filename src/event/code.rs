@@ -28,6 +28,11 @@ pub enum ErrorCode {
     ResumeGap,
     /// A bug: the stream ended without saying why.
     Internal,
+    /// The subject's usage budget ran out while the stream ran.
+    QuotaExceeded,
+    /// The token (or ticket) that opened the connection expired, past its
+    /// grace; reconnect with a fresh one and resume.
+    TokenExpired,
     /// The upstream did not accept a connection in time.
     UpstreamConnectTimeout,
     /// The upstream refused or dropped the connection.
@@ -58,7 +63,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::GeneratorFailed,
         ErrorCode::MaxDuration,
         ErrorCode::Cancelled,
@@ -68,6 +73,8 @@ impl ErrorCode {
         ErrorCode::StoreUnavailable,
         ErrorCode::ResumeGap,
         ErrorCode::Internal,
+        ErrorCode::QuotaExceeded,
+        ErrorCode::TokenExpired,
         ErrorCode::UpstreamConnectTimeout,
         ErrorCode::UpstreamConnectFailed,
         ErrorCode::UpstreamFirstByteTimeout,
@@ -95,6 +102,8 @@ impl ErrorCode {
             ErrorCode::StoreUnavailable => "store_unavailable",
             ErrorCode::ResumeGap => "resume_gap",
             ErrorCode::Internal => "internal",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::TokenExpired => "token_expired",
             ErrorCode::UpstreamConnectTimeout => "upstream_connect_timeout",
             ErrorCode::UpstreamConnectFailed => "upstream_connect_failed",
             ErrorCode::UpstreamFirstByteTimeout => "upstream_first_byte_timeout",
