@@ -19,6 +19,7 @@ pub mod spec;
 pub mod sse;
 pub mod stream;
 pub mod streams;
+pub mod usage;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;

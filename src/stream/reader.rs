@@ -1,9 +1,10 @@
 //! The one reader: follows a stream's log through a [`Cursor`], in memory
 //! or in the shared store alike, and adds what belongs to a connection
 //! rather than to the stream: heartbeats while quiet, `shutdown` when the
-//! server closes, and a terminal error instead of a silent skip when the
-//! log cannot continue (`resume_gap`, `generator_lost`,
-//! `store_unavailable`).
+//! server closes, `token_expired` when the credentials that opened the
+//! connection run out (the stream goes on; the client resumes with fresh
+//! ones), and a terminal error instead of a silent skip when the log
+//! cannot continue (`resume_gap`, `generator_lost`, `store_unavailable`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -31,6 +32,25 @@ pub struct FollowSettings {
     pub closing: CancellationToken,
     /// The `retry:` hint sent with `shutdown`.
     pub shutdown_retry_ms: u64,
+    /// When the connection's token (plus its grace) expires: the reader then ends with
+    /// `token_expired`. `None` for readers not opened by a caller.
+    pub token_deadline: Option<Instant>,
+}
+
+/// The terminal event of a connection whose token expired. Not the stream's end: its sequence
+/// is the next one not delivered, and dialects render it without an event id, so the client's
+/// `Last-Event-ID` stays at the last event it got.
+pub(super) fn token_expired(stream_id: crate::event::StreamId, next: u64) -> Arc<StreamEvent> {
+    Arc::new(StreamEvent::Error { stream_id, seq: next, code: ErrorCode::TokenExpired, message: TOKEN_EXPIRED.into() })
+}
+
+/// What a connection ended by its token's expiry is told.
+pub const TOKEN_EXPIRED: &str = "the token that opened this connection has expired; reconnect with a fresh token or ticket and Last-Event-ID to continue";
+
+/// A deadline that never comes, for connections without one (a timer still has to exist for
+/// the select).
+pub(super) fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(100 * 365 * 86_400)
 }
 
 /// Follows a stream's log from the cursor's position on: replays what is
@@ -65,6 +85,8 @@ pub fn follow(mut cursor: Cursor, settings: FollowSettings) -> impl Stream<Item 
         let mut last_write = Instant::now();
         let heartbeat_timer = sleep_until(last_write + settings.heartbeat);
         tokio::pin!(heartbeat_timer);
+        let expiry = sleep_until(settings.token_deadline.unwrap_or_else(far_future));
+        tokio::pin!(expiry);
         'wake: loop {
             if closing_watch.may_be_ready() && closing.is_cancelled() {
                 yield shutdown();
@@ -117,6 +139,11 @@ pub fn follow(mut cursor: Cursor, settings: FollowSettings) -> impl Stream<Item 
                     yield shutdown();
                     return;
                 }
+                // Before new events: a busy stream must not starve it.
+                () = &mut expiry, if settings.token_deadline.is_some() => {
+                    yield token_expired(stream_id, next);
+                    return;
+                }
                 () = cursor.changed(next) => {}
                 () = &mut heartbeat_timer => {
                     let due = last_write + settings.heartbeat;
@@ -159,7 +186,10 @@ mod tests {
         let id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| unreachable!());
         let closing = CancellationToken::new();
         let (_writer, cursor) = store.create(id, "a", "b", &closing).await.unwrap_or_else(|_| unreachable!());
-        let reader = follow(cursor, FollowSettings { heartbeat: retention, closing, shutdown_retry_ms: 1 });
+        let reader = follow(
+            cursor,
+            FollowSettings { heartbeat: retention, closing, shutdown_retry_ms: 1, token_deadline: None },
+        );
         let size = std::mem::size_of_val(&reader);
         assert!(size <= 512, "a reader's future is {size} bytes");
     }

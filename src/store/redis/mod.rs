@@ -17,6 +17,7 @@ mod channels;
 mod chats;
 mod leases;
 mod logs;
+mod quotas;
 
 use std::collections::HashMap;
 use std::sync::Arc;
