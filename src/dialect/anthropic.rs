@@ -264,7 +264,7 @@ mod tests {
     #[test]
     fn every_error_code_is_one_error_event() {
         let stream_id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| panic!("id"));
-        for code in ErrorCode::ALL {
+        for code in ErrorCode::ALL.into_iter().filter(|c| *c != ErrorCode::QuotaExceeded) {
             let wire = render(&[
                 StreamEvent::Start { stream_id, generator: "echo".into() },
                 StreamEvent::Error { stream_id, seq: 1, code, message: "m".into() },
@@ -275,5 +275,22 @@ mod tests {
         let wire = render(&[StreamEvent::Shutdown { retry_ms: 1000 }]);
         assert_eq!(names(&wire), ["error"]);
         assert!(wire.contains("overloaded_error"), "{wire}");
+    }
+
+    #[test]
+    fn the_quota_ends_the_message_like_a_token_limit_and_says_why() {
+        let stream_id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| panic!("id"));
+        let wire = render(&[
+            StreamEvent::Start { stream_id, generator: "echo".into() },
+            StreamEvent::Delta { stream_id, seq: 1, text: "a".into() },
+            StreamEvent::Delta { stream_id, seq: 2, text: "b".into() },
+            StreamEvent::Error { stream_id, seq: 3, code: ErrorCode::QuotaExceeded, message: "used up".into() },
+        ]);
+        let names = names(&wire);
+        assert_eq!(names.last(), Some(&"message_stop"), "{wire}");
+        assert!(!names.contains(&"error"), "{wire}");
+        assert!(wire.contains(r#""stop_reason":"max_tokens""#), "{wire}");
+        assert!(wire.contains(r#""output_tokens":2"#), "{wire}");
+        assert!(wire.contains(r#""tokengate":{"code":"quota_exceeded","message":"used up"}"#), "{wire}");
     }
 }

@@ -62,10 +62,11 @@ pub fn follow_channel(
         // `OnlyWhenWoken`): the shared one would be a lock per event.
         let closing = settings.closing.child_token();
         let mut closing_watch = OnlyWhenWoken::new(closing.clone().cancelled_owned());
-        let ends = sleep_until(Instant::now() + max_duration);
+        // One timer for both ends of the connection: the maximum duration
+        // and the token's deadline, whichever comes first.
+        let deadline = settings.token_deadline.unwrap_or_else(far_future);
+        let ends = sleep_until((Instant::now() + max_duration).min(deadline));
         tokio::pin!(ends);
-        let expiry = sleep_until(settings.token_deadline.unwrap_or_else(far_future));
-        tokio::pin!(expiry);
         // One heartbeat timer, moved only when it fires: silence is
         // measured from the last event, without a timer per event.
         let mut last_sent = Instant::now();
@@ -78,9 +79,10 @@ pub fn follow_channel(
                     yield ChannelMessage::Shutdown { retry_ms: settings.shutdown_retry_ms };
                     return;
                 }
-                () = &mut ends => return,
-                () = &mut expiry, if settings.token_deadline.is_some() => {
-                    yield ChannelMessage::TokenExpired;
+                () = &mut ends => {
+                    if Instant::now() >= deadline {
+                        yield ChannelMessage::TokenExpired;
+                    }
                     return;
                 }
                 item = feed.next() => {
