@@ -94,6 +94,11 @@ sections! {
         jwt_leeway: String,
         token_cookie: String,
         token_query: String,
+        jwks_url: String,
+        jwks_file: PathBuf,
+        jwks_refresh: String,
+        jwks_refresh_min: String,
+        jwks_refresh_max: String,
     }
     limits: LimitsSection {
         rate_subject_per_min: u32,
