@@ -219,52 +219,43 @@ impl Jwks {
     }
 
     /// Loads every source once, keeping each one's last good set on
-    /// failure, and schedules the next refresh.
+    /// failure, and schedules the next refresh: after the answer's
+    /// `max-age` (else `refresh`) within the bounds, or `refresh_min` after
+    /// a failed fetch. Counted only once the new set is served, so that a
+    /// count seen in the metrics means the keys are in use.
     async fn refresh(&self) {
         let _one = self.refreshing.lock().await;
+        let mut results = Vec::with_capacity(2);
         let file = match &self.file {
             None => None,
-            Some(path) => Some(self.record(path.display().to_string(), load_file(path, &self.algorithms).await)),
+            Some(path) => log_load(path.display().to_string(), load_file(path, &self.algorithms).await),
         };
+        results.extend(self.file.as_ref().map(|_| file.is_some()));
+        let bounds = |d: Duration| d.clamp(self.settings.refresh_min, self.settings.refresh_max);
         let (url, next) = match &self.url {
-            None => (None, self.settings.refresh.clamp(self.settings.refresh_min, self.settings.refresh_max)),
-            Some(url) => match self.record(url.origin().ascii_serialization(), self.fetch(url).await) {
-                Some((set, max_age)) => {
-                    let interval = max_age.unwrap_or(self.settings.refresh);
-                    (Some(Some(set)), interval.clamp(self.settings.refresh_min, self.settings.refresh_max))
-                }
-                None => (Some(None), self.settings.refresh_min),
+            None => (None, bounds(self.settings.refresh)),
+            Some(url) => match log_load(url.origin().ascii_serialization(), self.fetch(url).await) {
+                Some((set, max_age)) => (Some(set), bounds(max_age.unwrap_or(self.settings.refresh))),
+                None => (None, self.settings.refresh_min),
             },
         };
-        let mut loaded = self.loaded.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(Some(set)) = file {
-            loaded.file = Some(set);
-        }
-        if let Some(Some(set)) = url {
-            loaded.url = Some(set);
-        }
-        loaded.merged = Arc::new(KeySet::merged(loaded.file.as_ref(), loaded.url.as_ref()));
-        loaded.next_refresh = Instant::now() + next;
-        if let Some(metrics) = self.metrics.get() {
-            metrics.set_jwks_keys(loaded.merged.len());
-        }
-    }
-
-    /// Logs and counts one load's result; the value on success. `source`
-    /// is the file's path or the URL's origin (scheme, host and port): the
-    /// URL's path or query may carry a tenant secret.
-    fn record<T>(&self, source: String, result: Result<T, LoadError>) -> Option<T> {
-        if let Some(metrics) = self.metrics.get() {
-            metrics.jwks_refreshed(result.is_ok());
-        }
-        match result {
-            Ok(value) => {
-                tracing::debug!(%source, "JWKS loaded");
-                Some(value)
+        results.extend(self.url.as_ref().map(|_| url.is_some()));
+        let keys = {
+            let mut loaded = self.loaded.write().unwrap_or_else(PoisonError::into_inner);
+            if let Some(set) = file {
+                loaded.file = Some(set);
             }
-            Err(e) => {
-                tracing::warn!(%source, error = %e, "JWKS refresh failed; keeping the last good key set");
-                None
+            if let Some(set) = url {
+                loaded.url = Some(set);
+            }
+            loaded.merged = Arc::new(KeySet::merged(loaded.file.as_ref(), loaded.url.as_ref()));
+            loaded.next_refresh = Instant::now() + next;
+            loaded.merged.len()
+        };
+        if let Some(metrics) = self.metrics.get() {
+            metrics.set_jwks_keys(keys);
+            for ok in results {
+                metrics.jwks_refreshed(ok);
             }
         }
     }
@@ -318,6 +309,22 @@ impl Jwks {
                 }
             }
         });
+    }
+}
+
+/// Logs one load's result; the value on success. `source` is the file's
+/// path or the URL's origin (scheme, host and port): the URL's path or
+/// query may carry a tenant secret, and no key is ever logged.
+fn log_load<T>(source: String, result: Result<T, LoadError>) -> Option<T> {
+    match result {
+        Ok(value) => {
+            tracing::debug!(%source, "JWKS loaded");
+            Some(value)
+        }
+        Err(e) => {
+            tracing::warn!(%source, error = %e, "JWKS refresh failed; keeping the last good key set");
+            None
+        }
     }
 }
 

@@ -68,6 +68,10 @@ pub struct AuthConfig {
     /// Built once here rather than per request: it holds the allow-list,
     /// the leeway and the required claims.
     validation: Validation,
+    /// The same for each allowed algorithm alone, for a JWKS: jsonwebtoken
+    /// wants every algorithm of a validator to fit the key, and a key set
+    /// mixes RSA, EC and Ed25519 keys. Empty for a static key.
+    by_algorithm: Vec<(Algorithm, Validation)>,
     /// Kept beside `validation` so minted tokens carry the `iss` and `aud`
     /// that validation will ask for.
     issuer: Option<String>,
@@ -244,15 +248,22 @@ impl AuthConfig {
         let keys = Keys::new(key)?;
         let algorithms = keys.allowed(algorithms)?;
         let validation = validation(&algorithms, leeway, issuer.as_deref(), audience.as_deref());
-        let verifier = match keys.source {
-            Source::Static(key) => Verifier::Static(key),
-            Source::Jwks(settings) => Verifier::Jwks(Arc::new(Jwks::new(settings, algorithms.clone())?)),
+        let (verifier, by_algorithm) = match keys.source {
+            Source::Static(key) => (Verifier::Static(key), Vec::new()),
+            Source::Jwks(settings) => {
+                let by_algorithm = algorithms
+                    .iter()
+                    .map(|alg| (*alg, self::validation(&[*alg], leeway, issuer.as_deref(), audience.as_deref())))
+                    .collect();
+                (Verifier::Jwks(Arc::new(Jwks::new(settings, algorithms.clone())?)), by_algorithm)
+            }
         };
         Ok(Self {
             verifier,
             encoding: keys.encoding,
             algorithms,
             validation,
+            by_algorithm,
             issuer,
             audience,
             generated_secret: keys.generated_secret,
@@ -309,22 +320,22 @@ impl AuthConfig {
     /// with that key under the same allow-list.
     pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
         let claims = match &self.verifier {
-            Verifier::Static(key) => self.verify(token, key)?,
+            Verifier::Static(key) => self.verify(token, key, &self.validation)?,
             Verifier::Jwks(jwks) => {
                 let header = jsonwebtoken::decode_header(token).map_err(|e| fold_error(e.kind(), token))?;
-                if !self.algorithms.contains(&header.alg) {
+                let Some((_, validation)) = self.by_algorithm.iter().find(|(alg, _)| *alg == header.alg) else {
                     return Err(AuthError::Algorithm(alg_name(header.alg)));
-                }
+                };
                 let key = jwks.key_for(header.kid.as_deref(), header.alg).await?;
-                self.verify(token, &key.decoding)?
+                self.verify(token, &key.decoding, validation)?
             }
         };
         claims.into_principal(self.class_claim.as_deref())
     }
 
     /// The signature and claim checks with `key`.
-    fn verify(&self, token: &str, key: &DecodingKey) -> Result<Claims, AuthError> {
-        jsonwebtoken::decode::<Claims>(token, key, &self.validation)
+    fn verify(&self, token: &str, key: &DecodingKey, validation: &Validation) -> Result<Claims, AuthError> {
+        jsonwebtoken::decode::<Claims>(token, key, validation)
             .map(|data| data.claims)
             .map_err(|e| fold_error(e.kind(), token))
     }
