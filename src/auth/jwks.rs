@@ -286,6 +286,10 @@ impl Jwks {
         Ok((KeySet::parse(&body, &self.algorithms)?, max_age))
     }
 
+    fn next_refresh(&self) -> Instant {
+        self.loaded.read().unwrap_or_else(PoisonError::into_inner).next_refresh
+    }
+
     /// Starts the background refresh (once, however often it is called):
     /// the first load at once, then as [`Jwks::refresh`] schedules, until
     /// `stop`.
@@ -302,10 +306,16 @@ impl Jwks {
         let jwks = self.clone();
         tokio::spawn(async move {
             loop {
-                let next = jwks.loaded.read().unwrap_or_else(PoisonError::into_inner).next_refresh;
+                let next = jwks.next_refresh();
                 tokio::select! {
                     () = stop.cancelled() => break,
-                    () = tokio::time::sleep_until(next) => jwks.refresh().await,
+                    () = tokio::time::sleep_until(next) => {
+                        // A refresh for an unknown kid may have run (and
+                        // rescheduled) meanwhile: then this one is not due.
+                        if Instant::now() >= jwks.next_refresh() {
+                            jwks.refresh().await;
+                        }
+                    }
                 }
             }
         });
