@@ -24,7 +24,8 @@
 //! - [`event`]: the vocabulary all of them share: stream events, ids,
 //!   outcome codes, usage.
 //! - [`auth`]: token extraction (bearer, `x-api-key` on the Anthropic
-//!   route, cookie, query), JWT validation, scopes, minting.
+//!   route, cookie, query), JWT validation (static key or a cached,
+//!   refreshed JWKS), scopes, minting.
 //! - [`secret`]: [`secret::Secret`], bytes whose `Debug` never shows them.
 //! - [`json`]: JSON details where JSON Schema and serde disagree (`3.0` as an integer).
 //! - [`limits`]: request rates, stream slots, client IP behind proxies.
