@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::auth::{AuthError, Scope};
 use crate::event::ErrorCode;
-use crate::limits::{RateLimited, RateScope, SlotRefused};
+use crate::limits::{RateLimited, RateRefused, RateScope, SlotRefused};
 
 /// Media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -53,6 +53,10 @@ pub enum ApiError {
     /// No stream slot free.
     #[error(transparent)]
     NoSlot(#[from] SlotRefused),
+    /// A cluster-wide limit could not be checked (the shared store failed)
+    /// and the policy is to fail closed.
+    #[error("limits cannot be checked right now; retry shortly")]
+    LimitsUnavailable,
     /// More chat messages than allowed.
     #[error("{count} chat messages exceed the limit of {limit}")]
     TooManyMessages {
@@ -119,6 +123,9 @@ impl ApiError {
             }
             ApiError::NoSlot(SlotRefused::Global { .. }) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_busy", "Service unavailable")
+            }
+            ApiError::NoSlot(SlotRefused::Unavailable) | ApiError::LimitsUnavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, "limits_unavailable", "Service unavailable")
             }
             ApiError::TooManyMessages { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too_many_messages", "Payload too large")
@@ -193,7 +200,7 @@ impl ApiError {
                 headers.insert("ratelimit-remaining", HeaderValue::from_static("0"));
                 headers.insert("ratelimit-reset", secs);
             }
-            ApiError::Draining | ApiError::NoSlot(_) | ApiError::StoreUnavailable => {
+            ApiError::Draining | ApiError::NoSlot(_) | ApiError::StoreUnavailable | ApiError::LimitsUnavailable => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -390,6 +397,15 @@ impl ApiError {
                 ApiError::ModelNotFound { name, available }
             }
             other => other.into(),
+        }
+    }
+}
+
+impl From<RateRefused> for ApiError {
+    fn from(e: RateRefused) -> Self {
+        match e {
+            RateRefused::Limited(limited) => ApiError::RateLimited(limited),
+            RateRefused::Unavailable => ApiError::LimitsUnavailable,
         }
     }
 }

@@ -32,7 +32,7 @@ impl FromRequestParts<AppState> for Principal {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let auth = &state.config.auth;
-        authenticate(auth.extract(&parts.headers, parts.uri.query()), state)
+        authenticate(auth.extract(&parts.headers, parts.uri.query()), state).await
     }
 }
 
@@ -48,15 +48,15 @@ impl FromRequestParts<AppState> for ApiKeyPrincipal {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let auth = &state.config.auth;
-        authenticate(auth.extract_with_api_key(&parts.headers, parts.uri.query()), state).map(ApiKeyPrincipal)
+        authenticate(auth.extract_with_api_key(&parts.headers, parts.uri.query()), state).await.map(ApiKeyPrincipal)
     }
 }
 
 /// Validates the token found and applies the subject's request rate.
-fn authenticate(token: Option<String>, state: &AppState) -> Result<Principal, ApiError> {
+async fn authenticate(token: Option<String>, state: &AppState) -> Result<Principal, ApiError> {
     let token = token.ok_or(AuthError::Missing)?;
     let principal = state.config.auth.authenticate(&token)?;
-    state.rates.check_subject(&principal.subject).map_err(ApiError::RateLimited)?;
+    state.rates.check_subject(&principal.subject).await?;
     Ok(principal)
 }
 

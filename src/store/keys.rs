@@ -10,6 +10,9 @@
 //! | `tg:c:{name}` | stream | a channel's events; fields [`DATA`] and [`EVENT_NAME`] |
 //! | `tg:n:{name}` | hash | a channel's subscriber count per replica |
 //! | `tg:u:{len}:{owner}:{chat}` | string | a UI chat's current stream id (`len`: the owner's length in bytes) |
+//! | `tg:rate:s:{subject}` | string | a subject's GCRA state: its theoretical arrival time, in µs of Redis time |
+//! | `tg:rate:ip:{ip}` | string | a client IP's GCRA state, the same way |
+//! | `tg:slots:{subject}` | sorted set | a subject's stream leases, scored by expiry (ms of Redis time) |
 //! | [`CANCEL_CHANNEL`] | pub/sub | stream ids to cancel, heard by every replica |
 //! | [`ATTACH_CHANNEL`] | pub/sub | stream ids a remote reader just attached to |
 
@@ -58,6 +61,22 @@ pub(super) fn remote_reader(id: &StreamId) -> String {
 /// contains.
 pub(super) fn chat(owner: &str, chat: &str) -> String {
     format!("tg:u:{}:{owner}:{chat}", owner.len())
+}
+
+/// A subject's request-rate state (GCRA). The subject is the key's only
+/// variable part, so no two subjects share a key whatever they contain.
+pub(super) fn rate_subject(subject: &str) -> String {
+    format!("tg:rate:s:{subject}")
+}
+
+/// A client IP's request-rate state (GCRA).
+pub(super) fn rate_ip(ip: &std::net::IpAddr) -> String {
+    format!("tg:rate:ip:{ip}")
+}
+
+/// A subject's stream leases, cluster-wide.
+pub(super) fn stream_slots(subject: &str) -> String {
+    format!("tg:slots:{subject}")
 }
 
 /// A channel's event log.

@@ -24,6 +24,7 @@ mod keys;
 mod memory;
 mod redis;
 mod remote;
+mod shared_limits;
 mod subscriptions;
 mod writer;
 
@@ -42,6 +43,7 @@ pub use channels::{ChannelEvent, ChannelItem};
 pub use cursor::{Cursor, Read};
 pub use memory::{Attachment, Flow, LiveStream, Reader};
 pub use remote::RemoteCursor;
+pub use shared_limits::{LimitStore, RateKey};
 pub use subscriptions::{ChannelFeed, ChannelPosition, Published};
 pub use writer::StreamWriter;
 
@@ -155,6 +157,12 @@ impl Store {
     /// memory; with Redis, while it answers and cancels are heard.
     pub fn is_healthy(&self) -> bool {
         self.0.shared.as_ref().is_none_or(|s| s.redis.is_healthy())
+    }
+
+    /// The operations cluster-wide limits run on, with a shared store;
+    /// `None` in memory (limits then stay per process).
+    pub fn limit_store(&self) -> Option<LimitStore> {
+        self.0.shared.as_ref().map(|s| LimitStore(s.redis.clone()))
     }
 
     /// Starts what a shared store runs in the background until `stop`: the

@@ -175,7 +175,7 @@ impl StreamService {
         if !inner.store.is_healthy() {
             return Err(StreamError::StoreUnavailable);
         }
-        let permit = inner.slots.try_acquire(&caller.subject)?;
+        let permit = inner.slots.acquire(&caller.subject).await?;
         let stream_id = StreamId::random().map_err(|e| StreamError::Rng(e.to_string()))?;
         let settings = EngineSettings {
             pace: cfg.pace.resolve(entry.pace, request.pace_ms),
