@@ -27,7 +27,8 @@
 //!   route, cookie, query), JWT validation, scopes, minting.
 //! - [`secret`]: [`secret::Secret`], bytes whose `Debug` never shows them.
 //! - [`json`]: JSON details where JSON Schema and serde disagree (`3.0` as an integer).
-//! - [`limits`]: request rates, stream slots, client IP behind proxies.
+//! - [`limits`]: request rates, stream slots, client IP behind proxies;
+//!   with a shared store, rates and per-subject slots for the whole cluster.
 //! - [`sse`]: the event-stream wire format (encoder and spec parser).
 //! - [`config`]: settings from flags, env and TOML, validated into
 //!   [`config::Config`]; [`cli`]: the command line (serve, token,

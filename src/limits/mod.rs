@@ -5,8 +5,8 @@
 //! connections, stalled writes) live in [`crate::server`].
 //!
 //! With a shared store, the rates and the per-subject stream cap hold for
-//! the whole cluster ([`shared`]: the failure policy; [`leases`]: stream
-//! leases); without one, everything here is per process.
+//! the whole cluster ([`SharedLimits`]: the failure policy; [`Leases`]:
+//! stream leases); without one, everything here is per process.
 
 mod client_ip;
 mod leases;

@@ -11,8 +11,9 @@
 //! - shared (`--redis-url`): the same local logs, each also replicated to
 //!   Redis, so readers on other replicas follow it there; cancels reach
 //!   the producing replica over pub/sub; channels are published through
-//!   Redis and fanned out locally by one tail per replica. The Redis keys
-//!   are named in one place, `store/keys.rs`.
+//!   Redis and fanned out locally by one tail per replica; cluster-wide
+//!   limits get atomic operations ([`LimitStore`]). The Redis keys are
+//!   named in one place, `store/keys.rs`.
 //!
 //! A reader's position in any log is a [`Cursor`]; the producer's handle
 //! is a [`StreamWriter`].
