@@ -973,5 +973,25 @@ mod tests {
         assert_eq!(shown["max_streams"], config.limits.max_streams.to_string());
         assert_eq!(shown["channel_ttl"], "1h");
         assert_eq!(shown["log_format"], if config.log_json { "json" } else { "text" });
+        assert_eq!(shown["limits_on_store_failure"], config.limits.on_store_failure.as_str());
+        assert_eq!(shown["stream_lease_ttl"], "15s");
+    }
+
+    #[test]
+    fn cluster_limit_settings_are_validated() {
+        let with = |policy: Option<&str>, ttl: Option<&str>| {
+            Config::from_settings(Settings {
+                limits_on_store_failure: policy.map(str::to_owned),
+                stream_lease_ttl: ttl.map(str::to_owned),
+                ..Settings::default()
+            })
+            .map(|c| (c.limits.on_store_failure, c.limits.stream_lease_ttl))
+            .map_err(|e| e.setting())
+        };
+        assert_eq!(with(Some("closed"), Some("2s")), Ok((OnStoreFailure::Closed, Duration::from_secs(2))));
+        assert_eq!(with(None, None), Ok((OnStoreFailure::Open, DEFAULT_STREAM_LEASE_TTL)));
+        assert_eq!(with(Some("shut"), None), Err("limits_on_store_failure"));
+        assert_eq!(with(None, Some("500ms")), Err("stream_lease_ttl"));
+        assert_eq!(with(None, Some("soon")), Err("stream_lease_ttl"));
     }
 }

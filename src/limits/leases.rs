@@ -103,11 +103,17 @@ impl Leases {
             registered: false,
             armed: true,
         };
+        // A store known to be down is not asked, so there is nothing to release.
+        lease.armed = self.shared.store().is_reachable();
         let taken = self
             .shared
             .ask("streams_per_subject", self.shared.store().acquire_lease(subject, &lease.id, cap, self.ttl))
             .await
             .map_err(|_| SlotRefused::Unavailable)?;
+        if taken.is_none() {
+            // Failing open: the stream runs, and a renewal will count it.
+            lease.armed = true;
+        }
         if taken == Some(false) {
             lease.armed = false;
             return Err(SlotRefused::Subject { limit: cap });

@@ -181,7 +181,7 @@ impl Application {
     /// `max_connections`, new connections get a 503 and are closed.
     pub async fn run_until_stopped(self, signal: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let state = self.state;
-        spawn_background(&state, signal);
+        let leases = spawn_background(&state, signal);
         let graceful = GracefulShutdown::new();
         accept_until_stopped(self.listener, &state, &graceful).await;
         tokio::select! {
@@ -190,6 +190,9 @@ impl Application {
                 tracing::warn!("connections still open after the listener closed; exiting anyway");
             }
         }
+        // The last streams' leases are released before the process exits
+        // (bounded inside), so their slots are free at once, not after the ttl.
+        let _ = leases.await;
         Ok(())
     }
 }
@@ -197,8 +200,12 @@ impl Application {
 /// What runs beside the listener until the server stops: the shutdown
 /// sequence once `signal` fires, the periodic pruning of limiter keys,
 /// expired streams and unused channels, the store's own tasks, and (with a
-/// shared store) the renewal and release of stream leases.
-fn spawn_background(state: &AppState, signal: impl Future<Output = ()> + Send + 'static) {
+/// shared store) the renewal and release of stream leases, whose task is
+/// returned.
+fn spawn_background(
+    state: &AppState,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
     {
         let state = state.clone();
         tokio::spawn(async move {
@@ -223,7 +230,7 @@ fn spawn_background(state: &AppState, signal: impl Future<Output = ()> + Send + 
     }
     state.store.spawn_background(state.shutdown.stopped());
     let (slots, stop) = (state.slots.clone(), state.shutdown.stopped().clone());
-    tokio::spawn(async move { slots.keep_leases(stop).await });
+    tokio::spawn(async move { slots.keep_leases(stop).await })
 }
 
 /// Per-connection settings and caps shared by the accept loop.

@@ -262,6 +262,43 @@ async fn a_killed_replicas_slots_come_back_within_the_lease_time() {
 }
 
 #[tokio::test]
+async fn a_replica_stopped_with_sigterm_releases_its_slots_before_it_exits() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    // The default lease ttl (15 s): a slot back at once was released.
+    let mut a = crate::binary::start(
+        &[
+            "--jwt-secret",
+            SECRET,
+            "--redis-url",
+            &url,
+            "--max-streams-per-subject",
+            "1",
+            "--pace-ms",
+            "500",
+            "--shutdown-grace",
+            "200ms",
+        ],
+        &[],
+        "listening on",
+    );
+    let mut settings = replica(&redis);
+    settings.max_streams_per_subject = Some(1);
+    let b = spawn_app_with(settings).await;
+    ready(&b).await;
+    let alice = b.token("alice", "stream");
+    let mut body: Body = Box::pin(open_demo_on(&a, &alice).await.bytes_stream());
+    read_until(&mut body, &mut Parser::new(), LIMIT, is_delta).await;
+    problem(b.get("/v1/stream?generator=probe", Some(&alice)).await, 429, "too_many_streams").await;
+    let pid = a.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert_eq!(a.child.wait().unwrap().code(), Some(0));
+    drop(body);
+    let resp = b.get("/v1/stream?generator=probe&prompt=xy", Some(&alice)).await;
+    assert_eq!(resp.status(), 200, "A's slot was not released when A stopped");
+}
+
+#[tokio::test]
 async fn with_redis_down_the_failure_policy_applies_and_is_counted() {
     let mut redis = RedisServer::start();
     let mut settings = replica(&redis);
