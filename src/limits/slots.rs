@@ -191,4 +191,16 @@ mod tests {
         drop((a2, b1));
         assert_eq!((slots.open(), slots.subjects()), (0, 0));
     }
+
+    #[test]
+    fn without_a_shared_store_acquire_is_the_local_table_and_never_waits() {
+        use futures_util::FutureExt;
+        let slots = StreamSlots::new(3, 1);
+        let first = slots.acquire("a").now_or_never();
+        assert!(matches!(first, Some(Ok(_))));
+        let second = slots.acquire("a").now_or_never().map(|r| r.err());
+        assert_eq!(second, Some(Some(SlotRefused::Subject { limit: 1 })));
+        drop(first);
+        assert_eq!(slots.open(), 0);
+    }
 }
