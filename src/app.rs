@@ -188,8 +188,8 @@ async fn limit_ip_rate(State(state): State<AppState>, request: Request<Body>, ne
         && let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>()
     {
         let ip = client_ip(peer.ip(), request.headers(), &state.config.limits.trusted_proxies);
-        if let Err(limited) = state.rates.check_ip(ip) {
-            return ErrorShape::for_path(request.uri().path()).respond(ApiError::RateLimited(limited));
+        if let Err(refused) = state.rates.check_ip(ip).await {
+            return ErrorShape::for_path(request.uri().path()).respond(ApiError::from(refused));
         }
     }
     next.run(request).await

@@ -12,8 +12,8 @@
 //! | section | keys |
 //! |---|---|
 //! | `[server]` (or the top level) | `listen`, `listen_backlog`, `cors_origins`, `log_format`, `shutdown_grace`, `shutdown_retry` |
-//! | `[auth]` | `jwt_*`, `token_cookie`, `token_query`, `jwks_*` |
-//! | `[limits]` | `rate_*`, `trusted_proxies`, `max_streams`, `max_streams_per_subject`, `send_queue`, `max_lag`, `max_body_bytes`, `max_prompt_bytes`, `max_messages`, `max_stream_duration`, `max_header_bytes`, `header_timeout`, `max_connections` |
+//! | `[auth]` | `jwt_*`, `token_cookie`, `token_query`, `token_grace`, `jwks_*` |
+//! | `[limits]` | `rate_*`, `trusted_proxies`, `max_streams`, `max_streams_per_subject`, `send_queue`, `max_lag`, `max_body_bytes`, `max_prompt_bytes`, `max_messages`, `max_stream_duration`, `max_header_bytes`, `header_timeout`, `max_connections`, `limits_on_store_failure`, `stream_lease_ttl` |
 //! | `[stream]` | `heartbeat`, `retry`, `pace_ms`, `pace_min_ms`, `pace_max_ms`, `generator_pace`, `default_generator`, `prompts_dir`, `openai_chunk_graphemes`, `upstream_url`, `upstream_model`, `upstream_api_key_env` |
 //! | `[store]` | `redis_url`, `detach_grace`, `stream_ttl`, `stream_max_events`, `channel_max_events`, `channel_ttl`, `max_publish_bytes` |
 //! | `[upstreams.NAME]` | one upstream model server each ([`UpstreamSettings`]) |
@@ -34,7 +34,7 @@ use ipnet::IpNet;
 use crate::auth::{AuthConfig, AuthSetupError, JwksSettings, KeyMaterial, TokenSources};
 use crate::generator::RegistryError;
 use crate::generator::upstream::{Upstream, UpstreamConfigError, UpstreamSettings};
-use crate::limits::Rate;
+use crate::limits::{OnStoreFailure, Rate};
 use crate::quota::plan::{PlanBook, QuotaSettings};
 use crate::secret::Secret;
 
@@ -115,6 +115,14 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap on open connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 25_000;
+/// Default policy of cluster-wide limits when Redis fails: this process's
+/// own limits (the service stays up; limits still apply, per replica).
+pub const DEFAULT_LIMITS_ON_STORE_FAILURE: OnStoreFailure = OnStoreFailure::Open;
+/// Default stream lease ttl: a dead replica's slots are back within it.
+pub const DEFAULT_STREAM_LEASE_TTL: Duration = Duration::from_secs(15);
+/// Shortest stream lease ttl: renewals run every third of it, and each may
+/// take a few hundred milliseconds on a busy Redis.
+pub const MIN_STREAM_LEASE_TTL: Duration = Duration::from_secs(1);
 /// Smallest request-head buffer hyper accepts.
 pub const MIN_HEADER_BYTES: usize = 8192;
 /// Default time generation continues after its client left, so a reconnect
@@ -288,6 +296,15 @@ pub struct Settings {
     /// Open connections allowed (503 and close beyond).
     #[arg(long, global = true, env = "TOKENGATE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// With Redis, what the cluster-wide limits do when Redis cannot be
+    /// asked: `closed` refuses (503 `limits_unavailable`), `open` applies
+    /// this process's own limits.
+    #[arg(long, global = true, env = "TOKENGATE_LIMITS_ON_STORE_FAILURE")]
+    pub limits_on_store_failure: Option<String>,
+    /// With Redis, how long a stream's cluster-wide slot outlives its
+    /// replica (renewed every third of it), e.g. `15s`.
+    #[arg(long, global = true, env = "TOKENGATE_STREAM_LEASE_TTL")]
+    pub stream_lease_ttl: Option<String>,
     /// How long generation continues after its client left, so a reconnect
     /// can resume (e.g. `15s`; `0s` cancels at once).
     #[arg(long, global = true, env = "TOKENGATE_DETACH_GRACE")]
@@ -373,6 +390,8 @@ pub fn help_defaults() -> Vec<(&'static str, String)> {
         ("max_header_bytes", DEFAULT_MAX_HEADER_BYTES.to_string()),
         ("header_timeout", time(DEFAULT_HEADER_TIMEOUT)),
         ("max_connections", DEFAULT_MAX_CONNECTIONS.to_string()),
+        ("limits_on_store_failure", DEFAULT_LIMITS_ON_STORE_FAILURE.as_str().to_owned()),
+        ("stream_lease_ttl", time(DEFAULT_STREAM_LEASE_TTL)),
         ("detach_grace", time(DEFAULT_DETACH_GRACE)),
         ("stream_ttl", time(DEFAULT_STREAM_TTL)),
         ("stream_max_events", DEFAULT_STREAM_MAX_EVENTS.to_string()),
@@ -420,7 +439,8 @@ impl Settings {
             max_prompt_bytes, shutdown_grace, shutdown_retry, log_format, rate_subject_per_min,
             rate_subject_burst, rate_ip_per_min, rate_ip_burst, trusted_proxies, max_streams,
             max_streams_per_subject, send_queue, max_lag, max_messages, max_stream_duration,
-            max_header_bytes, header_timeout, max_connections, detach_grace, stream_ttl,
+            max_header_bytes, header_timeout, max_connections, limits_on_store_failure,
+            stream_lease_ttl, detach_grace, stream_ttl,
             stream_max_events, channel_max_events, channel_ttl, max_publish_bytes, redis_url, upstream_url,
             upstream_model, upstream_api_key_env, upstreams, quota, openai_chunk_graphemes,
             jwks_url, jwks_file, jwks_refresh, jwks_refresh_min, jwks_refresh_max)
@@ -554,6 +574,10 @@ pub struct LimitsConfig {
     pub header_timeout: Duration,
     /// Open connection cap.
     pub max_connections: usize,
+    /// With a shared store: what cluster-wide limits do when it fails.
+    pub on_store_failure: OnStoreFailure,
+    /// With a shared store: how long a stream lease lives unrenewed.
+    pub stream_lease_ttl: Duration,
 }
 
 /// Stream and channel retention, validated.
@@ -896,7 +920,27 @@ fn limits(s: &Settings) -> Result<LimitsConfig, ConfigError> {
         max_header_bytes,
         header_timeout,
         max_connections: at_least_one("max_connections", s.max_connections, DEFAULT_MAX_CONNECTIONS)?,
+        on_store_failure: on_store_failure(s.limits_on_store_failure.as_deref())?,
+        stream_lease_ttl: stream_lease_ttl(s.stream_lease_ttl.as_deref())?,
     })
+}
+
+fn on_store_failure(value: Option<&str>) -> Result<OnStoreFailure, ConfigError> {
+    let Some(text) = value else { return Ok(DEFAULT_LIMITS_ON_STORE_FAILURE) };
+    OnStoreFailure::parse(text.trim()).ok_or_else(|| {
+        ConfigError::invalid("limits_on_store_failure", format!("`{text}` is neither `closed` nor `open`"))
+    })
+}
+
+fn stream_lease_ttl(value: Option<&str>) -> Result<Duration, ConfigError> {
+    let ttl = duration("stream_lease_ttl", value, DEFAULT_STREAM_LEASE_TTL)?;
+    if ttl < MIN_STREAM_LEASE_TTL {
+        return Err(ConfigError::invalid(
+            "stream_lease_ttl",
+            format!("must be at least {}", humantime::format_duration(MIN_STREAM_LEASE_TTL)),
+        ));
+    }
+    Ok(ttl)
 }
 
 fn upstreams(s: &Settings) -> Result<Vec<Upstream>, ConfigError> {
@@ -1040,6 +1084,26 @@ mod tests {
         assert_eq!(shown["max_streams"], config.limits.max_streams.to_string());
         assert_eq!(shown["channel_ttl"], "1h");
         assert_eq!(shown["log_format"], if config.log_json { "json" } else { "text" });
+        assert_eq!(shown["limits_on_store_failure"], config.limits.on_store_failure.as_str());
+        assert_eq!(shown["stream_lease_ttl"], "15s");
+    }
+
+    #[test]
+    fn cluster_limit_settings_are_validated() {
+        let with = |policy: Option<&str>, ttl: Option<&str>| {
+            Config::from_settings(Settings {
+                limits_on_store_failure: policy.map(str::to_owned),
+                stream_lease_ttl: ttl.map(str::to_owned),
+                ..Settings::default()
+            })
+            .map(|c| (c.limits.on_store_failure, c.limits.stream_lease_ttl))
+            .map_err(|e| e.setting())
+        };
+        assert_eq!(with(Some("closed"), Some("2s")), Ok((OnStoreFailure::Closed, Duration::from_secs(2))));
+        assert_eq!(with(None, None), Ok((OnStoreFailure::Open, DEFAULT_STREAM_LEASE_TTL)));
+        assert_eq!(with(Some("shut"), None), Err("limits_on_store_failure"));
+        assert_eq!(with(None, Some("500ms")), Err("stream_lease_ttl"));
+        assert_eq!(with(None, Some("soon")), Err("stream_lease_ttl"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::auth::{AuthError, Scope};
 use crate::event::ErrorCode;
-use crate::limits::{RateLimited, RateScope, SlotRefused};
+use crate::limits::{RateLimited, RateRefused, RateScope, SlotRefused};
 
 /// Media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -61,6 +61,10 @@ pub enum ApiError {
         /// Until the window resets.
         retry_after: std::time::Duration,
     },
+    /// A cluster-wide limit could not be checked (the shared store failed)
+    /// and the policy is to fail closed.
+    #[error("limits cannot be checked right now; retry shortly")]
+    LimitsUnavailable,
     /// More chat messages than allowed.
     #[error("{count} chat messages exceed the limit of {limit}")]
     TooManyMessages {
@@ -132,6 +136,9 @@ impl ApiError {
             }
             ApiError::NoSlot(SlotRefused::Global { .. }) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_busy", "Service unavailable")
+            }
+            ApiError::NoSlot(SlotRefused::Unavailable) | ApiError::LimitsUnavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, "limits_unavailable", "Service unavailable")
             }
             ApiError::TooManyMessages { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too_many_messages", "Payload too large")
@@ -215,7 +222,7 @@ impl ApiError {
             ApiError::QuotaExceeded { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
             }
-            ApiError::Draining | ApiError::NoSlot(_) | ApiError::StoreUnavailable => {
+            ApiError::Draining | ApiError::NoSlot(_) | ApiError::StoreUnavailable | ApiError::LimitsUnavailable => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -416,6 +423,15 @@ impl ApiError {
                 ApiError::ModelNotFound { name, available }
             }
             other => other.into(),
+        }
+    }
+}
+
+impl From<RateRefused> for ApiError {
+    fn from(e: RateRefused) -> Self {
+        match e {
+            RateRefused::Limited(limited) => ApiError::RateLimited(limited),
+            RateRefused::Unavailable => ApiError::LimitsUnavailable,
         }
     }
 }

@@ -28,7 +28,8 @@
 //!   refreshed JWKS), scopes, minting.
 //! - [`secret`]: [`secret::Secret`], bytes whose `Debug` never shows them.
 //! - [`json`]: JSON details where JSON Schema and serde disagree (`3.0` as an integer).
-//! - [`limits`]: request rates, stream slots, client IP behind proxies.
+//! - [`limits`]: request rates, stream slots, client IP behind proxies;
+//!   with a shared store, rates and per-subject slots for the whole cluster.
 //! - [`quota`]: usage budgets per subject, drawn on while streaming.
 //! - [`sse`]: the event-stream wire format (encoder and spec parser).
 //! - [`config`]: settings from flags, env and TOML, validated into

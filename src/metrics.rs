@@ -168,6 +168,12 @@ impl Metrics {
         self.recorder.register_gauge(&Key::from_static_name("tokengate_jwks_keys"), &META).set(keys as f64);
     }
 
+    /// A limit check that could not ask the shared store, by the failure
+    /// policy then applied (`closed`: refused, `open`: local limits).
+    pub fn limit_store_failure(&self, policy: &'static str) {
+        self.counter("tokengate_limit_store_failures_total", "policy", policy).increment(1);
+    }
+
     /// The number of open streams changed.
     pub fn set_open_streams(&self, open: usize) {
         self.open_streams.set(open as f64);

@@ -57,7 +57,7 @@ impl FromRequestParts<AppState> for ApiKeyPrincipal {
 async fn authenticate(token: Option<String>, state: &AppState) -> Result<Principal, ApiError> {
     let token = token.ok_or(AuthError::Missing)?;
     let principal = state.config.auth.authenticate(&token).await?;
-    state.rates.check_subject(&principal.subject).map_err(ApiError::RateLimited)?;
+    state.rates.check_subject(&principal.subject).await?;
     Ok(principal)
 }
 

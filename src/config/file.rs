@@ -121,6 +121,8 @@ sections! {
         max_header_bytes: usize,
         header_timeout: String,
         max_connections: usize,
+        limits_on_store_failure: String,
+        stream_lease_ttl: String,
     }
     stream: StreamSection {
         heartbeat: String,

@@ -3,12 +3,22 @@
 //! task, so it is freed the moment the stream ends for any reason (done,
 //! error, client gone, cancel, shutdown). The count doubles as "streams
 //! open", which shutdown waits on.
+//!
+//! With a shared store the per-subject cap holds for the whole cluster: the
+//! permit also carries a [`Lease`] (see [`super::leases`]). The local
+//! counts are kept all the same: they are checked first (a subject at its
+//! cap here is at it everywhere), and they are the cap that applies when
+//! the store fails and the policy is to fail open. The global cap stays
+//! per process: it protects this process.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::leases::{Lease, Leases};
 
 /// Why no slot was given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -25,6 +35,10 @@ pub enum SlotRefused {
         /// The global cap.
         limit: usize,
     },
+    /// The cluster-wide count could not be asked and the policy is to fail
+    /// closed.
+    #[error("stream limits cannot be checked right now")]
+    Unavailable,
 }
 
 /// The slot table.
@@ -43,6 +57,8 @@ pub struct StreamSlots {
     open: AtomicUsize,
     /// Woken when `open` drops to zero, so shutdown waits without polling.
     idle: Notify,
+    /// Cluster-wide per-subject leases, with a shared store.
+    leases: Option<Arc<Leases>>,
 }
 
 /// One open stream's slot.
@@ -53,11 +69,19 @@ pub struct SlotPermit {
     subject: String,
     /// Returned to the semaphore by its own drop, after ours.
     _global: OwnedSemaphorePermit,
+    /// The cluster-wide lease, released by its own drop.
+    _lease: Option<Lease>,
 }
 
 impl StreamSlots {
-    /// A table with the given caps.
+    /// A table with the given caps, for this process alone.
     pub fn new(max_global: usize, max_per_subject: usize) -> Arc<Self> {
+        Self::with_leases(max_global, max_per_subject, None)
+    }
+
+    /// A table whose per-subject cap also holds cluster-wide through
+    /// `leases` (when given).
+    pub fn with_leases(max_global: usize, max_per_subject: usize, leases: Option<Arc<Leases>>) -> Arc<Self> {
         Arc::new(Self {
             global: Arc::new(Semaphore::new(max_global)),
             max_global,
@@ -65,11 +89,32 @@ impl StreamSlots {
             per_subject: Mutex::new(HashMap::new()),
             open: AtomicUsize::new(0),
             idle: Notify::new(),
+            leases,
         })
     }
 
-    /// Takes a slot for `subject`, or says which cap is in the way (the
-    /// subject's first: its own excess should not look like server load).
+    /// Takes a slot for `subject`: [`Self::try_acquire`] here, then, with a
+    /// shared store, a lease within the cluster-wide cap. A refused lease
+    /// drops the local slot again.
+    pub async fn acquire(self: &Arc<Self>, subject: &str) -> Result<SlotPermit, SlotRefused> {
+        let mut permit = self.try_acquire(subject)?;
+        if let Some(leases) = &self.leases {
+            permit._lease = Some(leases.acquire(subject, self.max_per_subject).await?);
+        }
+        Ok(permit)
+    }
+
+    /// Keeps the leases (renewals, releases) until `stop`; returns at once
+    /// without a shared store.
+    pub async fn keep_leases(&self, stop: CancellationToken) {
+        if let Some(leases) = &self.leases {
+            leases.clone().keep(stop).await;
+        }
+    }
+
+    /// Takes a slot for `subject` in this process, or says which cap is in
+    /// the way (the subject's first: its own excess should not look like
+    /// server load).
     ///
     /// The table stays locked while the global permit is taken, so two
     /// requests of one subject cannot both pass its check.
@@ -83,7 +128,7 @@ impl StreamSlots {
             self.global.clone().try_acquire_owned().map_err(|_| SlotRefused::Global { limit: self.max_global })?;
         table.insert(subject.to_owned(), held + 1);
         self.open.fetch_add(1, Ordering::AcqRel);
-        Ok(SlotPermit { slots: self.clone(), subject: subject.to_owned(), _global: global })
+        Ok(SlotPermit { slots: self.clone(), subject: subject.to_owned(), _global: global, _lease: None })
     }
 
     /// Streams open now.
@@ -145,5 +190,17 @@ mod tests {
         assert!(slots.try_acquire("c").is_ok());
         drop((a2, b1));
         assert_eq!((slots.open(), slots.subjects()), (0, 0));
+    }
+
+    #[test]
+    fn without_a_shared_store_acquire_is_the_local_table_and_never_waits() {
+        use futures_util::FutureExt;
+        let slots = StreamSlots::new(3, 1);
+        let first = slots.acquire("a").now_or_never();
+        assert!(matches!(first, Some(Ok(_))));
+        let second = slots.acquire("a").now_or_never().map(|r| r.err());
+        assert_eq!(second, Some(Some(SlotRefused::Subject { limit: 1 })));
+        drop(first);
+        assert_eq!(slots.open(), 0);
     }
 }

@@ -27,7 +27,7 @@ use self::stall::StallGuard;
 use crate::app::router;
 use crate::config::{Config, ConfigError};
 use crate::generator::{self, Registry};
-use crate::limits::{RateLimits, StreamSlots};
+use crate::limits::{Leases, RateLimits, SharedLimits, StreamSlots};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::state::{AppState, Inner};
@@ -76,8 +76,6 @@ pub fn builtin_generators(config: &Config) -> Result<Registry, ConfigError> {
 /// over it.
 fn build_state(config: Config, generators: Registry) -> Result<AppState, ConfigError> {
     let limits = &config.limits;
-    let rates = RateLimits::new(limits.rate_subject, limits.rate_ip);
-    let slots = StreamSlots::new(limits.max_streams, limits.max_streams_per_subject);
     let metrics = Arc::new(Metrics::new());
     let store_config = &config.store;
     let retention = StoreSettings {
@@ -91,6 +89,12 @@ fn build_state(config: Config, generators: Registry) -> Result<AppState, ConfigE
         Some(url) => Store::shared(&String::from_utf8_lossy(url.expose()), retention)
             .map_err(|e| ConfigError::invalid("redis_url", e.to_string()))?,
     };
+    // With a shared store, rates and the per-subject stream cap hold for the
+    // cluster; the global stream cap stays this process's.
+    let shared = store.limit_store().map(|s| SharedLimits::new(s, limits.on_store_failure, metrics.clone()));
+    let rates = RateLimits::new(limits.rate_subject, limits.rate_ip).with_shared(shared.clone());
+    let leases = shared.map(|shared| Leases::new(shared, limits.stream_lease_ttl));
+    let slots = StreamSlots::with_leases(limits.max_streams, limits.max_streams_per_subject, leases);
     let shutdown = Shutdown::new();
     let settings = ServiceSettings {
         stream: config.stream.clone(),
@@ -180,7 +184,7 @@ impl Application {
     /// `max_connections`, new connections get a 503 and are closed.
     pub async fn run_until_stopped(self, signal: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let state = self.state;
-        spawn_background(&state, signal);
+        let leases = spawn_background(&state, signal);
         let graceful = GracefulShutdown::new();
         accept_until_stopped(self.listener, &state, &graceful).await;
         tokio::select! {
@@ -189,15 +193,22 @@ impl Application {
                 tracing::warn!("connections still open after the listener closed; exiting anyway");
             }
         }
+        // The last streams' leases are released before the process exits
+        // (bounded inside), so their slots are free at once, not after the ttl.
+        let _ = leases.await;
         Ok(())
     }
 }
 
 /// What runs beside the listener until the server stops: the shutdown
 /// sequence once `signal` fires, the periodic pruning of limiter keys,
-/// expired streams and unused channels, the store's own tasks, and the
-/// JWKS refresh when one is configured.
-fn spawn_background(state: &AppState, signal: impl Future<Output = ()> + Send + 'static) {
+/// expired streams and unused channels, the store's own tasks, the JWKS
+/// refresh when one is configured, and (with a shared store) the renewal
+/// and release of stream leases, whose task is returned.
+fn spawn_background(
+    state: &AppState,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
     {
         let state = state.clone();
         tokio::spawn(async move {
@@ -222,6 +233,8 @@ fn spawn_background(state: &AppState, signal: impl Future<Output = ()> + Send + 
     }
     state.store.spawn_background(state.shutdown.stopped());
     state.config.auth.start_key_refresh(state.metrics.clone(), state.shutdown.stopped().clone());
+    let (slots, stop) = (state.slots.clone(), state.shutdown.stopped().clone());
+    tokio::spawn(async move { slots.keep_leases(stop).await })
 }
 
 /// Per-connection settings and caps shared by the accept loop.

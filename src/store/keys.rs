@@ -11,6 +11,9 @@
 //! | `tg:n:{name}` | hash | a channel's subscriber count per replica |
 //! | `tg:u:{len}:{owner}:{chat}` | string | a UI chat's current stream id (`len`: the owner's length in bytes) |
 //! | `tg:q:{len}:{subject}:{counter}` | string | a subject's use of one quota unit in one window (an integer) |
+//! | `tg:rate:s:{subject}` | string | a subject's GCRA state: its theoretical arrival time, in µs of Redis time |
+//! | `tg:rate:ip:{ip}` | string | a client IP's GCRA state, the same way |
+//! | `tg:slots:{subject}` | sorted set | a subject's stream leases, scored by expiry (ms of Redis time) |
 //! | [`CANCEL_CHANNEL`] | pub/sub | stream ids to cancel, heard by every replica |
 //! | [`ATTACH_CHANNEL`] | pub/sub | stream ids a remote reader just attached to |
 
@@ -65,6 +68,22 @@ pub(super) fn chat(owner: &str, chat: &str) -> String {
 /// subject's length comes first, as in [`chat`].
 pub(super) fn quota(subject: &str, counter: &str) -> String {
     format!("tg:q:{}:{subject}:{counter}", subject.len())
+}
+
+/// A subject's request-rate state (GCRA). The subject is the key's only
+/// variable part, so no two subjects share a key whatever they contain.
+pub(super) fn rate_subject(subject: &str) -> String {
+    format!("tg:rate:s:{subject}")
+}
+
+/// A client IP's request-rate state (GCRA).
+pub(super) fn rate_ip(ip: &std::net::IpAddr) -> String {
+    format!("tg:rate:ip:{ip}")
+}
+
+/// A subject's stream leases, cluster-wide.
+pub(super) fn stream_slots(subject: &str) -> String {
+    format!("tg:slots:{subject}")
 }
 
 /// A channel's event log.

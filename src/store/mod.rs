@@ -11,8 +11,9 @@
 //! - shared (`--redis-url`): the same local logs, each also replicated to
 //!   Redis, so readers on other replicas follow it there; cancels reach
 //!   the producing replica over pub/sub; channels are published through
-//!   Redis and fanned out locally by one tail per replica. The Redis keys
-//!   are named in one place, `store/keys.rs`.
+//!   Redis and fanned out locally by one tail per replica; cluster-wide
+//!   limits get atomic operations ([`LimitStore`]). The Redis keys are
+//!   named in one place, `store/keys.rs`.
 //!
 //! A reader's position in any log is a [`Cursor`]; the producer's handle
 //! is a [`StreamWriter`].
@@ -25,6 +26,7 @@ mod memory;
 mod quotas;
 mod redis;
 mod remote;
+mod shared_limits;
 mod subscriptions;
 mod writer;
 
@@ -45,6 +47,7 @@ pub use cursor::{Cursor, Read};
 pub use memory::{Attachment, Flow, LiveStream, Reader};
 pub use quotas::QuotaCounter;
 pub use remote::RemoteCursor;
+pub use shared_limits::{LimitStore, RateKey};
 pub use subscriptions::{ChannelFeed, ChannelPosition, Published};
 pub use writer::StreamWriter;
 
@@ -167,6 +170,12 @@ impl Store {
     /// memory; with Redis, while it answers and cancels are heard.
     pub fn is_healthy(&self) -> bool {
         self.0.shared.as_ref().is_none_or(|s| s.redis.is_healthy())
+    }
+
+    /// The operations cluster-wide limits run on, with a shared store;
+    /// `None` in memory (limits then stay per process).
+    pub fn limit_store(&self) -> Option<LimitStore> {
+        self.0.shared.as_ref().map(|s| LimitStore(s.redis.clone()))
     }
 
     /// Starts what a shared store runs in the background until `stop`: the

@@ -191,7 +191,7 @@ impl StreamService {
         // The budget before the slot: a subject over its quota should hear
         // that, not that it has too many streams open.
         let meter = inner.quotas.admit(caller).await?;
-        let permit = inner.slots.try_acquire(&caller.subject)?;
+        let permit = inner.slots.acquire(&caller.subject).await?;
         let stream_id = StreamId::random().map_err(|e| StreamError::Rng(e.to_string()))?;
         let settings = EngineSettings {
             pace: cfg.pace.resolve(entry.pace, request.pace_ms),

@@ -9,6 +9,7 @@ mod auth;
 pub mod binary;
 mod browser;
 mod channels;
+mod cluster_limits;
 mod cors;
 mod helpers;
 mod jwks;

@@ -7,7 +7,9 @@
 //!   [`Replicator`] that copies a local log to Redis;
 //! - [`channels`]: channel logs, subscriber counts and the per-replica
 //!   [`ChannelTail`];
-//! - [`chats`]: which stream answers a UI chat now.
+//! - [`chats`]: which stream answers a UI chat now;
+//! - [`limits`]: cluster-wide request rates and stream leases (Lua
+//!   scripts).
 //!
 //! Every command has a response timeout, so a Redis outage fails requests
 //! quickly instead of hanging them; the connection manager reconnects by
@@ -16,6 +18,7 @@
 mod channels;
 mod chats;
 mod leases;
+mod limits;
 mod logs;
 mod quotas;
 
