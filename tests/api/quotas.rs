@@ -418,3 +418,16 @@ async fn replicas_share_the_budget_without_overshoot() {
     }
     assert_eq!(charged, delivered, "both replicas see one counter, equal to what was delivered");
 }
+
+/// The official `openai` and `anthropic` Python SDKs read a quota cut as
+/// their protocol's length stop, with the explanation, and the next
+/// request as a rate-limit error.
+#[tokio::test]
+async fn the_official_sdks_see_a_length_stop_and_then_a_rate_limit() {
+    let python = python_with("openai, anthropic");
+    let app = spawn_app_with(with_quota(chars_per_hour(12, 4))).await;
+    let token = app.token("sdk-openai", "stream");
+    let token2 = app.token("sdk-anthropic", "stream");
+    let env = [("EXPECTED_CHARS", "12"), ("TOKENGATE_TOKEN_2", token2.as_str())];
+    run_client_check(&python, "tests/python/quota_sdk_check.py", &app, &token, &env, "quota sdk ok").await;
+}
