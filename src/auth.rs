@@ -1,5 +1,6 @@
 //! Authentication: finding the token in a request (bearer header, on the
-//! Anthropic route `x-api-key`, cookie, query; first present wins),
+//! Anthropic route `x-api-key`, cookie, query, then a stream ticket; first
+//! present wins),
 //! validating it as a JWT against an explicit algorithm allow-list, and
 //! checking scopes. Also mints tokens for the
 //! demo start and `tokengate token`.
@@ -54,6 +55,10 @@ pub struct TokenSources {
     pub cookie: String,
     /// Query parameter name.
     pub query: String,
+    /// Query parameter carrying a stream ticket (`crate::tickets`), the
+    /// last source looked at: a ticket is a stand-in for a token, used only
+    /// when no token was sent.
+    pub ticket: String,
 }
 
 /// The header the Anthropic SDKs send their API key in; the Anthropic
@@ -115,6 +120,20 @@ pub struct Principal {
     /// The value of the configured class claim (e.g. `tier`), which picks
     /// the subject's quota; `None` without that setting or claim.
     pub class: Option<String>,
+    /// The stream ticket the request came with instead of a token (`None`
+    /// for a token): what a ticket's first request opens is bound to it.
+    pub ticket: Option<TicketUse>,
+}
+
+/// A stream ticket as one request used it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TicketUse {
+    /// The store's key for the ticket: a digest, never the ticket itself,
+    /// so a `Principal` in a log line leaks nothing usable.
+    pub key: String,
+    /// True only for the request that used the ticket first (decided
+    /// atomically in the store): what it opens becomes the ticket's.
+    pub first: bool,
 }
 
 impl Principal {
@@ -122,7 +141,7 @@ impl Principal {
     /// (a stream ticket carries what its token granted).
     pub fn new(subject: String, scopes: &[Scope], expires_at: u64, class: Option<String>) -> Self {
         let scopes = scopes.iter().fold(0, |bits, s| bits | s.bit());
-        Self { subject, scopes, expires_at, class }
+        Self { subject, scopes, expires_at, class, ticket: None }
     }
 
     /// The scopes held, in [`Scope::ALL`] order.
@@ -175,6 +194,19 @@ pub enum AuthError {
     /// Claims present but of the wrong shape.
     #[error("the token's claims are invalid")]
     InvalidClaims,
+    /// A stream ticket this server never issued, or one long gone.
+    #[error("the stream ticket is not valid")]
+    InvalidTicket,
+    /// A stream ticket past its lifetime (or its token's `exp`).
+    #[error("the stream ticket has expired; get a new one from POST /v1/tickets")]
+    TicketExpired,
+    /// A stream ticket already used, presented for something other than a
+    /// reconnect to what it opened.
+    #[error("the stream ticket was already used; it only reconnects to what it opened")]
+    TicketUsed,
+    /// A stream ticket where only a token will do (minting a ticket).
+    #[error("a stream ticket is not accepted here; send the token")]
+    TicketNotAccepted,
 }
 
 impl AuthError {
@@ -191,6 +223,10 @@ impl AuthError {
             AuthError::Audience => "invalid_audience",
             AuthError::MissingClaim(_) => "missing_claim",
             AuthError::InvalidClaims => "invalid_claims",
+            AuthError::InvalidTicket => "invalid_ticket",
+            AuthError::TicketExpired => "ticket_expired",
+            AuthError::TicketUsed => "ticket_used",
+            AuthError::TicketNotAccepted => "ticket_not_accepted",
         }
     }
 }
@@ -428,7 +464,8 @@ impl AuthConfig {
 
     /// Finds the token: `Authorization: Bearer`, then the cookie, then the
     /// query parameter. An `Authorization` header of another scheme is not
-    /// ours and is passed over.
+    /// ours and is passed over. Only when none is found does a stream ticket
+    /// count ([`AuthConfig::ticket`]).
     ///
     /// The header comes first because it is the one a client sets on
     /// purpose; a browser sends the cookie on every request, so a page must
@@ -477,6 +514,14 @@ impl AuthConfig {
         form_urlencoded::parse(query.as_bytes())
             .find(|(name, _)| *name == self.sources.query.as_str())
             .map(|(_, token)| token.into_owned())
+    }
+
+    /// The stream ticket in the query, the last source of credentials
+    /// (after every token source, see [`AuthConfig::extract`]).
+    pub fn ticket(&self, query: Option<&str>) -> Option<String> {
+        form_urlencoded::parse(query?.as_bytes())
+            .find(|(name, _)| *name == self.sources.ticket.as_str())
+            .map(|(_, ticket)| ticket.into_owned())
     }
 
     /// Validates a token and returns who it is.
@@ -532,7 +577,7 @@ impl AuthConfig {
             Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => Some(v.to_string()),
             _ => None,
         });
-        Ok(Principal { subject, scopes, expires_at: claims.exp.unwrap_or(0), class })
+        Ok(Principal { subject, scopes, expires_at: claims.exp.unwrap_or(0), class, ticket: None })
     }
 
     /// Signs a token for `subject` with `scope` (space separated), valid for

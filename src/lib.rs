@@ -25,6 +25,8 @@
 //!   outcome codes, usage.
 //! - [`auth`]: token extraction (bearer, `x-api-key` on the Anthropic
 //!   route, cookie, query), JWT validation, scopes, minting.
+//! - [`tickets`]: stream tickets, single-use stand-ins for a token in an
+//!   `EventSource` URL: minting, the one check of every use, binding.
 //! - [`secret`]: [`secret::Secret`], bytes whose `Debug` never shows them.
 //! - [`json`]: JSON details where JSON Schema and serde disagree (`3.0` as an integer).
 //! - [`limits`]: request rates, stream slots, client IP behind proxies.
@@ -56,3 +58,4 @@ pub mod sse;
 pub mod state;
 pub mod store;
 pub mod stream;
+pub mod tickets;

@@ -94,6 +94,8 @@ sections! {
         jwt_leeway: String,
         token_cookie: String,
         token_query: String,
+        ticket_query: String,
+        ticket_ttl: String,
     }
     limits: LimitsSection {
         rate_subject_per_min: u32,

@@ -10,6 +10,7 @@
 //! | `tg:c:{name}` | stream | a channel's events; fields [`DATA`] and [`EVENT_NAME`] |
 //! | `tg:n:{name}` | hash | a channel's subscriber count per replica |
 //! | `tg:u:{len}:{owner}:{chat}` | string | a UI chat's current stream id (`len`: the owner's length in bytes) |
+//! | `tg:t:{digest}` | hash | a stream ticket: [`TICKET_RECORD`], [`TICKET_USE`], [`TICKET_BINDING`] |
 //! | [`CANCEL_CHANNEL`] | pub/sub | stream ids to cancel, heard by every replica |
 //! | [`ATTACH_CHANNEL`] | pub/sub | stream ids a remote reader just attached to |
 
@@ -32,6 +33,12 @@ pub(super) const GENERATOR: &str = "generator";
 pub(super) const DATA: &str = "d";
 /// Channel entry field: the published event name (absent for `message`).
 pub(super) const EVENT_NAME: &str = "e";
+/// Ticket field: what the ticket grants (set when it is issued).
+pub(super) const TICKET_RECORD: &str = "r";
+/// Ticket field: its first use (set by the one atomic take that wins).
+pub(super) const TICKET_USE: &str = "u";
+/// Ticket field: what its first use opened.
+pub(super) const TICKET_BINDING: &str = "b";
 
 /// A stream's event log.
 pub(super) fn stream(id: &StreamId) -> String {
@@ -58,6 +65,12 @@ pub(super) fn remote_reader(id: &StreamId) -> String {
 /// contains.
 pub(super) fn chat(owner: &str, chat: &str) -> String {
     format!("tg:u:{}:{owner}:{chat}", owner.len())
+}
+
+/// A stream ticket, by the digest of the ticket (the ticket itself is
+/// never stored, so a dump of Redis holds no usable ticket).
+pub(super) fn ticket(digest: &str) -> String {
+    format!("tg:t:{digest}")
 }
 
 /// A channel's event log.

@@ -21,6 +21,7 @@ use crate::limits::{SlotRefused, StreamSlots};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::{Located, Store, StoreError};
+use crate::tickets::{self, Target};
 
 /// The events of one stream as one connection receives them.
 pub type EventStream = Pin<Box<dyn Stream<Item = Arc<StreamEvent>> + Send + 'static>>;
@@ -177,6 +178,7 @@ impl StreamService {
         }
         let permit = inner.slots.try_acquire(&caller.subject)?;
         let stream_id = StreamId::random().map_err(|e| StreamError::Rng(e.to_string()))?;
+        tickets::bind(&inner.store, caller, Target::Stream(stream_id)).await?;
         let settings = EngineSettings {
             pace: cfg.pace.resolve(entry.pace, request.pace_ms),
             max_duration: limits.max_stream_duration,
@@ -210,7 +212,10 @@ impl StreamService {
     /// Another subject's stream is reported exactly like an unknown one.
     pub async fn locate(&self, caller: &Principal, id: &StreamId) -> Result<Located, StreamError> {
         match self.0.store.locate(id).await? {
-            Some(located) if located.owner == caller.subject || caller.is_admin() => Ok(located),
+            Some(located) if located.owner == caller.subject || caller.is_admin() => {
+                tickets::bind(&self.0.store, caller, Target::Stream(*id)).await?;
+                Ok(located)
+            }
             _ => Err(StreamError::NotFound),
         }
     }

@@ -7,7 +7,8 @@
 //!   [`Replicator`] that copies a local log to Redis;
 //! - [`channels`]: channel logs, subscriber counts and the per-replica
 //!   [`ChannelTail`];
-//! - [`chats`]: which stream answers a UI chat now.
+//! - [`chats`]: which stream answers a UI chat now;
+//! - [`tickets`]: stream tickets, taken atomically by one Lua script.
 //!
 //! Every command has a response timeout, so a Redis outage fails requests
 //! quickly instead of hanging them; the connection manager reconnects by
@@ -17,6 +18,7 @@ mod channels;
 mod chats;
 mod leases;
 mod logs;
+mod tickets;
 
 use std::collections::HashMap;
 use std::sync::Arc;
