@@ -23,5 +23,6 @@ mod resume;
 mod spec;
 mod sse_props;
 mod streaming;
+mod tickets;
 mod unicode;
 mod upstream;
