@@ -215,6 +215,22 @@ async fn the_same_url_reconnect_resumes_and_only_its_own_stream() {
     assert_ne!(other, sid);
     let resp = app.client.get(&url).header("last-event-id", format!("{other}.0")).send().await.unwrap();
     refused(resp, "ticket_used", &ticket).await;
+    // A fresh ticket resuming the stream (say, after the first one's token
+    // was renewed) becomes that stream's, and reconnects to it only.
+    let renewed = mint(&app, "alice", "stream").await;
+    let url2 = stream_url(&app, "prompt=anything", &renewed);
+    let first_delta = messages(&first).into_iter().find(|(name, _, _)| name == "delta").unwrap().2.unwrap();
+    for _ in 0..2 {
+        let resp = app.client.get(&url2).header("last-event-id", &first_delta).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(delta_text(&read_events(resp, LIMIT).await), text.chars().skip(1).collect::<String>());
+    }
+    refused(
+        app.client.get(&url2).header("last-event-id", format!("{other}.0")).send().await.unwrap(),
+        "ticket_used",
+        &renewed,
+    )
+    .await;
     // Two resume points that disagree name nothing.
     let resp = app.client.get(format!("{url}&last_event_id={sid}.0&last_event_id={other}.0")).send().await.unwrap();
     refused(resp, "ticket_used", &ticket).await;
