@@ -237,7 +237,7 @@ async fn the_same_url_reconnect_resumes_and_only_its_own_stream() {
 }
 
 fn parser_last_id(events: &[Event]) -> String {
-    messages(events).into_iter().filter_map(|(_, _, id)| id).last().unwrap()
+    messages(events).into_iter().filter_map(|(_, _, id)| id).next_back().unwrap()
 }
 
 #[tokio::test]
