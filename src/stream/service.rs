@@ -210,6 +210,8 @@ impl StreamService {
 
     /// Finds a stream the caller may see: its own, or any with `admin`.
     /// Another subject's stream is reported exactly like an unknown one.
+    /// A stream ticket's first use is bound to the stream found (as to the
+    /// one [`Self::open`] starts), which is what it may reconnect to.
     pub async fn locate(&self, caller: &Principal, id: &StreamId) -> Result<Located, StreamError> {
         match self.0.store.locate(id).await? {
             Some(located) if located.owner == caller.subject || caller.is_admin() => {
