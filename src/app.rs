@@ -40,6 +40,7 @@ pub fn route_table() -> Vec<RouteEntry> {
         ("/v1/channels/{name}", &["GET", "POST"], get(api::channels::subscribe).post(api::channels::publish)),
         ("/v1/chat/completions", &["POST"], post(api::openai::chat_completions)),
         ("/v1/models", &["GET"], get(api::openai::models)),
+        ("/v1/usage", &["GET"], get(api::usage::usage)),
         ("/v1/responses", &["POST"], post(api::responses::create_response)),
         ("/v1/responses/{id}", &["GET"], get(api::responses::retrieve_response)),
         ("/v1/responses/{id}/cancel", &["POST"], post(api::responses::cancel_response)),

@@ -35,6 +35,7 @@ use crate::auth::{AuthConfig, AuthSetupError, KeyMaterial, TokenSources};
 use crate::generator::RegistryError;
 use crate::generator::upstream::{Upstream, UpstreamConfigError, UpstreamSettings};
 use crate::limits::Rate;
+use crate::quota::plan::{PlanBook, QuotaSettings};
 use crate::secret::Secret;
 
 mod file;
@@ -66,6 +67,11 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_RETRY: Duration = Duration::from_secs(1);
 /// Default JWT clock-skew leeway.
 pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
+/// How long a connection may outlive its token's `exp` unless configured:
+/// long enough that a client refreshing its token just before `exp` is
+/// not cut mid-answer, short enough that a revoked user's hours-long
+/// subscription does not outlive their last token by much.
+pub const DEFAULT_TOKEN_GRACE: Duration = Duration::from_secs(60);
 /// Default cookie carrying the token.
 pub const DEFAULT_TOKEN_COOKIE: &str = "tokengate_token";
 /// Default query parameter carrying the token.
@@ -171,6 +177,11 @@ pub struct Settings {
     /// Query parameter name that carries the token.
     #[arg(long, global = true, env = "TOKENGATE_TOKEN_QUERY")]
     pub token_query: Option<String>,
+    /// How long a stream or subscription may outlive the `exp` of the
+    /// token that opened it before it ends with `token_expired` (e.g.
+    /// `5m`; `0s` ends it at `exp`).
+    #[arg(long, global = true, env = "TOKENGATE_TOKEN_GRACE")]
+    pub token_grace: Option<String>,
     /// Query parameter name that carries a stream ticket (from
     /// `POST /v1/tickets`).
     #[arg(long, global = true, env = "TOKENGATE_TICKET_QUERY")]
@@ -299,6 +310,10 @@ pub struct Settings {
     /// Upstream model servers, by name (TOML only: `[upstreams.NAME]`).
     #[arg(skip)]
     pub upstreams: Option<BTreeMap<String, UpstreamSettings>>,
+    /// Usage quotas (TOML only: the `[quota]` table, see
+    /// [`crate::quota::plan::QuotaSettings`]).
+    #[arg(skip)]
+    pub quota: Option<QuotaSettings>,
     /// Graphemes per `chat.completion.chunk` on `/v1/chat/completions`.
     #[arg(long, global = true, env = "TOKENGATE_OPENAI_CHUNK_GRAPHEMES")]
     pub openai_chunk_graphemes: Option<usize>,
@@ -386,14 +401,14 @@ impl Settings {
         layer_fields!(high, lower;
             listen, listen_backlog, jwt_secret, jwt_secret_file, jwt_public_key_file,
             jwt_private_key_file, jwt_algorithms, jwt_issuer, jwt_audience, jwt_leeway,
-            token_cookie, token_query, ticket_query, ticket_ttl, cors_origins, heartbeat, retry, pace_ms, pace_min_ms,
+            token_cookie, token_query, token_grace, ticket_query, ticket_ttl, cors_origins, heartbeat, retry, pace_ms, pace_min_ms,
             pace_max_ms, generator_pace, default_generator, prompts_dir, max_body_bytes,
             max_prompt_bytes, shutdown_grace, shutdown_retry, log_format, rate_subject_per_min,
             rate_subject_burst, rate_ip_per_min, rate_ip_burst, trusted_proxies, max_streams,
             max_streams_per_subject, send_queue, max_lag, max_messages, max_stream_duration,
             max_header_bytes, header_timeout, max_connections, detach_grace, stream_ttl,
             stream_max_events, channel_max_events, channel_ttl, max_publish_bytes, redis_url, upstream_url,
-            upstream_model, upstream_api_key_env, upstreams, openai_chunk_graphemes)
+            upstream_model, upstream_api_key_env, upstreams, quota, openai_chunk_graphemes)
     }
 
     /// Reads a TOML settings file (flat keys, or grouped in sections).
@@ -577,6 +592,10 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// Graphemes per OpenAI chunk.
     pub openai_chunk_graphemes: usize,
+    /// Usage quotas; `None` when no budget is configured.
+    pub quota: Option<PlanBook>,
+    /// How long a connection may outlive its token's `exp`.
+    pub token_grace: Duration,
 }
 
 fn duration(setting: &'static str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
@@ -598,7 +617,8 @@ impl Config {
     /// demo start).
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
         let (listen, listen_backlog) = listen(&s)?;
-        let auth = auth(&s)?;
+        let quota = quota(&s)?;
+        let auth = auth(&s)?.with_class_claim(quota.as_ref().and_then(|q| q.claim.clone()));
         let ticket_ttl = ticket_ttl(&s)?;
         let stream = stream(&s)?;
         let cors_origins = cors_origins(s.cors_origins.as_deref())?;
@@ -624,7 +644,16 @@ impl Config {
                 DEFAULT_OPENAI_CHUNK_GRAPHEMES,
             )?,
             store: store(&s)?,
+            quota,
+            token_grace: duration("token_grace", s.token_grace.as_deref(), DEFAULT_TOKEN_GRACE)?,
         })
+    }
+}
+
+fn quota(s: &Settings) -> Result<Option<PlanBook>, ConfigError> {
+    match &s.quota {
+        None => Ok(None),
+        Some(q) => PlanBook::new(q).map_err(|e| ConfigError::invalid("quota", e.to_string())),
     }
 }
 

@@ -53,6 +53,14 @@ pub enum ApiError {
     /// No stream slot free.
     #[error(transparent)]
     NoSlot(#[from] SlotRefused),
+    /// The subject's usage budget is used up until `retry_after`.
+    #[error("{detail}")]
+    QuotaExceeded {
+        /// Which budget, and when it resets.
+        detail: String,
+        /// Until the window resets.
+        retry_after: std::time::Duration,
+    },
     /// More chat messages than allowed.
     #[error("{count} chat messages exceed the limit of {limit}")]
     TooManyMessages {
@@ -126,6 +134,9 @@ impl ApiError {
             ApiError::TooManyMessages { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too_many_messages", "Payload too large")
             }
+            ApiError::QuotaExceeded { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, ErrorCode::QuotaExceeded.as_str(), "Quota exceeded")
+            }
             ApiError::StreamNotFound => (StatusCode::NOT_FOUND, "stream_not_found", "Not found"),
             ApiError::ModelNotFound { .. } => (StatusCode::NOT_FOUND, "model_not_found", "Not found"),
             ApiError::GenerationFailed { .. } => (StatusCode::BAD_GATEWAY, "generation_failed", "Bad gateway"),
@@ -196,6 +207,9 @@ impl ApiError {
                 headers.insert("ratelimit-limit", HeaderValue::from(r.limit));
                 headers.insert("ratelimit-remaining", HeaderValue::from_static("0"));
                 headers.insert("ratelimit-reset", secs);
+            }
+            ApiError::QuotaExceeded { retry_after, .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
             }
             ApiError::Draining | ApiError::NoSlot(_) | ApiError::StoreUnavailable | ApiError::TicketsFull => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -419,6 +433,10 @@ impl From<crate::stream::StreamError> for ApiError {
             StreamError::UnknownGenerator { name, available } => ApiError::UnknownGenerator { name, available },
             StreamError::Draining => ApiError::Draining,
             StreamError::NoSlot(refused) => ApiError::NoSlot(refused),
+            StreamError::Quota(crate::quota::QuotaError::Store(e)) => e.into(),
+            StreamError::Quota(e @ crate::quota::QuotaError::Exceeded { retry_after, .. }) => {
+                ApiError::QuotaExceeded { detail: e.to_string(), retry_after }
+            }
             StreamError::NotFound => ApiError::StreamNotFound,
             StreamError::StoreUnavailable => ApiError::StoreUnavailable,
             StreamError::Store(e) => e.into(),

@@ -30,6 +30,7 @@
 //! - [`secret`]: [`secret::Secret`], bytes whose `Debug` never shows them.
 //! - [`json`]: JSON details where JSON Schema and serde disagree (`3.0` as an integer).
 //! - [`limits`]: request rates, stream slots, client IP behind proxies.
+//! - [`quota`]: usage budgets per subject, drawn on while streaming.
 //! - [`sse`]: the event-stream wire format (encoder and spec parser).
 //! - [`config`]: settings from flags, env and TOML, validated into
 //!   [`config::Config`]; [`cli`]: the command line (serve, token,
@@ -51,6 +52,7 @@ pub mod generator;
 pub mod json;
 pub mod limits;
 pub mod metrics;
+pub mod quota;
 pub mod secret;
 pub mod server;
 pub mod shutdown;

@@ -136,6 +136,19 @@ impl Metrics {
         self.counter("tokengate_store_errors_total", "operation", operation).increment(1);
     }
 
+    /// Quota units charged to subjects (`chars` as streams end, `tokens`
+    /// as generators report them).
+    pub fn quota_charged(&self, unit: &'static str, n: u64) {
+        self.counter("tokengate_quota_charged_total", "unit", unit).increment(n);
+    }
+
+    /// A quota reservation was made (one store call; with Redis, one
+    /// script run) and granted `granted` characters.
+    pub fn quota_reserved(&self, granted: u64) {
+        let outcome = if granted == 0 { "exhausted" } else { "granted" };
+        self.counter("tokengate_quota_reservations_total", "outcome", outcome).increment(1);
+    }
+
     /// The number of open streams changed.
     pub fn set_open_streams(&self, open: usize) {
         self.open_streams.set(open as f64);

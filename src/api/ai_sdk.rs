@@ -144,7 +144,7 @@ pub async fn resume_chat(
     let Some(located) = state.streams.chat_stream(&principal, chat_id(&chat)?).await? else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
-    Ok(match state.streams.resume(located, 0).await? {
+    Ok(match state.streams.resume(&principal, located, 0).await? {
         Resumed::Complete => StatusCode::NO_CONTENT.into_response(),
         Resumed::Events(events) => ui_stream(&state, events),
     })

@@ -18,8 +18,9 @@ use super::json::{TextContent, json_body};
 use super::sse::sse_response;
 use crate::auth::Scope;
 use crate::dialect::anthropic::{AnthropicEvents, stop_reason};
+use crate::dialect::stop_note;
 use crate::error::{AnthropicError, ApiError};
-use crate::event::Protocol;
+use crate::event::{ErrorCode, Protocol};
 use crate::generator::{ChatMessage, GenerateRequest, SamplingOptions, Stop};
 use crate::state::AppState;
 use crate::stream::OpenRequest;
@@ -109,20 +110,24 @@ pub async fn create_message(
         return Ok(sse_response(opened.events, dialect, state.metrics.clone()));
     }
     // Not streaming: the whole message from the same engine.
-    let Gathered { text, chars, usage, finish_reason } = gather(opened.events).await?;
+    let Gathered { text, chars, usage, finish_reason, quota_cut } = gather(opened.events).await?;
     let usage = usage.map_or_else(
         || json!({ "input_tokens": 0, "output_tokens": chars }),
         |u| json!({ "input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens }),
     );
-    Ok(Json(json!({
+    let stop = if quota_cut.is_some() { "max_tokens" } else { stop_reason(finish_reason) };
+    let mut message = json!({
         "id": id,
         "type": "message",
         "role": "assistant",
         "model": model,
         "content": [{ "type": "text", "text": text }],
-        "stop_reason": stop_reason(finish_reason),
+        "stop_reason": stop,
         "stop_sequence": null,
         "usage": usage,
-    }))
-    .into_response())
+    });
+    if let Some(why) = quota_cut {
+        message["tokengate"] = stop_note(ErrorCode::QuotaExceeded, &why);
+    }
+    Ok(Json(message).into_response())
 }

@@ -92,8 +92,11 @@ pub async fn subscribe(
     // Like streams, a subscription is bounded in time: at the limit the
     // response ends, and EventSource reconnects with Last-Event-ID and
     // continues without missing an event.
-    let messages =
-        Box::pin(follow_channel(feed, state.streams.follow_settings(), state.config.limits.max_stream_duration));
+    let messages = Box::pin(follow_channel(
+        feed,
+        state.streams.follow_settings_for(&principal),
+        state.config.limits.max_stream_duration,
+    ));
     let dialect = ChannelSse {
         retry_ms: state.config.stream.retry.as_millis() as u64,
         subscriber_id: subscriber_id.to_string(),

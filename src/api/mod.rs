@@ -20,6 +20,7 @@ pub mod sse;
 pub mod stream;
 pub mod streams;
 pub mod tickets;
+pub mod usage;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;

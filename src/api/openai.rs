@@ -17,8 +17,9 @@ use super::json::{TextContent, json_body};
 use super::sse::sse_response;
 use crate::auth::{Principal, Scope};
 use crate::dialect::openai::OpenAiChunks;
+use crate::dialect::stop_note;
 use crate::error::{ApiError, OpenAiError};
-use crate::event::Protocol;
+use crate::event::{ErrorCode, Protocol};
 use crate::generator::{ChatMessage, GenerateRequest, SamplingOptions};
 use crate::state::AppState;
 use crate::stream::OpenRequest;
@@ -100,18 +101,22 @@ pub async fn chat_completions(
         return Ok(sse_response(events, dialect, state.metrics.clone()));
     }
     // Not streaming: the whole answer from the same engine.
-    let super::gather::Gathered { text, chars, usage, .. } = gather(events).await?;
+    let super::gather::Gathered { text, chars, usage, quota_cut, .. } = gather(events).await?;
     let usage = usage
         .map_or_else(|| json!({ "prompt_tokens": 0, "completion_tokens": chars, "total_tokens": chars }), |u| json!(u));
-    Ok(Json(json!({
+    let finish_reason = if quota_cut.is_some() { "length" } else { "stop" };
+    let mut completion = json!({
         "id": id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": "stop" }],
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish_reason }],
         "usage": usage,
-    }))
-    .into_response())
+    });
+    if let Some(message) = quota_cut {
+        completion["tokengate"] = stop_note(ErrorCode::QuotaExceeded, &message);
+    }
+    Ok(Json(completion).into_response())
 }
 
 /// `GET /v1/models`: every generator and upstream alias, as OpenAI models.

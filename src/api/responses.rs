@@ -161,7 +161,7 @@ pub async fn retrieve_response(
     let located = locate(&state, &principal, &id).await?;
     let response = ResponseState::new(located.id, String::new(), unix_now());
     // The whole log, from the start: sequence numbers count from there.
-    let events = match state.streams.resume(located, 0).await.map_err(ApiError::from)? {
+    let events = match state.streams.resume(&principal, located, 0).await.map_err(ApiError::from)? {
         Resumed::Events(events) => events,
         Resumed::Complete => return Err(ApiError::StreamNotFound.into()),
     };
@@ -186,7 +186,7 @@ pub async fn cancel_response(
     // The log now ends with `cancelled` (or with what ended it before).
     let located = state.streams.locate(&principal, &stream_id).await.map_err(ApiError::from)?;
     let response = ResponseState::new(stream_id, String::new(), unix_now());
-    Ok(Json(match state.streams.resume(located, 0).await.map_err(ApiError::from)? {
+    Ok(Json(match state.streams.resume(&principal, located, 0).await.map_err(ApiError::from)? {
         Resumed::Events(events) => gather(events, response).await.object(),
         Resumed::Complete => response.object(),
     }))

@@ -54,17 +54,22 @@ pub fn resume_point(headers: &HeaderMap, query: Option<&str>) -> Result<Option<(
 /// Resumes stream `id` for `principal` from sequence `from`.
 pub async fn resume_at(state: &AppState, principal: &Principal, id: StreamId, from: u64) -> Result<Response, ApiError> {
     let located = state.streams.locate(principal, &id).await?;
-    resume(state, located, from).await
+    resume(state, principal, located, from).await
 }
 
 /// Replays a located stream from sequence `from` and follows it live;
 /// `204 No Content` when the client already has everything (it makes
 /// `EventSource` stop reconnecting), or was told its position is gone.
-pub async fn resume(state: &AppState, located: Located, from: u64) -> Result<Response, ApiError> {
+pub async fn resume(
+    state: &AppState,
+    principal: &Principal,
+    located: Located,
+    from: u64,
+) -> Result<Response, ApiError> {
     if from == GAP_SEEN {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    Ok(match state.streams.resume(located, from).await? {
+    Ok(match state.streams.resume(principal, located, from).await? {
         Resumed::Complete => StatusCode::NO_CONTENT.into_response(),
         Resumed::Events(events) => native_response(state, events),
     })

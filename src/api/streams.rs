@@ -44,7 +44,7 @@ pub async fn resume_stream(
         }
         Some((_, from)) => from,
     };
-    resume(&state, located, from).await
+    resume(&state, &principal, located, from).await
 }
 
 /// `DELETE /v1/streams/{id}`: 204 whether it was running or had finished.

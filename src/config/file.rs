@@ -31,6 +31,7 @@ use serde::Deserialize;
 
 use super::{ConfigError, Settings};
 use crate::generator::upstream::UpstreamSettings;
+use crate::quota::plan::QuotaSettings;
 
 /// Declares the sections once: each becomes a `deny_unknown_fields` struct
 /// (so a stray key is a parse error with its line and column), the file
@@ -57,6 +58,7 @@ macro_rules! sections {
                 $section: $Section,
             )*
             upstreams: Option<BTreeMap<String, UpstreamSettings>>,
+            quota: Option<QuotaSettings>,
             $($($key: Option<$ty>,)*)*
         }
 
@@ -65,6 +67,7 @@ macro_rules! sections {
                 Ok(Settings {
                     $($($key: once(stringify!($key), stringify!($section), self.$key, self.$section.$key)?,)*)*
                     upstreams: self.upstreams,
+                    quota: self.quota,
                 })
             }
         }
@@ -94,6 +97,7 @@ sections! {
         jwt_leeway: String,
         token_cookie: String,
         token_query: String,
+        token_grace: String,
         ticket_query: String,
         ticket_ttl: String,
     }

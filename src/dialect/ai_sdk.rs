@@ -111,6 +111,21 @@ impl Dialect for UiMessageStream {
             }
             StreamEvent::Done { finish_reason, .. } => self.finish(buf, finish_reason.as_str()),
             StreamEvent::Error { code: ErrorCode::MaxDuration, .. } => self.finish(buf, "length"),
+            // A `length` finish; the message's metadata says why, where
+            // `useChat` shows it (`message.metadata.tokengate`).
+            StreamEvent::Error { code: code @ ErrorCode::QuotaExceeded, message, .. } => {
+                self.text_end(buf);
+                Self::part(buf, b"{\"type\":\"finish-step\"}");
+                let finish = serde_json::json!({
+                    "type": "finish",
+                    "finishReason": "length",
+                    "messageMetadata": { "tokengate": super::stop_note(*code, message) },
+                });
+                buf.put_slice(b"data: ");
+                buf.put_slice(finish.to_string().as_bytes());
+                buf.put_slice(b"\n\n");
+                Self::done(buf);
+            }
             StreamEvent::Error { code: ErrorCode::Cancelled, .. } => {
                 Self::part(buf, b"{\"type\":\"abort\"}");
                 Self::done(buf);

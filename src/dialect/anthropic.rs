@@ -72,13 +72,23 @@ pub struct AnthropicEvents {
     pending_count: usize,
     /// Whether `message_start` and the block's start were sent.
     started: bool,
+    /// Clusters rendered, for the usage of a stream cut short.
+    delivered: u64,
 }
 
 impl AnthropicEvents {
     /// A renderer for message `id` of `model`, `per_delta` grapheme
     /// clusters per text delta.
     pub fn new(id: String, model: String, per_delta: usize) -> Self {
-        Self { id, model, per_delta: per_delta.max(1), pending: String::new(), pending_count: 0, started: false }
+        Self {
+            id,
+            model,
+            per_delta: per_delta.max(1),
+            pending: String::new(),
+            pending_count: 0,
+            started: false,
+            delivered: 0,
+        }
     }
 
     /// `event: <name>` and `data: <json>`; `json` must be one line.
@@ -122,6 +132,16 @@ impl AnthropicEvents {
         self.pending_count = 0;
     }
 
+    /// The normal end: the block's stop, `message_delta` (the stop reason
+    /// and usage) and `message_stop`.
+    fn end(&mut self, buf: &mut BytesMut, delta: &serde_json::Value) {
+        self.start(buf);
+        self.flush(buf);
+        Self::event(buf, "content_block_stop", br#"{"type":"content_block_stop","index":0}"#);
+        Self::event(buf, "message_delta", delta.to_string().as_bytes());
+        Self::event(buf, "message_stop", br#"{"type":"message_stop"}"#);
+    }
+
     /// The terminal `event: error`, with tokengate's `code` beside
     /// Anthropic's `type` and in the message.
     fn error(buf: &mut BytesMut, kind: &str, code: &str, message: &str) {
@@ -143,14 +163,12 @@ impl Dialect for AnthropicEvents {
                 self.start(buf);
                 self.pending.push_str(text);
                 self.pending_count += 1;
+                self.delivered += 1;
                 if self.pending_count >= self.per_delta {
                     self.flush(buf);
                 }
             }
             StreamEvent::Done { chars, usage, finish_reason, .. } => {
-                self.start(buf);
-                self.flush(buf);
-                Self::event(buf, "content_block_stop", br#"{"type":"content_block_stop","index":0}"#);
                 // Built-in generators count no tokens; report clusters.
                 let usage = usage.map_or_else(
                     || json!({ "output_tokens": chars }),
@@ -161,8 +179,18 @@ impl Dialect for AnthropicEvents {
                     "delta": { "stop_reason": stop_reason(*finish_reason), "stop_sequence": null },
                     "usage": usage,
                 });
-                Self::event(buf, "message_delta", delta.to_string().as_bytes());
-                Self::event(buf, "message_stop", br#"{"type":"message_stop"}"#);
+                self.end(buf, &delta);
+            }
+            // The quota ends the message as a token limit would, and says
+            // why in a `tokengate` member the SDKs keep as an extra field.
+            StreamEvent::Error { code: code @ ErrorCode::QuotaExceeded, message, .. } => {
+                let delta = json!({
+                    "type": "message_delta",
+                    "delta": { "stop_reason": "max_tokens", "stop_sequence": null },
+                    "usage": { "output_tokens": self.delivered },
+                    "tokengate": super::stop_note(*code, message),
+                });
+                self.end(buf, &delta);
             }
             StreamEvent::Error { code, message, .. } => {
                 self.flush(buf);
@@ -236,7 +264,7 @@ mod tests {
     #[test]
     fn every_error_code_is_one_error_event() {
         let stream_id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| panic!("id"));
-        for code in ErrorCode::ALL {
+        for code in ErrorCode::ALL.into_iter().filter(|c| *c != ErrorCode::QuotaExceeded) {
             let wire = render(&[
                 StreamEvent::Start { stream_id, generator: "echo".into() },
                 StreamEvent::Error { stream_id, seq: 1, code, message: "m".into() },
@@ -247,5 +275,22 @@ mod tests {
         let wire = render(&[StreamEvent::Shutdown { retry_ms: 1000 }]);
         assert_eq!(names(&wire), ["error"]);
         assert!(wire.contains("overloaded_error"), "{wire}");
+    }
+
+    #[test]
+    fn the_quota_ends_the_message_like_a_token_limit_and_says_why() {
+        let stream_id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| panic!("id"));
+        let wire = render(&[
+            StreamEvent::Start { stream_id, generator: "echo".into() },
+            StreamEvent::Delta { stream_id, seq: 1, text: "a".into() },
+            StreamEvent::Delta { stream_id, seq: 2, text: "b".into() },
+            StreamEvent::Error { stream_id, seq: 3, code: ErrorCode::QuotaExceeded, message: "used up".into() },
+        ]);
+        let names = names(&wire);
+        assert_eq!(names.last(), Some(&"message_stop"), "{wire}");
+        assert!(!names.contains(&"error"), "{wire}");
+        assert!(wire.contains(r#""stop_reason":"max_tokens""#), "{wire}");
+        assert!(wire.contains(r#""output_tokens":2"#), "{wire}");
+        assert!(wire.contains(r#""tokengate":{"code":"quota_exceeded","message":"used up"}"#), "{wire}");
     }
 }

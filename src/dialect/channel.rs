@@ -15,7 +15,7 @@ use serde_json::json;
 use super::Dialect;
 use crate::event::ErrorCode;
 use crate::sse::{push_comment, push_event, push_retry};
-use crate::stream::ChannelMessage;
+use crate::stream::{ChannelMessage, TOKEN_EXPIRED};
 
 /// Renders one channel subscription.
 #[derive(Debug, Clone)]
@@ -50,6 +50,12 @@ impl Dialect for ChannelSse {
                 push_event(buf, None, Some("gap"), &data.to_string());
             }
             ChannelMessage::Heartbeat => push_comment(buf, "keep-alive"),
+            // No id: the subscriber's `Last-Event-ID` stays at the last
+            // event it got, which a reconnect with fresh credentials sends.
+            ChannelMessage::TokenExpired => {
+                let data = json!({ "code": ErrorCode::TokenExpired, "message": TOKEN_EXPIRED });
+                push_event(buf, None, Some("error"), &data.to_string());
+            }
             ChannelMessage::Shutdown { retry_ms } => {
                 push_retry(buf, *retry_ms);
                 let data = json!({ "reason": "server shutting down", "retry_ms": retry_ms });

@@ -55,6 +55,14 @@ pub trait Dialect: Send + 'static {
     fn render(&mut self, event: &Self::Event, buf: &mut BytesMut);
 }
 
+/// Why a stream stopped early where a dialect ends it as a length stop
+/// (the quota): the `tokengate` member its last chunk or object carries,
+/// beside the dialect's own fields, which the official clients keep as an
+/// extra field the application can read.
+pub fn stop_note(code: crate::event::ErrorCode, message: &str) -> serde_json::Value {
+    serde_json::json!({ "code": code.as_str(), "message": message })
+}
+
 /// The HTTP body for a stream of events in `dialect`. Every event that is
 /// ready when the body is polled goes out in the same chunk, so a fast
 /// generator costs one write per batch instead of one per character, while

@@ -69,6 +69,10 @@ impl Dialect for Native {
                     buf.put_slice(b"id: ");
                     buf.put_slice(&stream_id.to_hex());
                     buf.put_slice(b".gap\n");
+                } else if *code == ErrorCode::TokenExpired {
+                    // The connection's end, not the stream's: no id, so
+                    // EventSource's Last-Event-ID stays at the last event
+                    // delivered, which the reconnect resumes from.
                 } else {
                     push_id(buf, *stream_id, *seq);
                 }

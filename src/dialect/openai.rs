@@ -2,13 +2,16 @@
 //! objects as `data:` lines, the first carrying `role`, then `content` (N
 //! grapheme clusters per chunk, 1 by default), one with `finish_reason`,
 //! the usage chunk when asked for, and `data: [DONE]`. Errors mid-stream
-//! are `data: {"error": {...}}`, which the official SDKs raise.
+//! are `data: {"error": {...}}`, which the official SDKs raise; a stream
+//! cut by the subject's quota ends like one cut by `max_tokens`, with
+//! `finish_reason: "length"`, and says why in the chunk's `tokengate`
+//! member (`code`, `message`), which the SDKs keep as an extra field.
 
 use bytes::{BufMut, BytesMut};
 use serde_json::json;
 
 use super::Dialect;
-use crate::event::{Outcome, StreamEvent};
+use crate::event::{ErrorCode, Outcome, StreamEvent};
 use crate::sse::{push_comment, push_json_string};
 
 /// Renders one stream as chat completion chunks.
@@ -23,6 +26,8 @@ pub struct OpenAiChunks {
     per_chunk: usize,
     pending: String,
     pending_count: usize,
+    /// Deltas rendered, for the usage chunk of a stream cut short.
+    delivered: u64,
 }
 
 impl OpenAiChunks {
@@ -45,6 +50,7 @@ impl OpenAiChunks {
             per_chunk: per_chunk.max(1),
             pending: String::new(),
             pending_count: 0,
+            delivered: 0,
         }
     }
 
@@ -64,6 +70,35 @@ impl OpenAiChunks {
         buf.put_slice(b"data: ");
         buf.put_slice(value.to_string().as_bytes());
         buf.put_slice(b"\n\n");
+    }
+
+    /// The usage chunk, when the client asked for one.
+    fn usage(&self, buf: &mut BytesMut, usage: serde_json::Value) {
+        if self.include_usage {
+            let chunk = json!({
+                "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [], "usage": usage,
+            });
+            Self::data(buf, &chunk);
+        }
+    }
+
+    /// Characters as tokens, for streams whose generator counts none.
+    fn char_usage(chars: u64) -> serde_json::Value {
+        json!({ "prompt_tokens": 0, "completion_tokens": chars, "total_tokens": chars })
+    }
+
+    /// The end of a stream the quota cut: a `length` finish that says why.
+    fn quota_end(&mut self, buf: &mut BytesMut, message: &str) {
+        self.flush(buf);
+        let chunk = json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+            "choices": [{ "index": 0, "delta": {}, "finish_reason": "length" }],
+            "tokengate": super::stop_note(ErrorCode::QuotaExceeded, message),
+        });
+        Self::data(buf, &chunk);
+        self.usage(buf, Self::char_usage(self.delivered));
+        buf.put_slice(b"data: [DONE]\n\n");
     }
 
     fn error(buf: &mut BytesMut, code: &str, message: &str) {
@@ -86,6 +121,7 @@ impl Dialect for OpenAiChunks {
             StreamEvent::Delta { text, .. } => {
                 self.pending.push_str(text);
                 self.pending_count += 1;
+                self.delivered += 1;
                 if self.pending_count >= self.per_chunk {
                     self.flush(buf);
                 }
@@ -96,20 +132,11 @@ impl Dialect for OpenAiChunks {
                 buf.put_slice(b"{},\"finish_reason\":");
                 push_json_string(buf, finish_reason.as_str());
                 buf.put_slice(b"}]}\n\n");
-                if self.include_usage {
-                    let usage = usage.map_or_else(
-                        // Built-in generators count no tokens; report characters.
-                        || json!({ "prompt_tokens": 0, "completion_tokens": chars, "total_tokens": chars }),
-                        |u| json!(u),
-                    );
-                    let chunk = json!({
-                        "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                        "model": self.model, "choices": [], "usage": usage,
-                    });
-                    Self::data(buf, &chunk);
-                }
+                // Built-in generators count no tokens; report characters.
+                self.usage(buf, usage.map_or_else(|| Self::char_usage(*chars), |u| json!(u)));
                 buf.put_slice(b"data: [DONE]\n\n");
             }
+            StreamEvent::Error { code: ErrorCode::QuotaExceeded, message, .. } => self.quota_end(buf, message),
             StreamEvent::Error { code, message, .. } => {
                 self.flush(buf);
                 Self::error(buf, code.as_str(), message);

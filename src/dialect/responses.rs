@@ -57,7 +57,9 @@ impl Status {
     /// The status an error code ends a response with.
     pub fn of_error(code: ErrorCode) -> Self {
         match code {
-            ErrorCode::MaxDuration => Status::Incomplete(code),
+            // Limits on how much is generated: the response is cut short,
+            // `incomplete_details.reason` names which.
+            ErrorCode::MaxDuration | ErrorCode::QuotaExceeded => Status::Incomplete(code),
             ErrorCode::Cancelled => Status::Cancelled,
             other => Status::Failed(other),
         }
@@ -341,6 +343,14 @@ impl Dialect for Responses {
                 self.close_message(buf);
                 let response = self.state.object();
                 self.event(buf, "response.completed", json!({ "response": response }));
+                self.ended = true;
+            }
+            // The connection's end, not the response's: like a shutdown,
+            // an `error` event, and the response stays as it is (resume it
+            // with fresh credentials and `starting_after`).
+            StreamEvent::Error { code: code @ ErrorCode::TokenExpired, message, .. } => {
+                self.flush(buf);
+                self.event(buf, "error", json!({ "code": code.as_str(), "message": message, "param": null }));
                 self.ended = true;
             }
             StreamEvent::Error { .. } => {

@@ -3,6 +3,7 @@
 //! (port 0 works, for tests) and [`Application::run_until_stopped`] serves
 //! until the given signal, then drains as described in [`crate::shutdown`].
 
+use crate::quota::Quotas;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -96,12 +97,14 @@ fn build_state(config: Config, generators: Registry) -> Result<AppState, ConfigE
         limits: config.limits.clone(),
         detach_grace: store_config.detach_grace,
         shutdown_retry: config.shutdown_retry,
+        token_grace: config.token_grace,
     };
     let streams = StreamService::new(ServiceParts {
         settings,
         generators,
         store: store.clone(),
         slots: slots.clone(),
+        quotas: Quotas::new(config.quota.clone(), store.clone(), metrics.clone()),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
     });

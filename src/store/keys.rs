@@ -10,6 +10,7 @@
 //! | `tg:c:{name}` | stream | a channel's events; fields [`DATA`] and [`EVENT_NAME`] |
 //! | `tg:n:{name}` | hash | a channel's subscriber count per replica |
 //! | `tg:u:{len}:{owner}:{chat}` | string | a UI chat's current stream id (`len`: the owner's length in bytes) |
+//! | `tg:q:{len}:{subject}:{counter}` | string | a subject's use of one quota unit in one window (an integer) |
 //! | `tg:t:{digest}` | hash | a stream ticket: [`TICKET_RECORD`], [`TICKET_USE`], [`TICKET_BINDING`] |
 //! | [`CANCEL_CHANNEL`] | pub/sub | stream ids to cancel, heard by every replica |
 //! | [`ATTACH_CHANNEL`] | pub/sub | stream ids a remote reader just attached to |
@@ -65,6 +66,12 @@ pub(super) fn remote_reader(id: &StreamId) -> String {
 /// contains.
 pub(super) fn chat(owner: &str, chat: &str) -> String {
     format!("tg:u:{}:{owner}:{chat}", owner.len())
+}
+
+/// A subject's quota counter (`counter` names the unit and window). The
+/// subject's length comes first, as in [`chat`].
+pub(super) fn quota(subject: &str, counter: &str) -> String {
+    format!("tg:q:{}:{subject}:{counter}", subject.len())
 }
 
 /// A stream ticket, by the digest of the ticket (the ticket itself is

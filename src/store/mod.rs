@@ -26,6 +26,7 @@ mod chats;
 mod cursor;
 mod keys;
 mod memory;
+mod quotas;
 mod redis;
 mod remote;
 mod subscriptions;
@@ -40,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use self::channels::ChannelHub;
 use self::chats::ChatIndex;
 use self::memory::StreamHub;
+use self::quotas::QuotaCounters;
 use self::redis::{ChannelTail, RedisSettings, RedisStore, Replicator};
 use self::tickets::TicketTable;
 use crate::event::StreamId;
@@ -47,6 +49,7 @@ use crate::event::StreamId;
 pub use channels::{ChannelEvent, ChannelItem};
 pub use cursor::{Cursor, Read};
 pub use memory::{Attachment, Flow, LiveStream, Reader};
+pub use quotas::QuotaCounter;
 pub use remote::RemoteCursor;
 pub use subscriptions::{ChannelFeed, ChannelPosition, Published};
 pub use writer::StreamWriter;
@@ -108,6 +111,8 @@ struct Inner {
     /// UI chats' current streams (with Redis, Redis holds the binding
     /// every replica reads).
     chats: ChatIndex,
+    /// Quota counters (with Redis, Redis holds them for every replica).
+    quotas: QuotaCounters,
     /// Stream tickets (unused with Redis, which holds them then).
     tickets: TicketTable,
     settings: StoreSettings,
@@ -160,6 +165,7 @@ impl Store {
             streams,
             channels,
             chats: ChatIndex::default(),
+            quotas: QuotaCounters::default(),
             tickets: TicketTable::default(),
             settings,
             shared,
@@ -188,6 +194,7 @@ impl Store {
         self.0.channels.sweep();
         let streams = &self.0.streams;
         self.0.chats.sweep(|id| streams.get(id).is_some());
+        self.0.quotas.sweep();
         self.0.tickets.sweep();
     }
 
@@ -273,6 +280,45 @@ impl Store {
         match &self.0.shared {
             Some(shared) => shared.redis.chat_stream(owner, chat).await,
             None => Ok(self.0.chats.get(owner, chat)),
+        }
+    }
+
+    /// Grants up to `want` on all of `subject`'s `counters` at once (as
+    /// much as the fullest has room for, added to each): a quota
+    /// reservation. Atomic across replicas with Redis.
+    pub async fn quota_reserve(&self, subject: &str, counters: &[QuotaCounter], want: u64) -> Result<u64, StoreError> {
+        match &self.0.shared {
+            Some(shared) => shared.redis.quota_reserve(subject, counters, want).await,
+            None => Ok(self.0.quotas.reserve(subject, counters, want)),
+        }
+    }
+
+    /// Adds `n` to the counters whatever their limits (use that is only
+    /// known after the fact, such as model tokens); true when one is now
+    /// full.
+    pub async fn quota_add(&self, subject: &str, counters: &[QuotaCounter], n: u64) -> Result<bool, StoreError> {
+        match &self.0.shared {
+            Some(shared) => shared.redis.quota_add(subject, counters, n).await,
+            None => Ok(self.0.quotas.add(subject, counters, n)),
+        }
+    }
+
+    /// Gives back `n` of a reservation that went unused.
+    pub async fn quota_release(&self, subject: &str, counters: &[QuotaCounter], n: u64) -> Result<(), StoreError> {
+        match &self.0.shared {
+            Some(shared) => shared.redis.quota_release(subject, counters, n).await,
+            None => {
+                self.0.quotas.release(subject, counters, n);
+                Ok(())
+            }
+        }
+    }
+
+    /// Each counter's use, in order.
+    pub async fn quota_used(&self, subject: &str, counters: &[QuotaCounter]) -> Result<Vec<u64>, StoreError> {
+        match &self.0.shared {
+            Some(shared) => shared.redis.quota_used(subject, counters).await,
+            None => Ok(self.0.quotas.used(subject, counters)),
         }
     }
 

@@ -1,7 +1,8 @@
 //! Following a channel: a store's [`ChannelFeed`] plus what belongs to the
 //! connection, as for streams: heartbeats while quiet, `shutdown` when the
-//! server closes, and the end of the response at the maximum duration
-//! (`EventSource` then reconnects with `Last-Event-ID` and misses nothing).
+//! server closes, `token_expired` when the subscriber's token runs out,
+//! and the end of the response at the maximum duration (`EventSource`
+//! then reconnects with `Last-Event-ID` and misses nothing).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::time::{Instant, sleep_until};
 
 use super::OnlyWhenWoken;
-use super::reader::FollowSettings;
+use super::reader::{FollowSettings, far_future};
 use crate::store::{ChannelEvent, ChannelFeed, ChannelItem};
 
 /// What a channel subscriber's connection carries.
@@ -27,6 +28,9 @@ pub enum ChannelMessage {
     },
     /// Nothing was sent for the heartbeat interval (keeps proxies from closing the connection).
     Heartbeat,
+    /// The token that opened the subscription expired (past its grace). Last on the
+    /// connection; the client reconnects with fresh credentials and its `Last-Event-ID`.
+    TokenExpired,
     /// The server is going away; reconnect after `retry_ms`. Last on the connection; sent even
     /// when events are waiting, which a reconnect with `Last-Event-ID` gets while they are kept.
     Shutdown {
@@ -58,7 +62,10 @@ pub fn follow_channel(
         // `OnlyWhenWoken`): the shared one would be a lock per event.
         let closing = settings.closing.child_token();
         let mut closing_watch = OnlyWhenWoken::new(closing.clone().cancelled_owned());
-        let ends = sleep_until(Instant::now() + max_duration);
+        // One timer for both ends of the connection: the maximum duration
+        // and the token's deadline, whichever comes first.
+        let deadline = settings.token_deadline.unwrap_or_else(far_future);
+        let ends = sleep_until((Instant::now() + max_duration).min(deadline));
         tokio::pin!(ends);
         // One heartbeat timer, moved only when it fires: silence is
         // measured from the last event, without a timer per event.
@@ -72,7 +79,12 @@ pub fn follow_channel(
                     yield ChannelMessage::Shutdown { retry_ms: settings.shutdown_retry_ms };
                     return;
                 }
-                () = &mut ends => return,
+                () = &mut ends => {
+                    if Instant::now() >= deadline {
+                        yield ChannelMessage::TokenExpired;
+                    }
+                    return;
+                }
                 item = feed.next() => {
                     match item {
                         Some(ChannelItem::Event(event)) => yield ChannelMessage::Event(event),

@@ -25,7 +25,7 @@ mod woken;
 pub use channel::{ChannelMessage, follow_channel};
 pub use engine::{EngineSettings, events};
 pub use graphemes::GraphemeSplitter;
-pub use reader::{FollowSettings, follow};
+pub use reader::{FollowSettings, TOKEN_EXPIRED, follow};
 pub use service::{
     EventStream, OpenRequest, Opened, Resumed, ServiceParts, ServiceSettings, StreamError, StreamService,
 };

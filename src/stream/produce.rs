@@ -21,6 +21,7 @@ use super::flow::{Wait, abandoned, has_room, wait_for_room};
 use crate::event::{ErrorCode, Outcome, StreamEvent};
 use crate::limits::{SlotPermit, StreamSlots};
 use crate::metrics::Metrics;
+use crate::quota::Meter;
 use crate::store::{LiveStream, StreamWriter};
 
 /// Flow-control bounds for one stream.
@@ -63,6 +64,9 @@ pub(super) struct RunContext {
     pub slots: Arc<StreamSlots>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// The subject's usage budget, when one applies: every delta is taken
+    /// from it before it is logged.
+    pub meter: Option<Meter>,
 }
 
 /// Why the producer stopped before the engine's own end.
@@ -79,6 +83,9 @@ enum Stop {
     /// No reader was attached for the detach grace, and (with a shared store) a last look found
     /// none on another replica either.
     Abandoned,
+    /// The subject's usage budget ran out (found by this stream or by another of the subject's
+    /// streams on this replica).
+    QuotaExceeded,
 }
 
 impl Stop {
@@ -97,6 +104,10 @@ impl Stop {
             Stop::Abandoned => {
                 (ErrorCode::ClientGone, "no client was connected for the detach grace period".to_owned())
             }
+            Stop::QuotaExceeded => (
+                ErrorCode::QuotaExceeded,
+                "the usage quota of this subject is used up; GET /v1/usage says when it resets".to_owned(),
+            ),
         }
     }
 }
@@ -132,7 +143,7 @@ pub(super) fn spawn(
 async fn produce(
     engine: impl Stream<Item = StreamEvent> + Send + 'static,
     writer: StreamWriter,
-    ctx: RunContext,
+    mut ctx: RunContext,
     settings: RunSettings,
     span: tracing::Span,
 ) {
@@ -140,7 +151,8 @@ async fn produce(
     // Boxed (not stack-pinned) so it can be dropped before the slot is freed.
     let mut engine = Box::pin(engine);
     let mut outcome = Outcome::Error(ErrorCode::Internal);
-    if let Some(stop) = run(&mut engine, &writer, &ctx, &settings, started, &mut outcome).await {
+    let mut meter = ctx.meter.take();
+    if let Some(stop) = run(&mut engine, &writer, &ctx, &settings, started, &mut outcome, &mut meter).await {
         let (code, message) = stop.error(&settings);
         outcome = Outcome::Error(code);
         let log = writer.log();
@@ -157,6 +169,13 @@ async fn produce(
     // other replicas see `cancelled` or `generator_lost` at once, and
     // shutdown waits for it.
     writer.finish().await;
+    // What was reserved and not delivered goes back before the slot is
+    // freed, so the subject's next stream sees it.
+    if let Some(meter) = meter
+        && let Err(e) = meter.finish(chars).await
+    {
+        tracing::warn!(stream_id = %id, error = %e, "could not give back an unused quota reservation");
+    }
     drop(ctx.permit);
     let metrics = &ctx.metrics;
     metrics.set_open_streams(ctx.slots.open());
@@ -192,6 +211,7 @@ async fn run(
     settings: &RunSettings,
     started: Instant,
     outcome: &mut Outcome,
+    meter: &mut Option<Meter>,
 ) -> Option<Stop> {
     let stream: &LiveStream = writer.log();
     let mut first_delta_seen = false;
@@ -200,10 +220,19 @@ async fn run(
     // lock and register on several tokens per character. Both watches are
     // polled only when their own wakers fire (see `OnlyWhenWoken`), not on
     // every event.
+    let exhausted = meter.as_ref().map(Meter::exhausted);
     let mut stopping = OnlyWhenWoken::new(async {
         // One token covers cancel, shutdown and store failure (see
-        // `LiveStream::stopped`).
-        stream.stopped().cancelled().await;
+        // `LiveStream::stopped`); the quota's is the subject's.
+        let stopped = stream.stopped().cancelled();
+        match exhausted {
+            None => stopped.await,
+            Some(exhausted) => tokio::select! {
+                biased;
+                () = stopped => {}
+                () = exhausted => return Stop::QuotaExceeded,
+            },
+        }
         if writer.store_failed() {
             Stop::StoreFailed
         } else if stream.deleted() {
@@ -222,7 +251,7 @@ async fn run(
     // an event that is not already on its way.
     let mut unannounced = false;
     let mut announce = std::pin::pin!(futures_util::future::Fuse::terminated());
-    let stop = loop {
+    let stop = 'produce: loop {
         let room = has_room(stream, settings.window);
         if unannounced && !room {
             // Readers must see what is there before we wait for them.
@@ -273,6 +302,9 @@ async fn run(
         let mut batch = 0;
         let mut ended = false;
         while let Some(event) = next.take() {
+            if let Some(stop) = charge(meter, &event).await {
+                break 'produce Some(stop);
+            }
             if !first_delta_seen && matches!(event, StreamEvent::Delta { .. }) {
                 first_delta_seen = true;
                 ctx.metrics.first_delta(started.elapsed());
@@ -311,6 +343,35 @@ async fn run(
     // Whatever was appended last is announced, however the loop ended.
     stream.wake_readers();
     stop
+}
+
+/// Takes what `event` costs from the subject's budget: a delta one
+/// character (from the local allowance; the store only when it is empty),
+/// a finish its reported model tokens. A delta the budget cannot pay for
+/// stops the stream before it is logged.
+async fn charge(meter: &mut Option<Meter>, event: &StreamEvent) -> Option<Stop> {
+    let meter = meter.as_mut()?;
+    match event {
+        StreamEvent::Delta { .. } if !meter.try_take() => match meter.refill().await {
+            Ok(true) => {
+                let taken = meter.try_take();
+                debug_assert!(taken, "a refill grants at least one character");
+                None
+            }
+            Ok(false) => Some(Stop::QuotaExceeded),
+            Err(e) => {
+                tracing::warn!(error = %e, "quota reservation failed");
+                Some(Stop::StoreFailed)
+            }
+        },
+        StreamEvent::Done { usage: Some(usage), .. } => {
+            if let Err(e) = meter.charge_tokens(usage.total_tokens).await {
+                tracing::warn!(error = %e, "could not charge reported tokens to the quota");
+            }
+            None
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -365,7 +426,7 @@ mod tests {
             store.create(id, "s", "t", &CancellationToken::new()).await.unwrap_or_else(|_| unreachable!());
         let slots = StreamSlots::new(10, 10);
         let permit = slots.try_acquire("s").unwrap_or_else(|_| unreachable!());
-        let ctx = RunContext { subject: "s".into(), permit, slots, metrics: Arc::new(Metrics::new()) };
+        let ctx = RunContext { subject: "s".into(), permit, slots, metrics: Arc::new(Metrics::new()), meter: None };
         (id, writer, cursor, ctx)
     }
 
@@ -386,6 +447,7 @@ mod tests {
             heartbeat: Duration::from_secs(60),
             closing: CancellationToken::new(),
             shutdown_retry_ms: 1000,
+            token_deadline: None,
         };
         let events = Box::pin(follow(cursor, follow_settings));
         let mut body = Box::pin(sse_body(events, Native { retry_ms: 1000 }, metrics));

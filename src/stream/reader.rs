@@ -1,9 +1,10 @@
 //! The one reader: follows a stream's log through a [`Cursor`], in memory
 //! or in the shared store alike, and adds what belongs to a connection
 //! rather than to the stream: heartbeats while quiet, `shutdown` when the
-//! server closes, and a terminal error instead of a silent skip when the
-//! log cannot continue (`resume_gap`, `generator_lost`,
-//! `store_unavailable`).
+//! server closes, `token_expired` when the credentials that opened the
+//! connection run out (the stream goes on; the client resumes with fresh
+//! ones), and a terminal error instead of a silent skip when the log
+//! cannot continue (`resume_gap`, `generator_lost`, `store_unavailable`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -31,6 +32,25 @@ pub struct FollowSettings {
     pub closing: CancellationToken,
     /// The `retry:` hint sent with `shutdown`.
     pub shutdown_retry_ms: u64,
+    /// When the connection's token (plus its grace) expires: the reader then ends with
+    /// `token_expired`. `None` for readers not opened by a caller.
+    pub token_deadline: Option<Instant>,
+}
+
+/// The terminal event of a connection whose token expired. Not the stream's end: its sequence
+/// is the next one not delivered, and dialects render it without an event id, so the client's
+/// `Last-Event-ID` stays at the last event it got.
+pub(super) fn token_expired(stream_id: crate::event::StreamId, next: u64) -> Arc<StreamEvent> {
+    Arc::new(StreamEvent::Error { stream_id, seq: next, code: ErrorCode::TokenExpired, message: TOKEN_EXPIRED.into() })
+}
+
+/// What a connection ended by its token's expiry is told.
+pub const TOKEN_EXPIRED: &str = "the token that opened this connection has expired; reconnect with a fresh token or ticket and Last-Event-ID to continue";
+
+/// A deadline that never comes, for connections without one (a timer still has to exist for
+/// the select).
+pub(super) fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(100 * 365 * 86_400)
 }
 
 /// Follows a stream's log from the cursor's position on: replays what is
@@ -49,13 +69,19 @@ pub struct FollowSettings {
 /// One generator body (about 80 lines): the batch, the timer and the watch live across its
 /// yields, on the per-event path.
 pub fn follow(mut cursor: Cursor, settings: FollowSettings) -> impl Stream<Item = Arc<StreamEvent>> + Send + 'static {
+    // Taken apart before the generator: it then holds only what it uses
+    // (every open stream holds one, so its size is memory per connection).
+    let FollowSettings { heartbeat, closing, shutdown_retry_ms, token_deadline } = settings;
+    // A child token of our own: `is_cancelled` locks the token's mutex,
+    // and the shared shutdown token would be one lock contended by every
+    // reader.
+    let closing = closing.child_token();
+    // The heartbeat timer also fires at the token's deadline: a second
+    // timer would grow every connection's state by a timer entry.
+    let deadline = token_deadline.unwrap_or_else(far_future);
     async_stream::stream! {
         let stream_id = cursor.stream_id();
-        let shutdown = || Arc::new(StreamEvent::Shutdown { retry_ms: settings.shutdown_retry_ms });
-        // A child token of our own: `is_cancelled` locks the token's mutex,
-        // and the shared shutdown token would be one lock contended by every
-        // reader.
-        let closing = settings.closing.child_token();
+        let shutdown = || Arc::new(StreamEvent::Shutdown { retry_ms: shutdown_retry_ms });
         let mut closing_watch = OnlyWhenWoken::new(closing.clone().cancelled_owned());
         let mut next = cursor.from();
         // Reused for every read: no allocation per event.
@@ -63,7 +89,8 @@ pub fn follow(mut cursor: Cursor, settings: FollowSettings) -> impl Stream<Item 
         // One heartbeat timer, moved only when it fires: silence is
         // measured from the last write, without a timer per event.
         let mut last_write = Instant::now();
-        let heartbeat_timer = sleep_until(last_write + settings.heartbeat);
+        let next_tick = |last_write: Instant| (last_write + heartbeat).min(deadline);
+        let heartbeat_timer = sleep_until(next_tick(last_write));
         tokio::pin!(heartbeat_timer);
         'wake: loop {
             if closing_watch.may_be_ready() && closing.is_cancelled() {
@@ -117,15 +144,21 @@ pub fn follow(mut cursor: Cursor, settings: FollowSettings) -> impl Stream<Item 
                     yield shutdown();
                     return;
                 }
-                () = cursor.changed(next) => {}
+                // Before new events, so that a busy stream cannot starve the
+                // token's deadline (a heartbeat is not due while it is busy).
                 () = &mut heartbeat_timer => {
-                    let due = last_write + settings.heartbeat;
-                    if Instant::now() >= due {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        yield token_expired(stream_id, next);
+                        return;
+                    }
+                    if now >= last_write + heartbeat {
                         yield Arc::new(StreamEvent::Heartbeat);
                         last_write = Instant::now();
                     }
-                    heartbeat_timer.as_mut().reset(last_write + settings.heartbeat);
+                    heartbeat_timer.as_mut().reset(next_tick(last_write));
                 }
+                () = cursor.changed(next) => {}
             }
         }
     }
@@ -144,8 +177,9 @@ mod tests {
     /// Every open stream holds one reader future, so its size is memory per
     /// connection. 488 bytes when written (368 before the Redis cursor
     /// shared it: the remote read is boxed so that local readers do not
-    /// carry its state); the bound catches a change that inlines a large
-    /// future again.
+    /// carry its state), 528 with the token deadline (which shares the
+    /// heartbeat's timer rather than adding one); the bound catches a
+    /// change that inlines a large future again.
     #[tokio::test]
     async fn a_readers_state_stays_small() {
         let retention = Duration::from_secs(1);
@@ -159,8 +193,11 @@ mod tests {
         let id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| unreachable!());
         let closing = CancellationToken::new();
         let (_writer, cursor) = store.create(id, "a", "b", &closing).await.unwrap_or_else(|_| unreachable!());
-        let reader = follow(cursor, FollowSettings { heartbeat: retention, closing, shutdown_retry_ms: 1 });
+        let reader = follow(
+            cursor,
+            FollowSettings { heartbeat: retention, closing, shutdown_retry_ms: 1, token_deadline: None },
+        );
         let size = std::mem::size_of_val(&reader);
-        assert!(size <= 512, "a reader's future is {size} bytes");
+        assert!(size <= 544, "a reader's future is {size} bytes");
     }
 }

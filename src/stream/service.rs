@@ -6,7 +6,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
 
@@ -19,6 +19,7 @@ use crate::event::{Protocol, StreamEvent, StreamId};
 use crate::generator::{GenerateRequest, Registry};
 use crate::limits::{SlotRefused, StreamSlots};
 use crate::metrics::Metrics;
+use crate::quota::{QuotaError, Quotas};
 use crate::shutdown::Shutdown;
 use crate::store::{Located, Store, StoreError};
 use crate::tickets::{self, Target};
@@ -57,6 +58,9 @@ pub enum StreamError {
     /// No stream slot is free.
     #[error(transparent)]
     NoSlot(#[from] SlotRefused),
+    /// The subject's usage budget is used up.
+    #[error(transparent)]
+    Quota(#[from] QuotaError),
     /// Unknown, expired, or another subject's stream (not told apart).
     #[error("no such stream")]
     NotFound,
@@ -117,6 +121,8 @@ pub struct ServiceSettings {
     pub detach_grace: Duration,
     /// The `retry:` hint sent with `shutdown`.
     pub shutdown_retry: Duration,
+    /// How long a connection may outlive its token's `exp`.
+    pub token_grace: Duration,
 }
 
 /// Opens, resumes and cancels streams. Cheap to clone.
@@ -133,6 +139,8 @@ pub struct ServiceParts {
     pub store: Store,
     /// Stream slots (global and per subject).
     pub slots: Arc<StreamSlots>,
+    /// Usage budgets, drawn on by every stream.
+    pub quotas: Quotas,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Shutdown phases: no new streams while draining, `shutdown` to
@@ -144,6 +152,11 @@ impl StreamService {
     /// A service over these parts.
     pub fn new(parts: ServiceParts) -> Self {
         Self(Arc::new(parts))
+    }
+
+    /// The usage quotas (for `GET /v1/usage`).
+    pub fn quotas(&self) -> &Quotas {
+        &self.0.quotas
     }
 
     /// The generators offered (for model listings).
@@ -176,6 +189,9 @@ impl StreamService {
         if !inner.store.is_healthy() {
             return Err(StreamError::StoreUnavailable);
         }
+        // The budget before the slot: a subject over its quota should hear
+        // that, not that it has too many streams open.
+        let meter = inner.quotas.admit(caller).await?;
         let permit = inner.slots.try_acquire(&caller.subject)?;
         let stream_id = StreamId::random().map_err(|e| StreamError::Rng(e.to_string()))?;
         tickets::bind(&inner.store, caller, Target::Stream(stream_id)).await?;
@@ -196,6 +212,7 @@ impl StreamService {
             permit,
             slots: inner.slots.clone(),
             metrics: inner.metrics.clone(),
+            meter,
         };
         let run = RunSettings {
             window: limits.send_queue,
@@ -205,7 +222,8 @@ impl StreamService {
         };
         spawn(engine, writer, ctx, run);
         inner.metrics.stream_opened(request.protocol);
-        Ok(Opened { stream_id, generator: name, events: Box::pin(follow(cursor, self.follow_settings())) })
+        let events = Box::pin(follow(cursor, self.follow_settings_for(caller)));
+        Ok(Opened { stream_id, generator: name, events })
     }
 
     /// Finds a stream the caller may see: its own, or any with `admin`.
@@ -222,11 +240,12 @@ impl StreamService {
         }
     }
 
-    /// Replays a located stream from sequence `from` and follows it live.
-    pub async fn resume(&self, located: Located, from: u64) -> Result<Resumed, StreamError> {
+    /// Replays a located stream from sequence `from` and follows it live,
+    /// for as long as `caller`'s token (and its grace) lasts.
+    pub async fn resume(&self, caller: &Principal, located: Located, from: u64) -> Result<Resumed, StreamError> {
         Ok(match self.0.store.cursor(&located, from).await? {
             None => Resumed::Complete,
-            Some(cursor) => Resumed::Events(Box::pin(follow(cursor, self.follow_settings()))),
+            Some(cursor) => Resumed::Events(Box::pin(follow(cursor, self.follow_settings_for(caller)))),
         })
     }
 
@@ -260,13 +279,17 @@ impl StreamService {
         Ok(())
     }
 
-    /// How readers of this server's streams and channels behave on their
-    /// connections (heartbeats, shutdown).
-    pub fn follow_settings(&self) -> FollowSettings {
+    /// How a connection of `caller` to a stream or channel behaves
+    /// (heartbeats, shutdown, and its end when the caller's token expires,
+    /// past the grace).
+    pub fn follow_settings_for(&self, caller: &Principal) -> FollowSettings {
+        let expires = UNIX_EPOCH + Duration::from_secs(caller.expires_at) + self.0.settings.token_grace;
+        let left = expires.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
         FollowSettings {
             heartbeat: self.0.settings.stream.heartbeat,
             closing: self.0.shutdown.closing().clone(),
             shutdown_retry_ms: self.0.settings.shutdown_retry.as_millis() as u64,
+            token_deadline: Some(tokio::time::Instant::now() + left),
         }
     }
 }

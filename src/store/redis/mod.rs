@@ -18,6 +18,7 @@ mod channels;
 mod chats;
 mod leases;
 mod logs;
+mod quotas;
 mod tickets;
 
 use std::collections::HashMap;
