@@ -12,7 +12,7 @@
 //! | section | keys |
 //! |---|---|
 //! | `[server]` (or the top level) | `listen`, `listen_backlog`, `cors_origins`, `log_format`, `shutdown_grace`, `shutdown_retry` |
-//! | `[auth]` | `jwt_*`, `token_cookie`, `token_query`, `ticket_query`, `ticket_ttl` |
+//! | `[auth]` | `jwt_*`, `token_cookie`, `token_query`, `jwks_*`, `ticket_query`, `ticket_ttl` |
 //! | `[limits]` | `rate_*`, `trusted_proxies`, `max_streams`, `max_streams_per_subject`, `send_queue`, `max_lag`, `max_body_bytes`, `max_prompt_bytes`, `max_messages`, `max_stream_duration`, `max_header_bytes`, `header_timeout`, `max_connections` |
 //! | `[stream]` | `heartbeat`, `retry`, `pace_ms`, `pace_min_ms`, `pace_max_ms`, `generator_pace`, `default_generator`, `prompts_dir`, `openai_chunk_graphemes`, `upstream_url`, `upstream_model`, `upstream_api_key_env` |
 //! | `[store]` | `redis_url`, `detach_grace`, `stream_ttl`, `stream_max_events`, `channel_max_events`, `channel_ttl`, `max_publish_bytes` |
@@ -31,7 +31,7 @@ use std::num::NonZeroU32;
 
 use ipnet::IpNet;
 
-use crate::auth::{AuthConfig, AuthSetupError, KeyMaterial, TokenSources};
+use crate::auth::{AuthConfig, AuthSetupError, JwksSettings, KeyMaterial, TokenSources};
 use crate::generator::RegistryError;
 use crate::generator::upstream::{Upstream, UpstreamConfigError, UpstreamSettings};
 use crate::limits::Rate;
@@ -76,6 +76,13 @@ pub const DEFAULT_TOKEN_GRACE: Duration = Duration::from_secs(60);
 pub const DEFAULT_TOKEN_COOKIE: &str = "tokengate_token";
 /// Default query parameter carrying the token.
 pub const DEFAULT_TOKEN_QUERY: &str = "access_token";
+/// Default JWKS refresh interval when the answer has no `max-age`.
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(5 * 60);
+/// Default lower bound of the JWKS refresh interval; also the shortest time
+/// between two refreshes triggered by unknown `kid`s.
+pub const DEFAULT_JWKS_REFRESH_MIN: Duration = Duration::from_secs(30);
+/// Default upper bound of the JWKS refresh interval.
+pub const DEFAULT_JWKS_REFRESH_MAX: Duration = Duration::from_secs(3600);
 /// Default query parameter carrying a stream ticket.
 pub const DEFAULT_TICKET_QUERY: &str = "ticket";
 /// Default time a stream ticket may wait for its first use: long enough to
@@ -182,6 +189,26 @@ pub struct Settings {
     /// `5m`; `0s` ends it at `exp`).
     #[arg(long, global = true, env = "TOKENGATE_TOKEN_GRACE")]
     pub token_grace: Option<String>,
+    /// JWKS URL (http or https) of the identity provider whose keys verify
+    /// tokens, selected by `kid`; instead of a secret or public key.
+    #[arg(long, global = true, env = "TOKENGATE_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// Local JWKS file (alone, or beside `jwks_url`: the union is used);
+    /// re-read on every refresh.
+    #[arg(long, global = true, env = "TOKENGATE_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// JWKS refresh interval when the answer has no `Cache-Control: max-age`
+    /// (e.g. `5m`).
+    #[arg(long, global = true, env = "TOKENGATE_JWKS_REFRESH")]
+    pub jwks_refresh: Option<String>,
+    /// Shortest JWKS refresh interval (a lower `max-age` is raised to it);
+    /// also the shortest time between refreshes triggered by unknown `kid`s,
+    /// and the retry delay after a failed fetch.
+    #[arg(long, global = true, env = "TOKENGATE_JWKS_REFRESH_MIN")]
+    pub jwks_refresh_min: Option<String>,
+    /// Longest JWKS refresh interval (a higher `max-age` is lowered to it).
+    #[arg(long, global = true, env = "TOKENGATE_JWKS_REFRESH_MAX")]
+    pub jwks_refresh_max: Option<String>,
     /// Query parameter name that carries a stream ticket (from
     /// `POST /v1/tickets`).
     #[arg(long, global = true, env = "TOKENGATE_TICKET_QUERY")]
@@ -334,6 +361,9 @@ pub fn help_defaults() -> Vec<(&'static str, String)> {
         ("jwt_leeway", time(DEFAULT_JWT_LEEWAY)),
         ("token_cookie", DEFAULT_TOKEN_COOKIE.to_owned()),
         ("token_query", DEFAULT_TOKEN_QUERY.to_owned()),
+        ("jwks_refresh", time(DEFAULT_JWKS_REFRESH)),
+        ("jwks_refresh_min", time(DEFAULT_JWKS_REFRESH_MIN)),
+        ("jwks_refresh_max", time(DEFAULT_JWKS_REFRESH_MAX)),
         ("ticket_query", DEFAULT_TICKET_QUERY.to_owned()),
         ("ticket_ttl", time(DEFAULT_TICKET_TTL)),
         ("heartbeat", time(DEFAULT_HEARTBEAT)),
@@ -408,7 +438,8 @@ impl Settings {
             max_streams_per_subject, send_queue, max_lag, max_messages, max_stream_duration,
             max_header_bytes, header_timeout, max_connections, detach_grace, stream_ttl,
             stream_max_events, channel_max_events, channel_ttl, max_publish_bytes, redis_url, upstream_url,
-            upstream_model, upstream_api_key_env, upstreams, quota, openai_chunk_graphemes)
+            upstream_model, upstream_api_key_env, upstreams, quota, openai_chunk_graphemes,
+            jwks_url, jwks_file, jwks_refresh, jwks_refresh_min, jwks_refresh_max)
     }
 
     /// Reads a TOML settings file (flat keys, or grouped in sections).
@@ -450,6 +481,8 @@ impl From<AuthSetupError> for ConfigError {
             AuthSetupError::PublicKey => "jwt_public_key_file",
             AuthSetupError::PrivateKey(_) => "jwt_private_key_file",
             AuthSetupError::UnknownAlgorithm(_) | AuthSetupError::AlgorithmMismatch(_) => "jwt_algorithms",
+            AuthSetupError::JwksUrl(_) | AuthSetupError::JwksClient(_) => "jwks_url",
+            AuthSetupError::JwksFile(_) => "jwks_file",
         };
         ConfigError::invalid(setting, e.to_string())
     }
@@ -937,6 +970,9 @@ fn key_material(s: &Settings) -> Result<KeyMaterial, ConfigError> {
             "set only one of jwt_secret, jwt_secret_file and jwt_public_key_file",
         ));
     }
+    if let Some(jwks) = jwks(s)? {
+        return Ok(jwks);
+    }
     let secret = |setting: &'static str, bytes: Vec<u8>| {
         if bytes.len() < MIN_SECRET_BYTES {
             return Err(ConfigError::invalid(
@@ -970,6 +1006,52 @@ fn key_material(s: &Settings) -> Result<KeyMaterial, ConfigError> {
     Ok(KeyMaterial::Secret { secret: Secret::new(bytes), generated: true })
 }
 
+/// The JWKS key source, when `jwks_url` or `jwks_file` is set. It replaces
+/// the static keys rather than adding to them: one place decides which keys
+/// sign valid tokens, and a forgotten secret cannot stay valid beside it.
+fn jwks(s: &Settings) -> Result<Option<KeyMaterial>, ConfigError> {
+    let setting = if s.jwks_url.is_some() { "jwks_url" } else { "jwks_file" };
+    if s.jwks_url.is_none() && s.jwks_file.is_none() {
+        for (name, set) in [
+            ("jwks_refresh", s.jwks_refresh.is_some()),
+            ("jwks_refresh_min", s.jwks_refresh_min.is_some()),
+            ("jwks_refresh_max", s.jwks_refresh_max.is_some()),
+        ] {
+            if set {
+                return Err(ConfigError::invalid(name, "only meaningful with jwks_url or jwks_file"));
+            }
+        }
+        return Ok(None);
+    }
+    let static_key = s.jwt_secret.is_some()
+        || s.jwt_secret_file.is_some()
+        || s.jwt_public_key_file.is_some()
+        || s.jwt_private_key_file.is_some();
+    if static_key {
+        return Err(ConfigError::invalid(
+            setting,
+            "a JWKS replaces jwt_secret, jwt_secret_file, jwt_public_key_file and jwt_private_key_file; set one key source",
+        ));
+    }
+    let refresh = duration("jwks_refresh", s.jwks_refresh.as_deref(), DEFAULT_JWKS_REFRESH)?;
+    let refresh_min = duration("jwks_refresh_min", s.jwks_refresh_min.as_deref(), DEFAULT_JWKS_REFRESH_MIN)?;
+    let refresh_max = duration("jwks_refresh_max", s.jwks_refresh_max.as_deref(), DEFAULT_JWKS_REFRESH_MAX)?;
+    if refresh_min.is_zero() {
+        // Zero would let every forged `kid` trigger a fetch.
+        return Err(ConfigError::invalid("jwks_refresh_min", "must be above zero"));
+    }
+    if refresh_min > refresh_max {
+        return Err(ConfigError::invalid("jwks_refresh_min", "is above jwks_refresh_max"));
+    }
+    Ok(Some(KeyMaterial::Jwks(JwksSettings {
+        url: s.jwks_url.clone(),
+        file: s.jwks_file.clone(),
+        refresh,
+        refresh_min,
+        refresh_max,
+    })))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -997,5 +1079,25 @@ mod tests {
         assert_eq!(shown["max_streams"], config.limits.max_streams.to_string());
         assert_eq!(shown["channel_ttl"], "1h");
         assert_eq!(shown["log_format"], if config.log_json { "json" } else { "text" });
+    }
+
+    #[test]
+    fn a_jwks_excludes_static_keys_and_needs_sane_bounds() {
+        let jwks = || Settings { jwks_url: Some("https://idp.example.com/jwks".into()), ..Settings::default() };
+        let err = |s: Settings| Config::from_settings(s).err().map(|e| e.setting());
+        assert_eq!(err(Settings { jwt_secret: Some("x".repeat(40)), ..jwks() }), Some("jwks_url"));
+        assert_eq!(err(Settings { jwt_private_key_file: Some("k.pem".into()), ..jwks() }), Some("jwks_url"));
+        assert_eq!(err(Settings { jwt_algorithms: Some(vec!["HS256".into()]), ..jwks() }), Some("jwt_algorithms"));
+        assert_eq!(err(Settings { jwks_refresh_min: Some("0s".into()), ..jwks() }), Some("jwks_refresh_min"));
+        let inverted = Settings { jwks_refresh_min: Some("2h".into()), jwks_refresh_max: Some("1h".into()), ..jwks() };
+        assert_eq!(err(inverted), Some("jwks_refresh_min"));
+        assert_eq!(err(Settings { jwks_url: Some("ftp://idp/jwks".into()), ..Settings::default() }), Some("jwks_url"));
+        assert_eq!(
+            err(Settings { jwks_file: Some("/nonexistent/jwks.json".into()), ..Settings::default() }),
+            Some("jwks_file")
+        );
+        assert_eq!(err(Settings { jwks_refresh: Some("1m".into()), ..Settings::default() }), Some("jwks_refresh"));
+        let config = Config::from_settings(jwks()).map_err(|e| e.to_string());
+        assert!(config.is_ok_and(|c| c.auth.algorithms() == ["RS256"] && !c.auth.generated_secret()));
     }
 }

@@ -113,6 +113,11 @@ impl ApiError {
     /// Status, stable code and short title.
     fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
+            // The identity provider's keys could not be loaded: the server
+            // cannot judge the token, so it does not call it invalid.
+            ApiError::Auth(e @ AuthError::KeysUnavailable { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, e.code(), "Service unavailable")
+            }
             ApiError::Auth(e) => (StatusCode::UNAUTHORIZED, e.code(), "Unauthorized"),
             ApiError::MissingScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope", "Forbidden"),
             ApiError::UnknownGenerator { .. } => (StatusCode::BAD_REQUEST, "unknown_generator", "Unknown generator"),
@@ -184,6 +189,9 @@ impl ApiError {
             // bare challenge; `error` is for credentials that failed.
             ApiError::Auth(AuthError::Missing) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(r#"Bearer realm="tokengate""#));
+            }
+            ApiError::Auth(AuthError::KeysUnavailable { retry_after }) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
             }
             ApiError::Auth(e) => {
                 let value = format!(
@@ -282,13 +290,17 @@ impl From<ApiError> for AnthropicError {
 impl AnthropicError {
     /// Anthropic's error `type`: by status, except that the server being
     /// unable to take the request now (draining, no free slot, the shared
-    /// store down) is `overloaded_error`, which the SDKs retry.
+    /// store or the JWKS down) is `overloaded_error`, which the SDKs retry.
     fn kind(&self) -> &'static str {
         let (status, _, _) = self.0.parts();
         match (&self.0, status.as_u16()) {
-            (ApiError::Draining | ApiError::StoreUnavailable | ApiError::NoSlot(SlotRefused::Global { .. }), _) => {
-                "overloaded_error"
-            }
+            (
+                ApiError::Draining
+                | ApiError::StoreUnavailable
+                | ApiError::NoSlot(SlotRefused::Global { .. })
+                | ApiError::Auth(AuthError::KeysUnavailable { .. }),
+                _,
+            ) => "overloaded_error",
             (_, 401) => "authentication_error",
             (_, 403) => "permission_error",
             (_, 404) => "not_found_error",

@@ -24,7 +24,8 @@
 //! - [`event`]: the vocabulary all of them share: stream events, ids,
 //!   outcome codes, usage.
 //! - [`auth`]: token extraction (bearer, `x-api-key` on the Anthropic
-//!   route, cookie, query), JWT validation, scopes, minting.
+//!   route, cookie, query), JWT validation (static key or a cached,
+//!   refreshed JWKS), scopes, minting.
 //! - [`tickets`]: stream tickets, single-use stand-ins for a token in an
 //!   `EventSource` URL: minting, the one check of every use, binding.
 //! - [`secret`]: [`secret::Secret`], bytes whose `Debug` never shows them.

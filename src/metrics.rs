@@ -149,6 +149,25 @@ impl Metrics {
         self.counter("tokengate_quota_reservations_total", "outcome", outcome).increment(1);
     }
 
+    /// One load of the JWKS (a URL fetch or a file read), by result
+    /// (`ok`, `failed`); a failed one kept the last good key set.
+    pub fn jwks_refreshed(&self, ok: bool) {
+        self.counter("tokengate_jwks_refreshes_total", "result", if ok { "ok" } else { "failed" }).increment(1);
+    }
+
+    /// A JWKS refresh triggered by a token's unknown `kid` (rate-limited,
+    /// so a burst of forged `kid`s shows as at most one).
+    pub fn jwks_kid_refresh(&self) {
+        self.recorder
+            .register_counter(&Key::from_static_name("tokengate_jwks_kid_refreshes_total"), &META)
+            .increment(1);
+    }
+
+    /// The usable keys in the served JWKS changed.
+    pub fn set_jwks_keys(&self, keys: usize) {
+        self.recorder.register_gauge(&Key::from_static_name("tokengate_jwks_keys"), &META).set(keys as f64);
+    }
+
     /// The number of open streams changed.
     pub fn set_open_streams(&self, open: usize) {
         self.open_streams.set(open as f64);

@@ -40,7 +40,7 @@ impl FromRequestParts<AppState> for Principal {
         {
             return Ok(principal);
         }
-        authenticate(token, state)
+        authenticate(token, state).await
     }
 }
 
@@ -61,14 +61,14 @@ impl FromRequestParts<AppState> for ApiKeyPrincipal {
         {
             return Ok(ApiKeyPrincipal(principal));
         }
-        authenticate(token, state).map(ApiKeyPrincipal)
+        authenticate(token, state).await.map(ApiKeyPrincipal)
     }
 }
 
 /// Validates the token found and applies the subject's request rate.
-fn authenticate(token: Option<String>, state: &AppState) -> Result<Principal, ApiError> {
+async fn authenticate(token: Option<String>, state: &AppState) -> Result<Principal, ApiError> {
     let token = token.ok_or(AuthError::Missing)?;
-    let principal = state.config.auth.authenticate(&token)?;
+    let principal = state.config.auth.authenticate(&token).await?;
     state.rates.check_subject(&principal.subject).map_err(ApiError::RateLimited)?;
     Ok(principal)
 }

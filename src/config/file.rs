@@ -98,6 +98,11 @@ sections! {
         token_cookie: String,
         token_query: String,
         token_grace: String,
+        jwks_url: String,
+        jwks_file: PathBuf,
+        jwks_refresh: String,
+        jwks_refresh_min: String,
+        jwks_refresh_max: String,
         ticket_query: String,
         ticket_ttl: String,
     }

@@ -195,7 +195,8 @@ impl Application {
 
 /// What runs beside the listener until the server stops: the shutdown
 /// sequence once `signal` fires, the periodic pruning of limiter keys,
-/// expired streams and unused channels, and the store's own tasks.
+/// expired streams and unused channels, the store's own tasks, and the
+/// JWKS refresh when one is configured.
 fn spawn_background(state: &AppState, signal: impl Future<Output = ()> + Send + 'static) {
     {
         let state = state.clone();
@@ -220,6 +221,7 @@ fn spawn_background(state: &AppState, signal: impl Future<Output = ()> + Send + 
         });
     }
     state.store.spawn_background(state.shutdown.stopped());
+    state.config.auth.start_key_refresh(state.metrics.clone(), state.shutdown.stopped().clone());
 }
 
 /// Per-connection settings and caps shared by the accept loop.

@@ -11,6 +11,7 @@ mod browser;
 mod channels;
 mod cors;
 mod helpers;
+mod jwks;
 mod lifecycle;
 mod limits;
 mod mock_upstream;
