@@ -35,6 +35,7 @@ pub fn route_table() -> Vec<RouteEntry> {
         ("/metrics", &["GET"], get(api::health::metrics)),
         ("/openapi.yaml", &["GET"], get(api::spec::openapi)),
         ("/v1/stream", &["GET", "POST"], get(api::stream::open_stream_get).post(api::stream::open_stream_post)),
+        ("/v1/tickets", &["POST"], post(api::tickets::mint_ticket)),
         ("/v1/streams/{id}", &["GET", "DELETE"], get(api::streams::resume_stream).delete(api::streams::cancel_stream)),
         ("/v1/channels/{name}", &["GET", "POST"], get(api::channels::subscribe).post(api::channels::publish)),
         ("/v1/chat/completions", &["POST"], post(api::openai::chat_completions)),
@@ -58,11 +59,12 @@ pub fn routes() -> Vec<(String, String)> {
         .collect()
 }
 
-/// The query string with the token parameter's value replaced, for logs.
-pub fn redact_query(query: &str, token_param: &str) -> String {
+/// The query string with the credential parameters' values (the token's
+/// and the stream ticket's) replaced, for logs.
+pub fn redact_query(query: &str, secret_params: &[String]) -> String {
     let mut out = form_urlencoded::Serializer::new(String::new());
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-        if name == token_param || name.eq_ignore_ascii_case("access_token") {
+        if secret_params.iter().any(|p| *p == name) || name.eq_ignore_ascii_case("access_token") {
             out.append_pair(&name, "[redacted]");
         } else {
             out.append_pair(&name, &value);
@@ -100,17 +102,17 @@ impl MakeRequestId for RandomRequestId {
 ///    guessing is throttled too;
 /// 6. body limit for JSON bodies.
 pub fn router(state: AppState) -> Router {
-    let token_param = state.config.auth.sources().query.clone();
+    let sources = state.config.auth.sources();
+    let secret_params: Arc<[String]> = [sources.query.clone(), sources.ticket.clone()].into();
     let mut router = Router::new();
     for (path, _, method_router) in route_table() {
         router = router.route(path, method_router);
     }
     let router = router.fallback(api::not_found).method_not_allowed_fallback(api::method_not_allowed);
 
-    let trace = {
-        let token_param: Arc<str> = token_param.into();
-        middleware::from_fn(move |request: Request<Body>, next: Next| log_request(token_param.clone(), request, next))
-    };
+    let trace = middleware::from_fn(move |request: Request<Body>, next: Next| {
+        log_request(secret_params.clone(), request, next)
+    });
 
     let cors = state.config.cors_origins.as_ref().map(|origins| cors_layer(origins));
     let body_limit = state.config.max_body_bytes;
@@ -139,9 +141,9 @@ pub fn router(state: AppState) -> Router {
 /// ready. Unlike tower-http's `TraceLayer` it does not wrap the response
 /// body: that wrapper entered the span and read the clock twice on every
 /// body poll, which on a stream is every event.
-async fn log_request(token_param: Arc<str>, request: Request<Body>, next: Next) -> Response {
+async fn log_request(secret_params: Arc<[String]>, request: Request<Body>, next: Next) -> Response {
     let span = {
-        let query = request.uri().query().map(|q| redact_query(q, &token_param)).unwrap_or_default();
+        let query = request.uri().query().map(|q| redact_query(q, &secret_params)).unwrap_or_default();
         let request_id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
         tracing::info_span!(
             "request",

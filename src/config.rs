@@ -12,7 +12,7 @@
 //! | section | keys |
 //! |---|---|
 //! | `[server]` (or the top level) | `listen`, `listen_backlog`, `cors_origins`, `log_format`, `shutdown_grace`, `shutdown_retry` |
-//! | `[auth]` | `jwt_*`, `token_cookie`, `token_query`, `token_grace`, `jwks_*` |
+//! | `[auth]` | `jwt_*`, `token_cookie`, `token_query`, `token_grace`, `jwks_*`, `ticket_query`, `ticket_ttl` |
 //! | `[limits]` | `rate_*`, `trusted_proxies`, `max_streams`, `max_streams_per_subject`, `send_queue`, `max_lag`, `max_body_bytes`, `max_prompt_bytes`, `max_messages`, `max_stream_duration`, `max_header_bytes`, `header_timeout`, `max_connections`, `limits_on_store_failure`, `stream_lease_ttl` |
 //! | `[stream]` | `heartbeat`, `retry`, `pace_ms`, `pace_min_ms`, `pace_max_ms`, `generator_pace`, `default_generator`, `prompts_dir`, `openai_chunk_graphemes`, `upstream_url`, `upstream_model`, `upstream_api_key_env` |
 //! | `[store]` | `redis_url`, `detach_grace`, `stream_ttl`, `stream_max_events`, `channel_max_events`, `channel_ttl`, `max_publish_bytes` |
@@ -83,6 +83,13 @@ pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_JWKS_REFRESH_MIN: Duration = Duration::from_secs(30);
 /// Default upper bound of the JWKS refresh interval.
 pub const DEFAULT_JWKS_REFRESH_MAX: Duration = Duration::from_secs(3600);
+/// Default query parameter carrying a stream ticket.
+pub const DEFAULT_TICKET_QUERY: &str = "ticket";
+/// Default time a stream ticket may wait for its first use: long enough to
+/// open an `EventSource`, short enough that a leaked URL is soon useless.
+pub const DEFAULT_TICKET_TTL: Duration = Duration::from_secs(30);
+/// Longest `ticket_ttl` accepted: a ticket is meant to be short-lived.
+pub const MAX_TICKET_TTL: Duration = Duration::from_secs(3600);
 /// Default largest request body.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 /// Default largest prompt.
@@ -210,6 +217,13 @@ pub struct Settings {
     /// Longest JWKS refresh interval (a higher `max-age` is lowered to it).
     #[arg(long, global = true, env = "TOKENGATE_JWKS_REFRESH_MAX")]
     pub jwks_refresh_max: Option<String>,
+    /// Query parameter name that carries a stream ticket (from
+    /// `POST /v1/tickets`).
+    #[arg(long, global = true, env = "TOKENGATE_TICKET_QUERY")]
+    pub ticket_query: Option<String>,
+    /// How long a stream ticket is valid before its first use (e.g. `30s`).
+    #[arg(long, global = true, env = "TOKENGATE_TICKET_TTL")]
+    pub ticket_ttl: Option<String>,
     /// Origins allowed by CORS, comma separated (`*` = any origin, without
     /// credentials).
     #[arg(long, global = true, env = "TOKENGATE_CORS_ORIGINS", value_delimiter = ',')]
@@ -367,6 +381,8 @@ pub fn help_defaults() -> Vec<(&'static str, String)> {
         ("jwks_refresh", time(DEFAULT_JWKS_REFRESH)),
         ("jwks_refresh_min", time(DEFAULT_JWKS_REFRESH_MIN)),
         ("jwks_refresh_max", time(DEFAULT_JWKS_REFRESH_MAX)),
+        ("ticket_query", DEFAULT_TICKET_QUERY.to_owned()),
+        ("ticket_ttl", time(DEFAULT_TICKET_TTL)),
         ("heartbeat", time(DEFAULT_HEARTBEAT)),
         ("retry", time(DEFAULT_RETRY)),
         ("pace_ms", DEFAULT_PACE_MS.to_string()),
@@ -434,7 +450,7 @@ impl Settings {
         layer_fields!(high, lower;
             listen, listen_backlog, jwt_secret, jwt_secret_file, jwt_public_key_file,
             jwt_private_key_file, jwt_algorithms, jwt_issuer, jwt_audience, jwt_leeway,
-            token_cookie, token_query, token_grace, cors_origins, heartbeat, retry, pace_ms, pace_min_ms,
+            token_cookie, token_query, token_grace, ticket_query, ticket_ttl, cors_origins, heartbeat, retry, pace_ms, pace_min_ms,
             pace_max_ms, generator_pace, default_generator, prompts_dir, max_body_bytes,
             max_prompt_bytes, shutdown_grace, shutdown_retry, log_format, rate_subject_per_min,
             rate_subject_burst, rate_ip_per_min, rate_ip_burst, trusted_proxies, max_streams,
@@ -608,6 +624,8 @@ pub struct Config {
     pub listen_backlog: u32,
     /// Authentication.
     pub auth: AuthConfig,
+    /// How long a stream ticket waits for its first use.
+    pub ticket_ttl: Duration,
     /// Streams.
     pub stream: StreamConfig,
     /// CORS: `None` = no CORS headers, `Some(["*"])` = any origin without
@@ -658,6 +676,7 @@ impl Config {
         let (listen, listen_backlog) = listen(&s)?;
         let quota = quota(&s)?;
         let auth = auth(&s)?.with_class_claim(quota.as_ref().and_then(|q| q.claim.clone()));
+        let ticket_ttl = ticket_ttl(&s)?;
         let stream = stream(&s)?;
         let cors_origins = cors_origins(s.cors_origins.as_deref())?;
         let log_json = log_json(s.log_format.as_deref())?;
@@ -666,6 +685,7 @@ impl Config {
             listen,
             listen_backlog,
             auth,
+            ticket_ttl,
             stream,
             cors_origins,
             prompts_dir,
@@ -717,12 +737,31 @@ fn auth(s: &Settings) -> Result<AuthConfig, ConfigError> {
         TokenSources {
             cookie: s.token_cookie.clone().unwrap_or_else(|| DEFAULT_TOKEN_COOKIE.to_owned()),
             query: s.token_query.clone().unwrap_or_else(|| DEFAULT_TOKEN_QUERY.to_owned()),
+            ticket: ticket_query(s)?,
         },
     )?;
     if s.jwt_private_key_file.is_some() && auth.key_is_secret() {
         return Err(ConfigError::invalid("jwt_private_key_file", "only meaningful with jwt_public_key_file"));
     }
     Ok(auth)
+}
+
+/// The ticket parameter must differ from the token one, or a ticket would
+/// be read as a (malformed) token.
+fn ticket_query(s: &Settings) -> Result<String, ConfigError> {
+    let name = s.ticket_query.clone().unwrap_or_else(|| DEFAULT_TICKET_QUERY.to_owned());
+    if name.is_empty() || name == s.token_query.as_deref().unwrap_or(DEFAULT_TOKEN_QUERY) {
+        return Err(ConfigError::invalid("ticket_query", "must be non-empty and differ from token_query"));
+    }
+    Ok(name)
+}
+
+fn ticket_ttl(s: &Settings) -> Result<Duration, ConfigError> {
+    let ttl = duration("ticket_ttl", s.ticket_ttl.as_deref(), DEFAULT_TICKET_TTL)?;
+    if ttl < Duration::from_secs(1) || ttl > MAX_TICKET_TTL {
+        return Err(ConfigError::invalid("ticket_ttl", "must be between 1s and 1h"));
+    }
+    Ok(ttl)
 }
 
 fn stream(s: &Settings) -> Result<StreamConfig, ConfigError> {

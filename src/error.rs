@@ -99,6 +99,9 @@ pub enum ApiError {
     /// The server is draining for shutdown.
     #[error("the server is shutting down; retry on another instance")]
     Draining,
+    /// The in-memory stream ticket table is full.
+    #[error("too many stream tickets are outstanding; retry shortly")]
+    TicketsFull,
     /// No such route.
     #[error("no such resource")]
     NotFound,
@@ -153,6 +156,7 @@ impl ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::StoreUnavailable.as_str(), "Service unavailable")
             }
             ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining", "Service unavailable"),
+            ApiError::TicketsFull => (StatusCode::SERVICE_UNAVAILABLE, "server_busy", "Service unavailable"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", "Not found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Method not allowed"),
             ApiError::Internal(_) => {
@@ -222,7 +226,11 @@ impl ApiError {
             ApiError::QuotaExceeded { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
             }
-            ApiError::Draining | ApiError::NoSlot(_) | ApiError::StoreUnavailable | ApiError::LimitsUnavailable => {
+            ApiError::Draining
+            | ApiError::NoSlot(_)
+            | ApiError::StoreUnavailable
+            | ApiError::LimitsUnavailable
+            | ApiError::TicketsFull => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -402,6 +410,18 @@ impl ApiError {
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
         ApiError::BadRequest(rejection.body_text())
+    }
+}
+
+impl From<crate::tickets::TicketError> for ApiError {
+    fn from(e: crate::tickets::TicketError) -> Self {
+        use crate::tickets::TicketError;
+        match e {
+            TicketError::Refused(e) => ApiError::Auth(e),
+            TicketError::Store(e) => e.into(),
+            TicketError::Full => ApiError::TicketsFull,
+            other => ApiError::Internal(other.to_string()),
+        }
     }
 }
 

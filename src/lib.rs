@@ -26,6 +26,8 @@
 //! - [`auth`]: token extraction (bearer, `x-api-key` on the Anthropic
 //!   route, cookie, query), JWT validation (static key or a cached,
 //!   refreshed JWKS), scopes, minting.
+//! - [`tickets`]: stream tickets, single-use stand-ins for a token in an
+//!   `EventSource` URL: minting, the one check of every use, binding.
 //! - [`secret`]: [`secret::Secret`], bytes whose `Debug` never shows them.
 //! - [`json`]: JSON details where JSON Schema and serde disagree (`3.0` as an integer).
 //! - [`limits`]: request rates, stream slots, client IP behind proxies;
@@ -60,3 +62,4 @@ pub mod sse;
 pub mod state;
 pub mod store;
 pub mod stream;
+pub mod tickets;

@@ -25,6 +25,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::{ChannelPosition, Published};
 use crate::stream::{StreamId, follow_channel};
+use crate::tickets::{self, Target};
 
 /// Longest channel name.
 pub const MAX_CHANNEL_NAME: usize = 64;
@@ -85,6 +86,7 @@ pub async fn subscribe(
         }
     }
     let after = last_event_id(&headers, q.last_event_id.as_deref())?.map(position).transpose()?;
+    tickets::bind(&state.store, &principal, Target::Channel(name.clone())).await?;
     let subscriber_id = StreamId::random().map_err(|e| ApiError::Internal(format!("OS RNG failed: {e}")))?;
     let feed = state.store.subscribe(&name, after).await?;
     // Like streams, a subscription is bounded in time: at the limit the

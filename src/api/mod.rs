@@ -19,6 +19,7 @@ pub mod spec;
 pub mod sse;
 pub mod stream;
 pub mod streams;
+pub mod tickets;
 pub mod usage;
 
 use axum::extract::FromRequestParts;
@@ -32,8 +33,14 @@ impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let auth = &state.config.auth;
-        authenticate(auth.extract(&parts.headers, parts.uri.query()), state).await
+        let token = state.config.auth.extract(&parts.headers, parts.uri.query());
+        // A ticket counts only without a token (see `tickets::redeem`).
+        if token.is_none()
+            && let Some(principal) = tickets::redeem(parts, state).await?
+        {
+            return Ok(principal);
+        }
+        authenticate(token, state).await
     }
 }
 
@@ -48,8 +55,13 @@ impl FromRequestParts<AppState> for ApiKeyPrincipal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let auth = &state.config.auth;
-        authenticate(auth.extract_with_api_key(&parts.headers, parts.uri.query()), state).await.map(ApiKeyPrincipal)
+        let token = state.config.auth.extract_with_api_key(&parts.headers, parts.uri.query());
+        if token.is_none()
+            && let Some(principal) = tickets::redeem(parts, state).await?
+        {
+            return Ok(ApiKeyPrincipal(principal));
+        }
+        authenticate(token, state).await.map(ApiKeyPrincipal)
     }
 }
 

@@ -73,7 +73,7 @@ impl Claims {
             Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => Some(v.to_string()),
             _ => None,
         });
-        Ok(Principal { subject, scopes, expires_at: self.exp.unwrap_or(0), class })
+        Ok(Principal { subject, scopes, expires_at: self.exp.unwrap_or(0), class, ticket: None })
     }
 }
 

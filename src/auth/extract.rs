@@ -1,6 +1,6 @@
 //! Finding the token in a request: `Authorization: Bearer`, on the
 //! Anthropic route `x-api-key`, the cookie, the query parameter; the first
-//! present wins. Only finding: whether it is valid is [`super::validate`]'s
+//! present wins. Without any, a stream ticket in its query parameter. Only finding: whether it is valid is [`super::validate`]'s
 //! question.
 
 use axum::http::HeaderMap;
@@ -17,6 +17,10 @@ pub struct TokenSources {
     pub cookie: String,
     /// Query parameter name.
     pub query: String,
+    /// Query parameter carrying a stream ticket (`crate::tickets`), the
+    /// last source looked at: a ticket is a stand-in for a token, used only
+    /// when no token was sent.
+    pub ticket: String,
 }
 
 /// The header the Anthropic SDKs send their API key in; the Anthropic
@@ -27,7 +31,8 @@ pub const API_KEY_HEADER: &str = "x-api-key";
 impl AuthConfig {
     /// Finds the token: `Authorization: Bearer`, then the cookie, then the
     /// query parameter. An `Authorization` header of another scheme is not
-    /// ours and is passed over.
+    /// ours and is passed over. Only when none is found does a stream ticket
+    /// count ([`AuthConfig::ticket`]).
     ///
     /// The header comes first because it is the one a client sets on
     /// purpose; a browser sends the cookie on every request, so a page must
@@ -44,6 +49,14 @@ impl AuthConfig {
     /// everywhere else.
     pub fn extract_with_api_key<'a>(&self, headers: &'a HeaderMap, query: Option<&'a str>) -> Option<String> {
         self.find(headers, query, true)
+    }
+
+    /// The stream ticket in the query, the last source of credentials
+    /// (after every token source, see [`AuthConfig::extract`]).
+    pub fn ticket(&self, query: Option<&str>) -> Option<String> {
+        form_urlencoded::parse(query?.as_bytes())
+            .find(|(name, _)| *name == self.sources().ticket.as_str())
+            .map(|(_, ticket)| ticket.into_owned())
     }
 
     fn find(&self, headers: &HeaderMap, query: Option<&str>, api_key: bool) -> Option<String> {

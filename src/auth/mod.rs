@@ -1,4 +1,5 @@
-//! Authentication: finding the token in a request ([`extract`]),
+//! Authentication: finding the token (or a stream ticket) in a request
+//! ([`extract`]),
 //! validating it as a JWT against an explicit algorithm allow-list
 //! ([`validate`]) with a static key or the keys of an identity provider's
 //! JWKS ([`jwks`], [`keyset`]), reading its claims into a [`Principal`]
@@ -81,6 +82,20 @@ pub struct Principal {
     /// The value of the configured class claim (e.g. `tier`), which picks
     /// the subject's quota; `None` without that setting or claim.
     pub class: Option<String>,
+    /// The stream ticket the request came with instead of a token (`None`
+    /// for a token): what a ticket's first request opens is bound to it.
+    pub ticket: Option<TicketUse>,
+}
+
+/// A stream ticket as one request used it (see `crate::tickets`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TicketUse {
+    /// The store's key for the ticket: a digest, never the ticket itself,
+    /// so a `Principal` in a log line leaks nothing usable.
+    pub key: String,
+    /// True only for the request that used the ticket first (decided
+    /// atomically in the store): what it opens becomes the ticket's.
+    pub first: bool,
 }
 
 impl Principal {
@@ -88,7 +103,7 @@ impl Principal {
     /// (a stream ticket carries what its token granted).
     pub fn new(subject: String, scopes: &[Scope], expires_at: u64, class: Option<String>) -> Self {
         let scopes = scopes.iter().fold(0, |bits, s| bits | s.bit());
-        Self { subject, scopes, expires_at, class }
+        Self { subject, scopes, expires_at, class, ticket: None }
     }
 
     /// The scopes held, in [`Scope::ALL`] order.
@@ -154,6 +169,19 @@ pub enum AuthError {
         /// When the next attempt to load them may happen.
         retry_after: Duration,
     },
+    /// A stream ticket this server never issued, or one long gone.
+    #[error("the stream ticket is not valid")]
+    InvalidTicket,
+    /// A stream ticket past its lifetime (or its token's `exp`).
+    #[error("the stream ticket has expired; get a new one from POST /v1/tickets")]
+    TicketExpired,
+    /// A stream ticket already used, presented for something other than a
+    /// reconnect to what it opened.
+    #[error("the stream ticket was already used; it only reconnects to what it opened")]
+    TicketUsed,
+    /// A stream ticket where only a token will do (minting a ticket).
+    #[error("a stream ticket is not accepted here; send the token")]
+    TicketNotAccepted,
 }
 
 impl AuthError {
@@ -174,6 +202,10 @@ impl AuthError {
             AuthError::InvalidClaims => "invalid_claims",
             AuthError::UnknownKey => "unknown_key",
             AuthError::KeysUnavailable { .. } => "jwks_unavailable",
+            AuthError::InvalidTicket => "invalid_ticket",
+            AuthError::TicketExpired => "ticket_expired",
+            AuthError::TicketUsed => "ticket_used",
+            AuthError::TicketNotAccepted => "ticket_not_accepted",
         }
     }
 }

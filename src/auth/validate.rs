@@ -412,7 +412,7 @@ mod tests {
 
     fn config(audience: Option<&str>) -> AuthConfig {
         let key = KeyMaterial::Secret { secret: Secret::new(SECRET.to_vec()), generated: false };
-        let sources = TokenSources { cookie: "c".into(), query: "q".into() };
+        let sources = TokenSources { cookie: "c".into(), query: "q".into(), ticket: "t".into() };
         AuthConfig::new(key, None, None, audience.map(str::to_owned), Duration::ZERO, sources)
             .unwrap_or_else(|e| panic!("{e}"))
     }
@@ -457,7 +457,7 @@ mod tests {
                 refresh_max: Duration::from_secs(3600),
             })
         };
-        let sources = || TokenSources { cookie: "c".into(), query: "q".into() };
+        let sources = || TokenSources { cookie: "c".into(), query: "q".into(), ticket: "t".into() };
         let names = vec!["RS256".to_owned(), "HS256".to_owned()];
         let err = AuthConfig::new(jwks(), Some(&names), None, None, Duration::ZERO, sources()).err();
         assert_eq!(err, Some(AuthSetupError::AlgorithmMismatch("HS256".into())));

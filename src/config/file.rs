@@ -103,6 +103,8 @@ sections! {
         jwks_refresh: String,
         jwks_refresh_min: String,
         jwks_refresh_max: String,
+        ticket_query: String,
+        ticket_ttl: String,
     }
     limits: LimitsSection {
         rate_subject_per_min: u32,

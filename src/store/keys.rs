@@ -14,6 +14,7 @@
 //! | `tg:rate:s:{subject}` | string | a subject's GCRA state: its theoretical arrival time, in µs of Redis time |
 //! | `tg:rate:ip:{ip}` | string | a client IP's GCRA state, the same way |
 //! | `tg:slots:{subject}` | sorted set | a subject's stream leases, scored by expiry (ms of Redis time) |
+//! | `tg:t:{digest}` | hash | a stream ticket: [`TICKET_RECORD`], [`TICKET_USE`], [`TICKET_BINDING`] |
 //! | [`CANCEL_CHANNEL`] | pub/sub | stream ids to cancel, heard by every replica |
 //! | [`ATTACH_CHANNEL`] | pub/sub | stream ids a remote reader just attached to |
 
@@ -36,6 +37,12 @@ pub(super) const GENERATOR: &str = "generator";
 pub(super) const DATA: &str = "d";
 /// Channel entry field: the published event name (absent for `message`).
 pub(super) const EVENT_NAME: &str = "e";
+/// Ticket field: what the ticket grants (set when it is issued).
+pub(super) const TICKET_RECORD: &str = "r";
+/// Ticket field: its first use (set by the one atomic take that wins).
+pub(super) const TICKET_USE: &str = "u";
+/// Ticket field: what its first use opened.
+pub(super) const TICKET_BINDING: &str = "b";
 
 /// A stream's event log.
 pub(super) fn stream(id: &StreamId) -> String {
@@ -84,6 +91,12 @@ pub(super) fn rate_ip(ip: &std::net::IpAddr) -> String {
 /// A subject's stream leases, cluster-wide.
 pub(super) fn stream_slots(subject: &str) -> String {
     format!("tg:slots:{subject}")
+}
+
+/// A stream ticket, by the digest of the ticket (the ticket itself is
+/// never stored, so a dump of Redis holds no usable ticket).
+pub(super) fn ticket(digest: &str) -> String {
+    format!("tg:t:{digest}")
 }
 
 /// A channel's event log.

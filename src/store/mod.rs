@@ -17,6 +17,10 @@
 //!
 //! A reader's position in any log is a [`Cursor`]; the producer's handle
 //! is a [`StreamWriter`].
+//!
+//! It also keeps stream tickets (in memory, or in Redis so that a ticket is
+//! used once across replicas), as opaque entries whose first use is
+//! decided atomically; see [`Store::take_ticket`].
 
 mod channels;
 mod chats;
@@ -28,6 +32,7 @@ mod redis;
 mod remote;
 mod shared_limits;
 mod subscriptions;
+mod tickets;
 mod writer;
 
 use std::sync::Arc;
@@ -40,6 +45,7 @@ use self::chats::ChatIndex;
 use self::memory::StreamHub;
 use self::quotas::QuotaCounters;
 use self::redis::{ChannelTail, RedisSettings, RedisStore, Replicator};
+use self::tickets::TicketTable;
 use crate::event::StreamId;
 
 pub use channels::{ChannelEvent, ChannelItem};
@@ -110,6 +116,8 @@ struct Inner {
     chats: ChatIndex,
     /// Quota counters (with Redis, Redis holds them for every replica).
     quotas: QuotaCounters,
+    /// Stream tickets (unused with Redis, which holds them then).
+    tickets: TicketTable,
     settings: StoreSettings,
     shared: Option<Shared>,
 }
@@ -161,6 +169,7 @@ impl Store {
             channels,
             chats: ChatIndex::default(),
             quotas: QuotaCounters::default(),
+            tickets: TicketTable::default(),
             settings,
             shared,
         }))
@@ -195,6 +204,7 @@ impl Store {
         let streams = &self.0.streams;
         self.0.chats.sweep(|id| streams.get(id).is_some());
         self.0.quotas.sweep();
+        self.0.tickets.sweep();
     }
 
     /// Streams produced by this process and still retained.
@@ -332,5 +342,59 @@ impl Store {
             }
         }
         Ok(())
+    }
+}
+
+/// A stream ticket as [`Store::take_ticket`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenTicket {
+    /// What the ticket grants, as issued.
+    pub record: String,
+    /// Its first use (this take's, if `first`).
+    pub first_use: String,
+    /// What its first use opened, once that was recorded.
+    pub binding: Option<String>,
+    /// True for exactly one take of each ticket, across replicas.
+    pub first: bool,
+}
+
+// Stream tickets. The store keeps their entries as text and decides one
+// thing: which take is a ticket's first use, atomically (with Redis, in one
+// script, across replicas). What the entries mean is `crate::tickets`'s.
+impl Store {
+    /// Records a new ticket under `key` (its digest) for `ttl`. False when
+    /// the in-memory table is full.
+    pub async fn issue_ticket(&self, key: &str, record: String, ttl: Duration) -> Result<bool, StoreError> {
+        match &self.0.shared {
+            Some(shared) => shared.redis.issue_ticket(key, &record, ttl.as_millis().max(1) as u64).await.map(|()| true),
+            None => Ok(self.0.tickets.issue(key, record, ttl)),
+        }
+    }
+
+    /// The ticket under `key`, if it exists. If it was never used, it is
+    /// marked used by `first_use` and kept `keep` from now; of any number of
+    /// concurrent takes, exactly one sees `first`.
+    pub async fn take_ticket(
+        &self,
+        key: &str,
+        first_use: String,
+        keep: Duration,
+    ) -> Result<Option<TakenTicket>, StoreError> {
+        match &self.0.shared {
+            Some(shared) => shared.redis.take_ticket(key, &first_use, keep.as_millis().max(1) as u64).await,
+            None => Ok(self.0.tickets.take(key, first_use, keep)),
+        }
+    }
+
+    /// Records what the ticket's first use opened; an existing binding is
+    /// kept.
+    pub async fn bind_ticket(&self, key: &str, binding: String) -> Result<(), StoreError> {
+        match &self.0.shared {
+            Some(shared) => shared.redis.bind_ticket(key, &binding).await,
+            None => {
+                self.0.tickets.bind(key, binding);
+                Ok(())
+            }
+        }
     }
 }

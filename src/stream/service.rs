@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::quota::{QuotaError, Quotas};
 use crate::shutdown::Shutdown;
 use crate::store::{Located, Store, StoreError};
+use crate::tickets::{self, Target};
 
 /// The events of one stream as one connection receives them.
 pub type EventStream = Pin<Box<dyn Stream<Item = Arc<StreamEvent>> + Send + 'static>>;
@@ -193,6 +194,7 @@ impl StreamService {
         let meter = inner.quotas.admit(caller).await?;
         let permit = inner.slots.acquire(&caller.subject).await?;
         let stream_id = StreamId::random().map_err(|e| StreamError::Rng(e.to_string()))?;
+        tickets::bind(&inner.store, caller, Target::Stream(stream_id)).await?;
         let settings = EngineSettings {
             pace: cfg.pace.resolve(entry.pace, request.pace_ms),
             max_duration: limits.max_stream_duration,
@@ -226,9 +228,14 @@ impl StreamService {
 
     /// Finds a stream the caller may see: its own, or any with `admin`.
     /// Another subject's stream is reported exactly like an unknown one.
+    /// A stream ticket's first use is bound to the stream found (as to the
+    /// one [`Self::open`] starts), which is what it may reconnect to.
     pub async fn locate(&self, caller: &Principal, id: &StreamId) -> Result<Located, StreamError> {
         match self.0.store.locate(id).await? {
-            Some(located) if located.owner == caller.subject || caller.is_admin() => Ok(located),
+            Some(located) if located.owner == caller.subject || caller.is_admin() => {
+                tickets::bind(&self.0.store, caller, Target::Stream(*id)).await?;
+                Ok(located)
+            }
             _ => Err(StreamError::NotFound),
         }
     }

@@ -1,7 +1,8 @@
 //! The demo page in headless Chromium (Debian's chromium and
 //! chromium-driver), driven over WebDriver: type a prompt and see the exact
-//! text; cut the connection mid-stream and see the page resume with the
-//! exact text; press Stop and see the stream end. A screenshot is saved to
+//! text, streamed with a stream ticket in the `EventSource` URL (never the
+//! token); cut the connection mid-stream and see the page resume with the
+//! exact text on the same ticket; press Stop and see the stream end. A screenshot is saved to
 //! tests/artifacts/. Missing Chromium fails the test; it never skips.
 
 use std::process::{Child, Command, Stdio};
@@ -122,6 +123,13 @@ async fn status(client: &Client) -> String {
     js(client, "return document.getElementById('status').textContent").await.as_str().unwrap_or_default().to_owned()
 }
 
+/// The URL the page's latest `EventSource` was opened with (`streamUrl`, a
+/// top-level binding of the page's script).
+async fn event_source_url(client: &Client) -> String {
+    let url = js(client, "return typeof streamUrl === 'string' ? streamUrl : ''").await;
+    url.as_str().unwrap_or_default().to_owned()
+}
+
 async fn wait_for(client: &Client, what: &str, mut check: impl FnMut(String, String) -> bool) {
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
@@ -175,6 +183,10 @@ async fn the_demo_page_streams_resumes_and_stops_in_chromium() {
     let emoji = std::fs::read_to_string("prompts/emoji.txt").unwrap();
     send(&client, "emoji", "demo", 2).await;
     wait_for(&client, "the emoji text", |a, s| s == "done" && a == emoji).await;
+    // The EventSource URL carries a stream ticket, never the token.
+    let first_url = event_source_url(&client).await;
+    assert!(first_url.contains("ticket=") && !first_url.contains("access_token"), "{first_url}");
+    assert!(!first_url.contains(&token), "{first_url}");
 
     // 2. The connection is cut mid-stream; EventSource reconnects with
     //    Last-Event-ID and the page ends with the exact text, no repeats.
@@ -185,10 +197,13 @@ async fn the_demo_page_streams_resumes_and_stops_in_chromium() {
     proxy.cut();
     wait_for(&client, "more text after the cut", |a, _| a.chars().count() >= 60).await;
     assert!(proxy.accepted() > before, "the page reconnected");
+    let second_url = event_source_url(&client).await;
+    assert_ne!(second_url, first_url, "a new answer gets a fresh ticket");
     let before = proxy.accepted();
     proxy.cut();
     wait_for(&client, "the whole Chinese text", |a, s| s == "done" && a == chinese).await;
     assert!(proxy.accepted() > before, "the page reconnected again");
+    assert_eq!(event_source_url(&client).await, second_url, "the reconnects reused the URL and its ticket");
     assert_eq!(app.state.store.local_streams(), 2, "the cuts resumed one stream; they did not start new ones");
 
     // 3. Stop ends the stream on the server (DELETE), and the text stops.

@@ -10,6 +10,7 @@
 //! - [`chats`]: which stream answers a UI chat now;
 //! - [`limits`]: cluster-wide request rates and stream leases (Lua
 //!   scripts).
+//! - [`tickets`]: stream tickets, taken atomically by one Lua script.
 //!
 //! Every command has a response timeout, so a Redis outage fails requests
 //! quickly instead of hanging them; the connection manager reconnects by
@@ -21,6 +22,7 @@ mod leases;
 mod limits;
 mod logs;
 mod quotas;
+mod tickets;
 
 use std::collections::HashMap;
 use std::sync::Arc;
