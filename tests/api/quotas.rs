@@ -431,3 +431,60 @@ async fn the_official_sdks_see_a_length_stop_and_then_a_rate_limit() {
     let env = [("EXPECTED_CHARS", "12"), ("TOKENGATE_TOKEN_2", token2.as_str())];
     run_client_check(&python, "tests/python/quota_sdk_check.py", &app, &token, &env, "quota sdk ok").await;
 }
+
+/// A replica killed mid-stream loses at most its stream's unused
+/// reservation: the budget stays charged for it, never for more.
+#[tokio::test]
+async fn a_killed_replica_costs_at_most_its_unused_reservation() {
+    let redis = RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("tokengate-quota-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tokengate.toml");
+    std::fs::write(&config, "[quota]\nreservation = 50\n[quota.default]\nchars_per_hour = 1000\n").unwrap();
+    let url = redis.url();
+    let mut a = crate::binary::start(
+        &["--config", config.to_str().unwrap(), "--jwt-secret", SECRET, "--redis-url", &url, "--detach-grace", "30s"],
+        &[],
+        "listening on",
+    );
+    let b = spawn_app_with({
+        let mut s = with_quota(QuotaSettings {
+            reservation: Some(50),
+            default: PlanSettings { chars_per_hour: Some(1000), ..PlanSettings::default() },
+            ..QuotaSettings::default()
+        });
+        s.redis_url = Some(url.clone());
+        s
+    })
+    .await;
+    let token = b.token("alice", "stream");
+    let client = reqwest::Client::new();
+    let mut resp = None;
+    for _ in 0..100 {
+        let r = client
+            .get(format!("{}/v1/stream?generator=echo&pace_ms=100&prompt={}", a.base, "k".repeat(40)))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            resp = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut body = resp.expect("replica A accepted the stream").bytes_stream();
+    let mut parser = Parser::new();
+    let seen = read_until(
+        &mut body,
+        &mut parser,
+        LIMIT,
+        |e| matches!(e, tokengate::sse::Event::Message { id: Some(id), .. } if id.ends_with(".3")),
+    )
+    .await;
+    assert!(outline(&seen).0 >= 3);
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    let report = usage(&b, &token).await;
+    assert_eq!(used(&report), 50, "the dead replica's reservation stays charged, and nothing more: {report}");
+}
