@@ -30,6 +30,7 @@ pub type RouteEntry = (&'static str, &'static [&'static str], MethodRouter<AppSt
 pub fn route_table() -> Vec<RouteEntry> {
     vec![
         ("/", &["GET"], get(api::demo::page)),
+        ("/dashboard", &["GET"], get(api::demo::dashboard)),
         ("/healthz", &["GET"], get(api::health::healthz)),
         ("/readyz", &["GET"], get(api::health::readyz)),
         ("/metrics", &["GET"], get(api::health::metrics)),

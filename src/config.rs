@@ -14,7 +14,7 @@
 //! | `[server]` (or the top level) | `listen`, `listen_backlog`, `cors_origins`, `log_format`, `shutdown_grace`, `shutdown_retry` |
 //! | `[auth]` | `jwt_*`, `token_cookie`, `token_query`, `token_grace`, `jwks_*`, `ticket_query`, `ticket_ttl` |
 //! | `[limits]` | `rate_*`, `trusted_proxies`, `max_streams`, `max_streams_per_subject`, `send_queue`, `max_lag`, `max_body_bytes`, `max_prompt_bytes`, `max_messages`, `max_stream_duration`, `max_header_bytes`, `header_timeout`, `max_connections`, `limits_on_store_failure`, `stream_lease_ttl` |
-//! | `[stream]` | `heartbeat`, `retry`, `pace_ms`, `pace_min_ms`, `pace_max_ms`, `generator_pace`, `default_generator`, `prompts_dir`, `openai_chunk_graphemes`, `upstream_url`, `upstream_model`, `upstream_api_key_env` |
+//! | `[stream]` | `heartbeat`, `retry`, `pace_ms`, `pace_min_ms`, `pace_max_ms`, `generator_pace`, `default_generator`, `demo_feeds`, `demo_feeds_every`, `prompts_dir`, `openai_chunk_graphemes`, `upstream_url`, `upstream_model`, `upstream_api_key_env` |
 //! | `[store]` | `redis_url`, `detach_grace`, `stream_ttl`, `stream_max_events`, `channel_max_events`, `channel_ttl`, `max_publish_bytes` |
 //! | `[upstreams.NAME]` | one upstream model server each ([`UpstreamSettings`]) |
 //!
@@ -67,6 +67,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_RETRY: Duration = Duration::from_secs(1);
 /// Default JWT clock-skew leeway.
 pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
+/// How often the demo feeds publish unless configured: the seeds' pace.
+pub const DEFAULT_DEMO_FEEDS_EVERY: Duration = Duration::from_secs(1);
 /// How long a connection may outlive its token's `exp` unless configured:
 /// long enough that a client refreshing its token just before `exp` is
 /// not cut mid-answer, short enough that a revoked user's hours-long
@@ -249,6 +251,13 @@ pub struct Settings {
     /// Generator used when a request names none.
     #[arg(long, global = true, env = "TOKENGATE_DEFAULT_GENERATOR")]
     pub default_generator: Option<String>,
+    /// Run the built-in demo feeds (`demo.counter`, `demo.status`,
+    /// `demo.metrics`, `demo.clock`) behind `/dashboard` (default true).
+    #[arg(long, global = true, env = "TOKENGATE_DEMO_FEEDS")]
+    pub demo_feeds: Option<bool>,
+    /// How often the demo feeds publish (e.g. `1s`).
+    #[arg(long, global = true, env = "TOKENGATE_DEMO_FEEDS_EVERY")]
+    pub demo_feeds_every: Option<String>,
     /// Directory of `*.txt` texts for the `demo` generator (default: the
     /// texts shipped in the binary).
     #[arg(long, global = true, env = "TOKENGATE_PROMPTS_DIR")]
@@ -389,6 +398,8 @@ pub fn help_defaults() -> Vec<(&'static str, String)> {
         ("pace_min_ms", DEFAULT_PACE_MIN_MS.to_string()),
         ("pace_max_ms", DEFAULT_PACE_MAX_MS.to_string()),
         ("default_generator", DEFAULT_GENERATOR.to_owned()),
+        ("demo_feeds", "true".to_owned()),
+        ("demo_feeds_every", time(DEFAULT_DEMO_FEEDS_EVERY)),
         ("max_body_bytes", DEFAULT_MAX_BODY_BYTES.to_string()),
         ("max_prompt_bytes", DEFAULT_MAX_PROMPT_BYTES.to_string()),
         ("shutdown_grace", time(DEFAULT_SHUTDOWN_GRACE)),
@@ -451,7 +462,7 @@ impl Settings {
             listen, listen_backlog, jwt_secret, jwt_secret_file, jwt_public_key_file,
             jwt_private_key_file, jwt_algorithms, jwt_issuer, jwt_audience, jwt_leeway,
             token_cookie, token_query, token_grace, ticket_query, ticket_ttl, cors_origins, heartbeat, retry, pace_ms, pace_min_ms,
-            pace_max_ms, generator_pace, default_generator, prompts_dir, max_body_bytes,
+            pace_max_ms, generator_pace, default_generator, demo_feeds, demo_feeds_every, prompts_dir, max_body_bytes,
             max_prompt_bytes, shutdown_grace, shutdown_retry, log_format, rate_subject_per_min,
             rate_subject_burst, rate_ip_per_min, rate_ip_burst, trusted_proxies, max_streams,
             max_streams_per_subject, send_queue, max_lag, max_messages, max_stream_duration,
@@ -653,6 +664,8 @@ pub struct Config {
     pub quota: Option<PlanBook>,
     /// How long a connection may outlive its token's `exp`.
     pub token_grace: Duration,
+    /// How often the demo feeds publish; `None` when they are off.
+    pub demo_feeds: Option<Duration>,
 }
 
 fn duration(setting: &'static str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
@@ -703,8 +716,17 @@ impl Config {
             store: store(&s)?,
             quota,
             token_grace: duration("token_grace", s.token_grace.as_deref(), DEFAULT_TOKEN_GRACE)?,
+            demo_feeds: demo_feeds(&s)?,
         })
     }
+}
+
+fn demo_feeds(s: &Settings) -> Result<Option<Duration>, ConfigError> {
+    let every = duration("demo_feeds_every", s.demo_feeds_every.as_deref(), DEFAULT_DEMO_FEEDS_EVERY)?;
+    if every < Duration::from_millis(10) {
+        return Err(ConfigError::invalid("demo_feeds_every", "must be at least 10ms"));
+    }
+    Ok(s.demo_feeds.unwrap_or(true).then_some(every))
 }
 
 fn quota(s: &Settings) -> Result<Option<PlanBook>, ConfigError> {

@@ -32,6 +32,7 @@
 //! - [`json`]: JSON details where JSON Schema and serde disagree (`3.0` as an integer).
 //! - [`limits`]: request rates, stream slots, client IP behind proxies;
 //!   with a shared store, rates and per-subject slots for the whole cluster.
+//! - [`feeds`]: the built-in demo feeds behind `/dashboard` (the seeds' live dashboards).
 //! - [`quota`]: usage budgets per subject, drawn on while streaming.
 //! - [`sse`]: the event-stream wire format (encoder and spec parser).
 //! - [`config`]: settings from flags, env and TOML, validated into
@@ -50,6 +51,7 @@ pub mod config;
 pub mod dialect;
 pub mod error;
 pub mod event;
+pub mod feeds;
 pub mod generator;
 pub mod json;
 pub mod limits;

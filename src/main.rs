@@ -153,6 +153,7 @@ fn print_banner(app: &Application) {
             println!("demo token (sub \"demo\", scope \"stream publish\", valid 24 h):\n\n  {token}\n");
             println!("try it:\n\n  curl -N -H \"Authorization: Bearer {token}\" \"{base}/v1/stream?prompt=hello\"\n");
             println!("or open {base}/#token={token}");
+            println!("and the live dashboard: {base}/dashboard#token={token}");
         }
         Err(e) => eprintln!("tokengate: could not mint the demo token: {e}"),
     }

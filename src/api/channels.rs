@@ -98,7 +98,8 @@ pub async fn subscribe(
         state.config.limits.max_stream_duration,
     ));
     let dialect = ChannelSse {
-        retry_ms: state.config.stream.retry.as_millis() as u64,
+        // A demo feed may have its own reconnect hint (`demo.status`).
+        retry_ms: crate::feeds::retry_for(&name).unwrap_or(state.config.stream.retry.as_millis() as u64),
         subscriber_id: subscriber_id.to_string(),
         channel: name,
     };

@@ -134,6 +134,8 @@ sections! {
         pace_max_ms: u32,
         generator_pace: Vec<String>,
         default_generator: String,
+        demo_feeds: bool,
+        demo_feeds_every: String,
         prompts_dir: PathBuf,
         openai_chunk_graphemes: usize,
         upstream_url: String,

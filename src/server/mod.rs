@@ -232,6 +232,9 @@ fn spawn_background(
         });
     }
     state.store.spawn_background(state.shutdown.stopped());
+    if let Some(every) = state.config.demo_feeds {
+        tokio::spawn(crate::feeds::run(state.store.clone(), every, state.shutdown.stopped().clone()));
+    }
     state.config.auth.start_key_refresh(state.metrics.clone(), state.shutdown.stopped().clone());
     let (slots, stop) = (state.slots.clone(), state.shutdown.stopped().clone());
     tokio::spawn(async move { slots.keep_leases(stop).await })

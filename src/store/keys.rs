@@ -10,6 +10,7 @@
 //! | `tg:c:{name}` | stream | a channel's events; fields [`DATA`] and [`EVENT_NAME`] |
 //! | `tg:n:{name}` | hash | a channel's subscriber count per replica |
 //! | `tg:u:{len}:{owner}:{chat}` | string | a UI chat's current stream id (`len`: the owner's length in bytes) |
+//! | `tg:lead:{role}` | string | the replica that holds a cluster-wide duty (the demo feeds), with a TTL |
 //! | `tg:q:{len}:{subject}:{counter}` | string | a subject's use of one quota unit in one window (an integer) |
 //! | `tg:rate:s:{subject}` | string | a subject's GCRA state: its theoretical arrival time, in µs of Redis time |
 //! | `tg:rate:ip:{ip}` | string | a client IP's GCRA state, the same way |
@@ -69,6 +70,11 @@ pub(super) fn remote_reader(id: &StreamId) -> String {
 /// contains.
 pub(super) fn chat(owner: &str, chat: &str) -> String {
     format!("tg:u:{}:{owner}:{chat}", owner.len())
+}
+
+/// The lease of the replica that holds a cluster-wide duty.
+pub(super) fn leader(role: &str) -> String {
+    format!("tg:lead:{role}")
 }
 
 /// A subject's quota counter (`counter` names the unit and window). The

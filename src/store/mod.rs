@@ -292,6 +292,16 @@ impl Store {
         }
     }
 
+    /// Whether this replica holds the cluster-wide duty `role` for the
+    /// next `ttl` (taking or renewing its lease). Without Redis there is
+    /// one replica, and it always does.
+    pub async fn lead(&self, role: &str, ttl: Duration) -> Result<bool, StoreError> {
+        match &self.0.shared {
+            Some(shared) => shared.redis.lead(role, &shared.replica_id, ttl).await,
+            None => Ok(true),
+        }
+    }
+
     /// Grants up to `want` on all of `subject`'s `counters` at once (as
     /// much as the fullest has room for, added to each): a quota
     /// reservation. Atomic across replicas with Redis.

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokengate::sse::{Event, Parser};
 
 use crate::helpers::*;
-use crate::redis::RedisServer;
+use crate::redis::{RedisServer, ready};
 
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -21,17 +21,6 @@ fn replica(redis: &RedisServer) -> tokengate::config::Settings {
     let mut s = base_settings();
     s.redis_url = Some(redis.url());
     s
-}
-
-/// Waits until the replica answers `/readyz` (it has reached Redis).
-async fn ready(app: &TestApp) {
-    for _ in 0..400 {
-        if app.get("/readyz", None).await.status() == 200 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("replica never became ready");
 }
 
 /// A direct connection to the test's Redis, to look at the keys.

@@ -137,6 +137,8 @@ pub fn base_settings() -> Settings {
         rate_ip_per_min: Some(0),
         // A client that leaves cancels at once unless a test wants resume.
         detach_grace: Some("0s".into()),
+        // Quiet channels unless a test is about the demo feeds.
+        demo_feeds: Some(false),
         ..Settings::default()
     }
 }

@@ -11,6 +11,7 @@ mod browser;
 mod channels;
 mod cluster_limits;
 mod cors;
+mod dashboard;
 mod helpers;
 mod jwks;
 mod lifecycle;

@@ -378,14 +378,8 @@ async fn replicas_share_the_budget_without_overshoot() {
     };
     let a = spawn_app_with(settings()).await;
     let b = spawn_app_with(settings()).await;
-    for app in [&a, &b] {
-        for _ in 0..200 {
-            if app.get("/readyz", None).await.status() == 200 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
+    crate::redis::ready(&a).await;
+    crate::redis::ready(&b).await;
     let token = a.token("alice", "stream");
     let prompt = "q".repeat(40);
     let opens = (0..8).map(|i| {

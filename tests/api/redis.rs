@@ -74,14 +74,17 @@ impl Drop for RedisServer {
     }
 }
 
-fn shared(redis: &RedisServer) -> tokengate::config::Settings {
+/// Test settings for a replica of the shared store `redis`, with a detach
+/// grace long enough to resume elsewhere.
+pub fn shared(redis: &RedisServer) -> tokengate::config::Settings {
     let mut s = base_settings();
     s.redis_url = Some(redis.url());
     s.detach_grace = Some("10s".into());
     s
 }
 
-async fn ready(app: &TestApp) {
+/// Waits (bounded) until the replica answers `/readyz`: it reached Redis.
+pub async fn ready(app: &TestApp) {
     for _ in 0..200 {
         if app.get("/readyz", None).await.status() == 200 {
             return;

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tokengate::sse::{Event, Parser};
 
 use crate::helpers::*;
-use crate::redis::RedisServer;
+use crate::redis::{RedisServer, ready, shared};
 
 const LIMIT: Duration = Duration::from_secs(15);
 
@@ -330,23 +330,6 @@ async fn tickets_never_reach_the_logs() {
     assert!(logs.contains("ticket=%5Bredacted%5D") || logs.contains("ticket=[redacted]"), "{logs}");
     assert!(logs.contains("ticket_used"), "the refusal is logged by its code: {logs}");
     assert!(!logs.contains(&ticket), "a ticket was logged: {logs}");
-}
-
-fn shared(redis: &RedisServer) -> tokengate::config::Settings {
-    let mut s = base_settings();
-    s.redis_url = Some(redis.url());
-    s.detach_grace = Some("10s".into());
-    s
-}
-
-async fn ready(app: &TestApp) {
-    for _ in 0..200 {
-        if app.get("/readyz", None).await.status() == 200 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("replica never became ready");
 }
 
 #[tokio::test]

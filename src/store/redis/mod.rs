@@ -18,6 +18,7 @@
 
 mod channels;
 mod chats;
+mod leaders;
 mod leases;
 mod limits;
 mod logs;
