@@ -36,7 +36,7 @@ pub fn status(tick: u64, ts: &str) -> Message {
     match step {
         1 => Message { event: "status", data: base("connected") },
         STATUS_CYCLE => Message { event: "status", data: base("done") },
-        s if s % 3 == 0 => Message { event: "status", data: base("pause") },
+        s if s.is_multiple_of(3) => Message { event: "status", data: base("pause") },
         _ => Message { event: "update", data: json!({ "cycle": cycle, "step": step, "value": wave(tick), "ts": ts }) },
     }
 }
@@ -45,7 +45,7 @@ pub fn status(tick: u64, ts: &str) -> Message {
 /// [`ALERT_EVERY`]th is over the threshold and comes as an `alert` event.
 pub fn metrics(tick: u64, ts: &str) -> Message {
     let id = tick + 1;
-    if id % ALERT_EVERY == 0 {
+    if id.is_multiple_of(ALERT_EVERY) {
         let value = 90.0 + (tick % 10) as f64;
         Message { event: "alert", data: json!({ "id": id, "value": value, "status": "alert", "ts": ts }) }
     } else {
