@@ -59,9 +59,11 @@ impl CuttableProxy {
     }
 }
 
-struct Browser {
+/// Chromium under chromedriver, both stopped on drop.
+pub struct Browser {
     driver: Child,
-    client: Option<Client>,
+    /// The WebDriver session.
+    pub client: Option<Client>,
 }
 
 impl Drop for Browser {
@@ -72,6 +74,11 @@ impl Drop for Browser {
 }
 
 async fn browser() -> Browser {
+    browser_with(&[]).await
+}
+
+/// Headless Chromium with `extra` command-line flags.
+pub async fn browser_with(extra: &[&str]) -> Browser {
     let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
@@ -87,15 +94,27 @@ async fn browser() -> Browser {
         });
     let mut browser = Browser { driver, client: None };
     let profile = std::env::temp_dir().join(format!("tokengate-chromium-{port}"));
+    let mut args: Vec<String> = [
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        "--window-size=1000,900",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    args.push(format!("--user-data-dir={}", profile.display()));
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
     let caps = json!({
         "goog:chromeOptions": {
             "binary": chromium,
-            "args": [
-                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--disable-quic", "--window-size=1000,900",
-                format!("--user-data-dir={}", profile.display()),
-            ]
+            "args": args,
         }
     });
     let caps: fantoccini::wd::Capabilities = caps.as_object().unwrap().clone();

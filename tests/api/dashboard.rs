@@ -138,3 +138,57 @@ async fn the_dashboard_page_is_served() {
     }
     assert!(!html.contains("access_token"), "the page puts tickets in URLs, never the token");
 }
+
+/// Per panel: its name, whether its `EventSource` is open, and the
+/// updates it has shown, read from the page.
+async fn panels(client: &fantoccini::Client) -> Vec<(String, bool, u64)> {
+    let v = client
+        .execute(
+            "return [...document.querySelectorAll('[data-panel]')].map(p => [p.dataset.panel, p.dataset.open === '1', Number(p.dataset.count || 0)])",
+            vec![],
+        )
+        .await
+        .unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_str().unwrap().to_owned(), p[1].as_bool().unwrap(), p[2].as_u64().unwrap()))
+        .collect()
+}
+
+/// Over HTTP/1.1 a browser opens at most six connections per origin: the
+/// dashboard's seven `EventSource`s show it, six panels live and one
+/// waiting. That states the browser's limit (HTTP/2 lifts it); it is not a
+/// failure of tokengate.
+#[tokio::test]
+async fn over_http1_the_seventh_event_source_waits() {
+    let mut settings = feeds_every(300);
+    settings.rate_subject_per_min = Some(6000);
+    settings.rate_subject_burst = Some(200);
+    let app = spawn_app_with(settings).await;
+    let token = app.token("viewer", "stream");
+    let browser = crate::browser::browser_with(&[]).await;
+    let client = browser.client.as_ref().unwrap();
+    client.goto(&format!("{}/dashboard#token={token}", app.base)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let now = panels(client).await;
+        if now.iter().filter(|(_, open, _)| *open).count() >= 6 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "six panels never connected: {now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Two seconds more (several ticks of every feed): still one waiting.
+    // The chat streams take far longer than that to end and free theirs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let now = panels(client).await;
+    let waiting: Vec<&String> = now.iter().filter(|(_, open, _)| !open).map(|(p, _, _)| p).collect();
+    assert_eq!(waiting.len(), 1, "exactly one of seven waits for a connection: {now:?}");
+    let (_, _, updates) = now.iter().find(|(p, _, _)| p == waiting[0]).unwrap();
+    assert_eq!(*updates, 0, "the waiting panel got nothing: {now:?}");
+    assert!(
+        now.iter().filter(|(p, open, _)| *open && p != "alerts").all(|(_, _, n)| *n > 0),
+        "every connected panel updates (alerts come every seventh reading): {now:?}"
+    );
+}
