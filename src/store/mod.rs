@@ -57,6 +57,14 @@ pub use shared_limits::{LimitStore, RateKey};
 pub use subscriptions::{ChannelFeed, ChannelPosition, Published};
 pub use writer::StreamWriter;
 
+/// How long a resume ahead of Redis waits for the producer's replication
+/// (which batches every few milliseconds): at most 50 polls of 20 ms. A
+/// producer that died meanwhile leaves the log short, and the remote
+/// cursor then says `generator_lost`.
+const CATCH_UP_POLLS: usize = 50;
+/// See [`CATCH_UP_POLLS`].
+const CATCH_UP_POLL: Duration = Duration::from_millis(20);
+
 /// How often Redis health is probed (feeds `/readyz` and admission).
 const REDIS_PROBE_EVERY: Duration = Duration::from_millis(500);
 
@@ -251,10 +259,17 @@ impl Store {
             Place::Local(log) => Ok((!log.is_complete_at(from)).then(|| Cursor::Local(log.attach(from)))),
             Place::Remote => {
                 let Some(shared) = &self.0.shared else { return Ok(None) };
-                if let Some((last, true)) = shared.redis.last_event(&located.id).await?
-                    && from > last
-                {
-                    return Ok(None);
+                // A client that saw more than Redis holds yet (it read the
+                // producer's replica directly, which replicates a moment
+                // later) waits for Redis to catch up, so that a resume after
+                // the terminal event is told "complete" (204), not answered
+                // with a stream the producer is just leaving.
+                for _ in 0..CATCH_UP_POLLS {
+                    match shared.redis.last_event(&located.id).await? {
+                        Some((last, true)) if from > last => return Ok(None),
+                        Some((last, false)) if from > last + 1 => tokio::time::sleep(CATCH_UP_POLL).await,
+                        _ => break,
+                    }
                 }
                 Ok(Some(Cursor::Remote(RemoteCursor::new(shared.redis.clone(), located.id, from))))
             }
