@@ -148,10 +148,13 @@ pub struct Causes {
     pub redis: bool,
 }
 
+/// Whether the round's causes explain a log line.
+type Explains = fn(Causes) -> bool;
+
 /// Warning and error lines the chaos explains, with the cause that
 /// explains each. Anything else at WARN or ERROR is unexpected, and in the
 /// quiet rounds (no chaos) every WARN or ERROR line is.
-const EXPECTED: &[(&str, fn(Causes) -> bool)] = &[
+const EXPECTED: &[(&str, Explains)] = &[
     ("redis unreachable: new streams are refused", |c| c.redis),
     ("replication to redis failed", |c| c.redis),
     ("cluster limits: the shared store failed", |c| c.redis),
