@@ -135,6 +135,9 @@ pub struct Replica {
     secret: String,
     dir: PathBuf,
     child: Option<Child>,
+    /// When the current incarnation was spawned (its periodic sweep of
+    /// expired streams ticks from about then).
+    pub started: Option<Instant>,
     /// Log files of every incarnation, in order.
     pub logs: Vec<PathBuf>,
 }
@@ -143,7 +146,7 @@ impl Replica {
     /// Describes (does not start) a replica.
     pub fn new(name: &'static str, binary: PathBuf, args: Vec<String>, secret: String, dir: PathBuf) -> Result<Self> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        Ok(Self { name, addr, binary, args, secret, dir, child: None, logs: Vec::new() })
+        Ok(Self { name, addr, binary, args, secret, dir, child: None, started: None, logs: Vec::new() })
     }
 
     /// Its PID while running.
@@ -169,6 +172,7 @@ impl Replica {
             .spawn()
             .map_err(|e| format!("cannot run {} ({e}); build it or pass --binary", self.binary.display()))?;
         self.child = Some(child);
+        self.started = Some(Instant::now());
         self.wait_ready(Duration::from_secs(30)).await
     }
 

@@ -5,6 +5,7 @@
 //! reconnect far faster than a person would).
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use super::procs::{Redis, Replica};
 use crate::Result;
@@ -17,6 +18,14 @@ pub const LEASE_TTL_SECS: u64 = 3;
 /// `--detach-grace`: a resume must arrive within it (they arrive within
 /// milliseconds, or a few seconds during an outage).
 pub const DETACH_GRACE: &str = "10s";
+/// `--stream-ttl`: how long a finished stream stays resumable (and in
+/// memory). Short, so that the RSS readings of the quiet rounds can be
+/// taken once the streams of the round are forgotten (the soak's own
+/// resumes come within seconds).
+pub const STREAM_TTL: Duration = Duration::from_secs(5);
+/// How often a replica forgets expired streams (tokengate's
+/// `PRUNE_EVERY` in `src/server/mod.rs`, ticking from its start).
+pub const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 /// Where things go and what to run.
 #[derive(Debug, Clone)]
@@ -66,6 +75,8 @@ impl Cluster {
             "2s",
             "--pace-max-ms",
             "1000",
+            "--stream-ttl",
+            &format!("{}s", STREAM_TTL.as_secs()),
         ]
         .map(String::from)
         .to_vec();
@@ -75,6 +86,21 @@ impl Cluster {
             r.start().await?;
         }
         Ok(Self { redis, replicas })
+    }
+
+    /// The first moment at which both replicas have swept away every
+    /// stream that finished before `ended` (their sweep ticks every
+    /// [`SWEEP_EVERY`] from their start; one second of margin).
+    pub fn swept_after(&self, ended: Instant) -> Instant {
+        let due = ended + STREAM_TTL;
+        let mut at = due;
+        for r in &self.replicas {
+            let Some(start) = r.started else { continue };
+            let periods = due.saturating_duration_since(start).as_secs_f64() / SWEEP_EVERY.as_secs_f64();
+            let tick = start + SWEEP_EVERY.mul_f64(periods.ceil());
+            at = at.max(tick);
+        }
+        at + Duration::from_secs(1)
     }
 
     /// Stops both replicas (SIGTERM; a non-zero exit is an error) and Redis.
