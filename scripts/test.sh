@@ -2,7 +2,7 @@
 # The whole test suite, on a fresh machine or a developer's: provisions what
 # the suite needs when it is missing, then runs formatting and lint checks,
 # every Rust test (unit, property, integration against the real server and
-# binary) and the OpenAPI validator. CI (.ci/run) calls exactly this script.
+# binary), the OpenAPI validator and the short chaos soak. CI (.ci/run) calls exactly this script.
 #
 # Tests that need an external program fail with a clear message when it is
 # missing; they are never skipped.
@@ -90,6 +90,16 @@ token=$(target/debug/tokengate "${flags[@]}" token --sub schemathesis --scope "s
     --request-timeout 10 --no-color
 kill $server
 trap - EXIT
+
+# The short chaos soak (about 40 s on 2 cores): two debug replicas sharing
+# a real redis-server, clients cutting connections at random byte offsets
+# and resuming on the other replica, two SIGKILLs, a drain, a Redis restart,
+# then two quiet rounds for the gauge, slot, RSS and log checks. It prints
+# one summary line and exits non-zero if any check failed (which stops this
+# script). The full version is in the README ("Reliability").
+log "chaos soak (short): tokengate-bench soak --short"
+cargo build --quiet -p tokengate -p tokengate-bench
+target/debug/tokengate-bench soak --short --binary target/debug/tokengate --out target/soak-short
 
 # One closing line for the whole run: the Rust tests' totals (every step
 # above has already passed, or the script would have stopped).

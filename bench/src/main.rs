@@ -1,4 +1,4 @@
-//! tokengate's benchmark harness: one binary, four subcommands.
+//! tokengate's benchmark harness: one binary, five subcommands.
 //!
 //! - `loadgen`: the load generator (modes `stream`, `idle`, `fanout`,
 //!   `proxy`, `opens`); prints one JSON object per run on stdout and a human
@@ -9,6 +9,8 @@
 //! - `mock-upstream`: a local OpenAI-compatible chat completions server that
 //!   streams the last user message back, one character per chunk.
 //! - `report`: turns the collected JSON lines into BENCHMARKS.md.
+//! - `soak`: the chaos soak (two replicas, Redis, disconnects, kills, a
+//!   drain, a Redis restart); one summary line, non-zero exit on failure.
 //!
 //! `scripts/bench.sh` drives all of it.
 
@@ -18,6 +20,7 @@ mod mock;
 mod procfs;
 mod reference;
 mod report;
+mod soak;
 mod stats;
 mod text;
 
@@ -43,6 +46,9 @@ enum Command {
     MockUpstream(mock::Args),
     /// Write BENCHMARKS.md from collected results.
     Report(report::Args),
+    /// Chaos soak: two replicas and Redis under disconnects, kills, a
+    /// drain and a Redis restart; every stream verified.
+    Soak(soak::Args),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +58,7 @@ fn main() -> ExitCode {
         Command::Reference(args) => reference::main(args),
         Command::MockUpstream(args) => mock::main(args),
         Command::Report(args) => report::main(args),
+        Command::Soak(args) => soak::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
