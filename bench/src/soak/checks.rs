@@ -159,6 +159,7 @@ const EXPECTED: &[(&str, Explains)] = &[
     ("replication to redis failed", |c| c.redis),
     ("cluster limits: the shared store failed", |c| c.redis),
     ("shared store request failed", |c| c.redis),
+    ("demo feeds could not publish", |c| c.redis),
     ("stream leases had lapsed", |c| c.redis),
     ("code=\"store_unavailable\"", |c| c.redis),
     ("code=store_unavailable", |c| c.redis),
