@@ -189,8 +189,15 @@ impl LiveStream {
     /// together, then wakes them once ([`Self::wake_readers`]), so they read
     /// the batch in one go. Past `max_events` the oldest is dropped.
     pub fn append_quietly(&self, event: StreamEvent) -> Arc<StreamEvent> {
-        let terminal = event.is_terminal();
         let event = Arc::new(event);
+        self.append_shared_quietly(event.clone());
+        event
+    }
+
+    /// [`LiveStream::append_quietly`] of an event already shared (the
+    /// terminal one, replicated before it is logged here).
+    pub fn append_shared_quietly(&self, event: Arc<StreamEvent>) {
+        let terminal = event.is_terminal();
         let mut state = lock(&self.state);
         state.events.push_back(event.clone());
         if state.events.len() > self.max_events {
@@ -200,7 +207,6 @@ impl LiveStream {
         if terminal {
             state.finished_at = Some(Instant::now());
         }
-        event
     }
 
     /// Wakes readers waiting for events appended since they last looked.

@@ -41,6 +41,24 @@ impl StreamWriter {
         self.log.wake_readers();
     }
 
+    /// Appends the terminal event so that no reader sees it before the
+    /// shared store holds it: with Redis it is replicated first, then logged
+    /// here. Otherwise a client could get `done` from this replica, lose it
+    /// with this replica, and resume elsewhere into a log without it.
+    /// Costs one Redis round trip per stream, at its end.
+    pub async fn append_terminal(&self, event: StreamEvent) {
+        let event = Arc::new(event);
+        if let Some(replicator) = &self.replicator
+            && !replicator.has_failed()
+        {
+            let seq = event.seq().unwrap_or(0);
+            replicator.push(event.clone());
+            replicator.written_through(seq).await;
+        }
+        self.log.append_shared_quietly(event);
+        self.log.wake_readers();
+    }
+
     /// Whether the stream was stopped because the shared store failed.
     pub fn store_failed(&self) -> bool {
         self.replicator.as_ref().is_some_and(Replicator::has_failed)

@@ -9,13 +9,13 @@
 //! shutdown are per connection and live with the readers
 //! ([`crate::stream::follow`]), not here.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use tokio::time::{Instant, sleep_until};
 
 use super::GraphemeSplitter;
+use super::graphemes::next_cluster;
 use crate::event::{ErrorCode, FinishReason, StreamEvent, StreamId};
 use crate::generator::{Chunk, TextStream};
 
@@ -59,12 +59,18 @@ pub fn events(
         let pace_timer = sleep_until(next_delta);
         tokio::pin!(pace_timer);
         let mut splitter = GraphemeSplitter::new();
-        let mut ready: VecDeque<String> = VecDeque::new();
+        // Whole clusters received and not yet sent, in one buffer, taken
+        // one cluster at a time from `at`: a large chunk (a long prompt to
+        // echo, say) costs its bytes, not a heap string per cluster before
+        // the first is sent.
+        let mut ready = String::new();
+        let mut at = 0;
         let mut seq: u64 = 0;
         let mut text_ended = false;
         let mut usage = None;
         loop {
-            if let Some(cluster) = ready.pop_front() {
+            if let Some(cluster) = next_cluster(&ready[at..]).map(str::to_owned) {
+                at += cluster.len();
                 if Instant::now() < next_delta {
                     pace_timer.as_mut().reset(next_delta);
                     tokio::select! {
@@ -92,21 +98,28 @@ pub fn events(
             tokio::select! {
                 biased;
                 chunk = text.next() => match chunk {
-                    Some(Ok(Chunk::Text(chunk))) => splitter.push(&chunk, |g| ready.push_back(g.to_owned())),
+                    Some(Ok(Chunk::Text(chunk))) => {
+                        ready = splitter.push_complete(&chunk);
+                        at = 0;
+                    }
                     Some(Ok(Chunk::Usage(reported))) => usage = Some(reported),
                     Some(Err(err)) => {
                         // Everything the generator produced before failing is
                         // delivered, then the error.
+                        ready.drain(..at);
                         ready.extend(splitter.finish());
-                        for cluster in ready.drain(..) {
+                        let mut rest = ready.as_str();
+                        while let Some(cluster) = next_cluster(rest) {
+                            rest = &rest[cluster.len()..];
                             seq += 1;
-                            yield StreamEvent::Delta { stream_id, seq, text: cluster };
+                            yield StreamEvent::Delta { stream_id, seq, text: cluster.to_owned() };
                         }
                         yield StreamEvent::Error { stream_id, seq: seq + 1, code: err.code(), message: err.to_string() };
                         return;
                     }
                     None => {
-                        ready.extend(splitter.finish());
+                        ready = splitter.finish().unwrap_or_default();
+                        at = 0;
                         text_ended = true;
                     }
                 },

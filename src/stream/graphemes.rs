@@ -39,10 +39,35 @@ impl GraphemeSplitter {
         self.pending.drain(..last_start);
     }
 
+    /// Adds a chunk and returns the text now known to be whole clusters, in
+    /// one piece (empty when none is complete yet). The engine takes the
+    /// clusters from it one at a time ([`next_cluster`]), so a large chunk
+    /// costs one buffer, not one allocation per cluster up front.
+    pub fn push_complete(&mut self, chunk: &str) -> String {
+        if chunk.is_empty() {
+            return String::new();
+        }
+        self.pending.push_str(chunk);
+        let last_start = match self.pending.grapheme_indices(true).next_back() {
+            Some((i, _)) => i,
+            None => return String::new(),
+        };
+        // The held-back cluster is copied out; the complete part keeps the
+        // buffer.
+        let held = self.pending.split_off(last_start);
+        std::mem::replace(&mut self.pending, held)
+    }
+
     /// The text ended: whatever is held back is complete.
     pub fn finish(&mut self) -> Option<String> {
         if self.pending.is_empty() { None } else { Some(std::mem::take(&mut self.pending)) }
     }
+}
+
+/// The first cluster of `text` (which starts at a cluster boundary), or
+/// `None` when it is empty.
+pub(super) fn next_cluster(text: &str) -> Option<&str> {
+    text.graphemes(true).next()
 }
 
 #[cfg(test)]
@@ -57,6 +82,23 @@ mod tests {
             s.push(c, |g| out.push(g.to_owned()));
         }
         out.extend(s.finish());
+        // The lazy path (what the engine uses) splits the same way.
+        let mut lazy = GraphemeSplitter::new();
+        let mut again = Vec::new();
+        let take = |mut text: &str, again: &mut Vec<String>| {
+            while let Some(g) = next_cluster(text) {
+                again.push(g.to_owned());
+                text = &text[g.len()..];
+            }
+        };
+        for c in chunks {
+            let complete = lazy.push_complete(c);
+            take(&complete, &mut again);
+        }
+        if let Some(rest) = lazy.finish() {
+            take(&rest, &mut again);
+        }
+        assert_eq!(again, out, "lazy and eager splitting differ");
         out
     }
 

@@ -156,7 +156,7 @@ async fn produce(
         let (code, message) = stop.error(&settings);
         outcome = Outcome::Error(code);
         let log = writer.log();
-        writer.append(StreamEvent::Error { stream_id: log.id, seq: log.next_seq(), code, message });
+        writer.append_terminal(StreamEvent::Error { stream_id: log.id, seq: log.next_seq(), code, message }).await;
     }
     // Generator first, then the slot: nothing runs on a freed slot.
     drop(engine);
@@ -309,13 +309,14 @@ async fn run(
                 first_delta_seen = true;
                 ctx.metrics.first_delta(started.elapsed());
             }
-            let finished = event.outcome();
-            writer.append_quietly(event);
-            if let Some(finished) = finished {
+            if let Some(finished) = event.outcome() {
+                // What this batch appended is announced with it.
+                writer.append_terminal(event).await;
                 *outcome = finished;
                 ended = true;
                 break;
             }
+            writer.append_quietly(event);
             batch += 1;
             // A stop request (one atomic load) ends the batch too.
             if settings.batch_ready

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use redis::{AsyncCommands, RedisError};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -149,6 +149,8 @@ pub(in crate::store) struct Replicator {
     failed: CancellationToken,
     /// The local log: its stop token is fired on failure, and remote holds are noted on it.
     stream: Arc<LiveStream>,
+    /// The sequence number of the last event written to Redis.
+    written: watch::Receiver<u64>,
 }
 
 impl Replicator {
@@ -165,6 +167,7 @@ impl Replicator {
         let flag = failed.clone();
         let handle = store.clone();
         let watched = stream.clone();
+        let (written_tx, written) = watch::channel(0u64);
         let task = tokio::spawn(async move {
             let mut batch = Vec::new();
             let mut lease = tokio::time::interval(LEASE_REFRESH);
@@ -179,6 +182,9 @@ impl Replicator {
                             flag.cancel();
                             stream.stopped().cancel();
                             return;
+                        }
+                        if let Some(seq) = batch.iter().rev().find_map(|e| e.seq()) {
+                            written_tx.send_replace(seq);
                         }
                         batch.clear();
                     }
@@ -195,7 +201,7 @@ impl Replicator {
                 }
             }
         });
-        Self { store: handle, tx, task, failed, stream: watched }
+        Self { store: handle, tx, task, failed, stream: watched, written }
     }
 
     /// Queues an event; a full queue counts as a failure.
@@ -208,6 +214,20 @@ impl Replicator {
             self.failed.cancel();
             self.stream.stopped().cancel();
         }
+    }
+
+    /// Waits (bounded, as [`Replicator::finish`]) until Redis holds the
+    /// event numbered `seq`, or replication has failed.
+    pub(in crate::store) async fn written_through(&self, seq: u64) {
+        let mut written = self.written.clone();
+        let wait = async {
+            while *written.borrow_and_update() < seq && !self.failed.is_cancelled() {
+                if written.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(RESPONSE_TIMEOUT * 2, wait).await;
     }
 
     /// Whether replication failed (and so stopped the stream).
