@@ -256,7 +256,19 @@ impl Store {
     /// the stream is finished and the reader has seen all of it.
     pub async fn cursor(&self, located: &Located, from: u64) -> Result<Option<Cursor>, StoreError> {
         match &located.place {
-            Place::Local(log) => Ok((!log.is_complete_at(from)).then(|| Cursor::Local(log.attach(from)))),
+            Place::Local(log) => {
+                // The client may be ahead of this log: with Redis, a
+                // terminal event reaches Redis (and readers elsewhere)
+                // before it is logged here. Wait for it, so that a resume
+                // after it is told "complete".
+                for _ in 0..CATCH_UP_POLLS {
+                    if from <= log.next_seq() || log.is_finished() {
+                        break;
+                    }
+                    tokio::time::sleep(CATCH_UP_POLL / 4).await;
+                }
+                Ok((!log.is_complete_at(from)).then(|| Cursor::Local(log.attach(from))))
+            }
             Place::Remote => {
                 let Some(shared) = &self.0.shared else { return Ok(None) };
                 // A client that saw more than Redis holds yet (it read the
