@@ -136,10 +136,11 @@ fn serve(config: Config) -> ExitCode {
 fn print_banner(app: &Application) {
     let addr = app.local_addr();
     let host = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
+    let scheme = app.scheme();
     let base = if addr.is_ipv6() && !addr.ip().is_unspecified() {
-        format!("http://[{host}]:{}", addr.port())
+        format!("{scheme}://[{host}]:{}", addr.port())
     } else {
-        format!("http://{host}:{}", addr.port())
+        format!("{scheme}://{host}:{}", addr.port())
     };
     println!("tokengate listening on {base}");
     let auth = &app.state().config.auth;
