@@ -93,7 +93,7 @@ fn build_state(config: Config, generators: Registry) -> Result<AppState, ConfigE
     };
     let store = match &store_config.redis_url {
         None => Store::memory(retention),
-        Some(url) => Store::shared(&String::from_utf8_lossy(url.expose()), retention)
+        Some(url) => Store::shared(&String::from_utf8_lossy(url.expose()), store_config.redis_ca.as_deref(), retention)
             .map_err(|e| ConfigError::invalid("redis_url", e.to_string()))?,
     };
     // With a shared store, rates and the per-subject stream cap hold for the

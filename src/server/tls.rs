@@ -236,15 +236,15 @@ mod tests {
     use super::*;
 
     fn files(dir: &Path, cert: &str, key: &str) -> TlsConfig {
-        std::fs::write(dir.join("cert.pem"), cert).unwrap();
-        std::fs::write(dir.join("key.pem"), key).unwrap();
+        let written = std::fs::write(dir.join("cert.pem"), cert).and(std::fs::write(dir.join("key.pem"), key));
+        assert!(written.is_ok(), "{written:?}");
         TlsConfig { cert: dir.join("cert.pem"), key: dir.join("key.pem"), reload_every: None }
     }
 
     #[test]
     fn a_key_file_that_is_not_pem_is_refused_without_quoting_it() {
         let dir = std::env::temp_dir().join(format!("tokengate-tls-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        assert!(std::fs::create_dir_all(&dir).is_ok());
         let err = Tls::new(&files(&dir, "nothing", "SECRET-KEY-BYTES")).err().map(|e| e.to_string());
         assert!(err.as_deref().is_some_and(|e| e.contains("no PEM certificate")), "{err:?}");
         let cert = "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n";

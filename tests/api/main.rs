@@ -26,6 +26,7 @@ mod resume;
 mod spec;
 mod sse_props;
 mod streaming;
+mod tls;
 mod token_expiry;
 mod unicode;
 mod upstream;
