@@ -24,7 +24,7 @@ use tower::ServiceExt;
 
 use self::stall::StallGuard;
 use self::tls::Tls;
-pub use self::tls::TlsError;
+pub use self::tls::{TlsError, probe_config};
 
 use crate::app::router;
 use crate::config::{Config, ConfigError};

@@ -196,6 +196,74 @@ fn load(files: &TlsConfig, provider: &CryptoProvider) -> Result<CertifiedKey, Tl
     })
 }
 
+/// A client config for `tokengate healthcheck` against this server over
+/// loopback: it trusts exactly the leaf certificate in `cert` (pinned, not
+/// chained to a CA, so a self-signed or private-CA certificate works and
+/// no system roots are needed in a minimal image).
+pub fn probe_config(cert: &Path) -> Result<rustls::ClientConfig, TlsError> {
+    let pem = std::fs::read(cert).map_err(|source| TlsError::Read { path: cert.to_owned(), source })?;
+    let certificate = |reason: String| TlsError::Certificate { path: cert.to_owned(), reason };
+    let leaf = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .ok_or_else(|| certificate("no CERTIFICATE section".into()))?
+        .map_err(|e| certificate(e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Setup)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedLeaf { leaf, provider }))
+        .with_no_client_auth();
+    Ok(config)
+}
+
+/// Accepts the one certificate it was given; handshake signatures are
+/// still checked, so the server must hold its key.
+#[derive(Debug)]
+struct PinnedLeaf {
+    leaf: CertificateDer<'static>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedLeaf {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.leaf.as_ref() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 #[cfg(unix)]
 type Hangups = Option<tokio::signal::unix::Signal>;
 #[cfg(not(unix))]

@@ -650,6 +650,19 @@ async fn sighup_reloads_the_certificate_of_the_binary() {
     assert_eq!(seen, second.der, "SIGHUP reloaded");
     let health = pki.reqwest_client().get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200, "still serving after SIGHUP");
+    // `tokengate healthcheck` (the image's HEALTHCHECK) speaks TLS too.
+    let probe = |cert: &Path| {
+        let bin = env!("CARGO_BIN_EXE_tokengate");
+        let listen = addr.to_string();
+        let args = ["--listen", &listen, "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
+        std::process::Command::new(bin).args(args).args(["healthcheck", "--path", "/healthz"]).output().unwrap()
+    };
+    let out = probe(&cert);
+    assert!(out.status.success(), "{out:?}");
+    // It trusts exactly the configured certificate.
+    let other = pki.dir.join("other.pem");
+    std::fs::write(&other, pki.leaf("other").chain_pem).unwrap();
+    assert!(!probe(&other).status.success());
 }
 
 #[tokio::test]
