@@ -58,9 +58,9 @@ impl CuttableProxy {
     }
 }
 
-struct Browser {
+pub(crate) struct Browser {
     driver: Child,
-    client: Option<Client>,
+    pub(crate) client: Option<Client>,
 }
 
 impl Drop for Browser {
@@ -71,6 +71,11 @@ impl Drop for Browser {
 }
 
 async fn browser() -> Browser {
+    browser_with(&[]).await
+}
+
+/// Headless Chromium with `extra` command-line flags.
+pub(crate) async fn browser_with(extra: &[&str]) -> Browser {
     let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
@@ -86,17 +91,24 @@ async fn browser() -> Browser {
         });
     let mut browser = Browser { driver, client: None };
     let profile = std::env::temp_dir().join(format!("tokengate-chromium-{port}"));
-    let caps = json!({
-        "goog:chromeOptions": {
-            "binary": chromium,
-            "args": [
-                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--disable-quic", "--window-size=1000,900",
-                format!("--user-data-dir={}", profile.display()),
-            ]
-        }
-    });
+    let mut args: Vec<String> = [
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        "--window-size=1000,900",
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    .map(str::to_owned)
+    .collect();
+    args.push(format!("--user-data-dir={}", profile.display()));
+    let caps = json!({ "goog:chromeOptions": { "binary": chromium, "args": args } });
     let caps: fantoccini::wd::Capabilities = caps.as_object().unwrap().clone();
     for _ in 0..100 {
         let mut builder = ClientBuilder::rustls().unwrap();

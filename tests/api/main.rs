@@ -7,7 +7,7 @@ mod anthropic;
 mod architecture;
 mod auth;
 pub mod binary;
-mod browser;
+pub mod browser;
 mod channels;
 mod cluster_limits;
 mod cors;

@@ -691,6 +691,64 @@ async fn tls_settings_are_checked_at_start() {
     assert!(!message.contains("PRIVATE KEY"), "{message}");
 }
 
+// ---------------------------------------------------------------- browser
+
+/// Opens `count` `EventSource`s to `origin` from one page at once and
+/// returns how many got their first delta within `wait`.
+async fn event_sources_receiving(
+    client: &fantoccini::Client,
+    origin: &str,
+    token: &str,
+    count: usize,
+    wait: Duration,
+) -> usize {
+    client.goto(&format!("{origin}/healthz")).await.unwrap();
+    let script = format!(
+        "window.got = 0; for (let i = 0; i < {count}; i++) {{ \
+           const es = new EventSource('{origin}/v1/stream?generator=probe&prompt=xy&access_token={token}'); \
+           let seen = false; \
+           es.addEventListener('delta', () => {{ if (!seen) {{ seen = true; window.got++; }} }}); }} \
+         return true;"
+    );
+    client.execute(&script, vec![]).await.unwrap();
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut got = 0;
+    while tokio::time::Instant::now() < deadline {
+        got = client.execute("return window.got", vec![]).await.unwrap().as_u64().unwrap_or(0) as usize;
+        if got == count {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    got
+}
+
+#[tokio::test]
+async fn chromium_over_tls_holds_twenty_event_sources_on_one_origin_and_http1_stalls_the_seventh() {
+    // HTTP/2 over TLS (the test CA is not the browser's: loopback only, so
+    // certificate errors are ignored for this profile).
+    let (app, _pki, _) = tls_app(|s| s.max_streams_per_subject = Some(100)).await;
+    let token = app.token("alice", "stream");
+    let mut browser = crate::browser::browser_with(&["--ignore-certificate-errors"]).await;
+    let client = browser.client.take().unwrap();
+    let origin = format!("https://127.0.0.1:{}", app.addr.port());
+    let got = event_sources_receiving(&client, &origin, &token, 20, LIMIT).await;
+    assert_eq!(got, 20, "all 20 receive over HTTP/2, none waits for another");
+    assert_eq!(app.state.slots.open(), 20);
+    assert!(app.metric("tokengate_connections_total{protocol=\"h2\"}").await >= 1.0);
+    assert_eq!(app.metric("tokengate_connections_total{protocol=\"http1\"}").await, 0.0);
+
+    // The same page over HTTP/1.1: six connections per origin, so the 7th
+    // and later wait. That is the browser's limit, not tokengate's.
+    let mut settings = base_settings();
+    settings.max_streams_per_subject = Some(100);
+    let plain = spawn_app_with(settings).await;
+    let origin = format!("http://127.0.0.1:{}", plain.addr.port());
+    let got = event_sources_receiving(&client, &origin, &token, 20, Duration::from_secs(3)).await;
+    assert_eq!(got, 6, "HTTP/1.1: only 6 EventSources per origin receive");
+    client.close().await.unwrap();
+}
+
 // ------------------------------------------------------------ TLS outbound
 
 #[tokio::test]
