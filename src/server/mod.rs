@@ -530,8 +530,12 @@ where
     let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
     let mut conn = std::pin::pin!(conn);
     let mut closing = false;
-    let mut idle_check = tokio::time::interval(connections.header_timeout);
-    idle_check.tick().await;
+    // Only HTTP/2 needs the idle check (HTTP/1.1's header timer does it),
+    // so an HTTP/1.1 connection carries no extra timer.
+    let mut idle_check = h2.then(|| {
+        let every = connections.header_timeout;
+        tokio::time::interval_at(tokio::time::Instant::now() + every, every)
+    });
     let mut changes = activity.changes.load(Ordering::Relaxed);
     loop {
         tokio::select! {
@@ -540,7 +544,7 @@ where
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = idle_check.tick(), if h2 && !closing => {
+            Some(_) = async { Some(idle_check.as_mut()?.tick().await) }, if idle_check.is_some() && !closing => {
                 let now = activity.changes.load(Ordering::Relaxed);
                 if activity.open.load(Ordering::Relaxed) == 0 && now == changes {
                     tracing::debug!(%peer, "idle HTTP/2 connection closed");
