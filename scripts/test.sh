@@ -27,7 +27,10 @@ apt_install() {
 log "provisioning"
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 command -v kill >/dev/null || apt_install procps
-# The shared-store tests start a real redis-server on a loopback port.
+# The TLS tests drive curl over HTTP/2 (TLS and h2c).
+command -v curl >/dev/null || apt_install curl ca-certificates
+# The shared-store tests start a real redis-server on a loopback port (the
+# rediss:// test starts one with TLS: Debian's is built with it).
 command -v redis-server >/dev/null || apt_install redis-server
 # The deploy test runs real nginx with deploy/nginx.conf.
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_install nginx

@@ -11,11 +11,11 @@
 //!
 //! | section | keys |
 //! |---|---|
-//! | `[server]` (or the top level) | `listen`, `listen_backlog`, `cors_origins`, `log_format`, `shutdown_grace`, `shutdown_retry` |
+//! | `[server]` (or the top level) | `listen`, `listen_backlog`, `cors_origins`, `log_format`, `shutdown_grace`, `shutdown_retry`, `tls_cert`, `tls_key`, `tls_reload_interval`, `h2c`, `max_concurrent_streams` |
 //! | `[auth]` | `jwt_*`, `token_cookie`, `token_query`, `token_grace`, `jwks_*`, `ticket_query`, `ticket_ttl` |
 //! | `[limits]` | `rate_*`, `trusted_proxies`, `max_streams`, `max_streams_per_subject`, `send_queue`, `max_lag`, `max_body_bytes`, `max_prompt_bytes`, `max_messages`, `max_stream_duration`, `max_header_bytes`, `header_timeout`, `max_connections`, `limits_on_store_failure`, `stream_lease_ttl` |
 //! | `[stream]` | `heartbeat`, `retry`, `pace_ms`, `pace_min_ms`, `pace_max_ms`, `generator_pace`, `default_generator`, `demo_feeds`, `demo_feeds_every`, `prompts_dir`, `openai_chunk_graphemes`, `upstream_url`, `upstream_model`, `upstream_api_key_env` |
-//! | `[store]` | `redis_url`, `detach_grace`, `stream_ttl`, `stream_max_events`, `channel_max_events`, `channel_ttl`, `max_publish_bytes` |
+//! | `[store]` | `redis_url`, `redis_ca_file`, `detach_grace`, `stream_ttl`, `stream_max_events`, `channel_max_events`, `channel_ttl`, `max_publish_bytes` |
 //! | `[upstreams.NAME]` | one upstream model server each ([`UpstreamSettings`]) |
 //!
 //! Every key is also accepted at the top level (the flat files of earlier
@@ -147,6 +147,13 @@ pub const DEFAULT_CHANNEL_MAX_EVENTS: usize = 1000;
 pub const DEFAULT_CHANNEL_TTL: Duration = Duration::from_secs(3600);
 /// Default largest published `data` (as JSON text).
 pub const DEFAULT_MAX_PUBLISH_BYTES: usize = 64 * 1024;
+/// Default time between two looks at the TLS certificate and key files
+/// (modification time and size) for a rotation.
+pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+/// Default cap on concurrent HTTP/2 streams per connection: above the 100
+/// browsers need for a page full of `EventSource`s, low enough that one
+/// connection cannot hold more than a small share of `max_streams`.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 250;
 /// Shortest HMAC secret accepted (RFC 7518 §3.2: at least the hash size).
 pub const MIN_SECRET_BYTES: usize = 32;
 
@@ -274,6 +281,25 @@ pub struct Settings {
     /// `retry:` hint sent with the `shutdown` event (e.g. `1s`).
     #[arg(long, global = true, env = "TOKENGATE_SHUTDOWN_RETRY")]
     pub shutdown_retry: Option<String>,
+    /// PEM certificate chain (leaf first) to serve TLS with; needs
+    /// `tls_key`. With TLS, ALPN offers `h2` and `http/1.1`.
+    #[arg(long, global = true, env = "TOKENGATE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
+    #[arg(long, global = true, env = "TOKENGATE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// How often the TLS files are checked for a rotation (e.g. `5s`; `0s`:
+    /// only on SIGHUP).
+    #[arg(long, global = true, env = "TOKENGATE_TLS_RELOAD_INTERVAL")]
+    pub tls_reload_interval: Option<String>,
+    /// Also accept HTTP/2 with prior knowledge (h2c) on a plain listener,
+    /// beside HTTP/1.1 (for proxies and meshes that speak h2c to backends).
+    #[arg(long, global = true, env = "TOKENGATE_H2C")]
+    pub h2c: Option<bool>,
+    /// Concurrent HTTP/2 streams allowed per connection (the client queues
+    /// beyond).
+    #[arg(long, global = true, env = "TOKENGATE_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
     /// Sustained requests per minute per token subject (0 = no limit).
     #[arg(long, global = true, env = "TOKENGATE_RATE_SUBJECT_PER_MIN")]
     pub rate_subject_per_min: Option<u32>,
@@ -351,6 +377,10 @@ pub struct Settings {
     /// all replicas. Without it everything is in this process's memory.
     #[arg(long, global = true, env = "TOKENGATE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// PEM CA certificate(s) that a `rediss://` server's certificate must
+    /// chain to, instead of the system roots (a private CA).
+    #[arg(long, global = true, env = "TOKENGATE_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
     /// Shortcut for one upstream named `openai`: its base URL (up to `/v1`).
     #[arg(long, global = true, env = "TOKENGATE_UPSTREAM_URL")]
     pub upstream_url: Option<String>,
@@ -425,6 +455,8 @@ pub fn help_defaults() -> Vec<(&'static str, String)> {
         ("channel_max_events", DEFAULT_CHANNEL_MAX_EVENTS.to_string()),
         ("channel_ttl", time(DEFAULT_CHANNEL_TTL)),
         ("max_publish_bytes", DEFAULT_MAX_PUBLISH_BYTES.to_string()),
+        ("tls_reload_interval", time(DEFAULT_TLS_RELOAD_INTERVAL)),
+        ("max_concurrent_streams", DEFAULT_MAX_CONCURRENT_STREAMS.to_string()),
         ("openai_chunk_graphemes", DEFAULT_OPENAI_CHUNK_GRAPHEMES.to_string()),
         ("log_format", DEFAULT_LOG_FORMAT.to_owned()),
     ]
@@ -470,7 +502,8 @@ impl Settings {
             stream_lease_ttl, detach_grace, stream_ttl,
             stream_max_events, channel_max_events, channel_ttl, max_publish_bytes, redis_url, upstream_url,
             upstream_model, upstream_api_key_env, upstreams, quota, openai_chunk_graphemes,
-            jwks_url, jwks_file, jwks_refresh, jwks_refresh_min, jwks_refresh_max)
+            jwks_url, jwks_file, jwks_refresh, jwks_refresh_min, jwks_refresh_max,
+            tls_cert, tls_key, tls_reload_interval, h2c, max_concurrent_streams, redis_ca_file)
     }
 
     /// Reads a TOML settings file (flat keys, or grouped in sections).
@@ -624,6 +657,30 @@ pub struct StoreConfig {
     pub max_publish_bytes: usize,
     /// The shared store, if any (the URL may carry a password: never logged).
     pub redis_url: Option<Secret>,
+    /// CA certificates (PEM) a `rediss://` server must chain to, read at
+    /// start-up; `None`: the system roots.
+    pub redis_ca: Option<Vec<u8>>,
+}
+
+/// Native TLS, validated: the files exist; their contents are read (and
+/// re-read on rotation) by the server.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// The PEM certificate chain.
+    pub cert: PathBuf,
+    /// The PEM private key.
+    pub key: PathBuf,
+    /// How often the files are checked for a change (`None`: SIGHUP only).
+    pub reload_every: Option<Duration>,
+}
+
+/// HTTP/2: which listeners speak it and its per-connection stream cap.
+#[derive(Debug, Clone)]
+pub struct Http2Config {
+    /// A plain listener also takes h2c with prior knowledge.
+    pub h2c: bool,
+    /// Concurrent streams per connection.
+    pub max_concurrent_streams: u32,
 }
 
 /// Validated runtime configuration.
@@ -666,6 +723,10 @@ pub struct Config {
     pub token_grace: Duration,
     /// How often the demo feeds publish; `None` when they are off.
     pub demo_feeds: Option<Duration>,
+    /// Native TLS; `None`: plain TCP.
+    pub tls: Option<TlsConfig>,
+    /// HTTP/2 settings (used with TLS, or on a plain listener with h2c).
+    pub http2: Http2Config,
 }
 
 fn duration(setting: &'static str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
@@ -717,6 +778,8 @@ impl Config {
             quota,
             token_grace: duration("token_grace", s.token_grace.as_deref(), DEFAULT_TOKEN_GRACE)?,
             demo_feeds: demo_feeds(&s)?,
+            tls: tls(&s)?,
+            http2: http2(&s)?,
         })
     }
 }
@@ -878,7 +941,50 @@ fn store(s: &Settings) -> Result<StoreConfig, ConfigError> {
         channel_ttl: duration("channel_ttl", s.channel_ttl.as_deref(), DEFAULT_CHANNEL_TTL)?,
         max_publish_bytes: at_least_one("max_publish_bytes", s.max_publish_bytes, DEFAULT_MAX_PUBLISH_BYTES)?,
         redis_url: redis_url(s.redis_url.as_deref())?,
+        redis_ca: redis_ca(s)?,
     })
+}
+
+fn redis_ca(s: &Settings) -> Result<Option<Vec<u8>>, ConfigError> {
+    let Some(path) = &s.redis_ca_file else { return Ok(None) };
+    if !s.redis_url.as_deref().is_some_and(|u| u.starts_with("rediss://")) {
+        return Err(ConfigError::invalid("redis_ca_file", "only meaningful with a rediss:// redis_url"));
+    }
+    read_file("redis_ca_file", path).map(Some)
+}
+
+fn tls(s: &Settings) -> Result<Option<TlsConfig>, ConfigError> {
+    let (cert, key) = match (&s.tls_cert, &s.tls_key) {
+        (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+        (Some(_), None) => return Err(ConfigError::invalid("tls_key", "required with tls_cert")),
+        (None, Some(_)) => return Err(ConfigError::invalid("tls_cert", "required with tls_key")),
+        (None, None) => {
+            if s.tls_reload_interval.is_some() {
+                return Err(ConfigError::invalid("tls_reload_interval", "only meaningful with tls_cert and tls_key"));
+            }
+            return Ok(None);
+        }
+    };
+    for (setting, path) in [("tls_cert", &cert), ("tls_key", &key)] {
+        if !path.is_file() {
+            return Err(ConfigError::invalid(setting, format!("{} is not a readable file", path.display())));
+        }
+    }
+    let every = duration("tls_reload_interval", s.tls_reload_interval.as_deref(), DEFAULT_TLS_RELOAD_INTERVAL)?;
+    Ok(Some(TlsConfig { cert, key, reload_every: (!every.is_zero()).then_some(every) }))
+}
+
+fn http2(s: &Settings) -> Result<Http2Config, ConfigError> {
+    let max_concurrent_streams = s.max_concurrent_streams.unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS);
+    if max_concurrent_streams == 0 {
+        return Err(ConfigError::invalid("max_concurrent_streams", "must be at least 1"));
+    }
+    let h2c = s.h2c.unwrap_or(false);
+    if h2c && s.tls_cert.is_some() {
+        // One listener: with TLS, HTTP/2 is chosen by ALPN, never assumed.
+        return Err(ConfigError::invalid("h2c", "is for plain listeners; with tls_cert, HTTP/2 is negotiated by ALPN"));
+    }
+    Ok(Http2Config { h2c, max_concurrent_streams })
 }
 
 fn redis_url(url: Option<&str>) -> Result<Option<Secret>, ConfigError> {

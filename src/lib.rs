@@ -41,7 +41,8 @@
 //! - [`error`]: [`error::ApiError`], the one mapping of failures to HTTP.
 //! - [`metrics`]: Prometheus counters and gauges, per application.
 //! - [`shutdown`]: the drain-then-close sequence.
-//! - [`server`]: binding, connections and their limits, serving.
+//! - [`server`]: binding, connections and their limits, serving HTTP/1.1
+//!   and HTTP/2 (native TLS with certificate reload, or h2c).
 
 pub mod api;
 pub mod app;

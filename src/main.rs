@@ -54,6 +54,7 @@ fn mint(config: &Config, sub: &str, scope: &str, ttl: &str) -> ExitCode {
 }
 
 /// A minimal HTTP/1.0 GET over loopback: container images need no curl.
+/// With TLS it goes over TLS, trusting exactly the configured certificate.
 fn healthcheck(config: &Config, path: &str) -> ExitCode {
     use std::io::{Read, Write};
     let mut addr = config.listen;
@@ -61,13 +62,21 @@ fn healthcheck(config: &Config, path: &str) -> ExitCode {
         addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
     }
     let timeout = Duration::from_secs(3);
-    let result = (|| -> std::io::Result<bool> {
-        let mut tcp = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-        tcp.set_read_timeout(Some(timeout))?;
-        tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())?;
+    fn exchange(mut io: impl Read + Write, path: &str) -> std::io::Result<bool> {
+        io.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())?;
         let mut head = [0u8; 12];
-        tcp.read_exact(&mut head)?;
+        io.read_exact(&mut head)?;
         Ok(head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"))
+    }
+    let result = (|| -> std::io::Result<bool> {
+        let tcp = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        tcp.set_read_timeout(Some(timeout))?;
+        tcp.set_write_timeout(Some(timeout))?;
+        let Some(tls) = &config.tls else { return exchange(tcp, path) };
+        let client = tokengate::server::probe_config(&tls.cert).map_err(std::io::Error::other)?;
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(client), name).map_err(std::io::Error::other)?;
+        exchange(rustls::StreamOwned::new(conn, tcp), path)
     })();
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -136,10 +145,11 @@ fn serve(config: Config) -> ExitCode {
 fn print_banner(app: &Application) {
     let addr = app.local_addr();
     let host = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
+    let scheme = app.scheme();
     let base = if addr.is_ipv6() && !addr.ip().is_unspecified() {
-        format!("http://[{host}]:{}", addr.port())
+        format!("{scheme}://[{host}]:{}", addr.port())
     } else {
-        format!("http://{host}:{}", addr.port())
+        format!("{scheme}://{host}:{}", addr.port())
     };
     println!("tokengate listening on {base}");
     let auth = &app.state().config.auth;

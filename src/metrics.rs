@@ -79,6 +79,18 @@ impl Metrics {
         self.counter("tokengate_refusals_total", "reason", reason).increment(1);
     }
 
+    /// A connection was taken, by the protocol it speaks (`http1`, `h2`):
+    /// shows whether clients get HTTP/2.
+    pub fn connection_opened(&self, protocol: &'static str) {
+        self.counter("tokengate_connections_total", "protocol", protocol).increment(1);
+    }
+
+    /// A TLS certificate reload, by result (`ok`, `error`: the old
+    /// certificate stays).
+    pub fn tls_reload(&self, result: &'static str) {
+        self.counter("tokengate_tls_reloads_total", "result", result).increment(1);
+    }
+
     /// An authentication failure, by reason.
     pub fn auth_failed(&self, reason: &'static str) {
         self.counter("tokengate_auth_failures_total", "reason", reason).increment(1);

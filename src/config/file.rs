@@ -85,6 +85,11 @@ sections! {
         log_format: String,
         shutdown_grace: String,
         shutdown_retry: String,
+        tls_cert: PathBuf,
+        tls_key: PathBuf,
+        tls_reload_interval: String,
+        h2c: bool,
+        max_concurrent_streams: u32,
     }
     auth: AuthSection {
         jwt_secret: String,
@@ -144,6 +149,7 @@ sections! {
     }
     store: StoreSection {
         redis_url: String,
+        redis_ca_file: PathBuf,
         detach_grace: String,
         stream_ttl: String,
         stream_max_events: usize,

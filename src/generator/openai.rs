@@ -248,7 +248,11 @@ impl Transport {
         if !upstream.pooled && http1::serves(&upstream.url) {
             return Ok(Transport::Driven);
         }
-        Ok(Transport::Pooled(reqwest::Client::builder().connect_timeout(upstream.connect_timeout).build()?))
+        let mut client = reqwest::Client::builder().connect_timeout(upstream.connect_timeout);
+        if let Some(ca) = &upstream.ca {
+            client = client.tls_certs_merge(reqwest::Certificate::from_pem_bundle(ca)?);
+        }
+        Ok(Transport::Pooled(client.build()?))
     }
 }
 

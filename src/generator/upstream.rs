@@ -16,6 +16,11 @@
 //! total_timeout = "10m"
 //! retries = 2
 //!
+//! [upstreams.private]
+//! base_url = "https://llm.internal:8443/v1"
+//! model = "m"
+//! ca_file = "/etc/tokengate/internal-ca.pem" # trusted besides the system roots
+//!
 //! [upstreams.claude]
 //! kind = "anthropic"                 # POST {base_url}/messages, key as x-api-key
 //! base_url = "https://api.anthropic.com/v1"
@@ -103,6 +108,9 @@ pub struct UpstreamSettings {
     /// `anthropic-version` for `kind = "anthropic"` (default
     /// [`DEFAULT_ANTHROPIC_VERSION`]).
     pub anthropic_version: Option<String>,
+    /// PEM CA certificate(s) trusted for this `https://` upstream besides
+    /// the system roots (a model server behind a private CA).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// A validated upstream.
@@ -139,6 +147,8 @@ pub struct Upstream {
     /// Requests go through reqwest's pool rather than a connection of their
     /// own driven by the reading task.
     pub pooled: bool,
+    /// Extra CA certificates (PEM) for its TLS, read at start-up.
+    pub ca: Option<Vec<u8>>,
 }
 
 /// Why an `[upstreams.NAME]` table cannot be used. Every variant names the
@@ -199,6 +209,16 @@ pub enum UpstreamConfigError {
         upstream: String,
         /// The header's name.
         header: String,
+    },
+    /// `ca_file` cannot be read, or is set for a plain `http://` upstream.
+    #[error("upstream `{upstream}`: ca_file {}: {reason}", path.display())]
+    CaFile {
+        /// The upstream's name.
+        upstream: String,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why not.
+        reason: String,
     },
     /// `retries` above [`MAX_RETRIES`].
     #[error("upstream `{upstream}`: retries must be at most {MAX_RETRIES}")]
@@ -300,6 +320,17 @@ impl Upstream {
             UpstreamKind::Openai => "chat/completions",
             UpstreamKind::Anthropic => "messages",
         };
+        let ca = match &s.ca_file {
+            None => None,
+            Some(path) => {
+                let ca_error =
+                    |reason: String| UpstreamConfigError::CaFile { upstream: upstream(), path: path.clone(), reason };
+                if !base.starts_with("https://") {
+                    return Err(ca_error("only meaningful with an https:// base_url".into()));
+                }
+                Some(std::fs::read(path).map_err(|e| ca_error(e.to_string()))?)
+            }
+        };
         let retries = s.retries.unwrap_or(DEFAULT_RETRIES);
         if retries > MAX_RETRIES {
             return Err(UpstreamConfigError::TooManyRetries { upstream: upstream() });
@@ -325,6 +356,7 @@ impl Upstream {
             fallbacks: s.fallbacks.clone(),
             pace: s.pace_ms.map(|ms| Duration::from_millis(u64::from(ms))),
             pooled: s.pooled.unwrap_or(false),
+            ca,
         })
     }
 }

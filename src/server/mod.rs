@@ -13,16 +13,18 @@ use std::time::Duration;
 use axum::extract::ConnectInfo;
 use axum::http::Request;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use self::stall::StallGuard;
+use self::tls::Tls;
+pub use self::tls::{TlsError, probe_config};
 
 use crate::app::router;
 use crate::config::{Config, ConfigError};
@@ -34,7 +36,9 @@ use crate::state::{AppState, Inner};
 use crate::store::{Store, StoreSettings};
 use crate::stream::{ServiceParts, ServiceSettings, StreamService};
 
+mod h2c;
 mod stall;
+mod tls;
 
 /// How often idle rate-limiter keys, expired streams and unused channels
 /// are dropped.
@@ -55,6 +59,9 @@ pub enum ServerError {
     /// A setting is unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The TLS certificate or key cannot be used.
+    #[error("TLS (tls_cert / tls_key): {0}")]
+    Tls(#[from] TlsError),
     /// The address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -86,7 +93,7 @@ fn build_state(config: Config, generators: Registry) -> Result<AppState, ConfigE
     };
     let store = match &store_config.redis_url {
         None => Store::memory(retention),
-        Some(url) => Store::shared(&String::from_utf8_lossy(url.expose()), retention)
+        Some(url) => Store::shared(&String::from_utf8_lossy(url.expose()), store_config.redis_ca.as_deref(), retention)
             .map_err(|e| ConfigError::invalid("redis_url", e.to_string()))?,
     };
     // With a shared store, rates and the per-subject stream cap hold for the
@@ -120,6 +127,7 @@ pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
     state: AppState,
+    tls: Option<Tls>,
 }
 
 impl Application {
@@ -152,6 +160,10 @@ impl Application {
             )
             .into());
         }
+        // One process-wide TLS provider, so that libraries building their
+        // rustls configs from the default (the Redis client) find one.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let tls = config.tls.as_ref().map(Tls::new).transpose()?;
         let addr = config.listen;
         let bind_err = |source| ServerError::Bind { addr, source };
         let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(bind_err)?;
@@ -160,12 +172,17 @@ impl Application {
         let listener = socket.listen(config.listen_backlog).map_err(bind_err)?;
         let local_addr = listener.local_addr().map_err(bind_err)?;
         let state = build_state(config, generators)?;
-        Ok(Self { listener, local_addr, state })
+        Ok(Self { listener, local_addr, state, tls })
     }
 
     /// The bound address (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// `https` with native TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     /// The shared state (configuration, generators, shutdown handle).
@@ -177,21 +194,23 @@ impl Application {
     /// [`crate::shutdown`]: draining (new streams and `/readyz` 503), the
     /// grace period, `shutdown` events, listener closed, return.
     ///
-    /// Connections are HTTP/1.1 (what `EventSource` and reverse proxies use
-    /// for SSE), each with a header read timeout (slow-loris; it also closes
-    /// idle kept-alive connections), a bounded head/write buffer, TCP
-    /// keepalive for half-open peers, and a stalled-write cutoff. Beyond
-    /// `max_connections`, new connections get a 503 and are closed.
+    /// Connections are HTTP/1.1, or HTTP/2 where TLS negotiated `h2` (or
+    /// with `h2c`, where the client sent the HTTP/2 preface), so a browser
+    /// page can hold more than 6 streams to one origin. Each has a header
+    /// read timeout (slow-loris; it also bounds the TLS handshake and closes
+    /// idle connections), bounded head and write buffers, TCP keepalive for
+    /// half-open peers, and a stalled-write cutoff. Beyond `max_connections`,
+    /// new connections get a 503 (plain) or are closed (TLS).
     pub async fn run_until_stopped(self, signal: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let state = self.state;
         let leases = spawn_background(&state, signal);
-        let graceful = GracefulShutdown::new();
-        accept_until_stopped(self.listener, &state, &graceful).await;
-        tokio::select! {
-            () = graceful.shutdown() => {}
-            () = tokio::time::sleep(FORCE_EXIT_AFTER) => {
-                tracing::warn!("connections still open after the listener closed; exiting anyway");
-            }
+        if let Some(tls) = &self.tls {
+            tls.spawn_reload(state.metrics.clone(), state.shutdown.stopped().clone());
+        }
+        let connections = accept_until_stopped(self.listener, &state, self.tls).await;
+        connections.close.cancel();
+        if !connections.drained(state.config.limits.max_connections, FORCE_EXIT_AFTER).await {
+            tracing::warn!("connections still open after the listener closed; exiting anyway");
         }
         // The last streams' leases are released before the process exits
         // (bounded inside), so their slots are free at once, not after the ttl.
@@ -242,28 +261,87 @@ fn spawn_background(
 
 /// Per-connection settings and caps shared by the accept loop.
 struct Connections {
-    http: http1::Builder,
+    /// HTTP/1.1 only (plain connections, and TLS without `h2` in ALPN).
+    http1: auto::Builder<TokioExecutor>,
+    /// HTTP/2 only (TLS with `h2` in ALPN, h2c with the preface).
+    http2: auto::Builder<TokioExecutor>,
+    /// Native TLS, if configured.
+    tls: Option<Tls>,
+    /// Plain connections may also be h2c with prior knowledge.
+    h2c: bool,
+    /// Bounds the TLS handshake and the h2c preface, like request headers.
+    header_timeout: Duration,
     write_stall: Duration,
     open: Arc<Semaphore>,
     refusers: Arc<Semaphore>,
+    /// Cancelled once the listener is closed: every connection then shuts
+    /// down gracefully (HTTP/1.1 closes after its response, HTTP/2 sends
+    /// GOAWAY and finishes its open streams).
+    close: CancellationToken,
+}
+
+/// HTTP/2 stream receive window: request bodies up to
+/// [`crate::config::DEFAULT_MAX_BODY_BYTES`] need no window update.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// HTTP/2 connection receive window (a few bodies in flight at once).
+const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Bytes HTTP/2 buffers per stream beyond what the client's window lets
+/// out. A stream whose client stops reading stops being polled once this
+/// is full, so with every stream of a connection stalled the buffered
+/// total stays below `max_concurrent_streams` times this (plus each
+/// stream's send queue), as HTTP/1.1's is below its write buffer.
+const H2_MAX_SEND_BUF: usize = 64 * 1024;
+/// Idle HTTP/2 connections are pinged this often; a peer that does not
+/// answer within as long is gone, and its connection is closed.
+const H2_PING_EVERY: Duration = Duration::from_secs(20);
+
+impl Connections {
+    fn new(state: &AppState, tls: Option<Tls>) -> Self {
+        let limits = &state.config.limits;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(limits.max_header_bytes)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(state.config.http2.max_concurrent_streams)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_send_buf_size(H2_MAX_SEND_BUF)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(H2_PING_EVERY)
+            .keep_alive_timeout(H2_PING_EVERY);
+        Self {
+            http1: builder.clone().http1_only(),
+            http2: builder.http2_only(),
+            tls,
+            h2c: state.config.http2.h2c,
+            header_timeout: limits.header_timeout,
+            write_stall: limits.max_lag.saturating_mul(2),
+            open: Arc::new(Semaphore::new(limits.max_connections)),
+            refusers: Arc::new(Semaphore::new(MAX_REFUSERS)),
+            close: CancellationToken::new(),
+        }
+    }
+
+    /// Waits (at most `limit`) until every connection has ended: all their
+    /// permits are back.
+    async fn drained(&self, max_connections: usize, limit: Duration) -> bool {
+        let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+        tokio::time::timeout(limit, self.open.acquire_many(all)).await.is_ok()
+    }
 }
 
 /// Accepts connections until the shutdown sequence stops the listener,
-/// then drops it (closing the port).
-async fn accept_until_stopped(listener: TcpListener, state: &AppState, graceful: &GracefulShutdown) {
-    let limits = &state.config.limits;
+/// then drops it (closing the port) and returns the connections, which
+/// are still being served.
+async fn accept_until_stopped(listener: TcpListener, state: &AppState, tls: Option<Tls>) -> Arc<Connections> {
     let app = router(state.clone());
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.max_header_bytes)
-        .keep_alive(true);
-    let connections = Connections {
-        http,
-        write_stall: limits.max_lag.saturating_mul(2),
-        open: Arc::new(Semaphore::new(limits.max_connections)),
-        refusers: Arc::new(Semaphore::new(MAX_REFUSERS)),
-    };
+    let connections = Arc::new(Connections::new(state, tls));
     let stopped = state.shutdown.stopped();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -281,7 +359,10 @@ async fn accept_until_stopped(listener: TcpListener, state: &AppState, graceful:
         };
         let Ok(permit) = connections.open.clone().try_acquire_owned() else {
             state.metrics.refused("connection_limit");
-            if let Ok(refuser) = connections.refusers.clone().try_acquire_owned() {
+            // A TLS client cannot read a plain 503: it is just closed.
+            if connections.tls.is_none()
+                && let Ok(refuser) = connections.refusers.clone().try_acquire_owned()
+            {
                 tokio::spawn(async move {
                     refuse_connection(tcp).await;
                     drop(refuser);
@@ -289,55 +370,214 @@ async fn accept_until_stopped(listener: TcpListener, state: &AppState, graceful:
             }
             continue;
         };
-        serve_connection(tcp, peer, permit, &app, &connections, state, graceful);
+        serve_connection(tcp, peer, permit, &app, &connections, state);
+    }
+    connections
+}
+
+/// What a connection's requests have in common: how many it has served,
+/// how many are open (until their response bodies end) and a counter that
+/// moves with each start and end, which is how an HTTP/2 connection with
+/// nothing open for a while is noticed.
+#[derive(Debug, Default)]
+struct Activity {
+    served: AtomicUsize,
+    open: AtomicUsize,
+    changes: AtomicUsize,
+}
+
+impl Activity {
+    fn started(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn ended(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Marks its request ended when the response body is done or dropped.
+struct OpenRequest(Arc<Activity>);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.ended();
+    }
+}
+
+/// A response body that carries its request's [`OpenRequest`].
+struct Tracked {
+    body: axum::body::Body,
+    _open: OpenRequest,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
 /// Serves one accepted connection in a task of its own: TCP options, the
-/// stalled-write guard, the peer address for the handlers, and one log
-/// line or refusal count for how it ended.
+/// stalled-write guard, TLS or the h2c look at the first bytes (both
+/// bounded by the header timeout), the protocol, the peer address for the
+/// handlers, and one log line or refusal count for how it ended.
 fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
     permit: tokio::sync::OwnedSemaphorePermit,
     app: &axum::Router,
-    connections: &Connections,
+    connections: &Arc<Connections>,
     state: &AppState,
-    graceful: &GracefulShutdown,
 ) {
     let _ = tcp.set_nodelay(true);
     let _ = socket2::SockRef::from(&tcp)
         .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE).with_interval(TCP_KEEPALIVE));
-    let io = TokioIo::new(StallGuard::new(tcp, connections.write_stall));
-    let served = Arc::new(AtomicUsize::new(0));
-    let counter = served.clone();
-    let service = app.clone().map_request(move |mut request: Request<Incoming>| {
-        counter.fetch_add(1, Ordering::Relaxed);
-        request.extensions_mut().insert(ConnectInfo(peer));
-        request
-    });
-    let connection = graceful.watch(connections.http.serve_connection(io, TowerToHyperService::new(service)));
+    let io = StallGuard::new(tcp, connections.write_stall);
+    let activity = Arc::new(Activity::default());
+    let connections = connections.clone();
     let metrics = state.metrics.clone();
+    let app = app.clone();
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            // Connection-level refusals never reach the router, so they are
-            // counted and logged here, once.
-            if e.is_timeout() && served.load(Ordering::Relaxed) == 0 {
-                metrics.refused("header_timeout");
-                tracing::info!(%peer, "request headers not received in time; connection closed");
-            } else if e.is_timeout() {
-                // The same timer closes kept-alive connections that sit
-                // idle after a request: routine, not a refusal.
-                tracing::debug!(%peer, "idle connection closed");
-            } else if e.is_parse_too_large() {
-                metrics.refused("header_too_large");
-                tracing::info!(%peer, "request head too large; answered 431");
-            } else {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+        let timeout = connections.header_timeout;
+        let ended = match &connections.tls {
+            Some(tls) => match tokio::time::timeout(timeout, tls.acceptor().accept(io)).await {
+                Err(_) => {
+                    metrics.refused("tls_handshake_timeout");
+                    tracing::info!(%peer, "TLS handshake not finished in time; connection closed");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                    return;
+                }
+                Ok(Ok(stream)) => {
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve_http(stream, h2, &app, peer, &connections, &activity, &metrics).await
+                }
+            },
+            None if connections.h2c => {
+                let mut io = io;
+                match tokio::time::timeout(timeout, h2c::sniff(&mut io)).await {
+                    Err(_) => {
+                        metrics.refused("header_timeout");
+                        tracing::info!(%peer, "request headers not received in time; connection closed");
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, %peer, "connection failed before a request");
+                        return;
+                    }
+                    Ok(Ok((prefix, h2))) => {
+                        serve_http(h2c::Replay::new(prefix, io), h2, &app, peer, &connections, &activity, &metrics)
+                            .await
+                    }
+                }
             }
+            None => serve_http(io, false, &app, peer, &connections, &activity, &metrics).await,
+        };
+        if let Err(e) = ended {
+            report_end(&*e, peer, &activity, &metrics);
         }
         drop(permit);
     });
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Serves HTTP/1.1 or HTTP/2 on an established connection until it ends:
+/// closed by the peer, idle, or shut down gracefully once the listener is
+/// closed. An HTTP/2 connection with no open request for a header timeout
+/// is closed (GOAWAY) the way an idle kept-alive HTTP/1.1 one is.
+async fn serve_http<I>(
+    io: I,
+    h2: bool,
+    app: &axum::Router,
+    peer: SocketAddr,
+    connections: &Connections,
+    activity: &Arc<Activity>,
+    metrics: &Metrics,
+) -> Result<(), BoxError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    metrics.connection_opened(if h2 { "h2" } else { "http1" });
+    let counter = activity.clone();
+    let service = app.clone().map_request(move |mut request: Request<Incoming>| {
+        counter.started();
+        request.extensions_mut().insert(ConnectInfo(peer));
+        request
+    });
+    let counter = activity.clone();
+    let service = service.map_response(move |response: axum::response::Response| {
+        let open = OpenRequest(counter.clone());
+        response.map(|body| axum::body::Body::new(Tracked { body, _open: open }))
+    });
+    let builder = if h2 { &connections.http2 } else { &connections.http1 };
+    let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+    let mut conn = std::pin::pin!(conn);
+    let mut closing = false;
+    // Only HTTP/2 needs the idle check (HTTP/1.1's header timer does it),
+    // so an HTTP/1.1 connection carries no extra timer.
+    let mut idle_check = h2.then(|| {
+        let every = connections.header_timeout;
+        tokio::time::interval_at(tokio::time::Instant::now() + every, every)
+    });
+    let mut changes = activity.changes.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => return ended,
+            () = connections.close.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            Some(_) = async { Some(idle_check.as_mut()?.tick().await) }, if idle_check.is_some() && !closing => {
+                let now = activity.changes.load(Ordering::Relaxed);
+                if activity.open.load(Ordering::Relaxed) == 0 && now == changes {
+                    tracing::debug!(%peer, "idle HTTP/2 connection closed");
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                changes = now;
+            }
+        }
+    }
+}
+
+/// Logs and counts how a connection ended with an error. Connection-level
+/// refusals never reach the router, so they are counted here, once.
+fn report_end(e: &(dyn std::error::Error + 'static), peer: SocketAddr, activity: &Activity, metrics: &Metrics) {
+    let hyper = e.downcast_ref::<hyper::Error>();
+    let served = activity.served.load(Ordering::Relaxed);
+    if hyper.is_some_and(hyper::Error::is_timeout) && served == 0 {
+        metrics.refused("header_timeout");
+        tracing::info!(%peer, "request headers not received in time; connection closed");
+    } else if hyper.is_some_and(hyper::Error::is_timeout) {
+        // The same timer closes kept-alive connections that sit idle after
+        // a request: routine, not a refusal.
+        tracing::debug!(%peer, "idle connection closed");
+    } else if hyper.is_some_and(hyper::Error::is_parse_too_large) {
+        metrics.refused("header_too_large");
+        tracing::info!(%peer, "request head too large; answered 431");
+    } else {
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
+    }
 }
 
 /// Answers a connection over the cap with a 503 and closes it. The request

@@ -146,10 +146,13 @@ impl Store {
     }
 
     /// A shared store on the Redis at `url`. Connects lazily: the server
-    /// may start before Redis is up (it is not ready meanwhile).
-    pub fn shared(url: &str, settings: StoreSettings) -> Result<Self, StoreError> {
+    /// may start before Redis is up (it is not ready meanwhile). With
+    /// `rediss://`, the server's certificate must chain to `ca` (PEM) when
+    /// given, else to the system roots.
+    pub fn shared(url: &str, ca: Option<&[u8]>, settings: StoreSettings) -> Result<Self, StoreError> {
         let redis = RedisStore::connect(
             url,
+            ca,
             RedisSettings {
                 stream_max_events: settings.stream_max_events,
                 stream_ttl: settings.stream_ttl,

@@ -107,16 +107,11 @@ pub async fn browser_with(extra: &[&str]) -> Browser {
         "--window-size=1000,900",
     ]
     .into_iter()
+    .chain(extra.iter().copied())
     .map(str::to_owned)
     .collect();
     args.push(format!("--user-data-dir={}", profile.display()));
-    args.extend(extra.iter().map(|a| (*a).to_owned()));
-    let caps = json!({
-        "goog:chromeOptions": {
-            "binary": chromium,
-            "args": args,
-        }
-    });
+    let caps = json!({ "goog:chromeOptions": { "binary": chromium, "args": args } });
     let caps: fantoccini::wd::Capabilities = caps.as_object().unwrap().clone();
     for _ in 0..100 {
         let mut builder = ClientBuilder::rustls().unwrap();

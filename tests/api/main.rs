@@ -28,6 +28,7 @@ mod spec;
 mod sse_props;
 mod streaming;
 mod tickets;
+mod tls;
 mod token_expiry;
 mod unicode;
 mod upstream;

@@ -40,27 +40,68 @@ pub struct Seen {
 pub struct MockUpstream {
     pub addr: SocketAddr,
     pub seen: Arc<Seen>,
+    /// `http`, or `https` for [`start_tls`].
+    pub scheme: &'static str,
 }
 
 impl MockUpstream {
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        format!("{}://{}/v1", self.scheme, self.addr)
     }
 }
 
-pub async fn start() -> MockUpstream {
+fn router() -> (Router, Arc<Seen>) {
     let seen = Arc::new(Seen::default());
     seen.flaky_failures.store(1, Ordering::SeqCst);
     let app = Router::new()
         .route("/v1/chat/completions", post(handle))
         .route("/v1/messages", post(handle_anthropic))
         .with_state(seen.clone());
+    (app, seen)
+}
+
+pub async fn start() -> MockUpstream {
+    let (app, seen) = router();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    MockUpstream { addr, seen }
+    MockUpstream { addr, seen, scheme: "http" }
+}
+
+/// The same mock over TLS with the given PEM chain and key (ALPN `h2` and
+/// `http/1.1`, as a hosted model API offers).
+pub async fn start_tls(cert_pem: &str, key_pem: &str) -> MockUpstream {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (app, seen) = router();
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                // A client that refuses the certificate just ends here.
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service).await;
+            });
+        }
+    });
+    MockUpstream { addr, seen, scheme: "https" }
 }
 
 struct DropGuard {

@@ -109,8 +109,13 @@ impl std::fmt::Debug for RedisStore {
 impl RedisStore {
     /// Connects lazily (the server may start before Redis is up; `/readyz`
     /// says so meanwhile).
-    pub(super) fn connect(url: &str, settings: RedisSettings) -> Result<Arc<Self>, StoreError> {
-        let client = Client::open(url)?;
+    pub(super) fn connect(url: &str, ca: Option<&[u8]>, settings: RedisSettings) -> Result<Arc<Self>, StoreError> {
+        let client = match ca {
+            None => Client::open(url)?,
+            Some(ca) => {
+                Client::build_with_tls(url, redis::TlsCertificates { client_tls: None, root_cert: Some(ca.to_vec()) })?
+            }
+        };
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(RESPONSE_TIMEOUT))
