@@ -13,7 +13,7 @@
 //! works: a late subscriber replays what it missed with `Last-Event-ID`.
 //! With Redis, one replica publishes (it holds the `demo-feeds` lease,
 //! [`crate::store::Store::lead`]); another takes over if it dies. Ticks are
-//! numbered from the clock, not per process, so a new leader continues the
+//! numbered from the clock (from midnight UTC), not per process, so a new leader continues the
 //! same sequence. On by default; `demo_feeds = false` turns them off.
 
 pub mod sources;
@@ -82,20 +82,20 @@ pub async fn run(store: Store, every: Duration, stop: CancellationToken) {
 
 /// The messages of the tick at `now_ms`.
 async fn publish_tick(store: &Store, now_ms: u64, every_ms: u64) -> Result<(), crate::store::StoreError> {
-    let tick = now_ms / every_ms;
-    // Counted from midnight UTC: a readable number, the same on every
+    // Ticks counted from midnight UTC: readable numbers, the same on every
     // replica.
-    let of_day = (now_ms % 86_400_000) / every_ms;
+    let day_ms = now_ms % 86_400_000;
+    let of_day = day_ms / every_ms;
     let ts = iso8601(now_ms);
     let mut messages = vec![
         (COUNTER, sources::counter(of_day, &ts)),
-        (STATUS, sources::status(tick, &ts)),
+        (STATUS, sources::status(of_day, &ts)),
         (CLOCK, sources::clock(now_ms, &ts)),
     ];
     // 1.5 ticks apart: on two ticks of every three.
     let metrics_every = every_ms * 3 / 2;
     if now_ms % metrics_every < every_ms {
-        messages.push((METRICS, sources::metrics(now_ms / metrics_every, &ts)));
+        messages.push((METRICS, sources::metrics(day_ms / metrics_every, &ts)));
     }
     for (channel, message) in messages {
         store.publish(channel, Some(message.event.to_owned()), message.data.to_string()).await?;

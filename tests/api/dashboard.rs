@@ -141,7 +141,7 @@ async fn the_dashboard_page_is_served() {
 
 /// Per panel: its name, whether its `EventSource` is open, and the
 /// updates it has shown, read from the page.
-async fn panels(client: &fantoccini::Client) -> Vec<(String, bool, u64)> {
+pub async fn panels(client: &fantoccini::Client) -> Vec<(String, bool, u64)> {
     let v = client
         .execute(
             "return [...document.querySelectorAll('[data-panel]')].map(p => [p.dataset.panel, p.dataset.open === '1', Number(p.dataset.count || 0)])",

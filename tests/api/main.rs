@@ -11,7 +11,7 @@ pub mod browser;
 mod channels;
 mod cluster_limits;
 mod cors;
-mod dashboard;
+pub mod dashboard;
 mod helpers;
 mod jwks;
 mod lifecycle;

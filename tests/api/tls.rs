@@ -870,3 +870,39 @@ async fn rediss_reaches_a_tls_redis_with_the_configured_ca() {
     };
     assert_eq!(tokengate::config::Config::from_settings(s).err().map(|e| e.setting()), Some("redis_ca_file"));
 }
+
+/// The dashboard over HTTP/2: all seven panels connect and update at once
+/// on one connection (the alert panel shows `alert` events), and a
+/// screenshot is saved to tests/artifacts/dashboard.png.
+#[tokio::test]
+async fn the_dashboard_over_http2_updates_every_panel() {
+    let (app, _pki, _) = tls_app(|s| {
+        s.demo_feeds = Some(true);
+        s.demo_feeds_every = Some("300ms".into());
+        s.rate_subject_per_min = Some(6000);
+        s.rate_subject_burst = Some(200);
+    })
+    .await;
+    let token = app.token("viewer", "stream");
+    let mut browser = crate::browser::browser_with(&["--ignore-certificate-errors"]).await;
+    let client = browser.client.take().unwrap();
+    client.goto(&format!("https://127.0.0.1:{}/dashboard#token={token}", app.addr.port())).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = crate::dashboard::panels(&client).await;
+        if now.len() == 7 && now.iter().all(|(_, open, n)| *open && *n > 0) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not every panel updated over HTTP/2: {now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let alerts =
+        client.execute("return document.querySelectorAll('#alerts-list li.alert').length", vec![]).await.unwrap();
+    assert!(alerts.as_u64().unwrap() >= 1, "the alert panel shows alert events");
+    assert!(app.metric("tokengate_connections_total{protocol=\"h2\"}").await >= 1.0);
+    assert_eq!(app.metric("tokengate_connections_total{protocol=\"http1\"}").await, 0.0);
+    let png = client.screenshot().await.unwrap();
+    std::fs::create_dir_all("tests/artifacts").unwrap();
+    std::fs::write("tests/artifacts/dashboard.png", png).unwrap();
+    client.close().await.unwrap();
+}
