@@ -906,3 +906,70 @@ async fn the_dashboard_over_http2_updates_every_panel() {
     std::fs::write("tests/artifacts/dashboard.png", png).unwrap();
     client.close().await.unwrap();
 }
+
+/// `deploy/nginx-tls.conf` with real nginx: TLS terminated in nginx,
+/// HTTP/2 to the client (curl), the stream passed through unbuffered from
+/// a plain replica, with its exact text.
+#[tokio::test]
+async fn nginx_terminates_tls_with_http2_to_clients() {
+    let nginx = ["nginx", "/usr/sbin/nginx"]
+        .into_iter()
+        .find(|b| std::process::Command::new(b).arg("-v").output().is_ok_and(|o| o.status.success()))
+        .unwrap_or_else(|| {
+            panic!("nginx is required: install it (Debian: apt-get install nginx) or run scripts/test.sh")
+        });
+    let pki = Pki::new();
+    let leaf = pki.leaf("nginx");
+    pki.install(&leaf);
+    let app = spawn_app().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("tokengate-nginx-tls-{port}"));
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let conf = std::fs::read_to_string("deploy/nginx-tls.conf").unwrap();
+    let needles = [
+        "server tokengate-a:8080 max_fails=0;",
+        "server tokengate-b:8080 max_fails=0;",
+        "listen 443 ssl http2;",
+        "/etc/nginx/tls/fullchain.pem",
+        "/etc/nginx/tls/privkey.pem",
+        "worker_processes auto;",
+        "shared:tls:10m",
+    ];
+    for needle in needles {
+        assert!(conf.contains(needle), "deploy/nginx-tls.conf no longer contains `{needle}`: update this test");
+    }
+    let conf = conf
+        .replace("server tokengate-a:8080 max_fails=0;", &format!("server {} max_fails=0;", app.addr))
+        .replace("server tokengate-b:8080 max_fails=0;", "")
+        .replace("listen 443 ssl http2;", &format!("listen 127.0.0.1:{port} ssl http2;"))
+        .replace("/etc/nginx/tls/fullchain.pem", pki.cert_path().to_str().unwrap())
+        .replace("/etc/nginx/tls/privkey.pem", pki.key_path().to_str().unwrap())
+        .replace("worker_processes auto;", "worker_processes 1;")
+        .replace("shared:tls:10m", "shared:tls:1m");
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let mut child = std::process::Command::new(nginx)
+        .args(["-p", dir.to_str().unwrap(), "-c", path.to_str().unwrap()])
+        .args(["-g", &format!("daemon off; pid {}/nginx.pid; error_log {}/error.log;", dir.display(), dir.display())])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(up, "nginx did not start: {}", std::fs::read_to_string(dir.join("error.log")).unwrap_or_default());
+    let token = app.token("alice", "stream");
+    let url = format!("https://127.0.0.1:{port}/v1/stream?generator=echo&prompt={}", urlencode(PROMPT));
+    let auth = format!("Authorization: Bearer {token}");
+    let ca = pki.ca_path();
+    let (ok, out, log) = curl(&["-sSvN", "--http2", "--cacert", ca.to_str().unwrap(), "-H", &auth, &url]).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok, "{log}");
+    assert!(log.contains("< HTTP/2 200"), "nginx speaks HTTP/2 to the client: {log}");
+    let events = parse_all(&out);
+    assert_eq!(delta_text(&events), PROMPT);
+    assert_eq!(messages(&events).last().map(|m| m.0.clone()).as_deref(), Some("done"));
+}
