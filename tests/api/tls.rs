@@ -973,3 +973,69 @@ async fn nginx_terminates_tls_with_http2_to_clients() {
     assert_eq!(delta_text(&events), PROMPT);
     assert_eq!(messages(&events).last().map(|m| m.0.clone()).as_deref(), Some("done"));
 }
+
+/// Every dialect, resume and a refusal over HTTP/2 (ALPN-negotiated by an
+/// ordinary client): the same answers as over HTTP/1.1.
+#[tokio::test]
+async fn every_dialect_and_resume_work_over_http2() {
+    let (app, _pki, _) = tls_app(|s| s.detach_grace = Some("10s".into())).await;
+    let token = app.token("alice", "stream");
+    let post = |path: &str, body: serde_json::Value| {
+        app.client.post(format!("{}{path}", app.base)).bearer_auth(&token).json(&body).send()
+    };
+    let chat = post(
+        "/v1/chat/completions",
+        serde_json::json!({"model": "echo", "stream": true, "messages": [{"role": "user", "content": "hi h2"}]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(chat.version(), reqwest::Version::HTTP_2);
+    let body = chat.text().await.unwrap();
+    assert!(body.contains("\"finish_reason\":\"stop\"") && body.ends_with("data: [DONE]\n\n"), "{body}");
+    let messages_ = post(
+        "/v1/messages",
+        serde_json::json!({"model": "echo", "max_tokens": 10, "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(messages_.version(), reqwest::Version::HTTP_2);
+    assert!(messages_.text().await.unwrap().contains("event: message_stop"));
+    let responses =
+        post("/v1/responses", serde_json::json!({"model": "echo", "stream": true, "input": "hi"})).await.unwrap();
+    assert!(responses.text().await.unwrap().contains("event: response.completed"));
+    let ui = post(
+        "/v1/ui/chat",
+        serde_json::json!({"id": "c", "model": "echo", "messages": [{"id": "m", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]}),
+    )
+    .await
+    .unwrap();
+    assert!(ui.text().await.unwrap().contains("\"type\":\"finish\""));
+
+    // Resume over HTTP/2: the events after the second delta, exactly.
+    let native = app
+        .client
+        .get(format!("{}/v1/stream?generator=echo&prompt=abcdef", app.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(native.version(), reqwest::Version::HTTP_2);
+    let events = parse_all(&native.text().await.unwrap());
+    let second =
+        messages(&events).iter().filter(|(e, _, _)| e == "delta").nth(1).and_then(|(_, _, id)| id.clone()).unwrap();
+    let stream_id = second.split('.').next().unwrap().to_owned();
+    let resumed = app
+        .client
+        .get(format!("{}/v1/streams/{stream_id}", app.base))
+        .bearer_auth(&token)
+        .header("last-event-id", &second)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delta_text(&parse_all(&resumed.text().await.unwrap())), "cdef");
+
+    // A refusal keeps its shape and challenge.
+    let refused = app.client.get(format!("{}/v1/stream?prompt=x", app.base)).send().await.unwrap();
+    assert_eq!((refused.version(), refused.status().as_u16()), (reqwest::Version::HTTP_2, 401));
+    assert_eq!(refused.headers()["www-authenticate"], r#"Bearer realm="tokengate""#);
+}
