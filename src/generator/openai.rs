@@ -120,6 +120,36 @@ impl Absorbed {
     }
 }
 
+/// What the body reader makes of upstream bytes that arrive in `reads`
+/// (one slice per network read): each read's text, then the usage, the
+/// finish and the in-band end, as [`BodyReader::take_ready`] absorbs them
+/// with one parser for the whole body. For [`crate::fuzzing`], which checks
+/// that where the reads are cut changes none of it.
+pub(crate) fn read_upstream(reads: &[&[u8]], anthropic: bool) -> crate::fuzzing::UpstreamRead {
+    use crate::fuzzing::UpstreamEnd;
+    let mut parser = Parser::new();
+    let mut frames = anthropic.then(Frames::default);
+    let mut out = crate::fuzzing::UpstreamRead::default();
+    for bytes in reads {
+        let mut read = Absorbed::default();
+        read.absorb(&mut parser, bytes, frames.as_mut());
+        out.texts.push(read.text);
+        out.finished |= read.finished;
+        if read.usage.is_some() {
+            out.usage = read.usage;
+        }
+        if let Some(end) = read.end {
+            out.end = Some(match end {
+                End::Done => UpstreamEnd::Done,
+                End::Malformed => UpstreamEnd::Malformed,
+                End::Error(message) => UpstreamEnd::Error(message),
+            });
+            break;
+        }
+    }
+    out
+}
+
 /// What the gateway takes from one upstream `chat.completion.chunk`.
 #[derive(Debug, Default, PartialEq)]
 struct Frame<'a> {
