@@ -50,6 +50,6 @@ for t in "${targets[@]}"; do
     fi
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
     cov=$(grep -o 'cov: [0-9]*' "$log" | tail -n 1)
-    corpus=$(ls "target/corpus/$t" "corpus/$t" | grep -vc ':$' || true)
-    printf 'fuzz: %s: %s runs, %s, 0 crashes\n' "$t" "$execs" "$cov"
+    printf 'fuzz: %s: %s runs in %ss, %s, corpus %s (%s committed), 0 crashes\n' "$t" "$execs" "$seconds" \
+        "$cov" "$(ls "target/corpus/$t" | wc -l)" "$(ls "corpus/$t" | wc -l)"
 done

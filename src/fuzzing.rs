@@ -67,7 +67,8 @@ struct Rng(u64);
 impl Rng {
     fn new(data: &[u8]) -> Self {
         // FNV-1a; never zero, which would stay zero under xorshift.
-        let hash = data.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let hash =
+            data.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         Self(hash | 1)
     }
 
@@ -207,7 +208,8 @@ pub fn upstream_stream(data: &[u8]) {
     let mut rng = Rng::new(data);
     let (input, output) = (rng.next() >> rng.below(64), rng.next() >> rng.below(64));
     let mut buf = BytesMut::new();
-    let mut frame = |event: Option<&str>, value: serde_json::Value| push_event(&mut buf, None, event, &value.to_string());
+    let mut frame =
+        |event: Option<&str>, value: serde_json::Value| push_event(&mut buf, None, event, &value.to_string());
     let usage = if anthropic {
         frame(Some("message_start"), json!({"type": "message_start", "message": {"usage": {"input_tokens": input}}}));
         frame(Some("content_block_start"), json!({"type": "content_block_start", "index": 0}));
@@ -228,7 +230,10 @@ pub fn upstream_stream(data: &[u8]) {
     } else {
         let usage = Usage { prompt_tokens: input, completion_tokens: output, total_tokens: rng.next() };
         for delta in &deltas {
-            frame(None, json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": delta}}]}));
+            frame(
+                None,
+                json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": delta}}]}),
+            );
         }
         frame(None, json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage}));
         push_event(&mut buf, None, None, "[DONE]");
