@@ -20,14 +20,18 @@ use crate::api::resume::{GAP_SEEN, last_event_id, parse_event_id, resume_point};
 use crate::auth::{AuthConfig, KeyMaterial, TokenSources};
 use crate::config::{Config, Settings};
 use crate::event::Usage;
+use crate::generator::{UpstreamEnd, UpstreamRead, read_upstream};
 use crate::secret::Secret;
 use crate::sse::{Event, Parser, push_comment, push_event, push_json_string, push_retry};
 use crate::store::ChannelPosition;
 use crate::stream::StreamId;
 
+/// A target's body: panics when a property fails for this input.
+pub type Target = fn(&[u8]);
+
 /// Every target by name (the name of its binary in `fuzz/` and of its
 /// corpus directory `fuzz/corpus/<name>/`), for the corpus replay.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("sse_encoder", sse_encoder),
     ("upstream_stream", upstream_stream),
     ("token_extraction", token_extraction),
@@ -147,36 +151,9 @@ pub fn sse_encoder(data: &[u8]) {
     assert_eq!(decoded.ok().as_deref(), Some(&*body), "JSON string {json:?}");
 }
 
-/// How an upstream stream ended in band, as the body reader saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpstreamEnd {
-    /// `[DONE]`, or Anthropic's `message_stop`.
-    Done,
-    /// A frame that is not JSON.
-    Malformed,
-    /// An error object, with its message.
-    Error(String),
-}
-
-/// What the upstream body reader made of a stream (see
-/// `generator::openai::read_upstream`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UpstreamRead {
-    /// The text each read handed on, in order (possibly empty).
-    pub texts: Vec<String>,
-    /// The last usage reported.
-    pub usage: Option<Usage>,
-    /// A frame carried a finish reason.
-    pub finished: bool,
-    /// What ended the stream in band, if anything did.
-    pub end: Option<UpstreamEnd>,
-}
-
-impl UpstreamRead {
-    /// Everything but where the text was cut.
-    fn joined(&self) -> (String, Option<Usage>, bool, Option<UpstreamEnd>) {
-        (self.texts.concat(), self.usage, self.finished, self.end.clone())
-    }
+/// Everything but where the text was cut.
+fn joined(read: &UpstreamRead) -> (String, Option<Usage>, bool, Option<UpstreamEnd>) {
+    (read.texts.concat(), read.usage, read.finished, read.end.clone())
 }
 
 /// The upstream SSE parser and chunk decoders (OpenAI chat chunks and
@@ -195,12 +172,12 @@ pub fn upstream_stream(data: &[u8]) {
         let f = fields(rest);
         let bytes = f[0];
         let sizes = f.get(1).copied().unwrap_or_default();
-        let whole = crate::generator::read_upstream(&[bytes], anthropic);
-        let reads = crate::generator::read_upstream(&cut(bytes, sizes), anthropic);
-        assert_eq!(reads.joined(), whole.joined(), "reads of {sizes:?}");
+        let whole = read_upstream(&[bytes], anthropic);
+        let reads = read_upstream(&cut(bytes, sizes), anthropic);
+        assert_eq!(joined(&reads), joined(&whole), "reads of {sizes:?}");
         if bytes.len() <= 4096 {
             let bytewise: Vec<&[u8]> = bytes.chunks(1).collect();
-            assert_eq!(crate::generator::read_upstream(&bytewise, anthropic).joined(), whole.joined(), "bytewise");
+            assert_eq!(joined(&read_upstream(&bytewise, anthropic)), joined(&whole), "bytewise");
         }
         return;
     }
@@ -245,8 +222,8 @@ pub fn upstream_stream(data: &[u8]) {
         bytes = String::from_utf8_lossy(&bytes).replace('\n', "\r\n").into_bytes();
     }
     let sizes: Vec<u8> = (0..rng.below(64)).map(|_| rng.below(48) as u8).collect();
-    let read = crate::generator::read_upstream(&cut(&bytes, &sizes), anthropic);
-    assert_eq!(read.joined(), (deltas.concat(), Some(usage), true, Some(UpstreamEnd::Done)), "reads of {sizes:?}");
+    let read = read_upstream(&cut(&bytes, &sizes), anthropic);
+    assert_eq!(joined(&read), (deltas.concat(), Some(usage), true, Some(UpstreamEnd::Done)), "reads of {sizes:?}");
 }
 
 /// Token sources as the default config names them.
