@@ -37,6 +37,8 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_install nginx
 # The demo page is tested in headless Chromium over WebDriver.
 command -v chromedriver >/dev/null || apt_install chromium chromium-driver
 command -v python3 >/dev/null || apt_install python3 python3-venv
+# The fuzz targets link libFuzzer, which libfuzzer-sys builds from C++.
+command -v c++ >/dev/null || apt_install g++
 # Python tools live in a project-local virtual environment: the OpenAPI
 # validator, the official `openai` and `anthropic` SDKs (clients in the
 # tests) and the schema validators for the deploy files.
@@ -71,6 +73,9 @@ done
 
 log "cargo test --workspace"
 cargo test --workspace --all-targets 2>&1 | tee target/cargo-test.log
+
+log "fuzz: every target for 10 s on its corpus (stable toolchain, libFuzzer)"
+FUZZ_SECONDS=10 scripts/fuzz.sh
 
 log "schemathesis: every operation in openapi.yaml against the live server, with a valid token"
 cargo build --quiet -p tokengate

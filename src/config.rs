@@ -512,6 +512,13 @@ impl Settings {
             .map_err(|e| ConfigError::invalid("config", format!("cannot read {}: {e}", path.display())))?;
         file::parse(path, &text)
     }
+
+    /// Reads TOML settings from text, as [`Settings::from_toml_file`] reads
+    /// a file (errors name it `<string>`): for callers that already hold
+    /// the text, such as the config fuzz target.
+    pub fn from_toml_str(text: &str) -> Result<Settings, ConfigError> {
+        file::parse(Path::new("<string>"), text)
+    }
 }
 
 /// A setting that cannot be used, named the way the user wrote it.

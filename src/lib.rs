@@ -32,6 +32,8 @@
 //! - [`json`]: JSON details where JSON Schema and serde disagree (`3.0` as an integer).
 //! - [`limits`]: request rates, stream slots, client IP behind proxies;
 //!   with a shared store, rates and per-subject slots for the whole cluster.
+//! - `fuzzing` (hidden): the bodies of the fuzz targets in `fuzz/`, also
+//!   replayed over their corpora by the test suite.
 //! - [`feeds`]: the built-in demo feeds behind `/dashboard` (the seeds' live dashboards).
 //! - [`quota`]: usage budgets per subject, drawn on while streaming.
 //! - [`sse`]: the event-stream wire format (encoder and spec parser).
@@ -53,6 +55,8 @@ pub mod dialect;
 pub mod error;
 pub mod event;
 pub mod feeds;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod generator;
 pub mod json;
 pub mod limits;

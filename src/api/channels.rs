@@ -34,8 +34,9 @@ pub const RESERVED_EVENTS: &[&str] = &["connected", "gap", "shutdown"];
 /// Longest event name.
 pub const MAX_EVENT_NAME: usize = 64;
 
-/// A channel name: 1 to 64 of `A-Z a-z 0-9 _ - . :`.
-fn check_name(name: &str) -> Result<(), ApiError> {
+/// A channel name: 1 to 64 of `A-Z a-z 0-9 _ - . :`, so that it needs no
+/// escaping in a URL path, a Redis key or a log line.
+pub fn check_name(name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_CHANNEL_NAME
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
@@ -46,6 +47,22 @@ fn check_name(name: &str) -> Result<(), ApiError> {
             "channel names are 1 to {MAX_CHANNEL_NAME} characters of A-Z, a-z, 0-9, `_`, `-`, `.` and `:`"
         )))
     }
+}
+
+/// A published event name: 1 to 64 bytes without CR, LF or NUL (which
+/// would end or cut its `event:` line), and none of [`RESERVED_EVENTS`], so
+/// a publisher cannot pass for the server.
+pub fn check_event_name(event: &str) -> Result<(), ApiError> {
+    let ok = !event.is_empty()
+        && event.len() <= MAX_EVENT_NAME
+        && !event.chars().any(|c| c == '\r' || c == '\n' || c == '\0');
+    if !ok {
+        return Err(ApiError::BadRequest(format!("`event` must be 1 to {MAX_EVENT_NAME} bytes without CR, LF or NUL")));
+    }
+    if RESERVED_EVENTS.contains(&event) {
+        return Err(ApiError::BadRequest(format!("`{event}` is reserved for the server's own events")));
+    }
+    Ok(())
 }
 
 /// Query of `GET /v1/channels/{name}`.
@@ -118,17 +135,7 @@ pub async fn publish(
     check_name(&name)?;
     let body: PublishBody = json_body(body, state.config.max_body_bytes)?;
     if let Some(event) = &body.event {
-        let ok = !event.is_empty()
-            && event.len() <= MAX_EVENT_NAME
-            && !event.chars().any(|c| c == '\r' || c == '\n' || c == '\0');
-        if !ok {
-            return Err(ApiError::BadRequest(format!(
-                "`event` must be 1 to {MAX_EVENT_NAME} bytes without CR, LF or NUL"
-            )));
-        }
-        if RESERVED_EVENTS.contains(&event.as_str()) {
-            return Err(ApiError::BadRequest(format!("`{event}` is reserved for the server's own events")));
-        }
+        check_event_name(event)?;
     }
     let data = body.data.to_string();
     let limit = state.config.store.max_publish_bytes;

@@ -174,7 +174,8 @@ impl ResponseState {
                     "input_tokens_details": { "cached_tokens": 0 },
                     "output_tokens": output,
                     "output_tokens_details": { "reasoning_tokens": 0 },
-                    "total_tokens": input + output,
+                    // Upstream numbers: saturate rather than overflow.
+                    "total_tokens": input.saturating_add(output),
                 })
             }
         };
@@ -412,6 +413,22 @@ mod tests {
         }
         events.push(end);
         events
+    }
+
+    /// The Anthropic overflow the `upstream_stream` fuzz target found has a
+    /// twin here: an upstream's usage whose sum passes `u64::MAX`.
+    #[test]
+    fn huge_upstream_usage_saturates_the_total() {
+        let mut state = ResponseState::new(id(), "echo".into(), 1);
+        let usage = Usage { prompt_tokens: u64::MAX, completion_tokens: 3, total_tokens: 0 };
+        state.apply(&StreamEvent::Done {
+            stream_id: id(),
+            seq: 1,
+            finish_reason: FinishReason::Stop,
+            chars: 0,
+            usage: Some(usage),
+        });
+        assert_eq!(state.object()["usage"]["total_tokens"], u64::MAX);
     }
 
     #[test]

@@ -103,7 +103,9 @@ impl Frames {
                     read.usage = Some(Usage {
                         prompt_tokens: self.input_tokens,
                         completion_tokens: out,
-                        total_tokens: self.input_tokens + out,
+                        // Upstream numbers: a sum past u64 saturates instead of panicking
+                        // (debug) or wrapping to a small total (release).
+                        total_tokens: self.input_tokens.saturating_add(out),
                     });
                 }
                 read.finished = value.pointer("/delta/stop_reason").is_some_and(|r| !r.is_null());
@@ -161,5 +163,18 @@ mod tests {
         let error = r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
         assert_eq!(frames.read(error).and_then(|r| r.error), Some("Overloaded".to_owned()));
         assert_eq!(frames.read("not json"), None);
+    }
+
+    /// Found by the `upstream_stream` fuzz target (its input is in
+    /// `fuzz/corpus/upstream_stream/crash-anthropic-usage-overflow`): token
+    /// counts whose sum passes `u64::MAX` overflowed the total.
+    #[test]
+    fn huge_token_counts_saturate_the_total() {
+        let mut frames = Frames::default();
+        let start = format!(r#"{{"type":"message_start","message":{{"usage":{{"input_tokens":{}}}}}}}"#, u64::MAX);
+        assert_eq!(frames.read(&start), Some(Read::default()));
+        let end = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":2}}"#;
+        let usage = frames.read(end).and_then(|r| r.usage);
+        assert_eq!(usage, Some(Usage { prompt_tokens: u64::MAX, completion_tokens: 2, total_tokens: u64::MAX }));
     }
 }

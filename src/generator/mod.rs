@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 pub use demo::{DemoGenerator, Prompt};
 pub use echo::EchoGenerator;
 pub use openai::OpenAiGenerator;
+pub(crate) use openai::{UpstreamEnd, UpstreamRead, read_upstream};
 pub use registry::{Entry, Registry, RegistryError, builtin_generators};
 
 pub use crate::event::{ErrorCode, Usage};

@@ -120,6 +120,60 @@ impl Absorbed {
     }
 }
 
+/// What the body reader makes of upstream bytes that arrive in `reads`
+/// (one slice per network read): each read's text, then the usage, the
+/// finish and the in-band end, as [`BodyReader::take_ready`] absorbs them
+/// with one parser for the whole body. For the fuzz targets, which check
+/// that where the reads are cut changes none of it.
+pub(crate) fn read_upstream(reads: &[&[u8]], anthropic: bool) -> UpstreamRead {
+    let mut parser = Parser::new();
+    let mut frames = anthropic.then(Frames::default);
+    let mut out = UpstreamRead::default();
+    for bytes in reads {
+        let mut read = Absorbed::default();
+        read.absorb(&mut parser, bytes, frames.as_mut());
+        out.texts.push(read.text);
+        out.finished |= read.finished;
+        if read.usage.is_some() {
+            out.usage = read.usage;
+        }
+        if let Some(end) = read.end {
+            out.end = Some(match end {
+                End::Done => UpstreamEnd::Done,
+                End::Malformed => UpstreamEnd::Malformed,
+                End::Error(message) => UpstreamEnd::Error(message),
+            });
+            break;
+        }
+    }
+    out
+}
+
+/// How an upstream stream ended in band, as the body reader saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum UpstreamEnd {
+    /// `[DONE]`, or Anthropic's `message_stop`.
+    Done,
+    /// A frame that is not JSON.
+    Malformed,
+    /// An error object, with its message.
+    Error(String),
+}
+
+/// What the upstream body reader made of a stream (see
+/// [`read_upstream`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct UpstreamRead {
+    /// The text each read handed on, in order (possibly empty).
+    pub(crate) texts: Vec<String>,
+    /// The last usage reported.
+    pub(crate) usage: Option<Usage>,
+    /// A frame carried a finish reason.
+    pub(crate) finished: bool,
+    /// What ended the stream in band, if anything did.
+    pub(crate) end: Option<UpstreamEnd>,
+}
+
 /// What the gateway takes from one upstream `chat.completion.chunk`.
 #[derive(Debug, Default, PartialEq)]
 struct Frame<'a> {

@@ -12,6 +12,7 @@ mod channels;
 mod cluster_limits;
 mod cors;
 pub mod dashboard;
+mod fuzz_corpus;
 mod helpers;
 mod jwks;
 mod lifecycle;

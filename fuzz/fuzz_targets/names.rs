@@ -1,0 +1,5 @@
+//! libFuzzer entry point for `tokengate::fuzzing::names` (the body and its
+//! properties live there, so `cargo test` replays the corpus without this).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tokengate::fuzzing::names(data));
