@@ -33,7 +33,9 @@ export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module \
  -Cllvm-args=-sanitizer-coverage-trace-compares"
 bins=()
 for t in "${targets[@]}"; do bins+=(--bin "$t"); done
-cargo build --release --locked --target "$host" "${bins[@]}"
+# FUZZ_PROFILE=quick (the test command's) compiles faster and runs slower.
+profile=${FUZZ_PROFILE:-release}
+cargo build --profile "$profile" --locked --target "$host" "${bins[@]}"
 
 for t in "${targets[@]}"; do
     mkdir -p "target/corpus/$t" "artifacts/$t"
@@ -41,7 +43,7 @@ for t in "${targets[@]}"; do
     printf '==> fuzz %s for %ss\n' "$t" "$seconds"
     # The first corpus directory receives new inputs; the committed one is
     # only read. One job, so the two cores stay shared with the rest.
-    if ! "target/$host/release/$t" "target/corpus/$t" "corpus/$t" \
+    if ! "target/$host/$profile/$t" "target/corpus/$t" "corpus/$t" \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
         -artifact_prefix="artifacts/$t/" -print_final_stats=1 >"$log" 2>&1; then
         tail -n 40 "$log" >&2
