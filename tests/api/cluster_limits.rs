@@ -28,15 +28,6 @@ async fn redis_conn(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
     redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
 }
 
-async fn problem(resp: reqwest::Response, status: u16, code: &str) -> reqwest::header::HeaderMap {
-    assert_eq!(resp.status(), status, "expected {status} {code}");
-    assert_eq!(resp.headers()["content-type"], "application/problem+json");
-    let headers = resp.headers().clone();
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["code"], code, "{body}");
-    headers
-}
-
 /// The same refusal in the OpenAI shape (`/v1/models`, an authenticated
 /// route that costs nothing, answers in it).
 async fn openai_refusal(resp: reqwest::Response, status: u16, code: &str) -> reqwest::header::HeaderMap {

@@ -347,3 +347,15 @@ pub async fn run_client_check(
     assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains(marker), "{script} did not print `{marker}`:\n{stdout}");
 }
+
+/// Asserts a problem+json refusal with `status` and `code`; its headers,
+/// for the `Retry-After` / `RateLimit-*` checks.
+pub async fn problem(resp: reqwest::Response, status: u16, code: &str) -> reqwest::header::HeaderMap {
+    assert_eq!(resp.status(), status, "expected {status} {code}");
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    let headers = resp.headers().clone();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status);
+    headers
+}

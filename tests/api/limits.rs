@@ -15,16 +15,6 @@ use crate::helpers::*;
 
 const LIMIT: Duration = Duration::from_secs(10);
 
-async fn problem(resp: reqwest::Response, status: u16, code: &str) -> reqwest::header::HeaderMap {
-    assert_eq!(resp.status(), status, "expected {status} {code}");
-    assert_eq!(resp.headers()["content-type"], "application/problem+json");
-    let headers = resp.headers().clone();
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["code"], code, "{body}");
-    assert_eq!(body["status"], status);
-    headers
-}
-
 fn is_delta(e: &Event) -> bool {
     matches!(e, Event::Message { event, .. } if event == "delta")
 }
