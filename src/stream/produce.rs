@@ -302,7 +302,10 @@ async fn run(
         let mut batch = 0;
         let mut ended = false;
         while let Some(event) = next.take() {
-            if let Some(stop) = charge(meter, &event).await {
+            // Without a budget nothing is built or awaited per event.
+            if meter.is_some()
+                && let Some(stop) = charge(meter, &event).await
+            {
                 break 'produce Some(stop);
             }
             if !first_delta_seen && matches!(event, StreamEvent::Delta { .. }) {
