@@ -16,6 +16,7 @@ use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::compact::CompactLog;
 use super::cursor::Read;
 use crate::event::{StreamEvent, StreamId};
 
@@ -38,9 +39,8 @@ pub(super) struct StreamHub {
 
 #[derive(Debug)]
 struct LogState {
-    events: VecDeque<Arc<StreamEvent>>,
-    /// Sequence number of `events[0]`.
-    first_seq: u64,
+    /// The retained events, stored compactly (text once, plus offsets).
+    events: CompactLog,
     finished_at: Option<Instant>,
     /// Each attached local reader: the next sequence it needs, and how to
     /// wake it.
@@ -56,7 +56,7 @@ struct LogState {
 
 impl LogState {
     fn next_seq(&self) -> u64 {
-        self.first_seq + self.events.len() as u64
+        self.events.next_seq()
     }
 
     /// How far the next append is ahead of the slowest attached reader.
@@ -145,8 +145,7 @@ impl StreamHub {
             generator: generator.to_owned(),
             max_events: self.settings.max_events.max(1),
             state: Mutex::new(LogState {
-                events: VecDeque::new(),
-                first_seq: 0,
+                events: CompactLog::new(id),
                 finished_at: None,
                 readers: Vec::new(),
                 detached_since: Some(Instant::now()),
@@ -187,25 +186,21 @@ impl LiveStream {
     /// Appends the next event (the producer only) without waking the
     /// readers: the producer appends a batch of events that were ready
     /// together, then wakes them once ([`Self::wake_readers`]), so they read
-    /// the batch in one go. Past `max_events` the oldest is dropped.
-    pub fn append_quietly(&self, event: StreamEvent) -> Arc<StreamEvent> {
-        let event = Arc::new(event);
-        self.append_shared_quietly(event.clone());
-        event
-    }
-
-    /// [`LiveStream::append_quietly`] of an event already shared (the
-    /// terminal one, replicated before it is logged here).
-    pub fn append_shared_quietly(&self, event: Arc<StreamEvent>) {
+    /// the batch in one go. Past `max_events` the oldest is dropped. A delta
+    /// is copied into the log's text (readers get it rebuilt); `shared`, the
+    /// caller's `Arc` of the same event if it has one (the replicated
+    /// terminal event), is kept instead of a copy for the other events.
+    pub fn append_quietly(&self, event: &StreamEvent, shared: Option<&Arc<StreamEvent>>) {
         let terminal = event.is_terminal();
         let mut state = lock(&self.state);
-        state.events.push_back(event.clone());
+        state.events.push(event, shared);
         if state.events.len() > self.max_events {
             state.events.pop_front();
-            state.first_seq += 1;
         }
         if terminal {
             state.finished_at = Some(Instant::now());
+            // Nothing more comes: the log keeps only what it holds.
+            state.events.shrink();
         }
     }
 
@@ -286,12 +281,12 @@ impl LiveStream {
     /// Adds events from `from` on (at most `max`) to `out`.
     fn read_from(&self, from: u64, max: usize, out: &mut VecDeque<Arc<StreamEvent>>) -> Read {
         let state = lock(&self.state);
-        if from < state.first_seq {
-            return Read::Gap { first_kept: state.first_seq };
+        let first_kept = state.events.first_seq();
+        if from < first_kept {
+            return Read::Gap { first_kept };
         }
-        let skip = (from - state.first_seq) as usize;
         let before = out.len();
-        out.extend(state.events.range(skip.min(state.events.len())..).take(max).cloned());
+        state.events.read(from, max, out);
         if out.len() > before { Read::Events } else { Read::CaughtUp }
     }
 
@@ -302,7 +297,7 @@ impl LiveStream {
         std::future::poll_fn(move |cx| {
             slot.waker.register(cx.waker());
             let state = lock(&self.state);
-            if from < state.next_seq() || from < state.first_seq {
+            if from < state.next_seq() || from < state.events.first_seq() {
                 std::task::Poll::Ready(())
             } else {
                 std::task::Poll::Pending

@@ -24,6 +24,7 @@
 
 mod channels;
 mod chats;
+mod compact;
 mod cursor;
 mod keys;
 mod memory;

@@ -29,9 +29,15 @@ impl StreamWriter {
     /// Appends without waking the readers (the producer wakes them once per
     /// batch, [`LiveStream::wake_readers`]).
     pub fn append_quietly(&self, event: StreamEvent) {
-        let logged = self.log.append_quietly(event);
-        if let Some(replicator) = &self.replicator {
-            replicator.push(logged);
+        match &self.replicator {
+            Some(replicator) => {
+                let event = Arc::new(event);
+                self.log.append_quietly(&event, Some(&event));
+                replicator.push(event);
+            }
+            // The common case allocates nothing per event: the log copies
+            // the text into its buffer.
+            None => self.log.append_quietly(&event, None),
         }
     }
 
@@ -55,7 +61,7 @@ impl StreamWriter {
             replicator.push(event.clone());
             replicator.written_through(seq).await;
         }
-        self.log.append_shared_quietly(event);
+        self.log.append_quietly(&event, Some(&event));
         self.log.wake_readers();
     }
 
