@@ -41,12 +41,14 @@ HOST=127.0.0.1
 TG_PORT=18080
 TG_PROXY_PORT=18081
 REF_PORT=18090
+CEIL_PORT=18091
 MOCK_PORT=18099
 
 # Scale. The full numbers are the issue's; BENCH_QUICK scales them down.
 if [[ $QUICK == 1 ]]; then
   S1_CONNS=100 S1_CHARS=500
   S2_CONNS=100 S2_CHARS=200 S2_PACE=5
+  S2H_CONNS=50
   S3_CONNS=1000 S3_HOLD=6
   S4_SUBS=500 S4_PUBS=20
   S5_TTFD_STREAMS=50 S5_CONNS=10 S5_CHARS=500 S5_SPC=1
@@ -56,6 +58,10 @@ else
   S1_CONNS=1000 S1_CHARS=2000
   # 600 characters at 5 ms: 3 s of pacing per run, 600,000 gaps per run.
   S2_CONNS=1000 S2_CHARS=600 S2_PACE=5
+  # Scenario 2h: half the streams, a load this box keeps pace with, so CPU
+  # per character compares without saturation (tokengate, the reference and
+  # the one-write-per-character ceiling).
+  S2H_CONNS=500
   # 0 = the fd limit (raised to the hard limit) minus 1,000.
   S3_CONNS=0 S3_HOLD=11
   S4_SUBS=5000 S4_PUBS=100
@@ -129,6 +135,13 @@ start_reference() { # log-name
   wait_ready "$REF_PORT" "$SRV_PID"
 }
 
+start_ceiling() { # log-name
+  [[ ${LOG_CMDS:-0} == 1 ]] && log_cmd "$BENCH ceiling --listen $HOST:$CEIL_PORT &"
+  $BENCH ceiling --listen "$HOST:$CEIL_PORT" >"$OUT/logs/$1.log" 2>&1 &
+  SRV_PID=$!
+  wait_ready "$CEIL_PORT" "$SRV_PID"
+}
+
 stop_server() {
   if [[ -n $SRV_PID ]]; then
     kill -KILL "$SRV_PID" 2>/dev/null || true
@@ -171,6 +184,15 @@ run_one() { # scenario server run
   s2/reference)
     start_reference "s2-reference-$run"
     loadgen s2 reference "$run" stream "${REFA[@]}" --conns $S2_CONNS --chars $S2_CHARS --pace-ms $S2_PACE ;;
+  s2h/tokengate)
+    start_tokengate $TG_PORT "s2h-tokengate-$run" "${TG_NO_RATE[@]}"
+    loadgen s2h "$TAG" "$run" stream "${TGA[@]}" --conns $S2H_CONNS --chars $S2_CHARS --pace-ms $S2_PACE ;;
+  s2h/reference)
+    start_reference "s2h-reference-$run"
+    loadgen s2h reference "$run" stream "${REFA[@]}" --conns $S2H_CONNS --chars $S2_CHARS --pace-ms $S2_PACE ;;
+  s2h/ceiling)
+    start_ceiling "s2h-ceiling-$run"
+    loadgen s2h ceiling "$run" stream --addr "$HOST:$CEIL_PORT" --target reference --conns $S2H_CONNS --chars $S2_CHARS --pace-ms $S2_PACE ;;
   s3/tokengate)
     # A 60 s pace (allowed by --pace-max-ms) keeps every stream open and
     # quiet but for heartbeats.
@@ -225,6 +247,20 @@ alternate() { # scenario first second
   LOG_CMDS=0
 }
 
+# Three servers in turn, rotating who goes first.
+alternate3() { # scenario a b c
+  local s=$1 run
+  local order=("$2" "$3" "$4")
+  for run in $(seq 1 "$RUNS"); do
+    if [[ $run == 1 ]]; then LOG_CMDS=1; else LOG_CMDS=0; fi
+    local k=$(((run - 1) % 3))
+    run_one "$s" "${order[$k]}" "$run"
+    run_one "$s" "${order[$(((k + 1) % 3))]}" "$run"
+    run_one "$s" "${order[$(((k + 2) % 3))]}" "$run"
+  done
+  LOG_CMDS=0
+}
+
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
 # Who tokengate is compared with in scenarios 1, 1b and 2.
 OTHER=reference
@@ -238,7 +274,10 @@ for s in $SCENARIOS; do
     # itself can be the bottleneck (it is for the reference's many small
     # writes), with two it competes with the server for the 2 cores.
     note "scenario 1b: unpaced throughput, 2-thread load generator"; log_cmd "# scenario 1b"; alternate s1b tokengate $OTHER ;;
-  2) note "scenario 2: paced"; log_cmd "# scenario 2"; alternate s2 tokengate $OTHER ;;
+  2)
+    note "scenario 2: paced"; log_cmd "# scenario 2"; alternate s2 tokengate $OTHER
+    note "scenario 2h: paced, 500 streams, with the one-write-per-character ceiling"; log_cmd "# scenario 2h"
+    if [[ -n $BASELINE ]]; then alternate3 s2h tokengate baseline ceiling; else alternate3 s2h tokengate reference ceiling; fi ;;
   3) note "scenario 3: idle"; log_cmd "# scenario 3"; alternate s3 tokengate reference ;;
   4) note "scenario 4: fan-out"; log_cmd "# scenario 4"; alternate s4 tokengate reference ;;
   5)
@@ -384,21 +423,25 @@ if [[ -n $BASELINE ]]; then
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 keys = [("chars_per_s", "chars/s"), ("server_cpu_us_per_char", "server CPU us/char"),
-        ("gap_p50", "gap p50 ms"), ("gap_p99", "gap p99 ms")]
+        ("gap_p50", "gap p50 ms"), ("gap_p99", "gap p99 ms"),
+        ("server_rss_bytes_per_char_retained", "RSS B/retained char")]
 def value(r, k):
     return r.get("gap_ms", {}).get(k[4:]) if k.startswith("gap_") else r.get(k)
 print(f"side by side with {sys.argv[2]} (medians of alternating runs; n = runs per binary)")
 for s in sorted({r["tags"]["scenario"] for r in rows if "tags" in r}):
     for k, label in keys:
         med = {}
-        for server in ("tokengate", "baseline"):
+        for server in ("tokengate", "baseline", "ceiling"):
             vals = [value(r, k) for r in rows if r.get("tags", {}).get("scenario") == s and r["tags"].get("server") == server]
             vals = [v for v in vals if isinstance(v, (int, float))]
             med[server] = statistics.median(vals) if vals else None
-        t, b = med["tokengate"], med["baseline"]
+        t, b, c = med["tokengate"], med["baseline"], med["ceiling"]
+        if t is None and b is None:
+            continue
         ratio = f"{t / b:.3f}" if t is not None and b else "-"
-        n = sum(1 for r in rows if r.get("tags", {}).get("scenario") == s) // 2
-        print(f"{s:5} {label:20} this build {t}  baseline {b}  ratio {ratio}  (n = {n})")
+        ceiling = f"  ceiling {c}  ratio to it {t / c:.3f}" if t is not None and c else ""
+        n = sum(1 for r in rows if r.get("tags", {}).get("scenario") == s and r["tags"].get("server") == "tokengate")
+        print(f"{s:5} {label:20} this build {t}  baseline {b}  ratio {ratio}{ceiling}  (n = {n})")
 PY
 elif [[ ${BENCH_NO_REPORT:-0} != 1 ]]; then
   log_cmd "$BENCH report --results $RESULTS --dir $OUT --out BENCHMARKS.md"

@@ -14,6 +14,7 @@
 //!
 //! `scripts/bench.sh` drives all of it.
 
+mod ceiling;
 mod client;
 mod loadgen;
 mod mock;
@@ -42,6 +43,8 @@ enum Command {
     Loadgen(loadgen::Args),
     /// Run the reference server (axum Sse, no auth).
     Reference(reference::Args),
+    /// Run the paced ceiling: one task, one timer, one write per character.
+    Ceiling(ceiling::Args),
     /// Run the mock OpenAI-compatible upstream.
     MockUpstream(mock::Args),
     /// Write BENCHMARKS.md from collected results.
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Loadgen(args) => loadgen::main(args),
         Command::Reference(args) => reference::main(args),
+        Command::Ceiling(args) => ceiling::main(args),
         Command::MockUpstream(args) => mock::main(args),
         Command::Report(args) => report::main(args),
         Command::Soak(args) => soak::main(args),

@@ -233,6 +233,16 @@ pub fn main(args: Args) -> Result<()> {
     rows.push(row("1 unpaced", "server CPU µs per char", a, b, ratio(a, b), "-", None));
     let (a, b) = runs.pair("s1", "/ttfd_ms/p50");
     rows.push(row("1 unpaced", "time to first delta p50, ms", a, b, ratio(a, b), "-", None));
+    let (a, b) = runs.pair("s1", "/server_rss_bytes_per_char_retained");
+    rows.push(row(
+        "1 unpaced",
+        "server RSS per retained character after the run, bytes (logs kept for resume; the reference keeps none)",
+        a,
+        b,
+        None,
+        "<= 16 B",
+        a.map(|a| a <= 16.0),
+    ));
 
     // 2. Paced.
     let pace = runs.of("s2", tg).first().and_then(|r| r["pace_ms"].as_f64()).unwrap_or(5.0);
@@ -270,6 +280,52 @@ pub fn main(args: Args) -> Result<()> {
         "0",
         Some(fa == 0),
     ));
+
+    // 2h. Paced at a load the machine sustains, with the ceiling.
+    let cpu = |server: &str| runs.median("s2h", server, "/server_cpu_us_per_char");
+    let (a, b, c) = (cpu(tg), cpu(rf), cpu("ceiling"));
+    if a.is_some() || c.is_some() {
+        let r = ratio(a, b);
+        rows.push(row(
+            "2h paced, 500 streams",
+            "server CPU µs per delivered char",
+            a,
+            b,
+            r,
+            "tokengate <= 0.8x reference",
+            r.map(|r| r <= 0.8),
+        ));
+        let r = ratio(a, c);
+        rows.push(row(
+            "2h paced, 500 streams",
+            "server CPU µs per delivered char (reference column: the one-write-per-character ceiling)",
+            a,
+            c,
+            r,
+            "tokengate <= 1.2x ceiling",
+            r.map(|r| r <= 1.2),
+        ));
+        let rate = |server: &str| runs.median("s2h", server, "/chars_per_s");
+        rows.push(row(
+            "2h paced, 500 streams",
+            "chars/s delivered (ceiling in brackets)",
+            rate(tg),
+            rate(rf),
+            ratio(rate(tg), rate(rf)),
+            &format!("- (ceiling {})", opt(rate("ceiling"))),
+            None,
+        ));
+        let (fa, fb) = (runs.failures("s2h", tg), runs.failures("s2h", rf));
+        rows.push(row(
+            "2h paced, 500 streams",
+            "failed streams / errors, all runs",
+            Some(fa as f64),
+            Some(fb as f64),
+            None,
+            "0",
+            Some(fa == 0),
+        ));
+    }
 
     // 3. Idle.
     let (a, b) = runs.pair("s3", "/open_streams");
@@ -532,6 +588,8 @@ pub fn main(args: Args) -> Result<()> {
                 "/gap_ms/p99",
                 "/streams_ok",
                 "/server_rss_kib_peak",
+                "/server_rss_kib_after",
+                "/server_rss_bytes_per_char_retained",
                 "/loadgen_cpu_s",
                 "/other_cpu_s",
                 "/machine_busy_pct",
@@ -564,6 +622,20 @@ pub fn main(args: Args) -> Result<()> {
                 "/chars_per_s",
                 "/streams_ok",
                 "/ttfd_ms/p99",
+                "/loadgen_cpu_s",
+                "/other_cpu_s",
+                "/machine_busy_pct",
+            ],
+        ),
+        (
+            "s2h",
+            "2h paced, 500 streams, with the ceiling",
+            &[
+                "/gap_ms/p50",
+                "/gap_ms/p99",
+                "/server_cpu_us_per_char",
+                "/chars_per_s",
+                "/streams_ok",
                 "/loadgen_cpu_s",
                 "/other_cpu_s",
                 "/machine_busy_pct",
@@ -642,32 +714,28 @@ pub fn main(args: Args) -> Result<()> {
         ),
     ];
     for (scenario, title, pointers) in detail {
-        let servers: Vec<&str> = if scenario.starts_with("s5") { vec![tg, "direct"] } else { vec![tg, rf] };
+        let servers: Vec<&str> = if scenario.starts_with("s5") {
+            vec![tg, "direct"]
+        } else if *scenario == "s2h" {
+            vec![tg, rf, "ceiling"]
+        } else {
+            vec![tg, rf]
+        };
         if servers.iter().all(|s| runs.of(scenario, s).is_empty()) {
             continue;
         }
+        let cells = |f: &dyn Fn(&str) -> String| servers.iter().map(|s| f(s)).collect::<Vec<_>>().join(" | ");
         let _ = writeln!(w, "### {title}\n");
-        let _ = writeln!(w, "| figure | {} | {} |", servers[0], servers[1]);
-        let _ = writeln!(w, "|---|---|---|");
+        let _ = writeln!(w, "| figure | {} |", servers.join(" | "));
+        let _ = writeln!(w, "|---|{}", "---|".repeat(servers.len()));
         for p in *pointers {
-            let _ = writeln!(
-                w,
-                "| `{}` | {} | {} |",
-                p.trim_start_matches('/'),
-                runs.values(scenario, servers[0], p),
-                runs.values(scenario, servers[1], p)
-            );
+            let _ = writeln!(w, "| `{}` | {} |", p.trim_start_matches('/'), cells(&|s| runs.values(scenario, s, p)));
         }
         let errs = |s: &str| {
             let v: Vec<String> = runs.of(scenario, s).iter().map(|r| r["errors"].to_string()).collect();
-            v.join(" / ")
+            v.join(" / ").replace('|', "\\|")
         };
-        let _ = writeln!(
-            w,
-            "| `errors` | {} | {} |",
-            errs(servers[0]).replace('|', "\\|"),
-            errs(servers[1]).replace('|', "\\|")
-        );
+        let _ = writeln!(w, "| `errors` | {} |", cells(&errs));
         let _ = writeln!(w);
     }
 

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{Common, Errors, count, extend_resources, merge, resources, round3, rss_sampler, secs};
+use super::{Common, Errors, count, extend, extend_resources, merge, resources, round3, rss_sampler, secs};
 use crate::Result;
 use crate::client::{self, Item, Method, ReadEnd, Sender, StreamSpec, Target};
 use crate::procfs::Snapshot;
@@ -176,6 +176,14 @@ pub async fn run(mode: &str, a: StreamArgs) -> Result<Value> {
         "gap_ms": summary_ms(&mut totals.gaps),
     });
     extend_resources(&mut report, resources(&before, &after, peak), "char", totals.chars);
+    // Every stream has finished: what the server still holds is mostly the
+    // logs it keeps resumable for `stream_ttl`.
+    if let (Some(b), Some(a)) = (before.server_rss, after.server_rss)
+        && totals.chars > 0
+    {
+        let per_char = a.saturating_sub(b) as f64 * 1024.0 / totals.chars as f64;
+        extend(&mut report, json!({ "server_rss_bytes_per_char_retained": round3(per_char) }));
+    }
     eprintln!(
         "{mode} {:?}: {} conns x {} streams, {}/{} ok, {} chars in {:.3} s = {:.0} chars/s; ttfd p50 {} ms; gap p50 {} p99 {} ms; server cpu {} s; errors {}",
         c.target,
