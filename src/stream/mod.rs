@@ -17,6 +17,7 @@ mod channel;
 mod engine;
 mod flow;
 mod graphemes;
+mod inline;
 mod produce;
 mod reader;
 mod service;
