@@ -202,7 +202,7 @@ async fn open_echo(
 }
 
 #[tokio::test]
-async fn a_stream_followed_while_another_is_is_watched_at_once_and_read_whole() {
+async fn a_stream_followed_while_the_follower_blocks_on_another_is_watched_at_once() {
     let redis = RedisServer::start();
     let a = spawn_app_with(shared(&redis)).await;
     let b = spawn_app_with(shared(&redis)).await;
@@ -276,4 +276,25 @@ async fn a_remote_reader_gets_store_unavailable_when_redis_dies_and_following_re
     let stats = command_stats(&redis.url()).await;
     eprintln!("after the restart: {stats:?}");
     assert!(calls_of(&stats, "xread") >= 1, "{stats:?}");
+}
+
+#[tokio::test]
+async fn without_client_commands_remote_readers_still_follow_every_event() {
+    // `CLIENT` renamed away (as some managed Redis services restrict it):
+    // the follower cannot interrupt its block, and is slower to watch a new
+    // stream, but nothing is lost.
+    let redis = RedisServer::start_with(&["--rename-command", "CLIENT", ""]);
+    let a = spawn_app_with(shared(&redis)).await;
+    let b = spawn_app_with(shared(&redis)).await;
+    ready(&a).await;
+    ready(&b).await;
+    let token = a.token("alice", "stream");
+    let text = "no CLIENT: 你好 👩‍👩‍👧 e\u{301} 🇯🇵";
+    let (body, parser, seen, sid) = open_echo(&a, &token, text, 60).await;
+    let local = tokio::spawn(follow(body, parser, seen, Arc::new(AtomicUsize::new(0))));
+    let got = follow_response(b.get(&format!("/v1/streams/{sid}"), Some(&token)).await, Arc::default()).await;
+    assert_eq!(got.text, text);
+    assert_eq!(got.seqs, (0..got.seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(got.last, "done");
+    assert_eq!(local.await.unwrap().text, text);
 }

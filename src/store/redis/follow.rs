@@ -22,8 +22,9 @@
 //! A blocked `XREAD` watches only the streams it was sent with. When a
 //! stream is added, the follower interrupts it with `CLIENT UNBLOCK` from
 //! the shared connection, retried briefly (the `XREAD` may not have reached
-//! Redis yet); should that be refused (an ACL without `CLIENT`), the block's
-//! bound, [`FOLLOW_BLOCK`], is the longest a new stream waits to be watched.
+//! Redis yet); should `CLIENT` be refused (an ACL, a renamed command), the
+//! block's bound, [`FOLLOW_BLOCK`], is the longest a new stream waits to be
+//! watched (its cursors meanwhile wait too, up to their own check).
 //!
 //! Known limit: every round sends every followed key, so a round costs Redis
 //! in proportion to the streams followed here, and rounds come as often as
@@ -335,8 +336,14 @@ impl StreamFollower {
             Ok(conn) => conn,
             Err(e) => return e,
         };
+        // Refused by the server (an ACL, a renamed command): follow without
+        // interrupts, new streams then wait for the current block to end.
         let client_id = match redis::cmd("CLIENT").arg("ID").query_async::<i64>(&mut conn).await {
-            Ok(id) => id,
+            Ok(id) => Some(id),
+            Err(e) if e.code().is_some() => {
+                tracing::warn!(error = %StoreError::from(e), "CLIENT ID refused: a newly followed stream may wait up to 1 s to be watched");
+                None
+            }
             Err(e) => return e.into(),
         };
         self.set_following(true);
@@ -355,6 +362,7 @@ impl StreamFollower {
             let interrupt = async {
                 added.as_mut().await;
                 for _ in 0..UNBLOCK_TRIES {
+                    let Some(client_id) = client_id else { break };
                     match self.redis.unblock(client_id).await {
                         // Not blocked (yet): the XREAD may still be on its way.
                         Ok(false) => sleep(UNBLOCK_RETRY).await,
