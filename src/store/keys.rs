@@ -21,6 +21,8 @@
 
 use crate::event::StreamId;
 
+/// Prefix of stream log keys (also stripped from `XREAD` replies).
+pub(super) const STREAM_PREFIX: &str = "tg:s:";
 /// Prefix of channel log keys (also stripped from `XREAD` replies).
 pub(super) const CHANNEL_PREFIX: &str = "tg:c:";
 /// Pub/sub channel carrying cancels (`DELETE` on any replica).
@@ -47,7 +49,12 @@ pub(super) const TICKET_BINDING: &str = "b";
 
 /// A stream's event log.
 pub(super) fn stream(id: &StreamId) -> String {
-    format!("tg:s:{id}")
+    format!("{STREAM_PREFIX}{id}")
+}
+
+/// The stream a log key names.
+pub(super) fn stream_id_of(key: &str) -> Option<StreamId> {
+    StreamId::parse(key.strip_prefix(STREAM_PREFIX)?)
 }
 
 /// A stream's owner and generator.
@@ -121,6 +128,12 @@ pub(super) fn entry_id(seq: u64) -> String {
     format!("0-{}", seq + 1)
 }
 
+/// The entry id just before sequence number `seq` (`0-0` for 0): `XREAD`
+/// after it returns the entries from `seq` on.
+pub(super) fn entry_id_before(seq: u64) -> String {
+    format!("0-{seq}")
+}
+
 /// The sequence number of a stream log entry id.
 pub(super) fn seq_of(entry_id: &str) -> Option<u64> {
     entry_id.strip_prefix("0-")?.parse::<u64>().ok()?.checked_sub(1)
@@ -136,7 +149,16 @@ mod tests {
             assert_eq!(seq_of(&entry_id(seq)), Some(seq));
         }
         assert_eq!(seq_of("0-0"), None);
+        assert_eq!(entry_id_before(0), "0-0");
+        assert_eq!(entry_id_before(7), entry_id(6));
         assert_eq!(seq_of("12-3"), None);
+    }
+
+    #[test]
+    fn log_keys_name_their_stream() {
+        let id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| unreachable!());
+        assert_eq!(stream_id_of(&stream(&id)), Some(id));
+        assert_eq!(stream_id_of(&channel("0123456789abcdef0123456789abcdef")), None);
     }
 
     #[test]

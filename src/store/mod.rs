@@ -45,7 +45,7 @@ use self::channels::ChannelHub;
 use self::chats::ChatIndex;
 use self::memory::StreamHub;
 use self::quotas::QuotaCounters;
-use self::redis::{ChannelTail, RedisSettings, RedisStore, Replicator};
+use self::redis::{ChannelTail, RedisSettings, RedisStore, Replicator, StreamFollower};
 use self::tickets::TicketTable;
 use crate::event::StreamId;
 
@@ -136,6 +136,8 @@ struct Inner {
 struct Shared {
     redis: Arc<RedisStore>,
     tail: Arc<ChannelTail>,
+    /// Follows, for every remote reader here, the streams they read.
+    follower: Arc<StreamFollower>,
     /// This process's id among replicas (random per start).
     replica_id: String,
 }
@@ -173,6 +175,7 @@ impl Store {
         });
         let shared = redis.map(|redis| Shared {
             tail: ChannelTail::new(redis.clone(), channels.clone()),
+            follower: StreamFollower::new(redis.clone()),
             redis,
             replica_id: StreamId::random().map(|id| id.to_string()).unwrap_or_else(|_| "replica".to_owned()),
         });
@@ -200,12 +203,14 @@ impl Store {
     }
 
     /// Starts what a shared store runs in the background until `stop`: the
-    /// health probe, the cancel and attach listener, the channel tail.
+    /// health probe, the cancel and attach listener, the channel tail, the
+    /// stream follower.
     pub fn spawn_background(&self, stop: &CancellationToken) {
         if let Some(shared) = &self.0.shared {
             tokio::spawn(shared.redis.clone().probe(REDIS_PROBE_EVERY, stop.clone()));
             tokio::spawn(shared.redis.clone().listen_for_cancels(self.0.streams.clone(), stop.clone()));
             tokio::spawn(shared.tail.clone().run(stop.clone()));
+            tokio::spawn(shared.follower.clone().run(stop.clone()));
         }
     }
 
@@ -287,7 +292,8 @@ impl Store {
                         _ => break,
                     }
                 }
-                Ok(Some(Cursor::Remote(RemoteCursor::new(shared.redis.clone(), located.id, from))))
+                let follower = shared.follower.clone();
+                Ok(Some(Cursor::Remote(RemoteCursor::new(shared.redis.clone(), follower, located.id, from))))
             }
         }
     }

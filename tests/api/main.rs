@@ -23,6 +23,7 @@ mod observability;
 mod openai_compat;
 mod quotas;
 pub mod redis;
+mod redis_follow;
 mod responses;
 mod resume;
 mod spec;

@@ -20,12 +20,20 @@ const LIMIT: Duration = Duration::from_secs(15);
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
+    /// Extra `redis-server` arguments, kept for restarts.
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts with extra `redis-server` arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut server = Self { child: None, port };
+        let extra = extra.iter().map(|a| (*a).to_owned()).collect();
+        let mut server = Self { child: None, port, extra };
         server.restart();
         server
     }
@@ -38,6 +46,7 @@ impl RedisServer {
     pub fn restart(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

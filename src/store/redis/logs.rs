@@ -77,9 +77,9 @@ fn encode(event: &StreamEvent) -> Option<String> {
 
 /// Rebuilds a logged event from its entry: `stream_id` from the key and `seq` from the entry id
 /// (a `Start` is always sequence 0, so its `seq` is not needed). `None` for JSON this version
-/// cannot read: [`RedisStore::read`] skips such an entry, and [`RedisStore::last_event`] then
-/// knows no last event.
-fn decode(stream_id: StreamId, seq: u64, json: &str) -> Option<StreamEvent> {
+/// cannot read: [`RedisStore::read`] skips such an entry, [`RedisStore::last_event`] then
+/// knows no last event, and the [`StreamFollower`](super::StreamFollower) breaks its tail there.
+pub(super) fn decode(stream_id: StreamId, seq: u64, json: &str) -> Option<StreamEvent> {
     Some(match serde_json::from_str::<Stored>(json).ok()? {
         Stored::Start { g } => StreamEvent::Start { stream_id, generator: g },
         Stored::Delta { x } => StreamEvent::Delta { stream_id, seq, text: x },

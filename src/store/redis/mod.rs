@@ -5,6 +5,9 @@
 //! - [`logs`]: stream logs and their metadata;
 //! - [`leases`]: producer leases, remote-reader holds, cancels, and the
 //!   [`Replicator`] that copies a local log to Redis;
+//! - [`follow`]: the per-replica [`StreamFollower`] that waits for new
+//!   entries of every log local remote readers follow (one blocking
+//!   `XREAD`) and hands them over;
 //! - [`channels`]: channel logs, subscriber counts and the per-replica
 //!   [`ChannelTail`];
 //! - [`chats`]: which stream answers a UI chat now;
@@ -18,6 +21,7 @@
 
 mod channels;
 mod chats;
+mod follow;
 mod leaders;
 mod leases;
 mod limits;
@@ -30,13 +34,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisError};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, RedisError};
 use tokio_util::sync::CancellationToken;
 
 use super::StoreError;
 
 pub(super) use channels::{ChannelTail, id_after};
+pub(super) use follow::{FollowGuard, StreamFollower, TailRead};
 pub(super) use leases::Replicator;
 
 /// How long a producer's lease lives without a refresh.
@@ -45,8 +50,6 @@ const LEASE: Duration = Duration::from_secs(3);
 const LEASE_REFRESH: Duration = Duration::from_secs(1);
 /// Longest any Redis command may take.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often readers on other replicas poll a stream that has no news.
-pub(super) const REMOTE_POLL: Duration = Duration::from_millis(25);
 
 impl From<RedisError> for StoreError {
     fn from(e: RedisError) -> Self {
@@ -138,8 +141,17 @@ impl RedisStore {
 
     /// A dedicated connection for blocking reads (a blocking command would
     /// stall every other command on the shared one).
-    async fn dedicated(&self) -> Result<redis::aio::MultiplexedConnection, StoreError> {
+    async fn dedicated(&self) -> Result<MultiplexedConnection, StoreError> {
         Ok(self.client.get_multiplexed_async_connection().await?)
+    }
+
+    /// A dedicated connection whose commands may block for up to `block`
+    /// (the default response timeout, half a second, would cut them off).
+    async fn blocking(&self, block: Duration) -> Result<MultiplexedConnection, StoreError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
+            .set_response_timeout(Some(block + RESPONSE_TIMEOUT));
+        Ok(self.client.get_multiplexed_async_connection_with_config(&config).await?)
     }
 
     /// Whether the last probe reached Redis and the cancel/attach
