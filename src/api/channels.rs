@@ -35,16 +35,20 @@ pub const RESERVED_EVENTS: &[&str] = &["connected", "gap", "shutdown"];
 pub const MAX_EVENT_NAME: usize = 64;
 
 /// A channel name: 1 to 64 of `A-Z a-z 0-9 _ - . :`, so that it needs no
-/// escaping in a URL path, a Redis key or a log line.
+/// escaping in a URL path, a Redis key or a log line; but not `.` or `..`,
+/// which a URL path, a proxy or a client library takes for the current or
+/// parent segment (`/v1/channels/..` may reach the server as `/v1`).
 pub fn check_name(name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_CHANNEL_NAME
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+        && name != "."
+        && name != "..";
     if ok {
         Ok(())
     } else {
         Err(ApiError::BadRequest(format!(
-            "channel names are 1 to {MAX_CHANNEL_NAME} characters of A-Z, a-z, 0-9, `_`, `-`, `.` and `:`"
+            "channel names are 1 to {MAX_CHANNEL_NAME} characters of A-Z, a-z, 0-9, `_`, `-`, `.` and `:`, other than `.` and `..`"
         )))
     }
 }
@@ -145,4 +149,19 @@ pub async fn publish(
     let Published { id, subscribers } = state.store.publish(&name, body.event, data).await?;
     tracing::debug!(channel = %name, subject = %principal.subject, %id, subscribers, "published");
     Ok(Json(json!({ "id": id, "subscribers": subscribers })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments_are_not_channel_names() {
+        for bad in [".", "..", "", "a/b", "a b"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        for ok in ["...", ".a", "a.", "demo.clock", "a..b", "x:y-z_1"] {
+            assert!(check_name(ok).is_ok(), "{ok:?}");
+        }
+    }
 }
