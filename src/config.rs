@@ -13,7 +13,7 @@
 //! |---|---|
 //! | `[server]` (or the top level) | `listen`, `listen_backlog`, `cors_origins`, `log_format`, `shutdown_grace`, `shutdown_retry`, `tls_cert`, `tls_key`, `tls_reload_interval`, `h2c`, `max_concurrent_streams` |
 //! | `[auth]` | `jwt_*`, `token_cookie`, `token_query`, `token_grace`, `jwks_*`, `ticket_query`, `ticket_ttl` |
-//! | `[limits]` | `rate_*`, `trusted_proxies`, `max_streams`, `max_streams_per_subject`, `send_queue`, `max_lag`, `max_body_bytes`, `max_prompt_bytes`, `max_messages`, `max_stream_duration`, `max_header_bytes`, `header_timeout`, `max_connections`, `limits_on_store_failure`, `stream_lease_ttl` |
+//! | `[limits]` | `rate_*`, `trusted_proxies`, `max_streams`, `max_streams_per_subject`, `send_queue`, `max_lag`, `max_body_bytes`, `max_prompt_bytes`, `max_messages`, `max_stream_duration`, `max_header_bytes`, `header_timeout`, `body_timeout`, `max_connections`, `limits_on_store_failure`, `stream_lease_ttl` |
 //! | `[stream]` | `heartbeat`, `retry`, `pace_ms`, `pace_min_ms`, `pace_max_ms`, `generator_pace`, `default_generator`, `demo_feeds`, `demo_feeds_every`, `prompts_dir`, `openai_chunk_graphemes`, `upstream_url`, `upstream_model`, `upstream_api_key_env` |
 //! | `[store]` | `redis_url`, `redis_ca_file`, `detach_grace`, `stream_ttl`, `stream_max_events`, `channel_max_events`, `channel_ttl`, `max_publish_bytes` |
 //! | `[upstreams.NAME]` | one upstream model server each ([`UpstreamSettings`]) |
@@ -122,6 +122,10 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Default time a client gets to send its request headers (and the longest a
 /// kept-alive connection may sit idle).
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a client gets to send a request body, counted from its
+/// request head: a 256 KiB body (`max_body_bytes`) needs only about 70 kbit/s
+/// for it, while a client dripping its body byte by byte is cut off.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default cap on open connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 25_000;
 /// Default policy of cluster-wide limits when Redis fails: this process's
@@ -342,6 +346,11 @@ pub struct Settings {
     /// connection may sit idle (e.g. `10s`).
     #[arg(long, global = true, env = "TOKENGATE_HEADER_TIMEOUT")]
     pub header_timeout: Option<String>,
+    /// Time allowed to send a request body, from the end of its head (e.g.
+    /// `30s`); a body not complete by then is answered 408 and the
+    /// connection closed.
+    #[arg(long, global = true, env = "TOKENGATE_BODY_TIMEOUT")]
+    pub body_timeout: Option<String>,
     /// Open connections allowed (503 and close beyond).
     #[arg(long, global = true, env = "TOKENGATE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -446,6 +455,7 @@ pub fn help_defaults() -> Vec<(&'static str, String)> {
         ("max_stream_duration", time(DEFAULT_MAX_STREAM_DURATION)),
         ("max_header_bytes", DEFAULT_MAX_HEADER_BYTES.to_string()),
         ("header_timeout", time(DEFAULT_HEADER_TIMEOUT)),
+        ("body_timeout", time(DEFAULT_BODY_TIMEOUT)),
         ("max_connections", DEFAULT_MAX_CONNECTIONS.to_string()),
         ("limits_on_store_failure", DEFAULT_LIMITS_ON_STORE_FAILURE.as_str().to_owned()),
         ("stream_lease_ttl", time(DEFAULT_STREAM_LEASE_TTL)),
@@ -498,7 +508,8 @@ impl Settings {
             max_prompt_bytes, shutdown_grace, shutdown_retry, log_format, rate_subject_per_min,
             rate_subject_burst, rate_ip_per_min, rate_ip_burst, trusted_proxies, max_streams,
             max_streams_per_subject, send_queue, max_lag, max_messages, max_stream_duration,
-            max_header_bytes, header_timeout, max_connections, limits_on_store_failure,
+            max_header_bytes, header_timeout, body_timeout, max_connections,
+            limits_on_store_failure,
             stream_lease_ttl, detach_grace, stream_ttl,
             stream_max_events, channel_max_events, channel_ttl, max_publish_bytes, redis_url, upstream_url,
             upstream_model, upstream_api_key_env, upstreams, quota, openai_chunk_graphemes,
@@ -639,6 +650,8 @@ pub struct LimitsConfig {
     pub max_header_bytes: usize,
     /// Header read time and keep-alive idle time.
     pub header_timeout: Duration,
+    /// Time to send a request body, from the end of its head.
+    pub body_timeout: Duration,
     /// Open connection cap.
     pub max_connections: usize,
     /// With a shared store: what cluster-wide limits do when it fails.
@@ -1056,11 +1069,15 @@ fn limits(s: &Settings) -> Result<LimitsConfig, ConfigError> {
     }
     let max_lag = duration("max_lag", s.max_lag.as_deref(), DEFAULT_MAX_LAG)?;
     let header_timeout = duration("header_timeout", s.header_timeout.as_deref(), DEFAULT_HEADER_TIMEOUT)?;
+    let body_timeout = duration("body_timeout", s.body_timeout.as_deref(), DEFAULT_BODY_TIMEOUT)?;
     let max_stream_duration =
         duration("max_stream_duration", s.max_stream_duration.as_deref(), DEFAULT_MAX_STREAM_DURATION)?;
-    for (setting, d) in
-        [("max_lag", max_lag), ("header_timeout", header_timeout), ("max_stream_duration", max_stream_duration)]
-    {
+    for (setting, d) in [
+        ("max_lag", max_lag),
+        ("header_timeout", header_timeout),
+        ("body_timeout", body_timeout),
+        ("max_stream_duration", max_stream_duration),
+    ] {
         if d.is_zero() {
             return Err(ConfigError::invalid(setting, "must be above zero"));
         }
@@ -1093,6 +1110,7 @@ fn limits(s: &Settings) -> Result<LimitsConfig, ConfigError> {
         max_stream_duration,
         max_header_bytes,
         header_timeout,
+        body_timeout,
         max_connections: at_least_one("max_connections", s.max_connections, DEFAULT_MAX_CONNECTIONS)?,
         on_store_failure: on_store_failure(s.limits_on_store_failure.as_deref())?,
         stream_lease_ttl: stream_lease_ttl(s.stream_lease_ttl.as_deref())?,
@@ -1260,6 +1278,19 @@ mod tests {
         assert_eq!(shown["log_format"], if config.log_json { "json" } else { "text" });
         assert_eq!(shown["limits_on_store_failure"], config.limits.on_store_failure.as_str());
         assert_eq!(shown["stream_lease_ttl"], "15s");
+    }
+
+    #[test]
+    fn the_body_timeout_is_validated() {
+        let timeout = |value: Option<&str>| {
+            Config::from_settings(Settings { body_timeout: value.map(str::to_owned), ..Settings::default() })
+                .map(|c| c.limits.body_timeout)
+                .map_err(|e| e.setting())
+        };
+        assert_eq!(timeout(None), Ok(DEFAULT_BODY_TIMEOUT));
+        assert_eq!(timeout(Some("5s")), Ok(Duration::from_secs(5)));
+        assert_eq!(timeout(Some("0s")), Err("body_timeout"));
+        assert_eq!(timeout(Some("soon")), Err("body_timeout"));
     }
 
     #[test]

@@ -36,6 +36,9 @@ use crate::state::{AppState, Inner};
 use crate::store::{Store, StoreSettings};
 use crate::stream::{ServiceParts, ServiceSettings, StreamService};
 
+use self::body::DeadlineBody;
+
+mod body;
 mod h2c;
 mod stall;
 mod tls;
@@ -271,6 +274,8 @@ struct Connections {
     h2c: bool,
     /// Bounds the TLS handshake and the h2c preface, like request headers.
     header_timeout: Duration,
+    /// Bounds each request body, from the end of its head.
+    body_timeout: Duration,
     write_stall: Duration,
     open: Arc<Semaphore>,
     refusers: Arc<Semaphore>,
@@ -321,6 +326,7 @@ impl Connections {
             tls,
             h2c: state.config.http2.h2c,
             header_timeout: limits.header_timeout,
+            body_timeout: limits.body_timeout,
             write_stall: limits.max_lag.saturating_mul(2),
             open: Arc::new(Semaphore::new(limits.max_connections)),
             refusers: Arc::new(Semaphore::new(MAX_REFUSERS)),
@@ -505,6 +511,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// closed by the peer, idle, or shut down gracefully once the listener is
 /// closed. An HTTP/2 connection with no open request for a header timeout
 /// is closed (GOAWAY) the way an idle kept-alive HTTP/1.1 one is.
+///
+/// Every request body must arrive within `body_timeout` of its head
+/// ([`DeadlineBody`]).
 async fn serve_http<I>(
     io: I,
     h2: bool,
@@ -519,10 +528,11 @@ where
 {
     metrics.connection_opened(if h2 { "h2" } else { "http1" });
     let counter = activity.clone();
+    let body_timeout = connections.body_timeout;
     let service = app.clone().map_request(move |mut request: Request<Incoming>| {
         counter.started();
         request.extensions_mut().insert(ConnectInfo(peer));
-        request
+        request.map(|body| DeadlineBody::new(body, body_timeout))
     });
     let counter = activity.clone();
     let service = service.map_response(move |response: axum::response::Response| {
