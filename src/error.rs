@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::auth::{AuthError, Scope};
 use crate::event::ErrorCode;
 use crate::limits::{RateLimited, RateRefused, RateScope, SlotRefused};
+use crate::store::{ChannelRefused, ChannelScope};
 
 /// Media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -65,6 +66,9 @@ pub enum ApiError {
         /// Until the window resets.
         retry_after: std::time::Duration,
     },
+    /// Creating the channel would pass a bound on channels (the subject's or the server's).
+    #[error(transparent)]
+    TooManyChannels(ChannelRefused),
     /// A cluster-wide limit could not be checked (the shared store failed)
     /// and the policy is to fail closed.
     #[error("limits cannot be checked right now; retry shortly")]
@@ -144,6 +148,12 @@ impl ApiError {
             }
             ApiError::NoSlot(SlotRefused::Global { .. }) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_busy", "Service unavailable")
+            }
+            ApiError::TooManyChannels(ChannelRefused { scope: ChannelScope::Subject, .. }) => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_channels", "Too many channels")
+            }
+            ApiError::TooManyChannels(ChannelRefused { scope: ChannelScope::Total, .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "too_many_channels", "Service unavailable")
             }
             ApiError::NoSlot(SlotRefused::Unavailable) | ApiError::LimitsUnavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, "limits_unavailable", "Service unavailable")
@@ -228,7 +238,8 @@ impl ApiError {
                 headers.insert("ratelimit-remaining", HeaderValue::from_static("0"));
                 headers.insert("ratelimit-reset", secs);
             }
-            ApiError::QuotaExceeded { retry_after, .. } => {
+            ApiError::QuotaExceeded { retry_after, .. }
+            | ApiError::TooManyChannels(ChannelRefused { retry_after, .. }) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
             }
             // The body was not read to its end: the connection cannot carry another request.
@@ -465,9 +476,14 @@ impl From<crate::tickets::TicketError> for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        tracing::warn!(error = %e, "shared store request failed");
-        // Counted by the refusal middleware as `store_unavailable`.
-        ApiError::StoreUnavailable
+        match e {
+            crate::store::StoreError::TooManyChannels(refused) => ApiError::TooManyChannels(refused),
+            e @ crate::store::StoreError::Redis(_) => {
+                tracing::warn!(error = %e, "shared store request failed");
+                // Counted by the refusal middleware as `store_unavailable`.
+                ApiError::StoreUnavailable
+            }
+        }
     }
 }
 

@@ -53,6 +53,14 @@ pub fn check_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Who a request creates channel `name` for, if it does: the caller, except on the server's
+/// own demo channels while the demo feeds run (they publish there, so the channel belongs to
+/// no subject and is charged to none).
+fn creator<'a>(state: &AppState, principal: &'a Principal, name: &str) -> Option<&'a str> {
+    let demo = state.config.demo_feeds.is_some() && crate::feeds::CHANNELS.contains(&name);
+    (!demo).then_some(principal.subject.as_str())
+}
+
 /// A published event name: 1 to 64 bytes without CR, LF or NUL (which
 /// would end or cut its `event:` line), and none of [`RESERVED_EVENTS`], so
 /// a publisher cannot pass for the server.
@@ -109,7 +117,7 @@ pub async fn subscribe(
     let after = last_event_id(&headers, q.last_event_id.as_deref())?.map(position).transpose()?;
     tickets::bind(&state.store, &principal, Target::Channel(name.clone())).await?;
     let subscriber_id = StreamId::random().map_err(|e| ApiError::Internal(format!("OS RNG failed: {e}")))?;
-    let feed = state.store.subscribe(&name, after).await?;
+    let feed = state.store.subscribe(&name, creator(&state, &principal, &name), after).await?;
     // Like streams, a subscription is bounded in time: at the limit the
     // response ends, and EventSource reconnects with Last-Event-ID and
     // continues without missing an event.
@@ -146,7 +154,8 @@ pub async fn publish(
     if data.len() > limit {
         return Err(ApiError::TooLarge { what: "`data`", limit });
     }
-    let Published { id, subscribers } = state.store.publish(&name, body.event, data).await?;
+    let Published { id, subscribers } =
+        state.store.publish(&name, creator(&state, &principal, &name), body.event, data).await?;
     tracing::debug!(channel = %name, subject = %principal.subject, %id, subscribers, "published");
     Ok(Json(json!({ "id": id, "subscribers": subscribers })))
 }

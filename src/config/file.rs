@@ -131,6 +131,8 @@ sections! {
         max_connections: usize,
         limits_on_store_failure: String,
         stream_lease_ttl: String,
+        max_channels: usize,
+        max_channels_per_subject: usize,
     }
     stream: StreamSection {
         heartbeat: String,

@@ -33,7 +33,7 @@ use crate::limits::{Leases, RateLimits, SharedLimits, StreamSlots};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::state::{AppState, Inner};
-use crate::store::{Store, StoreSettings};
+use crate::store::{ChannelLimits, Store, StoreSettings};
 use crate::stream::{ServiceParts, ServiceSettings, StreamService};
 
 use self::body::DeadlineBody;
@@ -94,10 +94,17 @@ fn build_state(config: Config, generators: Registry) -> Result<AppState, ConfigE
         channel_max_events: store_config.channel_max_events,
         channel_ttl: store_config.channel_ttl,
     };
+    let channel_limits =
+        ChannelLimits { max_channels: limits.max_channels, max_per_subject: limits.max_channels_per_subject };
     let store = match &store_config.redis_url {
-        None => Store::memory(retention),
-        Some(url) => Store::shared(&String::from_utf8_lossy(url.expose()), store_config.redis_ca.as_deref(), retention)
-            .map_err(|e| ConfigError::invalid("redis_url", e.to_string()))?,
+        None => Store::memory_with_limits(retention, channel_limits),
+        Some(url) => Store::shared(
+            &String::from_utf8_lossy(url.expose()),
+            store_config.redis_ca.as_deref(),
+            retention,
+            channel_limits,
+        )
+        .map_err(|e| ConfigError::invalid("redis_url", e.to_string()))?,
     };
     // With a shared store, rates and the per-subject stream cap hold for the
     // cluster; the global stream cap stays this process's.

@@ -1,9 +1,11 @@
-//! Abuse that must stay bounded (issue 16), in memory: a request body sent
-//! one byte at a time.
+//! Abuse that must stay bounded (issue 16), in memory: channel creation per
+//! subject and in total, a request body sent one byte at a time. The
+//! channel bounds across two Redis replicas are in `redis.rs`.
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tokengate::sse::{Event, Parser};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -20,6 +22,89 @@ pub async fn publish_as(app: &TestApp, subject: &str, channel: &str, data: Value
         .send()
         .await
         .unwrap()
+}
+
+/// `GET /v1/channels/{channel}` as `subject`.
+pub async fn subscribe_as(app: &TestApp, subject: &str, channel: &str) -> reqwest::Response {
+    app.get(&format!("/v1/channels/{channel}"), Some(&app.token(subject, "stream"))).await
+}
+
+/// Asserts a `too_many_channels` refusal with `status` and a `Retry-After`.
+pub async fn too_many_channels(resp: reqwest::Response, status: u16) {
+    let headers = problem(resp, status, "too_many_channels").await;
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1, "{headers:?}");
+}
+
+#[tokio::test]
+async fn channel_creation_is_bounded_per_subject_and_in_total_and_existing_channels_stay_usable() {
+    let mut settings = base_settings();
+    settings.max_channels = Some(3);
+    settings.max_channels_per_subject = Some(2);
+    let app = spawn_app_with(settings).await;
+    // A publish and a subscribe both create.
+    assert_eq!(publish_as(&app, "alice", "a1", json!(1)).await.status(), 200);
+    let held = subscribe_as(&app, "alice", "a2").await;
+    assert_eq!(held.status(), 200);
+    too_many_channels(publish_as(&app, "alice", "a3", json!(1)).await, 429).await;
+    too_many_channels(subscribe_as(&app, "alice", "a3").await, 429).await;
+    // Existing channels stay usable, by anyone, and cost nobody a slot.
+    assert_eq!(publish_as(&app, "alice", "a1", json!(2)).await.status(), 200);
+    assert_eq!(publish_as(&app, "bob", "a2", json!(1)).await.status(), 200);
+    assert_eq!(publish_as(&app, "bob", "b1", json!(1)).await.status(), 200);
+    // Three in all: nobody creates a fourth.
+    too_many_channels(publish_as(&app, "carol", "c1", json!(1)).await, 503).await;
+    too_many_channels(subscribe_as(&app, "carol", "c1").await, 503).await;
+    let resp = subscribe_as(&app, "carol", "a1").await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut parser = Parser::new();
+    read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "connected"))
+        .await;
+    let reply: Value = publish_as(&app, "carol", "a1", json!("still works")).await.json().await.unwrap();
+    assert_eq!(reply["subscribers"], 1, "{reply}");
+    let got =
+        read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "message"))
+            .await;
+    assert_eq!(messages(&got).last().unwrap().1, json!("still works"));
+    assert_eq!(app.metric("tokengate_refusals_total{reason=\"too_many_channels\"}").await, 4.0);
+    drop(held);
+}
+
+#[tokio::test]
+async fn a_swept_channel_frees_its_creators_slot_but_a_subscribed_one_is_never_swept() {
+    let mut settings = base_settings();
+    settings.max_channels_per_subject = Some(1);
+    settings.channel_ttl = Some("300ms".into());
+    // The server sees the subscriber leave by its next heartbeat at the latest.
+    settings.heartbeat = Some("100ms".into());
+    let app = spawn_app_with(settings).await;
+    let held = subscribe_as(&app, "alice", "held").await;
+    assert_eq!(held.status(), 200);
+    let mut body = held.bytes_stream();
+    read_until(
+        &mut body,
+        &mut Parser::new(),
+        LIMIT,
+        |e| matches!(e, Event::Message { event, .. } if event == "connected"),
+    )
+    .await;
+    too_many_channels(publish_as(&app, "alice", "other", json!(1)).await, 429).await;
+    // Long past the ttl, but subscribed: still alice's one channel.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    too_many_channels(publish_as(&app, "alice", "other", json!(1)).await, 429).await;
+    drop(body);
+    // Unsubscribed and unused for the ttl: swept, and the slot is alice's again.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let resp = publish_as(&app, "alice", "other", json!(1)).await;
+        if resp.status() == 200 {
+            break;
+        }
+        assert_eq!(resp.status(), 429);
+        assert!(tokio::time::Instant::now() < deadline, "the unused channel was never swept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Writes `head` and then the body one byte every 100 ms (until the
