@@ -8,11 +8,12 @@
 //! `Last-Event-ID` whatever it missed that the channel still holds. If it
 //! missed more than that, it gets `event: gap` first: never a silent skip.
 
-use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use axum::{Extension, Json};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -22,9 +23,10 @@ use super::sse::sse_response;
 use crate::auth::{Principal, Scope};
 use crate::dialect::channel::ChannelSse;
 use crate::error::ApiError;
+use crate::event::ErrorCode;
 use crate::state::AppState;
 use crate::store::{ChannelPosition, Published};
-use crate::stream::{StreamId, follow_channel};
+use crate::stream::{ChannelMessage, ConnectionAbort, StreamId, follow_channel};
 use crate::tickets::{self, Target};
 
 /// Longest channel name.
@@ -91,12 +93,14 @@ pub struct PublishBody {
     data: Value,
 }
 
-/// `GET /v1/channels/{name}`
+/// `GET /v1/channels/{name}`. `abort` closes the connection when the subscriber falls out of
+/// the channel's log (HTTP/1.1; see [`ConnectionAbort`]).
 pub async fn subscribe(
     State(state): State<AppState>,
     principal: Principal,
     Path(name): Path<String>,
     headers: HeaderMap,
+    abort: Option<Extension<ConnectionAbort>>,
     query: Result<Query<SubscribeQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     super::require(&principal, Scope::Stream)?;
@@ -117,15 +121,25 @@ pub async fn subscribe(
     let after = last_event_id(&headers, q.last_event_id.as_deref())?.map(position).transpose()?;
     tickets::bind(&state.store, &principal, Target::Channel(name.clone())).await?;
     let subscriber_id = StreamId::random().map_err(|e| ApiError::Internal(format!("OS RNG failed: {e}")))?;
-    let feed = state.store.subscribe(&name, creator(&state, &principal, &name), after).await?;
+    let on_overrun = abort.map(|Extension(ConnectionAbort(token))| token);
+    let on_overrun_seen = on_overrun.clone();
+    let feed = state.store.subscribe(&name, creator(&state, &principal, &name), after, on_overrun).await?;
     // Like streams, a subscription is bounded in time: at the limit the
     // response ends, and EventSource reconnects with Last-Event-ID and
     // continues without missing an event.
-    let messages = Box::pin(follow_channel(
-        feed,
-        state.streams.follow_settings_for(&principal),
-        state.config.limits.max_stream_duration,
-    ));
+    let metrics = state.metrics.clone();
+    let aborted = on_overrun_seen;
+    let messages = Box::pin(
+        follow_channel(feed, state.streams.follow_settings_for(&principal), state.config.limits.max_stream_duration)
+            .inspect(move |message| {
+                // Counted like a stream ended as a slow consumer, once: a
+                // subscriber the publishing side told (its connection is
+                // being closed) is counted by the server instead.
+                if *message == ChannelMessage::SlowConsumer && !aborted.as_ref().is_some_and(|t| t.is_cancelled()) {
+                    metrics.refused(ErrorCode::SlowConsumer.as_str());
+                }
+            }),
+    );
     let dialect = ChannelSse {
         // A demo feed may have its own reconnect hint (`demo.status`).
         retry_ms: crate::feeds::retry_for(&name).unwrap_or(state.config.stream.retry.as_millis() as u64),

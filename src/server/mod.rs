@@ -28,13 +28,14 @@ pub use self::tls::{TlsError, probe_config};
 
 use crate::app::router;
 use crate::config::{Config, ConfigError};
+use crate::event::ErrorCode;
 use crate::generator::{self, Registry};
 use crate::limits::{Leases, RateLimits, SharedLimits, StreamSlots};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::state::{AppState, Inner};
 use crate::store::{ChannelLimits, Store, StoreSettings};
-use crate::stream::{ServiceParts, ServiceSettings, StreamService};
+use crate::stream::{ConnectionAbort, ServiceParts, ServiceSettings, StreamService};
 
 use self::body::DeadlineBody;
 
@@ -520,7 +521,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// is closed (GOAWAY) the way an idle kept-alive HTTP/1.1 one is.
 ///
 /// Every request body must arrive within `body_timeout` of its head
-/// ([`DeadlineBody`]).
+/// ([`DeadlineBody`]). An HTTP/1.1 connection is also dropped at once when
+/// its [`ConnectionAbort`] is cancelled (a channel subscriber that fell out of
+/// its log while nothing read the connection).
 async fn serve_http<I>(
     io: I,
     h2: bool,
@@ -535,10 +538,17 @@ where
 {
     metrics.connection_opened(if h2 { "h2" } else { "http1" });
     let counter = activity.clone();
+    // HTTP/1.1 carries one request at a time: aborting the connection ends
+    // only that one. HTTP/2 requests get none (it would end their siblings).
+    let abort = (!h2).then(CancellationToken::new);
+    let request_abort = abort.clone();
     let body_timeout = connections.body_timeout;
     let service = app.clone().map_request(move |mut request: Request<Incoming>| {
         counter.started();
         request.extensions_mut().insert(ConnectInfo(peer));
+        if let Some(abort) = &request_abort {
+            request.extensions_mut().insert(ConnectionAbort(abort.clone()));
+        }
         request.map(|body| DeadlineBody::new(body, body_timeout))
     });
     let counter = activity.clone();
@@ -557,9 +567,21 @@ where
         tokio::time::interval_at(tokio::time::Instant::now() + every, every)
     });
     let mut changes = activity.changes.load(Ordering::Relaxed);
+    let aborted = async {
+        match &abort {
+            Some(abort) => abort.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut aborted = std::pin::pin!(aborted);
     loop {
         tokio::select! {
             ended = conn.as_mut() => return ended,
+            () = &mut aborted => {
+                metrics.refused(ErrorCode::SlowConsumer.as_str());
+                tracing::info!(%peer, "slow channel subscriber dropped: it fell out of the log; connection closed");
+                return Ok(());
+            }
             () = connections.close.cancelled(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();

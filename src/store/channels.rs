@@ -6,11 +6,13 @@
 //! and the channel tail ingests them here (with their Redis ids), so live fan-out to many
 //! subscribers never touches Redis per subscriber.
 //!
-//! The hub also keeps who created each channel, so that creation can be bounded per subject
-//! and in total ([`ChannelLimits`]).
+//! The hub also keeps two facts the rest of the server acts on: who created each channel (so
+//! that creation can be bounded per subject and in total, [`ChannelLimits`]), and where each
+//! subscriber reads (so that one that falls out of the log is told, [`ChannelItem::Overrun`],
+//! even while nobody polls its feed).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::redis::id_after;
 use super::subscriptions::{ChannelLimits, ChannelRefused, ChannelScope};
@@ -69,11 +72,15 @@ impl ChannelEvent {
 pub enum ChannelItem {
     /// A published event.
     Event(Arc<ChannelEvent>),
-    /// The requested position is older than the log: some events are lost.
+    /// The requested position is older than the log: some events are lost. Only ever first,
+    /// for a subscription that starts (resumes) before the log.
     Gap {
         /// The id of the oldest event still kept.
         first_id: String,
     },
+    /// The subscriber fell so far behind that events it had not taken yet were dropped from
+    /// the log. Last: the feed ends after it.
+    Overrun,
 }
 
 /// One channel's retained events.
@@ -99,6 +106,22 @@ struct Channel {
     /// The subject whose publish or subscribe created the channel, when creation is counted
     /// (given back to its count when the sweep drops the channel).
     creator: Option<String>,
+    /// Where each subscriber reads, by subscriber key: looked at when the log drops events.
+    places: Mutex<HashMap<u64, Arc<Place>>>,
+    /// The next subscriber key.
+    next_key: AtomicU64,
+}
+
+/// A subscriber's position as the publishing side sees it, so that a subscriber whose task is
+/// not running (its client stopped reading, so nothing polls its feed) still learns it fell
+/// out of the log.
+#[derive(Debug)]
+struct Place {
+    /// The next position the subscriber takes: everything before it is in its hands.
+    next: AtomicU64,
+    /// Cancelled by the publishing side when it drops an event the subscriber had not taken
+    /// (a subscriber whose feed is polled notices by itself, and ends).
+    on_overrun: Option<CancellationToken>,
 }
 
 /// The channels, and what subjects created.
@@ -136,14 +159,18 @@ pub(super) enum Start {
     AfterId(String),
 }
 
-/// Counts a subscriber while it lives. Leaving stamps the channel's activity, so an idle
-/// channel's TTL runs from its last subscriber's departure.
-struct Subscriber(Arc<Channel>);
+/// Counts a subscriber and keeps its place while it lives. Leaving stamps the channel's
+/// activity, so an idle channel's TTL runs from its last subscriber's departure.
+struct Subscriber {
+    channel: Arc<Channel>,
+    key: u64,
+}
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        self.0.subscribers.fetch_sub(1, Ordering::AcqRel);
-        lock(&self.0.log).last_activity = Instant::now();
+        lock(&self.channel.places).remove(&self.key);
+        self.channel.subscribers.fetch_sub(1, Ordering::AcqRel);
+        lock(&self.channel.log).last_activity = Instant::now();
     }
 }
 
@@ -181,6 +208,16 @@ impl Channels {
     }
 }
 
+/// One look at a log from a subscriber's position.
+enum Look {
+    /// Events from the position on (up to 256).
+    Events(Vec<Arc<ChannelEvent>>),
+    /// Nothing new yet.
+    Nothing,
+    /// The position is older than the log.
+    Behind,
+}
+
 impl ChannelHub {
     /// No channels yet.
     pub(super) fn new(settings: ChannelSettings) -> Arc<Self> {
@@ -215,6 +252,8 @@ impl ChannelHub {
                     appended: Notify::new(),
                     subscribers: AtomicUsize::new(0),
                     creator: counted,
+                    places: Mutex::new(HashMap::new()),
+                    next_key: AtomicU64::new(0),
                 });
                 channels.by_name.insert(name.to_owned(), channel.clone());
                 channel
@@ -258,82 +297,120 @@ impl ChannelHub {
         }
     }
 
-    /// Appends under the log's lock and wakes the subscribers waiting (after the lock is
-    /// released); returns the position. `id` defaults to the position (memory mode). The SSE
-    /// block is encoded here, once per event, inside the lock.
+    /// Appends under the log's lock, wakes the subscribers waiting, and tells those whose next
+    /// event fell out of the log; returns the position. `id` defaults to the position (memory
+    /// mode). The SSE block is encoded here, once per event, inside the lock.
+    ///
+    /// Telling is a look at every subscriber's place, so it is done every `max_events / 8`
+    /// dropped events rather than on each: a subscriber is told at most that many events late.
     fn push(&self, channel: &Channel, id: Option<String>, event: Option<String>, data: String) -> u64 {
-        let seq = {
+        let max_events = self.settings.max_events.max(1);
+        let (seq, dropped) = {
             let mut log = lock(&channel.log);
             let seq = log.next_seq;
             log.next_seq += 1;
             let id = id.unwrap_or_else(|| seq.to_string());
             log.events.push_back(Arc::new(ChannelEvent::new(seq, id, event, data)));
-            if log.events.len() > self.settings.max_events.max(1) {
-                log.events.pop_front();
-            }
+            let dropped = if log.events.len() > max_events { log.events.pop_front().map(|e| e.seq) } else { None };
             log.last_activity = Instant::now();
-            seq
+            (seq, dropped)
         };
         channel.appended.notify_waiters();
+        let stride = (max_events as u64 / 8).max(1);
+        if let Some(dropped) = dropped.filter(|d| d % stride == 0) {
+            for place in lock(&channel.places).values() {
+                if place.next.load(Ordering::Acquire) <= dropped
+                    && let Some(token) = &place.on_overrun
+                {
+                    token.cancel();
+                }
+            }
+        }
         seq
     }
 
+    /// A subscriber's look at the log from `next`.
+    fn look(channel: &Channel, next: u64) -> Look {
+        let log = lock(&channel.log);
+        let first_kept = log.events.front().map_or(log.next_seq, |e| e.seq);
+        if next < first_kept {
+            return Look::Behind;
+        }
+        // Positions are consecutive: index straight to `next`.
+        let skip = (next - first_kept) as usize;
+        let batch: Vec<Arc<ChannelEvent>> = log.events.iter().skip(skip).take(256).cloned().collect();
+        if batch.is_empty() { Look::Nothing } else { Look::Events(batch) }
+    }
+
     /// Subscribes from `start` on behalf of `creator` (see [`Self::channel`]), then follows
-    /// live events; the subscriber is counted until the feed is dropped. The feed never ends by
-    /// itself.
+    /// live events; the subscriber is counted until the feed is dropped.
     ///
     /// A position this log never issued (`AfterSeq` at or past the next position: the channel
     /// was swept or the process restarted) is answered with a gap, as is one already dropped;
-    /// after a gap the feed continues from the oldest event kept. Each look at the log takes up
-    /// to 256 events under one lock, then hands them on without it.
+    /// after a gap the feed continues from the oldest event kept. A subscriber that later falls
+    /// out of the log gets [`ChannelItem::Overrun`] when it next looks, and its feed ends; if it
+    /// is not looking (nothing polls its feed), the publishing side cancels `on_overrun` when it
+    /// drops the events. Otherwise the feed never ends by itself. Each look at the log takes up to 256 events
+    /// under one lock, then hands them on without it.
     pub(super) fn subscribe(
         &self,
         name: &str,
         creator: Option<&str>,
         start: Start,
+        on_overrun: Option<CancellationToken>,
     ) -> Result<impl Stream<Item = ChannelItem> + Send + 'static, ChannelRefused> {
         let channel = self.channel(name, creator, true)?;
-        let guard = Subscriber(channel.clone());
-        let mut next = {
+        let (mut next, gap) = {
             let log = lock(&channel.log);
-            match start {
+            let first_kept = log.events.front().map_or(log.next_seq, |e| e.seq);
+            let next = match start {
                 Start::New => log.next_seq,
                 // An id from the future (the channel expired or the process
-                // restarted since) is announced as a gap below.
+                // restarted since) is announced as a gap.
                 Start::AfterSeq(after) if after >= log.next_seq => 0,
                 Start::AfterSeq(after) => after + 1,
                 Start::AfterId(after) => {
                     log.events.iter().find(|e| id_after(&e.id, &after)).map_or(log.next_seq, |e| e.seq)
                 }
+            };
+            if next < first_kept {
+                let first_id = log.events.front().map(|e| e.id.clone()).unwrap_or_default();
+                (first_kept, Some(first_id))
+            } else {
+                (next, None)
             }
         };
+        let place = Arc::new(Place { next: AtomicU64::new(next), on_overrun });
+        let key = channel.next_key.fetch_add(1, Ordering::Relaxed);
+        lock(&channel.places).insert(key, place.clone());
+        let guard = Subscriber { channel: channel.clone(), key };
         Ok(async_stream::stream! {
             let _guard = guard;
+            if let Some(first_id) = gap {
+                yield ChannelItem::Gap { first_id };
+            }
             loop {
                 let appended = channel.appended.notified();
                 tokio::pin!(appended);
                 appended.as_mut().enable();
-                let (batch, first_kept) = {
-                    let log = lock(&channel.log);
-                    let first_kept = log.events.front().map_or(log.next_seq, |e| e.seq);
-                    // Positions are consecutive: index straight to `next`.
-                    let skip = next.saturating_sub(first_kept) as usize;
-                    let batch: Vec<Arc<ChannelEvent>> = log.events.iter().skip(skip).take(256).cloned().collect();
-                    (batch, first_kept)
-                };
-                if next < first_kept {
-                    let first_id = lock(&channel.log).events.front().map(|e| e.id.clone()).unwrap_or_default();
-                    yield ChannelItem::Gap { first_id };
-                    next = first_kept;
-                    continue;
-                }
-                if batch.is_empty() {
-                    appended.await;
-                    continue;
-                }
-                for event in batch {
-                    next = event.seq + 1;
-                    yield ChannelItem::Event(event);
+                match Self::look(&channel, next) {
+                    // Noticed here first: the feed ends itself, and its
+                    // connection stays up to carry the news (the publishing
+                    // side no longer looks at this place).
+                    Look::Behind => {
+                        lock(&channel.places).remove(&key);
+                        yield ChannelItem::Overrun;
+                        return;
+                    }
+                    Look::Nothing => appended.await,
+                    Look::Events(batch) => {
+                        // The batch is in hand: dropping those events from the log loses nothing.
+                        next = batch.last().map_or(next, |e| e.seq + 1);
+                        place.next.store(next, Ordering::Release);
+                        for event in batch {
+                            yield ChannelItem::Event(event);
+                        }
+                    }
                 }
             }
         })
@@ -349,6 +426,7 @@ impl ChannelHub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::StreamExt;
 
     fn hub(max_events: usize, limits: Option<ChannelLimits>) -> Arc<ChannelHub> {
         ChannelHub::new(ChannelSettings { max_events, ttl: Duration::from_secs(60), limits })
@@ -364,9 +442,12 @@ mod tests {
     fn creation_is_bounded_per_subject_and_in_total_and_existing_channels_stay_usable() {
         let hub = hub(10, Some(TWO_EACH_THREE_IN_ALL));
         assert_eq!(publish(&hub, "a1", Some("alice")), Ok(1));
-        assert!(hub.subscribe("a2", Some("alice"), Start::New).is_ok());
+        assert!(hub.subscribe("a2", Some("alice"), Start::New, None).is_ok());
         assert_eq!(publish(&hub, "a3", Some("alice")), Err(ChannelScope::Subject));
-        assert_eq!(hub.subscribe("a3", Some("alice"), Start::New).err().map(|r| r.scope), Some(ChannelScope::Subject));
+        assert_eq!(
+            hub.subscribe("a3", Some("alice"), Start::New, None).err().map(|r| r.scope),
+            Some(ChannelScope::Subject)
+        );
         // Existing channels: anyone, uncharged.
         assert_eq!(publish(&hub, "a1", Some("alice")), Ok(2));
         assert_eq!(publish(&hub, "a2", Some("bob")), Ok(1));
@@ -390,7 +471,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_swept_channel_frees_its_creators_slot_and_a_subscribed_one_is_kept() {
         let hub = hub(10, Some(ChannelLimits { max_channels: 10, max_per_subject: 2 }));
-        let held = hub.subscribe("held", Some("alice"), Start::New).ok();
+        let held = hub.subscribe("held", Some("alice"), Start::New, None).ok();
         assert_eq!(publish(&hub, "idle", Some("alice")), Ok(1));
         assert_eq!(publish(&hub, "third", Some("alice")), Err(ChannelScope::Subject));
         tokio::time::advance(Duration::from_secs(61)).await;
@@ -404,5 +485,45 @@ mod tests {
         assert_eq!(lock(&hub.channels).created.get("alice"), None);
         assert_eq!(lock(&hub.channels).counted, 0);
         assert_eq!(publish(&hub, "fourth", Some("alice")), Ok(1));
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_falls_out_of_the_log_is_told_even_unpolled_and_its_feed_ends() {
+        let hub = hub(8, None);
+        let overrun = CancellationToken::new();
+        let slow = hub.subscribe("room", None, Start::New, Some(overrun.clone())).ok();
+        let fast = hub.subscribe("room", None, Start::New, Some(CancellationToken::new())).ok();
+        let (Some(slow), Some(fast)) = (slow, fast) else { panic!("subscribe refused") };
+        tokio::pin!(slow);
+        tokio::pin!(fast);
+        for i in 1..=8 {
+            hub.publish("room", None, None, i.to_string()).ok();
+            assert!(matches!(fast.next().await, Some(ChannelItem::Event(e)) if e.seq == i));
+        }
+        assert!(!overrun.is_cancelled(), "the log still holds everything");
+        // The 9th drops event 1, which `slow` never took (nothing polled it).
+        hub.publish("room", None, None, "9".into()).ok();
+        assert!(overrun.is_cancelled(), "told by the publishing side");
+        assert_eq!(slow.next().await, Some(ChannelItem::Overrun));
+        assert_eq!(slow.next().await, None);
+        assert!(matches!(fast.next().await, Some(ChannelItem::Event(e)) if e.seq == 9));
+    }
+
+    #[tokio::test]
+    async fn a_resume_from_before_the_log_is_a_gap_not_an_overrun() {
+        let hub = hub(3, None);
+        for i in 1..=6 {
+            hub.publish("room", None, None, i.to_string()).ok();
+        }
+        let overrun = CancellationToken::new();
+        let Ok(feed) = hub.subscribe("room", None, Start::AfterSeq(1), Some(overrun.clone())) else { panic!() };
+        tokio::pin!(feed);
+        assert_eq!(feed.next().await, Some(ChannelItem::Gap { first_id: "4".into() }));
+        for seq in 4..=6 {
+            assert!(matches!(feed.next().await, Some(ChannelItem::Event(e)) if e.seq == seq));
+        }
+        hub.publish("room", None, None, "7".into()).ok();
+        assert!(matches!(feed.next().await, Some(ChannelItem::Event(e)) if e.seq == 7));
+        assert!(!overrun.is_cancelled());
     }
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 
 use super::channels::{ChannelEvent, ChannelItem, Start};
 use super::redis::RedisStore;
@@ -164,12 +165,16 @@ impl Store {
 
     /// Subscribes to channel `name` after `after` (only new events when `None`), on behalf of
     /// `creator` (as for [`Store::publish`]). Missed events the channel no longer holds are
-    /// announced as one [`ChannelItem::Gap`] first: never a silent skip.
+    /// announced as one [`ChannelItem::Gap`] first: never a silent skip. A subscriber that
+    /// later falls out of the channel's log gets [`ChannelItem::Overrun`], last, when its feed
+    /// is next polled; if nothing polls it (its client stopped reading, so the connection does
+    /// not take more), `on_overrun` is cancelled as the events it missed are dropped.
     pub async fn subscribe(
         &self,
         name: &str,
         creator: Option<&str>,
         after: Option<ChannelPosition>,
+        on_overrun: Option<CancellationToken>,
     ) -> Result<ChannelFeed, StoreError> {
         let Some(shared) = &self.0.shared else {
             let start = match after {
@@ -177,12 +182,12 @@ impl Store {
                 Some(ChannelPosition::Seq(seq)) => Start::AfterSeq(seq),
                 Some(ChannelPosition::Entry(_)) => Start::AfterSeq(u64::MAX),
             };
-            return Ok(Box::pin(self.0.channels.subscribe(name, creator, start)?));
+            return Ok(Box::pin(self.0.channels.subscribe(name, creator, start, on_overrun)?));
         };
         if let Some(subject) = creator {
             shared.redis.channel_admit(name, subject, self.0.channel_limits).await?;
         }
-        self.subscribe_shared(shared, name, after).await
+        self.subscribe_shared(shared, name, after, on_overrun).await
     }
 
     /// Shared subscription: history from Redis, then live events as this
@@ -197,6 +202,7 @@ impl Store {
         shared: &Shared,
         name: &str,
         after: Option<ChannelPosition>,
+        on_overrun: Option<CancellationToken>,
     ) -> Result<ChannelFeed, StoreError> {
         let redis = &shared.redis;
         let after = after.map(|position| match position {
@@ -226,7 +232,7 @@ impl Store {
         let counted =
             CountedSubscriber { redis: redis.clone(), name: name.to_owned(), replica: shared.replica_id.clone() };
         // The local copy is uncounted: Redis admitted the channel above.
-        let live = self.0.channels.subscribe(name, None, Start::AfterId(start_id))?;
+        let live = self.0.channels.subscribe(name, None, Start::AfterId(start_id), on_overrun)?;
         let guards = (tail, counted);
         Ok(Box::pin(futures_util::stream::iter(history).chain(live).map(move |item| {
             // Keeps the channel tailed and this subscriber counted while the

@@ -1,13 +1,16 @@
 //! Abuse that must stay bounded (issue 16), in memory: channel creation per
-//! subject and in total, a request body sent one byte at a time. The
-//! channel bounds across two Redis replicas are in `redis.rs`.
+//! subject and in total, a channel subscriber that never reads while others
+//! do, a request body sent one byte at a time. The channel bounds across
+//! two Redis replicas are in `redis.rs`.
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokengate::sse::{Event, Parser};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
 
 use crate::helpers::*;
 
@@ -105,6 +108,114 @@ async fn a_swept_channel_frees_its_creators_slot_but_a_subscribed_one_is_never_s
         assert!(tokio::time::Instant::now() < deadline, "the unused channel was never swept");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Reads one subscriber's events into `ids` (the id of each `message`,
+/// 0 for `connected`) until its response ends.
+fn forward_ids(resp: reqwest::Response, ids: mpsc::UnboundedSender<u64>) {
+    tokio::spawn(async move {
+        let mut body = resp.bytes_stream();
+        let mut parser = Parser::new();
+        while let Some(Ok(bytes)) = body.next().await {
+            for event in parser.feed(&bytes) {
+                if let Event::Message { event, id, .. } = event {
+                    let id = if event == "connected" { 0 } else { id.and_then(|i| i.parse().ok()).unwrap_or(u64::MAX) };
+                    if ids.send(id).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[tokio::test]
+async fn a_subscriber_that_never_reads_is_dropped_while_the_others_get_every_publish_in_order() {
+    const LOG: usize = 8;
+    const PUBLISHES: u64 = 300;
+    let mut settings = base_settings();
+    settings.channel_max_events = Some(LOG);
+    // The stalled-write cutoff (twice max_lag) must not be what drops it.
+    settings.max_lag = Some("10m".into());
+    let app = spawn_app_with(settings).await;
+    let token = app.token("slow", "stream");
+
+    // The slow one: a small receive buffer, and it stops reading once subscribed.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket.connect(app.addr).await.unwrap();
+    let head = format!("GET /v1/channels/firehose HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\r\n");
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("event: connected") {
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(LIMIT, slow.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before subscribing: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+
+    let mut fast = Vec::new();
+    for _ in 0..3 {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        forward_ids(subscribe_as(&app, "fast", "firehose").await, tx);
+        assert_eq!(tokio::time::timeout(LIMIT, rx.recv()).await.unwrap(), Some(0), "connected");
+        fast.push(rx);
+    }
+
+    let big = "x".repeat(32 * 1024);
+    let mut dropped_at = None;
+    for i in 1..=PUBLISHES {
+        let reply: Value = publish_as(&app, "pub", "firehose", json!(big)).await.json().await.unwrap();
+        assert_eq!(reply["id"], i.to_string());
+        for rx in &mut fast {
+            let got = tokio::time::timeout(LIMIT, rx.recv()).await.expect("a fast subscriber was held up");
+            assert_eq!(got, Some(i), "fast subscribers get every publish, in order");
+        }
+        let subscribers = reply["subscribers"].as_u64().unwrap();
+        if subscribers == 3 && dropped_at.is_none() {
+            dropped_at = Some(i);
+        }
+        assert!(subscribers == 4 || (subscribers == 3 && dropped_at.is_some()), "{reply}");
+    }
+    let dropped_at = dropped_at.expect("the subscriber that never reads was never dropped");
+    assert_eq!(app.metric("tokengate_refusals_total{reason=\"slow_consumer\"}").await, 1.0);
+
+    // It was closed: what it can still read ends, and is an in-order prefix
+    // of the publishes (and, if its response got that far, `slow_consumer`).
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the slow subscriber's connection is still open");
+    seen.extend_from_slice(&rest);
+    let head_end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let events = Parser::new().feed(&dechunk(&seen[head_end..]));
+    let received = messages(&events);
+    let ids: Vec<u64> =
+        received.iter().filter(|m| m.0 == "message").map(|m| m.2.as_deref().unwrap().parse().unwrap()).collect();
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>(), "in order, no gap");
+    assert!((ids.len() as u64) < dropped_at, "it had {} of {dropped_at} when dropped", ids.len());
+    if let Some((_, error, _)) = received.iter().find(|m| m.0 == "error") {
+        assert_eq!(error["code"], "slow_consumer");
+    }
+}
+
+/// The payload of a chunked HTTP/1.1 body, as far as it arrived (a cut
+/// last chunk is kept: the SSE parser dispatches only whole events).
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
+        let Some(size) = std::str::from_utf8(&body[..eol]).ok().and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
+        else {
+            break;
+        };
+        let data = &body[eol + 2..];
+        if size == 0 || data.len() < size {
+            out.extend_from_slice(&data[..size.min(data.len())]);
+            break;
+        }
+        out.extend_from_slice(&data[..size]);
+        body = data.get(size + 2..).unwrap_or_default();
+    }
+    out
 }
 
 /// Writes `head` and then the body one byte every 100 ms (until the
