@@ -13,7 +13,7 @@
 //! |---|---|
 //! | `[server]` (or the top level) | `listen`, `listen_backlog`, `cors_origins`, `log_format`, `shutdown_grace`, `shutdown_retry`, `tls_cert`, `tls_key`, `tls_reload_interval`, `h2c`, `max_concurrent_streams` |
 //! | `[auth]` | `jwt_*`, `token_cookie`, `token_query`, `token_grace`, `jwks_*`, `ticket_query`, `ticket_ttl` |
-//! | `[limits]` | `rate_*`, `trusted_proxies`, `max_streams`, `max_streams_per_subject`, `send_queue`, `max_lag`, `max_body_bytes`, `max_prompt_bytes`, `max_messages`, `max_stream_duration`, `max_header_bytes`, `header_timeout`, `max_connections`, `limits_on_store_failure`, `stream_lease_ttl` |
+//! | `[limits]` | `rate_*`, `trusted_proxies`, `max_streams`, `max_streams_per_subject`, `send_queue`, `max_lag`, `max_body_bytes`, `max_prompt_bytes`, `max_messages`, `max_stream_duration`, `max_header_bytes`, `header_timeout`, `body_timeout`, `max_connections`, `limits_on_store_failure`, `stream_lease_ttl`, `max_channels`, `max_channels_per_subject` |
 //! | `[stream]` | `heartbeat`, `retry`, `pace_ms`, `pace_min_ms`, `pace_max_ms`, `generator_pace`, `default_generator`, `demo_feeds`, `demo_feeds_every`, `prompts_dir`, `openai_chunk_graphemes`, `upstream_url`, `upstream_model`, `upstream_api_key_env` |
 //! | `[store]` | `redis_url`, `redis_ca_file`, `detach_grace`, `stream_ttl`, `stream_max_events`, `channel_max_events`, `channel_ttl`, `max_publish_bytes` |
 //! | `[upstreams.NAME]` | one upstream model server each ([`UpstreamSettings`]) |
@@ -122,6 +122,16 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Default time a client gets to send its request headers (and the longest a
 /// kept-alive connection may sit idle).
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a client gets to send a request body, counted from its
+/// request head: a 256 KiB body (`max_body_bytes`) needs only about 70 kbit/s
+/// for it, while a client dripping its body byte by byte is cut off.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default cap on channels that subjects created, server-wide (cluster-wide
+/// with Redis). Each keeps up to `channel_max_events` events.
+pub const DEFAULT_MAX_CHANNELS: usize = 10_000;
+/// Default cap on channels one subject's publishes and subscribes created
+/// that exist at once.
+pub const DEFAULT_MAX_CHANNELS_PER_SUBJECT: usize = 100;
 /// Default cap on open connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 25_000;
 /// Default policy of cluster-wide limits when Redis fails: this process's
@@ -342,9 +352,24 @@ pub struct Settings {
     /// connection may sit idle (e.g. `10s`).
     #[arg(long, global = true, env = "TOKENGATE_HEADER_TIMEOUT")]
     pub header_timeout: Option<String>,
+    /// Time allowed to send a request body, from the end of its head (e.g.
+    /// `30s`); a body not complete by then is answered 408 and the
+    /// connection closed.
+    #[arg(long, global = true, env = "TOKENGATE_BODY_TIMEOUT")]
+    pub body_timeout: Option<String>,
     /// Open connections allowed (503 and close beyond).
     #[arg(long, global = true, env = "TOKENGATE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Channels created by subjects that may exist at once, server-wide
+    /// (cluster-wide with Redis); creating one more is refused (503
+    /// `too_many_channels`), existing ones stay usable.
+    #[arg(long, global = true, env = "TOKENGATE_MAX_CHANNELS")]
+    pub max_channels: Option<usize>,
+    /// Channels one subject's publishes or subscribes may have created that
+    /// exist at once (429 `too_many_channels` beyond); a channel counts until
+    /// it is swept (`channel_ttl` unused).
+    #[arg(long, global = true, env = "TOKENGATE_MAX_CHANNELS_PER_SUBJECT")]
+    pub max_channels_per_subject: Option<usize>,
     /// With Redis, what the cluster-wide limits do when Redis cannot be
     /// asked: `closed` refuses (503 `limits_unavailable`), `open` applies
     /// this process's own limits.
@@ -446,7 +471,10 @@ pub fn help_defaults() -> Vec<(&'static str, String)> {
         ("max_stream_duration", time(DEFAULT_MAX_STREAM_DURATION)),
         ("max_header_bytes", DEFAULT_MAX_HEADER_BYTES.to_string()),
         ("header_timeout", time(DEFAULT_HEADER_TIMEOUT)),
+        ("body_timeout", time(DEFAULT_BODY_TIMEOUT)),
         ("max_connections", DEFAULT_MAX_CONNECTIONS.to_string()),
+        ("max_channels", DEFAULT_MAX_CHANNELS.to_string()),
+        ("max_channels_per_subject", DEFAULT_MAX_CHANNELS_PER_SUBJECT.to_string()),
         ("limits_on_store_failure", DEFAULT_LIMITS_ON_STORE_FAILURE.as_str().to_owned()),
         ("stream_lease_ttl", time(DEFAULT_STREAM_LEASE_TTL)),
         ("detach_grace", time(DEFAULT_DETACH_GRACE)),
@@ -498,7 +526,8 @@ impl Settings {
             max_prompt_bytes, shutdown_grace, shutdown_retry, log_format, rate_subject_per_min,
             rate_subject_burst, rate_ip_per_min, rate_ip_burst, trusted_proxies, max_streams,
             max_streams_per_subject, send_queue, max_lag, max_messages, max_stream_duration,
-            max_header_bytes, header_timeout, max_connections, limits_on_store_failure,
+            max_header_bytes, header_timeout, body_timeout, max_connections, max_channels,
+            max_channels_per_subject, limits_on_store_failure,
             stream_lease_ttl, detach_grace, stream_ttl,
             stream_max_events, channel_max_events, channel_ttl, max_publish_bytes, redis_url, upstream_url,
             upstream_model, upstream_api_key_env, upstreams, quota, openai_chunk_graphemes,
@@ -639,8 +668,14 @@ pub struct LimitsConfig {
     pub max_header_bytes: usize,
     /// Header read time and keep-alive idle time.
     pub header_timeout: Duration,
+    /// Time to send a request body, from the end of its head.
+    pub body_timeout: Duration,
     /// Open connection cap.
     pub max_connections: usize,
+    /// Cap on channels subjects created, server-wide (cluster-wide with a shared store).
+    pub max_channels: usize,
+    /// Cap on channels one subject created.
+    pub max_channels_per_subject: usize,
     /// With a shared store: what cluster-wide limits do when it fails.
     pub on_store_failure: OnStoreFailure,
     /// With a shared store: how long a stream lease lives unrenewed.
@@ -1056,11 +1091,15 @@ fn limits(s: &Settings) -> Result<LimitsConfig, ConfigError> {
     }
     let max_lag = duration("max_lag", s.max_lag.as_deref(), DEFAULT_MAX_LAG)?;
     let header_timeout = duration("header_timeout", s.header_timeout.as_deref(), DEFAULT_HEADER_TIMEOUT)?;
+    let body_timeout = duration("body_timeout", s.body_timeout.as_deref(), DEFAULT_BODY_TIMEOUT)?;
     let max_stream_duration =
         duration("max_stream_duration", s.max_stream_duration.as_deref(), DEFAULT_MAX_STREAM_DURATION)?;
-    for (setting, d) in
-        [("max_lag", max_lag), ("header_timeout", header_timeout), ("max_stream_duration", max_stream_duration)]
-    {
+    for (setting, d) in [
+        ("max_lag", max_lag),
+        ("header_timeout", header_timeout),
+        ("body_timeout", body_timeout),
+        ("max_stream_duration", max_stream_duration),
+    ] {
         if d.is_zero() {
             return Err(ConfigError::invalid(setting, "must be above zero"));
         }
@@ -1093,7 +1132,14 @@ fn limits(s: &Settings) -> Result<LimitsConfig, ConfigError> {
         max_stream_duration,
         max_header_bytes,
         header_timeout,
+        body_timeout,
         max_connections: at_least_one("max_connections", s.max_connections, DEFAULT_MAX_CONNECTIONS)?,
+        max_channels: at_least_one("max_channels", s.max_channels, DEFAULT_MAX_CHANNELS)?,
+        max_channels_per_subject: at_least_one(
+            "max_channels_per_subject",
+            s.max_channels_per_subject,
+            DEFAULT_MAX_CHANNELS_PER_SUBJECT,
+        )?,
         on_store_failure: on_store_failure(s.limits_on_store_failure.as_deref())?,
         stream_lease_ttl: stream_lease_ttl(s.stream_lease_ttl.as_deref())?,
     })
@@ -1260,6 +1306,30 @@ mod tests {
         assert_eq!(shown["log_format"], if config.log_json { "json" } else { "text" });
         assert_eq!(shown["limits_on_store_failure"], config.limits.on_store_failure.as_str());
         assert_eq!(shown["stream_lease_ttl"], "15s");
+    }
+
+    #[test]
+    fn channel_bounds_and_the_body_timeout_are_validated() {
+        let config = Config::from_settings(Settings::default()).map_err(|e| e.to_string());
+        let Ok(config) = config else { panic!("{config:?}") };
+        assert_eq!(config.limits.max_channels, DEFAULT_MAX_CHANNELS);
+        assert_eq!(config.limits.max_channels_per_subject, DEFAULT_MAX_CHANNELS_PER_SUBJECT);
+        assert_eq!(config.limits.body_timeout, DEFAULT_BODY_TIMEOUT);
+        let err = |s: Settings| Config::from_settings(s).err().map(|e| e.setting());
+        assert_eq!(err(Settings { max_channels: Some(0), ..Settings::default() }), Some("max_channels"));
+        assert_eq!(
+            err(Settings { max_channels_per_subject: Some(0), ..Settings::default() }),
+            Some("max_channels_per_subject")
+        );
+        assert_eq!(err(Settings { body_timeout: Some("0s".into()), ..Settings::default() }), Some("body_timeout"));
+        assert_eq!(err(Settings { body_timeout: Some("soon".into()), ..Settings::default() }), Some("body_timeout"));
+        let file = Settings::from_toml_str(
+            "[limits]\nmax_channels = 5\nmax_channels_per_subject = 2\nbody_timeout = \"5s\"\n",
+        );
+        let limits = file.and_then(Config::from_settings).map(|c| c.limits).map_err(|e| e.to_string());
+        let Ok(limits) = limits else { panic!("{limits:?}") };
+        assert_eq!((limits.max_channels, limits.max_channels_per_subject), (5, 2));
+        assert_eq!(limits.body_timeout, Duration::from_secs(5));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::auth::{AuthError, Scope};
 use crate::event::ErrorCode;
 use crate::limits::{RateLimited, RateRefused, RateScope, SlotRefused};
+use crate::store::{ChannelRefused, ChannelScope};
 
 /// Media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -39,6 +40,10 @@ pub enum ApiError {
     /// The body is not JSON.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The request body did not arrive within `body_timeout` of the request head (a client
+    /// that trickles its body, or stopped sending it).
+    #[error("the request body was not received within {} s", retry_after_secs(*.0))]
+    BodyTimeout(std::time::Duration),
     /// The prompt or body exceeds its limit.
     #[error("{what} exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -61,6 +66,9 @@ pub enum ApiError {
         /// Until the window resets.
         retry_after: std::time::Duration,
     },
+    /// Creating the channel would pass a bound on channels (the subject's or the server's).
+    #[error(transparent)]
+    TooManyChannels(ChannelRefused),
     /// A cluster-wide limit could not be checked (the shared store failed)
     /// and the policy is to fail closed.
     #[error("limits cannot be checked right now; retry shortly")]
@@ -129,6 +137,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "Unsupported media type")
             }
+            ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout", "Request timeout"),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "Payload too large"),
             ApiError::RateLimited(r) => match r.scope {
                 RateScope::Subject => (StatusCode::TOO_MANY_REQUESTS, "rate_limited_subject", "Too many requests"),
@@ -139,6 +148,12 @@ impl ApiError {
             }
             ApiError::NoSlot(SlotRefused::Global { .. }) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_busy", "Service unavailable")
+            }
+            ApiError::TooManyChannels(ChannelRefused { scope: ChannelScope::Subject, .. }) => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_channels", "Too many channels")
+            }
+            ApiError::TooManyChannels(ChannelRefused { scope: ChannelScope::Total, .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "too_many_channels", "Service unavailable")
             }
             ApiError::NoSlot(SlotRefused::Unavailable) | ApiError::LimitsUnavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, "limits_unavailable", "Service unavailable")
@@ -223,8 +238,13 @@ impl ApiError {
                 headers.insert("ratelimit-remaining", HeaderValue::from_static("0"));
                 headers.insert("ratelimit-reset", secs);
             }
-            ApiError::QuotaExceeded { retry_after, .. } => {
+            ApiError::QuotaExceeded { retry_after, .. }
+            | ApiError::TooManyChannels(ChannelRefused { retry_after, .. }) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
+            }
+            // The body was not read to its end: the connection cannot carry another request.
+            ApiError::BodyTimeout(_) => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             ApiError::Draining
             | ApiError::NoSlot(_)
@@ -393,10 +413,15 @@ pub fn retry_after_secs(d: std::time::Duration) -> u64 {
 }
 
 impl ApiError {
-    /// Maps a JSON body rejection; `body_limit` is named in the 413 detail.
+    /// Maps a JSON body rejection; `body_limit` is named in the 413 detail. A body that did
+    /// not arrive in time is a 408: the server's body deadline fails the read with a
+    /// [`BodyDeadline`], found here among the rejection's sources.
     pub fn from_json_rejection(rejection: JsonRejection, body_limit: usize) -> Self {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             return ApiError::TooLarge { what: "request body", limit: body_limit };
+        }
+        if let Some(deadline) = body_deadline(&rejection) {
+            return ApiError::BodyTimeout(deadline.0);
         }
         match rejection {
             JsonRejection::MissingJsonContentType(_) => {
@@ -405,6 +430,30 @@ impl ApiError {
             other => ApiError::BadRequest(other.body_text()),
         }
     }
+}
+
+/// What a request body that missed its deadline fails with: the `body_timeout` it missed. The
+/// server raises it, [`ApiError::from_json_rejection`] finds it however the HTTP layers wrapped
+/// it (as an error source, or inside an [`std::io::Error`]).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the request body was not received within {}", humantime::format_duration(*.0))]
+pub struct BodyDeadline(pub std::time::Duration);
+
+/// The [`BodyDeadline`] among an error's sources, if there is one.
+fn body_deadline(error: &(dyn std::error::Error + 'static)) -> Option<BodyDeadline> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(deadline) = e.downcast_ref::<BodyDeadline>() {
+            return Some(*deadline);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(deadline) = io.get_ref().and_then(|inner| inner.downcast_ref::<BodyDeadline>())
+        {
+            return Some(*deadline);
+        }
+        source = e.source();
+    }
+    None
 }
 
 impl From<QueryRejection> for ApiError {
@@ -427,9 +476,14 @@ impl From<crate::tickets::TicketError> for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        tracing::warn!(error = %e, "shared store request failed");
-        // Counted by the refusal middleware as `store_unavailable`.
-        ApiError::StoreUnavailable
+        match e {
+            crate::store::StoreError::TooManyChannels(refused) => ApiError::TooManyChannels(refused),
+            e @ crate::store::StoreError::Redis(_) => {
+                tracing::warn!(error = %e, "shared store request failed");
+                // Counted by the refusal middleware as `store_unavailable`.
+                ApiError::StoreUnavailable
+            }
+        }
     }
 }
 

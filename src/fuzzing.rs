@@ -314,8 +314,9 @@ pub fn token_extraction(data: &[u8]) {
 /// `Last-Event-ID` and stream-id parsing, and channel positions. Fields:
 /// a `Last-Event-ID` header value, a `last_event_id` query value, and a
 /// text parsed on its own. What parses formats back to itself (up to hex
-/// case and leading zeros), and the resume point is the header's (or else
-/// the query's) position plus one.
+/// case and leading zeros), a number that would reach the gap marker is
+/// refused, and the resume point is the header's (or else, when the header
+/// is absent or blank, the query's) position plus one.
 pub fn event_ids(data: &[u8]) {
     let f = fields(data);
     let lone = f.get(2).map(|t| text(t)).unwrap_or_else(|| text(f[0]));
@@ -332,6 +333,11 @@ pub fn event_ids(data: &[u8]) {
         assert!(tail == "gap" || tail.parse::<u64>().ok() == Some(seq), "{tail:?} is not {seq}");
         let formatted = if seq == GAP_SEEN { format!("{id}.gap") } else { format!("{id}.{seq}") };
         assert_eq!(parse_event_id(&formatted).ok(), Some((id, seq)), "{formatted:?}");
+    }
+    if let Some((_, tail)) = lone.split_once('.')
+        && tail.parse::<u64>().is_ok_and(|n| n >= GAP_SEEN - 1)
+    {
+        assert!(parse_event_id(&lone).is_err(), "{lone:?} spells the gap marker as a number");
     }
     match ChannelPosition::parse(&lone) {
         Some(ChannelPosition::Seq(n)) => {
@@ -351,6 +357,10 @@ pub fn event_ids(data: &[u8]) {
         headers.insert("last-event-id", value);
     }
     let query = f.get(1).map(|q| text(q));
+    let header_blank = headers.get("last-event-id").and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim().is_empty());
+    if header_blank && let Some(q) = query.as_deref().map(str::trim).filter(|q| !q.is_empty()) {
+        assert_eq!(last_event_id(&headers, Some(q)).ok().flatten(), Some(q), "a blank header hides the query");
+    }
     let point = resume_point(&headers, query.as_deref());
     let query_bad = query.as_deref().map(str::trim).is_some_and(|q| !q.is_empty() && parse_event_id(q).is_err());
     if query_bad {
@@ -368,7 +378,8 @@ pub fn event_ids(data: &[u8]) {
 
 /// Channel-name and event-name validation. Fields: a channel name and an
 /// event name. Each is accepted exactly when it fits the documented
-/// rules; an accepted channel name is a URL path segment as it is, and an
+/// rules; an accepted channel name is a URL path segment as it is (never
+/// the dot segments `.` and `..`, which URL handling removes), and an
 /// accepted event name round-trips through the SSE encoder unchanged.
 pub fn names(data: &[u8]) {
     let f = fields(data);
@@ -376,7 +387,9 @@ pub fn names(data: &[u8]) {
     let event = f.get(1).map(|e| text(e)).unwrap_or_else(|| channel.clone());
 
     let channel_rule = (1..=MAX_CHANNEL_NAME).contains(&channel.len())
-        && channel.chars().all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
+        && channel.chars().all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))
+        && channel != "."
+        && channel != "..";
     assert_eq!(check_name(&channel).is_ok(), channel_rule, "channel {channel:?}");
     if channel_rule {
         let path = format!("/v1/channels/{channel}");

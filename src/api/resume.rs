@@ -16,27 +16,39 @@ use crate::store::Located;
 use crate::stream::{EventStream, Resumed, StreamId};
 
 /// The resume position a client sent: the header wins over the query; an
-/// empty value counts as absent, one that is not plain text is refused.
+/// empty (or blank) value counts as absent, so an empty header leaves the
+/// query's value in force (an `EventSource` that has seen no id yet sends
+/// none, but a proxy or client library may send the header empty); one that
+/// is not plain text is refused.
 pub fn last_event_id<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Result<Option<&'a str>, ApiError> {
     let header = match headers.get("last-event-id") {
         None => None,
         Some(v) => Some(v.to_str().map_err(|_| ApiError::BadRequest("`Last-Event-ID` is not plain text".into()))?),
     };
-    Ok(header.or(query).map(str::trim).filter(|v| !v.is_empty()))
+    let given = |v: Option<&'a str>| v.map(str::trim).filter(|v| !v.is_empty());
+    Ok(given(header).or_else(|| given(query)))
 }
 
 /// Splits `<stream_id>.<seq>`. The `resume_gap` error's id,
-/// `<stream_id>.gap`, parses to [`GAP_SEEN`].
+/// `<stream_id>.gap`, parses to [`GAP_SEEN`]. Numbers from [`GAP_SEEN`]` - 1`
+/// on are refused: no stream issues them (a stream is bounded far below),
+/// and the resume point after one would be [`GAP_SEEN`], so a client could
+/// spell the gap marker as a position and be answered `204` as if it had
+/// been told of a gap.
 pub fn parse_event_id(value: &str) -> Result<(StreamId, u64), ApiError> {
     let bad = || ApiError::BadRequest(format!("`{value}` is not a stream event id (`<stream_id>.<seq>`)"));
     let (id, seq) = value.split_once('.').ok_or_else(bad)?;
-    let seq = if seq == "gap" { GAP_SEEN } else { seq.parse().map_err(|_| bad())? };
+    let seq = if seq == "gap" {
+        GAP_SEEN
+    } else {
+        seq.parse::<u64>().ok().filter(|seq| seq.saturating_add(1) < GAP_SEEN).ok_or_else(bad)?
+    };
     Ok((StreamId::parse(id).ok_or_else(bad)?, seq))
 }
 
 /// The position of a client that was told its resume point is gone: it
 /// gets `204` so that `EventSource` stops instead of reconnecting past the
-/// gap as if nothing was missing.
+/// gap as if nothing was missing. Only `<stream_id>.gap` means it.
 pub const GAP_SEEN: u64 = u64::MAX;
 
 /// The resume point a stream request carries, as the stream and the first
@@ -79,4 +91,40 @@ pub async fn resume(
 pub fn native_response(state: &AppState, events: EventStream) -> Response {
     let dialect = Native { retry_ms: state.config.stream.retry.as_millis() as u64 };
     sse_response(events, dialect, state.metrics.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    const ID: &str = "0123456789abcdef0123456789abcdef";
+
+    fn with_header(value: &'static str) -> HeaderMap {
+        HeaderMap::from_iter([(axum::http::HeaderName::from_static("last-event-id"), HeaderValue::from_static(value))])
+    }
+
+    #[test]
+    fn a_blank_header_leaves_the_query_value_in_force() {
+        let query = format!("{ID}.4");
+        for blank in ["", "  "] {
+            assert_eq!(last_event_id(&with_header(blank), Some(&query)).ok().flatten(), Some(query.as_str()));
+            let point = resume_point(&with_header(blank), Some(&query)).ok().flatten();
+            assert_eq!(point.map(|(id, from)| (id.to_string(), from)), Some((ID.to_owned(), 5)));
+        }
+        // A header with a value still wins.
+        let point = resume_point(&with_header("0123456789abcdef0123456789abcdef.1"), Some(&query)).ok().flatten();
+        assert_eq!(point.map(|(_, from)| from), Some(2));
+        assert_eq!(last_event_id(&with_header(""), None).ok().flatten(), None);
+    }
+
+    #[test]
+    fn the_gap_marker_is_only_spelled_gap() {
+        assert_eq!(parse_event_id(&format!("{ID}.gap")).ok().map(|(_, seq)| seq), Some(GAP_SEEN));
+        for number in ["18446744073709551615", "18446744073709551614"] {
+            assert!(parse_event_id(&format!("{ID}.{number}")).is_err(), "{number}");
+        }
+        let highest = parse_event_id(&format!("{ID}.18446744073709551613")).ok();
+        assert_eq!(highest.map(|(_, seq)| seq.saturating_add(1) < GAP_SEEN), Some(true));
+    }
 }

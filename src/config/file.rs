@@ -127,9 +127,12 @@ sections! {
         max_stream_duration: String,
         max_header_bytes: usize,
         header_timeout: String,
+        body_timeout: String,
         max_connections: usize,
         limits_on_store_failure: String,
         stream_lease_ttl: String,
+        max_channels: usize,
+        max_channels_per_subject: usize,
     }
     stream: StreamSection {
         heartbeat: String,

@@ -5,6 +5,7 @@
 //! event: connected  data: {"subscriber_id":"..","channel":".."}
 //! id: <id>          event: <published name or message>  data: <published JSON>
 //! event: gap        data: {"code":"resume_gap","first_id":"..","message":".."}
+//! event: error      data: {"code":"slow_consumer","message":".."}   (last)
 //! retry: 1000       event: shutdown  data: {"reason":"..","retry_ms":1000}
 //! : keep-alive
 //! ```
@@ -50,6 +51,14 @@ impl Dialect for ChannelSse {
                 push_event(buf, None, Some("gap"), &data.to_string());
             }
             ChannelMessage::Heartbeat => push_comment(buf, "keep-alive"),
+            // No id, like the token's end: a reconnect resumes from the last event received.
+            ChannelMessage::SlowConsumer => {
+                let data = json!({
+                    "code": ErrorCode::SlowConsumer,
+                    "message": "this subscriber read slower than the channel was published to, and fell out of its log; reconnect with Last-Event-ID",
+                });
+                push_event(buf, None, Some("error"), &data.to_string());
+            }
             // No id: the subscriber's `Last-Event-ID` stays at the last
             // event it got, which a reconnect with fresh credentials sends.
             ChannelMessage::TokenExpired => {

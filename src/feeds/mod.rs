@@ -98,7 +98,8 @@ async fn publish_tick(store: &Store, now_ms: u64, every_ms: u64) -> Result<(), c
         messages.push((METRICS, sources::metrics(day_ms / metrics_every, &ts)));
     }
     for (channel, message) in messages {
-        store.publish(channel, Some(message.event.to_owned()), message.data.to_string()).await?;
+        // The server's own channels: no subject created them, none is charged for them.
+        store.publish(channel, None, Some(message.event.to_owned()), message.data.to_string()).await?;
     }
     Ok(())
 }

@@ -28,14 +28,18 @@ pub use self::tls::{TlsError, probe_config};
 
 use crate::app::router;
 use crate::config::{Config, ConfigError};
+use crate::event::ErrorCode;
 use crate::generator::{self, Registry};
 use crate::limits::{Leases, RateLimits, SharedLimits, StreamSlots};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::state::{AppState, Inner};
-use crate::store::{Store, StoreSettings};
-use crate::stream::{ServiceParts, ServiceSettings, StreamService};
+use crate::store::{ChannelLimits, Store, StoreSettings};
+use crate::stream::{ConnectionAbort, ServiceParts, ServiceSettings, StreamService};
 
+use self::body::DeadlineBody;
+
+mod body;
 mod h2c;
 mod stall;
 mod tls;
@@ -91,10 +95,17 @@ fn build_state(config: Config, generators: Registry) -> Result<AppState, ConfigE
         channel_max_events: store_config.channel_max_events,
         channel_ttl: store_config.channel_ttl,
     };
+    let channel_limits =
+        ChannelLimits { max_channels: limits.max_channels, max_per_subject: limits.max_channels_per_subject };
     let store = match &store_config.redis_url {
-        None => Store::memory(retention),
-        Some(url) => Store::shared(&String::from_utf8_lossy(url.expose()), store_config.redis_ca.as_deref(), retention)
-            .map_err(|e| ConfigError::invalid("redis_url", e.to_string()))?,
+        None => Store::memory_with_limits(retention, channel_limits),
+        Some(url) => Store::shared(
+            &String::from_utf8_lossy(url.expose()),
+            store_config.redis_ca.as_deref(),
+            retention,
+            channel_limits,
+        )
+        .map_err(|e| ConfigError::invalid("redis_url", e.to_string()))?,
     };
     // With a shared store, rates and the per-subject stream cap hold for the
     // cluster; the global stream cap stays this process's.
@@ -271,6 +282,8 @@ struct Connections {
     h2c: bool,
     /// Bounds the TLS handshake and the h2c preface, like request headers.
     header_timeout: Duration,
+    /// Bounds each request body, from the end of its head.
+    body_timeout: Duration,
     write_stall: Duration,
     open: Arc<Semaphore>,
     refusers: Arc<Semaphore>,
@@ -321,6 +334,7 @@ impl Connections {
             tls,
             h2c: state.config.http2.h2c,
             header_timeout: limits.header_timeout,
+            body_timeout: limits.body_timeout,
             write_stall: limits.max_lag.saturating_mul(2),
             open: Arc::new(Semaphore::new(limits.max_connections)),
             refusers: Arc::new(Semaphore::new(MAX_REFUSERS)),
@@ -505,6 +519,11 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// closed by the peer, idle, or shut down gracefully once the listener is
 /// closed. An HTTP/2 connection with no open request for a header timeout
 /// is closed (GOAWAY) the way an idle kept-alive HTTP/1.1 one is.
+///
+/// Every request body must arrive within `body_timeout` of its head
+/// ([`DeadlineBody`]). An HTTP/1.1 connection is also dropped at once when
+/// its [`ConnectionAbort`] is cancelled (a channel subscriber that fell out of
+/// its log while nothing read the connection).
 async fn serve_http<I>(
     io: I,
     h2: bool,
@@ -519,10 +538,18 @@ where
 {
     metrics.connection_opened(if h2 { "h2" } else { "http1" });
     let counter = activity.clone();
+    // HTTP/1.1 carries one request at a time: aborting the connection ends
+    // only that one. HTTP/2 requests get none (it would end their siblings).
+    let abort = (!h2).then(CancellationToken::new);
+    let request_abort = abort.clone();
+    let body_timeout = connections.body_timeout;
     let service = app.clone().map_request(move |mut request: Request<Incoming>| {
         counter.started();
         request.extensions_mut().insert(ConnectInfo(peer));
-        request
+        if let Some(abort) = &request_abort {
+            request.extensions_mut().insert(ConnectionAbort(abort.clone()));
+        }
+        request.map(|body| DeadlineBody::new(body, body_timeout))
     });
     let counter = activity.clone();
     let service = service.map_response(move |response: axum::response::Response| {
@@ -540,9 +567,21 @@ where
         tokio::time::interval_at(tokio::time::Instant::now() + every, every)
     });
     let mut changes = activity.changes.load(Ordering::Relaxed);
+    let aborted = async {
+        match &abort {
+            Some(abort) => abort.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut aborted = std::pin::pin!(aborted);
     loop {
         tokio::select! {
             ended = conn.as_mut() => return ended,
+            () = &mut aborted => {
+                metrics.refused(ErrorCode::SlowConsumer.as_str());
+                tracing::info!(%peer, "slow channel subscriber dropped: it fell out of the log; connection closed");
+                return Ok(());
+            }
             () = connections.close.cancelled(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();

@@ -9,6 +9,9 @@
 //! | `tg:r:{id}` | string | a reader on another replica follows the stream |
 //! | `tg:c:{name}` | stream | a channel's events; fields [`DATA`] and [`EVENT_NAME`] |
 //! | `tg:n:{name}` | hash | a channel's subscriber count per replica |
+//! | [`CHANNELS_LIVE`] | sorted set | every channel a subject created, scored by when it expires unused (ms of Redis time) |
+//! | [`CHANNELS_CREATOR`] | hash | each of those channels' creating subject |
+//! | [`CHANNELS_CREATED`] | hash | per subject, how many of those channels it created |
 //! | `tg:u:{len}:{owner}:{chat}` | string | a UI chat's current stream id (`len`: the owner's length in bytes) |
 //! | `tg:lead:{role}` | string | the replica that holds a cluster-wide duty (the demo feeds), with a TTL |
 //! | `tg:q:{len}:{subject}:{counter}` | string | a subject's use of one quota unit in one window (an integer) |
@@ -29,6 +32,15 @@ pub(super) const CHANNEL_PREFIX: &str = "tg:c:";
 pub(super) const CANCEL_CHANNEL: &str = "tg:cancel";
 /// Pub/sub channel carrying remote readers' first announcements.
 pub(super) const ATTACH_CHANNEL: &str = "tg:attach";
+
+/// The channels subjects created, by name, scored by expiry: what the bounds on channel
+/// creation count. Subjects and names are members and fields, never part of a key, so no
+/// subject or name can spell another's key.
+pub(super) const CHANNELS_LIVE: &str = "tg:chans";
+/// Channel name to the subject that created it.
+pub(super) const CHANNELS_CREATOR: &str = "tg:chans:by";
+/// Subject to the number of live channels it created.
+pub(super) const CHANNELS_CREATED: &str = "tg:chans:n";
 
 /// Stream log entry field: the stored event (JSON).
 pub(super) const EVENT: &str = "e";

@@ -55,7 +55,7 @@ pub use memory::{Attachment, Flow, LiveStream, Reader, first_reader_polls_next};
 pub use quotas::QuotaCounter;
 pub use remote::RemoteCursor;
 pub use shared_limits::{LimitStore, RateKey};
-pub use subscriptions::{ChannelFeed, ChannelPosition, Published};
+pub use subscriptions::{ChannelFeed, ChannelLimits, ChannelPosition, ChannelRefused, ChannelScope, Published};
 pub use writer::StreamWriter;
 
 /// How long a resume ahead of Redis waits for the producer's replication
@@ -69,14 +69,21 @@ const CATCH_UP_POLL: Duration = Duration::from_millis(20);
 /// How often Redis health is probed (feeds `/readyz` and admission).
 const REDIS_PROBE_EVERY: Duration = Duration::from_millis(500);
 
-/// A failure of the shared store (never carries its URL).
+/// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
-#[error("redis: {0}")]
-pub struct StoreError(String);
+pub enum StoreError {
+    /// The shared store failed (the detail never carries its URL).
+    #[error("redis: {0}")]
+    Redis(String),
+    /// The operation would have created a channel beyond a bound on channels; nothing was
+    /// created or published.
+    #[error(transparent)]
+    TooManyChannels(#[from] ChannelRefused),
+}
 
 impl StoreError {
     fn new(detail: String) -> Self {
-        Self(detail)
+        Self::Redis(detail)
     }
 }
 
@@ -128,6 +135,8 @@ struct Inner {
     /// Stream tickets (unused with Redis, which holds them then).
     tickets: TicketTable,
     settings: StoreSettings,
+    /// Bounds on creating channels (enforced by the hub in memory, by Redis when shared).
+    channel_limits: ChannelLimits,
     shared: Option<Shared>,
 }
 
@@ -143,16 +152,27 @@ struct Shared {
 }
 
 impl Store {
-    /// An in-memory store: streams and channels live in this process.
+    /// An in-memory store: streams and channels live in this process. Channel creation is not
+    /// bounded (for embedding and unit tests; see [`Store::memory_with_limits`]).
     pub fn memory(settings: StoreSettings) -> Self {
-        Self::with(settings, None)
+        Self::with(settings, ChannelLimits::UNBOUNDED, None)
     }
 
-    /// A shared store on the Redis at `url`. Connects lazily: the server
-    /// may start before Redis is up (it is not ready meanwhile). With
-    /// `rediss://`, the server's certificate must chain to `ca` (PEM) when
+    /// An in-memory store whose channel creation is bounded by `limits`.
+    pub fn memory_with_limits(settings: StoreSettings, limits: ChannelLimits) -> Self {
+        Self::with(settings, limits, None)
+    }
+
+    /// A shared store on the Redis at `url`, its channel creation bounded by `limits` for the
+    /// whole cluster. Connects lazily: the server may start before Redis is up (it is not ready
+    /// meanwhile). With `rediss://`, the server's certificate must chain to `ca` (PEM) when
     /// given, else to the system roots.
-    pub fn shared(url: &str, ca: Option<&[u8]>, settings: StoreSettings) -> Result<Self, StoreError> {
+    pub fn shared(
+        url: &str,
+        ca: Option<&[u8]>,
+        settings: StoreSettings,
+        limits: ChannelLimits,
+    ) -> Result<Self, StoreError> {
         let redis = RedisStore::connect(
             url,
             ca,
@@ -163,15 +183,17 @@ impl Store {
                 channel_ttl: settings.channel_ttl,
             },
         )?;
-        Ok(Self::with(settings, Some(redis)))
+        Ok(Self::with(settings, limits, Some(redis)))
     }
 
-    fn with(settings: StoreSettings, redis: Option<Arc<RedisStore>>) -> Self {
+    fn with(settings: StoreSettings, channel_limits: ChannelLimits, redis: Option<Arc<RedisStore>>) -> Self {
         let streams =
             StreamHub::new(memory::HubSettings { max_events: settings.stream_max_events, ttl: settings.stream_ttl });
         let channels = ChannelHub::new(channels::ChannelSettings {
             max_events: settings.channel_max_events,
             ttl: settings.channel_ttl,
+            // With Redis, Redis bounds creation for the cluster; the local copies are not counted.
+            limits: redis.is_none().then_some(channel_limits),
         });
         let shared = redis.map(|redis| Shared {
             tail: ChannelTail::new(redis.clone(), channels.clone()),
@@ -186,6 +208,7 @@ impl Store {
             quotas: QuotaCounters::default(),
             tickets: TicketTable::default(),
             settings,
+            channel_limits,
             shared,
         }))
     }

@@ -3,11 +3,17 @@
 //! shared store Redis orders and keeps the events, every replica's tail
 //! feeds them into its local log, and each replica counts its subscribers
 //! in Redis so that a publish reports the cluster's total.
+//!
+//! Creating a channel (the first publish or subscribe to a name) is bounded per subject and in
+//! total ([`ChannelLimits`]): in memory by the hub, under the lock that creates the channel;
+//! with a shared store by one Redis script, for the whole cluster.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 
 use super::channels::{ChannelEvent, ChannelItem, Start};
 use super::redis::RedisStore;
@@ -42,6 +48,57 @@ impl ChannelPosition {
     }
 }
 
+/// Bounds on creating channels: a publish or subscribe that would bring a new channel into
+/// existence beyond either is refused ([`ChannelRefused`]); channels that exist stay usable by
+/// anyone. A channel counts against the subject whose request created it until it is swept
+/// (`channel_ttl` without subscribers or publishes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelLimits {
+    /// Channels created by subjects that may exist at once, server-wide (cluster-wide with a
+    /// shared store).
+    pub max_channels: usize,
+    /// Channels one subject's requests may have created that exist at once.
+    pub max_per_subject: usize,
+}
+
+impl ChannelLimits {
+    /// No bound: for embedding and unit tests (the server always sets its configured bounds).
+    pub const UNBOUNDED: ChannelLimits = ChannelLimits { max_channels: usize::MAX, max_per_subject: usize::MAX };
+}
+
+/// Which bound on channel creation was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelScope {
+    /// The subject's own.
+    Subject,
+    /// The server's (or cluster's) total.
+    Total,
+}
+
+/// A channel could not be created: a bound in [`ChannelLimits`] is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{}", refusal_text(.scope, .limit))]
+pub struct ChannelRefused {
+    /// Which bound.
+    pub scope: ChannelScope,
+    /// Its value.
+    pub limit: usize,
+    /// A retry hint: `channel_ttl`, the longest a channel nobody uses is kept.
+    pub retry_after: Duration,
+}
+
+/// [`ChannelRefused`]'s message: which bound, and what still works.
+fn refusal_text(scope: &ChannelScope, limit: &usize) -> String {
+    match scope {
+        ChannelScope::Subject => format!(
+            "you have created {limit} channels that still exist, the most allowed; existing channels stay usable, and one of yours is freed once nobody has used it for channel_ttl"
+        ),
+        ChannelScope::Total => {
+            format!("the server holds {limit} channels, the most allowed; existing channels stay usable, retry later")
+        }
+    }
+}
+
 /// The answer to a publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
@@ -69,42 +126,68 @@ impl Drop for CountedSubscriber {
             (self.redis.clone(), std::mem::take(&mut self.name), std::mem::take(&mut self.replica));
         tokio::spawn(async move {
             let _ = redis.count_subscriber(&name, &replica, -1).await;
+            // The channel's idle time runs from its last subscriber's departure, as in memory.
+            let _ = redis.channel_touch(&name).await;
         });
     }
 }
 
 impl Store {
-    /// Publishes `data` (JSON text) as `event` (`None`: `message`). With a shared store the
-    /// count is read after the publish, as a second command: it is the cluster's subscribers at
-    /// about that moment, not a list of who received the event.
-    pub async fn publish(&self, name: &str, event: Option<String>, data: String) -> Result<Published, StoreError> {
+    /// Publishes `data` (JSON text) as `event` (`None`: `message`) on behalf of `creator`: the
+    /// subject whose request this is, `None` for the server's own publishers (the demo feeds),
+    /// whose channels are not counted. Creating the channel may be refused
+    /// ([`StoreError::TooManyChannels`]). With a shared store the count is read after the
+    /// publish, as a second command: it is the cluster's subscribers at about that moment, not a
+    /// list of who received the event.
+    pub async fn publish(
+        &self,
+        name: &str,
+        creator: Option<&str>,
+        event: Option<String>,
+        data: String,
+    ) -> Result<Published, StoreError> {
         match &self.0.shared {
             // Shared: Redis orders and stores it; every replica's tail (this
             // one's included) delivers it to local subscribers.
             Some(shared) => {
+                if let Some(subject) = creator {
+                    shared.redis.channel_admit(name, subject, self.0.channel_limits).await?;
+                }
                 let id = shared.redis.channel_publish(name, event.as_deref(), &data).await?;
                 Ok(Published { id, subscribers: shared.redis.channel_subscribers(name).await? })
             }
             None => {
-                let (seq, subscribers) = self.0.channels.publish(name, event, data);
+                let (seq, subscribers) = self.0.channels.publish(name, creator, event, data)?;
                 Ok(Published { id: seq.to_string(), subscribers })
             }
         }
     }
 
-    /// Subscribes to channel `name` after `after` (only new events when
-    /// `None`). Missed events the channel no longer holds are announced as
-    /// one [`ChannelItem::Gap`] first: never a silent skip.
-    pub async fn subscribe(&self, name: &str, after: Option<ChannelPosition>) -> Result<ChannelFeed, StoreError> {
+    /// Subscribes to channel `name` after `after` (only new events when `None`), on behalf of
+    /// `creator` (as for [`Store::publish`]). Missed events the channel no longer holds are
+    /// announced as one [`ChannelItem::Gap`] first: never a silent skip. A subscriber that
+    /// later falls out of the channel's log gets [`ChannelItem::Overrun`], last, when its feed
+    /// is next polled; if nothing polls it (its client stopped reading, so the connection does
+    /// not take more), `on_overrun` is cancelled as the events it missed are dropped.
+    pub async fn subscribe(
+        &self,
+        name: &str,
+        creator: Option<&str>,
+        after: Option<ChannelPosition>,
+        on_overrun: Option<CancellationToken>,
+    ) -> Result<ChannelFeed, StoreError> {
         let Some(shared) = &self.0.shared else {
             let start = match after {
                 None => Start::New,
                 Some(ChannelPosition::Seq(seq)) => Start::AfterSeq(seq),
                 Some(ChannelPosition::Entry(_)) => Start::AfterSeq(u64::MAX),
             };
-            return Ok(Box::pin(self.0.channels.subscribe(name, start)));
+            return Ok(Box::pin(self.0.channels.subscribe(name, creator, start, on_overrun)?));
         };
-        self.subscribe_shared(shared, name, after).await
+        if let Some(subject) = creator {
+            shared.redis.channel_admit(name, subject, self.0.channel_limits).await?;
+        }
+        self.subscribe_shared(shared, name, after, on_overrun).await
     }
 
     /// Shared subscription: history from Redis, then live events as this
@@ -119,6 +202,7 @@ impl Store {
         shared: &Shared,
         name: &str,
         after: Option<ChannelPosition>,
+        on_overrun: Option<CancellationToken>,
     ) -> Result<ChannelFeed, StoreError> {
         let redis = &shared.redis;
         let after = after.map(|position| match position {
@@ -147,7 +231,8 @@ impl Store {
         redis.count_subscriber(name, &shared.replica_id, 1).await?;
         let counted =
             CountedSubscriber { redis: redis.clone(), name: name.to_owned(), replica: shared.replica_id.clone() };
-        let live = self.0.channels.subscribe(name, Start::AfterId(start_id));
+        // The local copy is uncounted: Redis admitted the channel above.
+        let live = self.0.channels.subscribe(name, None, Start::AfterId(start_id), on_overrun)?;
         let guards = (tail, counted);
         Ok(Box::pin(futures_util::stream::iter(history).chain(live).map(move |item| {
             // Keeps the channel tailed and this subscriber counted while the

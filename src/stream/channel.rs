@@ -3,16 +3,35 @@
 //! server closes, `token_expired` when the subscriber's token runs out,
 //! and the end of the response at the maximum duration (`EventSource`
 //! then reconnects with `Last-Event-ID` and misses nothing).
+//!
+//! A subscriber that falls out of its channel's log (it read slower than the channel was
+//! published to, for longer than the log holds) is a slow consumer. If its response is still
+//! being written, its last event is `error` with `slow_consumer`; if its client stopped
+//! reading altogether (nothing takes more of its response), its HTTP/1.1 connection is closed
+//! as the events it missed are dropped ([`ConnectionAbort`]). Either way a reconnect with its
+//! `Last-Event-ID` is told of the gap. Nothing else waits for it: every subscriber reads the
+//! shared log at its own pace, so a slow one never delays a publish or another subscriber.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
 
 use super::OnlyWhenWoken;
 use super::reader::{FollowSettings, far_future};
 use crate::store::{ChannelEvent, ChannelFeed, ChannelItem};
+
+/// Closes the connection that carries a request, when cancelled. The server puts one in the
+/// extensions of every HTTP/1.1 request (one per connection, which carries one request at a
+/// time); a channel subscription hands it to the store, which cancels it when the subscriber
+/// falls out of the log, so a client that stopped reading is dropped although nothing polls its
+/// response any more. HTTP/2 requests carry none: closing their connection would end its other
+/// streams too (a stalled HTTP/2 client is dropped by the stalled-write cutoff and the ping
+/// timeout instead).
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionAbort(pub CancellationToken);
 
 /// What a channel subscriber's connection carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +47,10 @@ pub enum ChannelMessage {
     },
     /// Nothing was sent for the heartbeat interval (keeps proxies from closing the connection).
     Heartbeat,
+    /// The subscriber fell out of the channel's log: it did not read for as long as the log
+    /// holds publishes. Last on the connection; a reconnect with its `Last-Event-ID` is told of
+    /// the gap.
+    SlowConsumer,
     /// The token that opened the subscription expired (past its grace). Last on the
     /// connection; the client reconnects with fresh credentials and its `Last-Event-ID`.
     TokenExpired,
@@ -89,6 +112,10 @@ pub fn follow_channel(
                     match item {
                         Some(ChannelItem::Event(event)) => yield ChannelMessage::Event(event),
                         Some(ChannelItem::Gap { first_id }) => yield ChannelMessage::Gap { first_id },
+                        Some(ChannelItem::Overrun) => {
+                            yield ChannelMessage::SlowConsumer;
+                            return;
+                        }
                         None => return,
                     }
                     last_sent = Instant::now();
@@ -102,5 +129,35 @@ pub fn follow_channel(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dialect::Dialect;
+    use crate::dialect::channel::ChannelSse;
+
+    #[tokio::test]
+    async fn an_overrun_feed_ends_the_subscription_as_a_slow_consumer() {
+        let event = Arc::new(ChannelEvent::new(1, "1".into(), None, "1".into()));
+        let feed: ChannelFeed = Box::pin(futures_util::stream::iter([
+            ChannelItem::Event(event.clone()),
+            ChannelItem::Overrun,
+            ChannelItem::Event(event.clone()),
+        ]));
+        let settings = FollowSettings {
+            heartbeat: Duration::from_secs(60),
+            closing: CancellationToken::new(),
+            shutdown_retry_ms: 1,
+            token_deadline: None,
+        };
+        let messages: Vec<ChannelMessage> = follow_channel(feed, settings, Duration::from_secs(60)).collect().await;
+        assert_eq!(messages, [ChannelMessage::Event(event), ChannelMessage::SlowConsumer]);
+        let mut dialect = ChannelSse { retry_ms: 1, subscriber_id: "s".into(), channel: "c".into() };
+        let mut buf = bytes::BytesMut::new();
+        dialect.render(&ChannelMessage::SlowConsumer, &mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("event: error\ndata: {\"code\":\"slow_consumer\""), "{text}");
     }
 }

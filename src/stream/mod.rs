@@ -23,7 +23,7 @@ mod reader;
 mod service;
 mod woken;
 
-pub use channel::{ChannelMessage, follow_channel};
+pub use channel::{ChannelMessage, ConnectionAbort, follow_channel};
 pub use engine::{EngineSettings, events};
 pub use graphemes::GraphemeSplitter;
 pub use reader::{FollowSettings, TOKEN_EXPIRED, follow};

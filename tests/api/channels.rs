@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokengate::sse::{Event, Parser};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::helpers::*;
 
@@ -158,4 +160,53 @@ async fn subscriptions_end_at_the_maximum_duration_and_resume_without_loss() {
         read_events(app.get(&format!("/v1/channels/timed?last_event_id={last}"), Some(&token)).await, LIMIT).await;
     let data: Vec<Value> = messages(&events).into_iter().filter(|m| m.0 == "message").map(|m| m.1).collect();
     assert_eq!(data, [json!("two")]);
+}
+
+/// Fuzz finding: `.` and `..` passed the name check, though URL handling
+/// resolves them away (an HTTP client library cannot even send them: raw TCP).
+#[tokio::test]
+async fn dot_segment_channel_names_are_refused() {
+    let app = spawn_app().await;
+    for name in [".", ".."] {
+        for (method, scope) in [("GET", "stream"), ("POST", "publish")] {
+            let mut tcp = TcpStream::connect(app.addr).await.unwrap();
+            let request = format!(
+                "{method} /v1/channels/{name} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 10\r\nconnection: close\r\n\r\n{{\"data\":1}}",
+                app.token("alice", scope)
+            );
+            tcp.write_all(request.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            tokio::time::timeout(LIMIT, tcp.read_to_end(&mut out)).await.unwrap().unwrap();
+            let answer = String::from_utf8_lossy(&out);
+            assert!(answer.starts_with("HTTP/1.1 400"), "{method} {name}: {answer}");
+            assert!(answer.contains("\"code\":\"bad_request\""), "{answer}");
+        }
+    }
+}
+
+/// Fuzz finding: an empty `Last-Event-ID` header hid the query's position.
+#[tokio::test]
+async fn an_empty_last_event_id_header_leaves_the_channel_query_position() {
+    let app = spawn_app().await;
+    for i in 1..=3 {
+        publish(&app, "feed", json!({"data": i})).await;
+    }
+    let resp = app
+        .client
+        .get(format!("{}/v1/channels/feed?last_event_id=1", app.base))
+        .bearer_auth(app.token("alice", "stream"))
+        .header("last-event-id", "")
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let got = read_until(
+        &mut body,
+        &mut Parser::new(),
+        LIMIT,
+        |e| matches!(e, Event::Message { id: Some(id), .. } if id == "3"),
+    )
+    .await;
+    let data: Vec<Value> = messages(&got).into_iter().filter(|m| m.0 == "message").map(|m| m.1).collect();
+    assert_eq!(data, [json!(2), json!(3)]);
 }

@@ -2,6 +2,7 @@
 //! HTTP clients, and the real binary for CLI, config and signal behaviour.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, unreachable_pub)]
 
+mod abuse;
 mod ai_sdk;
 mod anthropic;
 mod architecture;

@@ -473,3 +473,54 @@ async fn a_reader_on_b_keeps_a_generating_past_the_detach_grace_and_sees_cancel(
     .await;
     assert_eq!(messages(&got).pop().unwrap().1["code"], "cancelled");
 }
+
+#[tokio::test]
+async fn channel_creation_bounds_hold_across_two_replicas_and_a_swept_channel_frees_its_slot() {
+    use crate::abuse::{publish_as, subscribe_as, too_many_channels};
+    let redis = RedisServer::start();
+    let settings = || {
+        let mut s = shared(&redis);
+        s.max_channels = Some(3);
+        s.max_channels_per_subject = Some(2);
+        // Subscribed channels are renewed every third of it.
+        s.channel_ttl = Some("3s".into());
+        s
+    };
+    let a = spawn_app_with(settings()).await;
+    let b = spawn_app_with(settings()).await;
+    ready(&a).await;
+    ready(&b).await;
+    // Alice's two, one on each replica: the bound is the cluster's.
+    assert_eq!(publish_as(&a, "alice", "r1", json!(1)).await.status(), 200);
+    assert_eq!(publish_as(&b, "alice", "r2", json!(1)).await.status(), 200);
+    too_many_channels(publish_as(&a, "alice", "r3", json!(1)).await, 429).await;
+    too_many_channels(subscribe_as(&b, "alice", "r3").await, 429).await;
+    assert_eq!(publish_as(&b, "bob", "r4", json!(1)).await.status(), 200);
+    too_many_channels(publish_as(&a, "carol", "r5", json!(1)).await, 503).await;
+    too_many_channels(subscribe_as(&b, "carol", "r5").await, 503).await;
+    // Existing channels stay usable from either replica.
+    let resp = subscribe_as(&b, "carol", "r1").await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut parser = Parser::new();
+    read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "connected"))
+        .await;
+    assert_eq!(publish_as(&a, "carol", "r1", json!("across")).await.status(), 200);
+    let got =
+        read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "message"))
+            .await;
+    assert_eq!(messages(&got).last().unwrap().1, json!("across"));
+    // r2 (and bob's r4) go unused for the ttl and are swept; r1 is kept by its subscriber.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let resp = publish_as(&b, "alice", "r3", json!(1)).await;
+        if resp.status() == 200 {
+            break;
+        }
+        assert!([429, 503].contains(&resp.status().as_u16()), "{}", resp.status());
+        assert!(tokio::time::Instant::now() < deadline, "the unused channel never freed its slot");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    too_many_channels(publish_as(&a, "alice", "r6", json!(1)).await, 429).await;
+    drop(body);
+}

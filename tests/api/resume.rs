@@ -320,3 +320,45 @@ async fn twenty_random_reconnects_reassemble_the_exact_text() {
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "no duplicate, no gap");
     assert_eq!(assembled.into_iter().map(|(_, t)| t).collect::<String>(), text);
 }
+
+/// Fuzz findings: an empty `Last-Event-ID` header hid a valid
+/// `last_event_id` query value, and `<id>.18446744073709551615` (the gap
+/// marker spelled as a number) was answered 204 as if a gap had been seen.
+#[tokio::test]
+async fn an_empty_header_leaves_the_query_position_and_the_gap_marker_is_no_number() {
+    let app = spawn_app_with(settings_with_grace("5s")).await;
+    let events = read_events(app.stream("generator=echo&prompt=abcdef").await, LIMIT).await;
+    let msgs = parsed(&events);
+    let sid = msgs[0].0.clone();
+    let token = app.token("alice", "stream");
+    let get = |path: String, header: &'static str| {
+        app.client.get(format!("{}{path}", app.base)).bearer_auth(&token).header("last-event-id", header).send()
+    };
+    // After delta 3 (seq 3: start is 0): the rest, from the query, despite the empty header.
+    let resp = get(format!("/v1/streams/{sid}?last_event_id={sid}.3"), "").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let rest = read_events(resp, LIMIT).await;
+    assert_eq!(delta_text(&rest), "def");
+    assert_eq!(parsed(&rest)[0].1, 4);
+    for number in ["18446744073709551615", "18446744073709551614"] {
+        let resp = app
+            .client
+            .get(format!("{}/v1/streams/{sid}", app.base))
+            .bearer_auth(&token)
+            .header("last-event-id", format!("{sid}.{number}"))
+            .send()
+            .await
+            .unwrap();
+        problem(resp, 400, "bad_request").await;
+    }
+    // The marker itself still means "told of a gap".
+    let resp = app
+        .client
+        .get(format!("{}/v1/streams/{sid}", app.base))
+        .bearer_auth(&token)
+        .header("last-event-id", format!("{sid}.gap"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+}

@@ -7,19 +7,80 @@
 //! subscriber's `Last-Event-ID` means the same position on whichever replica it reconnects to.
 //! Subscribers never read Redis per event: history comes from one `XRANGE`, live events from
 //! the local hub that this replica's tail feeds.
+//!
+//! Which channels exist, for the bounds on creating them, is one registry for the cluster
+//! ([`keys::CHANNELS_LIVE`] and its two hashes), changed only by one Lua script
+//! ([`ADMIT_LUA`]), so two replicas cannot both let a subject past its bound.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
-use redis::AsyncCommands;
+use redis::{AsyncCommands, Script};
 use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::super::channels::ChannelHub;
 use super::super::keys;
 use super::{Entries, RedisStore};
-use crate::store::StoreError;
+use crate::store::{ChannelLimits, ChannelRefused, ChannelScope, StoreError};
+
+/// Admits a channel into the registry, or renews one there. `KEYS`: [`keys::CHANNELS_LIVE`]
+/// (name → expiry, ms of Redis time), [`keys::CHANNELS_CREATOR`] (name → subject),
+/// [`keys::CHANNELS_CREATED`] (subject → count). `ARGV`: the name, the subject (empty: only
+/// renew, never create), the ttl in ms, the total bound, the per-subject bound.
+///
+/// Channels past their expiry are forgotten first (a few per call; all of them before a
+/// refusal, so that a bound counts live channels only), each giving its creator's count back.
+/// A live channel is renewed for the ttl (0). An absent one is created for the subject (1)
+/// unless the total (2) or the subject's bound (3) is reached; a renewal of an absent channel
+/// does nothing (4). The keys expire a minute after their longest-lived member could.
+const ADMIT_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function forget(name)
+  local by = redis.call('HGET', KEYS[2], name)
+  redis.call('ZREM', KEYS[1], name)
+  redis.call('HDEL', KEYS[2], name)
+  if by and redis.call('HINCRBY', KEYS[3], by, -1) <= 0 then
+    redis.call('HDEL', KEYS[3], by)
+  end
+end
+local function purge(count)
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now), 'LIMIT', 0, count)
+  for _, name in ipairs(expired) do forget(name) end
+  return #expired
+end
+local name, subject, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local function keep()
+  redis.call('ZADD', KEYS[1], string.format('%.0f', now + ttl), name)
+  for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], string.format('%.0f', ttl + 60000)) end
+end
+purge(64)
+local score = redis.call('ZSCORE', KEYS[1], name)
+if score and tonumber(score) > now then
+  keep()
+  return 0
+end
+if score then forget(name) end
+if subject == '' then return 4 end
+local function full()
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 2 end
+  if (tonumber(redis.call('HGET', KEYS[3], subject)) or 0) >= tonumber(ARGV[5]) then return 3 end
+  return 0
+end
+if full() ~= 0 then
+  while purge(256) > 0 do end
+  local refused = full()
+  if refused ~= 0 then return refused end
+end
+redis.call('HSET', KEYS[2], name, subject)
+redis.call('HINCRBY', KEYS[3], subject, 1)
+keep()
+return 1
+";
+
+static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(ADMIT_LUA));
 
 /// A channel entry's event name and data.
 ///
@@ -64,6 +125,49 @@ impl RedisStore {
         let id: String = cmd.query_async(&mut conn).await?;
         conn.expire::<_, ()>(&key, self.settings.channel_ttl_secs()).await?;
         Ok(id)
+    }
+
+    /// Lets `subject`'s request use channel `name`: renews it in the cluster's registry, or
+    /// creates it there unless a bound in `limits` is reached (then nothing is created and
+    /// the refusal says which bound).
+    pub(in crate::store) async fn channel_admit(
+        &self,
+        name: &str,
+        subject: &str,
+        limits: ChannelLimits,
+    ) -> Result<(), StoreError> {
+        let scope = match self.run_admit(name, subject, limits).await? {
+            2 => ChannelScope::Total,
+            3 => ChannelScope::Subject,
+            _ => return Ok(()),
+        };
+        let limit = match scope {
+            ChannelScope::Total => limits.max_channels,
+            ChannelScope::Subject => limits.max_per_subject,
+        };
+        Err(ChannelRefused { scope, limit, retry_after: self.settings.channel_ttl }.into())
+    }
+
+    /// Renews channel `name` in the registry if it is there (a subscriber left, or is still
+    /// there: the channel's unused time starts again); never creates it.
+    pub(in crate::store) async fn channel_touch(&self, name: &str) -> Result<(), StoreError> {
+        self.run_admit(name, "", ChannelLimits::UNBOUNDED).await.map(|_| ())
+    }
+
+    /// Runs [`ADMIT_LUA`]; its answer code.
+    async fn run_admit(&self, name: &str, subject: &str, limits: ChannelLimits) -> Result<i64, StoreError> {
+        let ttl_ms = u64::try_from(self.settings.channel_ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        Ok(ADMIT
+            .key(keys::CHANNELS_LIVE)
+            .key(keys::CHANNELS_CREATOR)
+            .key(keys::CHANNELS_CREATED)
+            .arg(name)
+            .arg(subject)
+            .arg(ttl_ms)
+            .arg(limits.max_channels as u64)
+            .arg(limits.max_per_subject as u64)
+            .invoke_async(&mut self.conn())
+            .await?)
     }
 
     /// Subscribers of a channel on all replicas (each replica keeps its own
@@ -274,9 +378,9 @@ impl ChannelTail {
     /// Runs until `stop`, reconnecting after failures.
     ///
     /// The positions live in `wanted`, not in the connection, so after a reconnect the tail
-    /// resumes where it was and nothing still held in Redis is lost. Every 30 s it renews the
-    /// subscriber counts of the channels it tails (which assumes `channel_ttl` well above 30 s,
-    /// the default is an hour).
+    /// resumes where it was and nothing still held in Redis is lost. Every 30 s (or a third of
+    /// `channel_ttl`, if shorter) it renews the subscriber counts of the channels it tails and
+    /// their entries in the channel registry: a channel with subscribers is never swept.
     pub(in crate::store) async fn run(self: Arc<Self>, stop: CancellationToken) {
         while !stop.is_cancelled() {
             let mut conn = match self.redis.dedicated().await {
@@ -289,15 +393,17 @@ impl ChannelTail {
                 }
             };
             let mut counted_refresh = Instant::now();
+            let refresh_every = (self.redis.settings.channel_ttl / 3).min(Duration::from_secs(30));
             loop {
-                // Subscriber counts live with a TTL; keep those of channels
-                // with local subscribers from expiring.
-                if counted_refresh.elapsed() >= Duration::from_secs(30) {
+                // Subscriber counts and registry entries live with a TTL; keep
+                // those of channels with local subscribers from expiring.
+                if counted_refresh.elapsed() >= refresh_every {
                     counted_refresh = Instant::now();
                     let names: Vec<String> =
                         self.wanted.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect();
                     for name in names {
                         let _ = self.redis.count_subscriber(&name, "refresh", 0).await;
+                        let _ = self.redis.channel_touch(&name).await;
                     }
                 }
                 let positions: Vec<(String, String)> = {
