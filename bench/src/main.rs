@@ -1,4 +1,4 @@
-//! tokengate's benchmark harness: one binary, five subcommands.
+//! tokengate's benchmark harness: one binary, six subcommands.
 //!
 //! - `loadgen`: the load generator (modes `stream`, `idle`, `fanout`,
 //!   `proxy`, `opens`); prints one JSON object per run on stdout and a human
@@ -7,7 +7,12 @@
 //!   (axum `Sse` + `KeepAlive`, one event per character, a tokio `interval`
 //!   for pacing, a tokio `broadcast` channel for fan-out; no auth).
 //! - `mock-upstream`: a local OpenAI-compatible chat completions server that
-//!   streams the last user message back, one character per chunk.
+//!   streams the last user message back, one character per chunk, or (with
+//!   `--mode llm`) answers like a model server: fixed-size tokens at a
+//!   fixed rate.
+//! - `naive-proxy`: the LLM-shaped scenario's baseline, the hand-written
+//!   proxy (reqwest, an SSE parser, axum `Sse`, one event per upstream
+//!   chunk; no auth, no log).
 //! - `report`: turns the collected JSON lines into BENCHMARKS.md.
 //! - `soak`: the chaos soak (two replicas, Redis, disconnects, kills, a
 //!   drain, a Redis restart); one summary line, non-zero exit on failure.
@@ -17,6 +22,7 @@
 mod client;
 mod loadgen;
 mod mock;
+mod naive_proxy;
 mod procfs;
 mod reference;
 mod report;
@@ -44,6 +50,8 @@ enum Command {
     Reference(reference::Args),
     /// Run the mock OpenAI-compatible upstream.
     MockUpstream(mock::Args),
+    /// Run the naive hand-written proxy (reqwest + SSE parser + axum Sse).
+    NaiveProxy(naive_proxy::Args),
     /// Write BENCHMARKS.md from collected results.
     Report(report::Args),
     /// Chaos soak: two replicas and Redis under disconnects, kills, a
@@ -57,6 +65,7 @@ fn main() -> ExitCode {
         Command::Loadgen(args) => loadgen::main(args),
         Command::Reference(args) => reference::main(args),
         Command::MockUpstream(args) => mock::main(args),
+        Command::NaiveProxy(args) => naive_proxy::main(args),
         Command::Report(args) => report::main(args),
         Command::Soak(args) => soak::main(args),
     };
