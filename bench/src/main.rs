@@ -1,8 +1,8 @@
-//! tokengate's benchmark harness: one binary, six subcommands.
+//! tokengate's benchmark harness: one binary, seven subcommands.
 //!
 //! - `loadgen`: the load generator (modes `stream`, `idle`, `fanout`,
-//!   `proxy`, `opens`); prints one JSON object per run on stdout and a human
-//!   summary on stderr.
+//!   `proxy`, `opens`, `llm`); prints one JSON object per run on stdout and
+//!   a human summary on stderr.
 //! - `reference`: the comparison server, written the simplest idiomatic way
 //!   (axum `Sse` + `KeepAlive`, one event per character, a tokio `interval`
 //!   for pacing, a tokio `broadcast` channel for fan-out; no auth).
@@ -14,12 +14,15 @@
 //!   proxy (reqwest, an SSE parser, axum `Sse`, one event per upstream
 //!   chunk; no auth, no log).
 //! - `report`: turns the collected JSON lines into BENCHMARKS.md.
+//! - `llm-report`: writes the LLM-shaped scenario's section of BENCHMARKS.md
+//!   (a delimited block below the notes marker, which `report` keeps).
 //! - `soak`: the chaos soak (two replicas, Redis, disconnects, kills, a
 //!   drain, a Redis restart); one summary line, non-zero exit on failure.
 //!
 //! `scripts/bench.sh` drives all of it.
 
 mod client;
+mod llm_report;
 mod loadgen;
 mod mock;
 mod naive_proxy;
@@ -54,6 +57,8 @@ enum Command {
     NaiveProxy(naive_proxy::Args),
     /// Write BENCHMARKS.md from collected results.
     Report(report::Args),
+    /// Write the LLM-shaped scenario's section of BENCHMARKS.md.
+    LlmReport(llm_report::Args),
     /// Chaos soak: two replicas and Redis under disconnects, kills, a
     /// drain and a Redis restart; every stream verified.
     Soak(soak::Args),
@@ -67,6 +72,7 @@ fn main() -> ExitCode {
         Command::MockUpstream(args) => mock::main(args),
         Command::NaiveProxy(args) => naive_proxy::main(args),
         Command::Report(args) => report::main(args),
+        Command::LlmReport(args) => llm_report::main(args),
         Command::Soak(args) => soak::main(args),
     };
     match result {
