@@ -132,7 +132,10 @@ pub fn main(args: Args) -> Result<()> {
 fn render(runs: &Runs, m: &dyn Fn(&str) -> String, dir: &std::path::Path) -> String {
     let mut s = String::new();
     let first = runs.0.first();
-    let streams = first.and_then(|r| r["streams"].as_u64()).unwrap_or(0);
+    let mut tiers: Vec<u64> = runs.0.iter().filter_map(|r| r["streams"].as_u64()).collect();
+    tiers.sort_unstable();
+    tiers.dedup();
+    let streams = tiers.iter().map(|n| format!("{n}")).collect::<Vec<_>>().join(" and then ");
     let tokens = first.and_then(|r| r["tokens_per_stream"].as_u64()).unwrap_or(0);
     let chars = first.and_then(|r| r["token_chars"].as_u64()).unwrap_or(0);
     let _ = writeln!(s, "{BEGIN}");
@@ -162,6 +165,90 @@ fn render(runs: &Runs, m: &dyn Fn(&str) -> String, dir: &std::path::Path) -> Str
     }
     let _ = writeln!(s);
 
+    for &n in &tiers {
+        let tier = Runs(runs.0.iter().filter(|r| r["streams"].as_u64() == Some(n)).cloned().collect());
+        let _ = writeln!(s, "### LLM-shaped load, {n} streams (medians)\n");
+        tier_table(&mut s, &tier);
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "How to read it. CPU is utime+stime of the server process from `/proc/<pid>/stat` (10 ms ticks) over the \
+         streaming phase, divided by the upstream tokens (= delivered characters / {chars}) or by the delivered \
+         characters. RSS per stream is the peak `VmRSS` while streaming (sampled every 100 ms) minus the `VmRSS` of \
+         the fresh server before the first connection, over the streams. **tokengate re-chunks the upstream text into \
+         grapheme clusters**: each {chars}-character token becomes {chars} `delta` events on `/v1/stream` and {chars} \
+         `chat.completion.chunk`s on `/v1/chat/completions` (`openai_chunk_graphemes` = 1), where the naive proxy \
+         sends one event per token; so its *delta event gap* p50 is ~0 (the events of a token share a read) and the \
+         comparable latency figure is the *token gap*. tokengate also holds the last cluster of every upstream chunk \
+         back until the next chunk shows it is complete (a combining mark could follow), so a token's last character \
+         reaches the client with the next token: the *token lag* (~one token interval for tokengate, 0 for the naive \
+         proxy) measures that. The streaming phase lasts {nominal} s nominally ({tokens} tokens x {token_ms} ms) plus \
+         the ramp; longer means the two cores (server, mock, load generator and whatever else runs) could not keep \
+         up, and then the gaps measure that overload more than the server, and a server that falls behind gathers \
+         several upstream chunks per read. The mock's CPU is its own process's over the same phase. The load generator is one \
+         current-thread process on the same 2 cores; `other` is the rest of the machine (other builds: noise).\n",
+        nominal = num(m("TOKEN_MS").parse::<f64>().ok().map(|ms| ms * tokens as f64 / 1000.0)),
+        token_ms = m("TOKEN_MS"),
+    );
+
+    let _ = writeln!(s, "### LLM-shaped load, every run\n");
+    let _ = writeln!(
+        s,
+        "| server | streams | run | streams ok | server CPU s | µs/token | µs/char | RSS/stream KiB | peak RSS MiB | token gap p50/p99 ms | event gap p50/p99 ms | token lag p50 ms | mock CPU s | busy % | other CPU s | errors |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let f = |r: &Value, p: &str| num(r.pointer(p).and_then(Value::as_f64));
+    for (server, title) in SERVERS {
+        let mut rows = runs.of(server);
+        rows.sort_by_key(|r| r["streams"].as_u64());
+        for r in rows {
+            let _ = writeln!(
+                s,
+                "| {title} | {} | {} | {}/{} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} | {} | {} |",
+                r["streams"],
+                r["tags"]["run"].as_str().unwrap_or("?"),
+                r["streams_ok"],
+                r["streams"],
+                f(r, "/server_cpu_s"),
+                f(r, "/server_cpu_us_per_token"),
+                f(r, "/server_cpu_us_per_char"),
+                f(r, "/server_rss_kib_per_stream"),
+                num(r.pointer("/server_rss_kib_peak").and_then(Value::as_f64).map(|k| k / 1024.0)),
+                f(r, "/token_gap_ms/p50"),
+                f(r, "/token_gap_ms/p99"),
+                f(r, "/gap_ms/p50"),
+                f(r, "/gap_ms/p99"),
+                f(r, "/token_lag_ms/p50"),
+                f(r, "/upstream_cpu_s"),
+                f(r, "/machine_busy_pct"),
+                f(r, "/other_cpu_s"),
+                r["errors"],
+            );
+        }
+    }
+    let _ = writeln!(s);
+    if let Ok(note) = fs::read_to_string(dir.join("llm-perf-note.txt")) {
+        let _ = writeln!(s, "### LLM-shaped load, tokengate profile\n\n{}\n", note.trim());
+        if let Ok(report) = fs::read_to_string(dir.join("llm-perf-report.txt")) {
+            let _ = writeln!(s, "| self % | symbol |\n|---:|---|");
+            for line in report.lines().take(30) {
+                let mut parts = line.split_whitespace();
+                let (Some(pct), rest) = (parts.next(), parts.collect::<Vec<_>>().join(" ")) else { continue };
+                let _ = writeln!(s, "| {pct} | `{}` |", rest.replace('|', "\\|").replace('`', "'"));
+            }
+            let _ = writeln!(s);
+        }
+    }
+    if let Ok(commands) = fs::read_to_string(dir.join("llm-commands.txt")) {
+        let _ = writeln!(s, "### LLM-shaped load, commands\n\n```\n{}\n```\n", commands.trim());
+    }
+    let _ = write!(s, "{END}");
+    s
+}
+
+/// The medians of one tier (one stream count), a row per metric.
+fn tier_table(s: &mut String, runs: &Runs) {
     let col = |f: &dyn Fn(&str) -> String| -> String {
         SERVERS.iter().map(|(server, _)| f(server)).collect::<Vec<_>>().join(" | ")
     };
@@ -215,6 +302,7 @@ fn render(runs: &Runs, m: &dyn Fn(&str) -> String, dir: &std::path::Path) -> Str
             "0",
             String::new(),
         ),
+        ("streaming phase, s (first request to last `done`)", col(&med("/wall_s")), "nominal + ramp", String::new()),
         ("server CPU µs per upstream token", col(&med("/server_cpu_us_per_token")), "", String::new()),
         (
             "ratio to the naive proxy",
@@ -264,71 +352,4 @@ fn render(runs: &Runs, m: &dyn Fn(&str) -> String, dir: &std::path::Path) -> Str
     for (metric, values, target, result) in rows {
         let _ = writeln!(s, "| {metric} | {values} | {target} | {result} |");
     }
-    let _ = writeln!(s);
-    let _ = writeln!(
-        s,
-        "How to read it. CPU is utime+stime of the server process from `/proc/<pid>/stat` (10 ms ticks) over the \
-         streaming phase, divided by the upstream tokens (= delivered characters / {chars}) or by the delivered \
-         characters. RSS per stream is the peak `VmRSS` while streaming (sampled every 100 ms) minus the `VmRSS` of \
-         the fresh server before the first connection, over the streams. **tokengate re-chunks the upstream text into \
-         grapheme clusters**: each {chars}-character token becomes {chars} `delta` events on `/v1/stream` and {chars} \
-         `chat.completion.chunk`s on `/v1/chat/completions` (`openai_chunk_graphemes` = 1), where the naive proxy \
-         sends one event per token; so its *delta event gap* p50 is ~0 (the events of a token share a read) and the \
-         comparable latency figure is the *token gap*. tokengate also holds the last cluster of every upstream chunk \
-         back until the next chunk shows it is complete (a combining mark could follow), so a token's last character \
-         reaches the client with the next token: the *token lag* (~one token interval for tokengate, 0 for the naive \
-         proxy) measures that. The mock's CPU is its own process's over the same phase. The load generator is one \
-         current-thread process on the same 2 cores; `other` is the rest of the machine (other builds: noise).\n"
-    );
-
-    let _ = writeln!(s, "### LLM-shaped load, every run\n");
-    let _ = writeln!(
-        s,
-        "| server | run | streams ok | server CPU s | µs/token | µs/char | RSS/stream KiB | peak RSS MiB | token gap p50/p99 ms | event gap p50/p99 ms | token lag p50 ms | mock CPU s | busy % | other CPU s | errors |"
-    );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
-    let f = |r: &Value, p: &str| num(r.pointer(p).and_then(Value::as_f64));
-    for (server, title) in SERVERS {
-        for r in runs.of(server) {
-            let _ = writeln!(
-                s,
-                "| {title} | {} | {}/{} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} | {} | {} |",
-                r["tags"]["run"].as_str().unwrap_or("?"),
-                r["streams_ok"],
-                r["streams"],
-                f(r, "/server_cpu_s"),
-                f(r, "/server_cpu_us_per_token"),
-                f(r, "/server_cpu_us_per_char"),
-                f(r, "/server_rss_kib_per_stream"),
-                num(r.pointer("/server_rss_kib_peak").and_then(Value::as_f64).map(|k| k / 1024.0)),
-                f(r, "/token_gap_ms/p50"),
-                f(r, "/token_gap_ms/p99"),
-                f(r, "/gap_ms/p50"),
-                f(r, "/gap_ms/p99"),
-                f(r, "/token_lag_ms/p50"),
-                f(r, "/upstream_cpu_s"),
-                f(r, "/machine_busy_pct"),
-                f(r, "/other_cpu_s"),
-                r["errors"],
-            );
-        }
-    }
-    let _ = writeln!(s);
-    if let Ok(note) = fs::read_to_string(dir.join("llm-perf-note.txt")) {
-        let _ = writeln!(s, "### LLM-shaped load, tokengate profile\n\n{}\n", note.trim());
-        if let Ok(report) = fs::read_to_string(dir.join("llm-perf-report.txt")) {
-            let _ = writeln!(s, "| self % | symbol |\n|---:|---|");
-            for line in report.lines().take(30) {
-                let mut parts = line.split_whitespace();
-                let (Some(pct), rest) = (parts.next(), parts.collect::<Vec<_>>().join(" ")) else { continue };
-                let _ = writeln!(s, "| {pct} | `{}` |", rest.replace('|', "\\|").replace('`', "'"));
-            }
-            let _ = writeln!(s);
-        }
-    }
-    if let Ok(commands) = fs::read_to_string(dir.join("llm-commands.txt")) {
-        let _ = writeln!(s, "### LLM-shaped load, commands\n\n```\n{}\n```\n", commands.trim());
-    }
-    let _ = write!(s, "{END}");
-    s
 }
