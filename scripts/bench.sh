@@ -3,16 +3,23 @@
 # axum SSE server) on the scenarios of BENCHMARKS.md, alternating the two
 # servers on each scenario (BENCH_RUNS times each, medians reported), then
 # profiles scenario 6 once and counts system calls once, and writes the
-# results into BENCHMARKS.md.
+# results into BENCHMARKS.md. Scenario `llm` (LLM-shaped load) alternates
+# three servers instead: tokengate's `/v1/stream` and `/v1/chat/completions`
+# routes and the naive proxy, all fed by the mock upstream in `llm` mode; it
+# writes its own delimited section of BENCHMARKS.md (`tokengate-bench
+# llm-report`), which the main report keeps.
 #
 # Everything runs on this machine over loopback (127.0.0.1) with bounded
 # durations; each run starts a fresh server and kills it afterwards. About
-# 10 minutes on 2 cores after the release build.
+# 12 minutes on 2 cores after the release build (the `llm` scenario alone:
+# about 2).
 #
 # Environment (all optional):
 #   BENCH_RUNS=3        runs per server and scenario
 #   BENCH_OUT=target/bench   where raw JSON, logs and profiles go
-#   BENCH_SCENARIOS="1 2 3 4 5 6 strace"   which parts to run
+#   BENCH_SCENARIOS="1 2 3 4 5 6 strace llm"   which parts to run
+#   BENCH_LLM_STREAMS="500 1000"   concurrent streams in scenario `llm`, one
+#                       tier after the other ("100" with BENCH_QUICK=1)
 #   BENCH_QUICK=1       a smoke test at a fraction of the scale (figures not
 #                       comparable with the targets; BENCHMARKS.md says so)
 #   BENCH_NO_REPORT=1   do not rewrite BENCHMARKS.md
@@ -26,7 +33,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 OUT=${BENCH_OUT:-target/bench}
 RUNS=${BENCH_RUNS:-3}
-SCENARIOS=${BENCH_SCENARIOS:-"1 2 3 4 5 6 strace"}
+SCENARIOS=${BENCH_SCENARIOS:-"1 2 3 4 5 6 strace llm"}
 QUICK=${BENCH_QUICK:-0}
 BASELINE=${BENCH_BASELINE:-}
 if [[ -n $BASELINE ]]; then
@@ -42,7 +49,9 @@ TG_PORT=18080
 TG_PROXY_PORT=18081
 REF_PORT=18090
 CEIL_PORT=18091
+NAIVE_PORT=18092
 MOCK_PORT=18099
+LLM_MOCK_PORT=18098
 
 # Scale. The full numbers are the issue's; BENCH_QUICK scales them down.
 if [[ $QUICK == 1 ]]; then
@@ -54,6 +63,7 @@ if [[ $QUICK == 1 ]]; then
   S5_TTFD_STREAMS=50 S5_CONNS=10 S5_CHARS=500 S5_SPC=1
   S6_RATE=2000 S6_SECS=2 S6_SUBJECTS=200 S6_CONNS=100
   CG_RATE=100 CG_SECS=5
+  LLM_STREAMS=${BENCH_LLM_STREAMS:-100} LLM_TOKENS=40
 else
   S1_CONNS=1000 S1_CHARS=2000
   # 600 characters at 5 ms: 3 s of pacing per run, 600,000 gaps per run.
@@ -68,21 +78,28 @@ else
   S5_TTFD_STREAMS=200 S5_CONNS=50 S5_CHARS=2000 S5_SPC=4
   S6_RATE=10000 S6_SECS=3 S6_SUBJECTS=1000 S6_CONNS=500
   CG_RATE=300 CG_SECS=10
+  # 200 tokens of 4 characters at 25 ms: 5 s per run. 1,000 streams are
+  # 40,000 upstream tokens/s, about what 2 cores can carry with the server,
+  # the mock and the load generator on them (saturated, gaps stretch);
+  # 500 streams first show the same server not falling behind.
+  LLM_STREAMS=${BENCH_LLM_STREAMS:-"500 1000"} LLM_TOKENS=200
 fi
+LLM_TOKEN_MS=25 LLM_TOKEN_CHARS=4
 
 mkdir -p "$OUT/logs"
 RESULTS=$OUT/results.jsonl
 : >"$RESULTS"
 : >"$OUT/commands.txt"
 : >"$OUT/logs/loadgen.log"
-rm -f "$OUT"/callgrind* "$OUT"/perf* "$OUT"/strace* "$OUT"/profile-note.txt
+rm -f "$OUT"/callgrind* "$OUT"/perf* "$OUT"/strace* "$OUT"/profile-note.txt "$OUT"/llm-*
 
 # A fresh HS256 secret (38 bytes) for this run; both sides get it from the
 # environment so it never appears in a command line or in BENCHMARKS.md.
 SECRET="bench-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 export TOKENGATE_JWT_SECRET=$SECRET BENCH_JWT_SECRET=$SECRET
 
-log_cmd() { printf '%s\n' "$*" >>"$OUT/commands.txt"; }
+# Scenario `llm` logs its commands apart (its own section lists them).
+log_cmd() { printf '%s\n' "$*" >>"${CMDS_FILE:-$OUT/commands.txt}"; }
 note() { printf '\n== %s\n' "$*" >&2; }
 
 echo "== building (release)" >&2
@@ -140,6 +157,13 @@ start_ceiling() { # log-name
   $BENCH ceiling --listen "$HOST:$CEIL_PORT" >"$OUT/logs/$1.log" 2>&1 &
   SRV_PID=$!
   wait_ready "$CEIL_PORT" "$SRV_PID"
+}
+
+start_naive() { # log-name
+  [[ ${LOG_CMDS:-0} == 1 ]] && log_cmd "$BENCH naive-proxy --listen $HOST:$NAIVE_PORT --upstream http://$HOST:$LLM_MOCK_PORT/v1 --model gpt-4o-mini &"
+  $BENCH naive-proxy --listen "$HOST:$NAIVE_PORT" --upstream "http://$HOST:$LLM_MOCK_PORT/v1" --model gpt-4o-mini >"$OUT/logs/$1.log" 2>&1 &
+  SRV_PID=$!
+  wait_ready "$NAIVE_PORT" "$SRV_PID"
 }
 
 stop_server() {
@@ -226,6 +250,17 @@ run_one() { # scenario server run
   s6/reference)
     start_reference "s6-reference-$run"
     loadgen s6 reference "$run" opens "${REFA[@]}" --rate $S6_RATE --duration-secs $S6_SECS --subjects $S6_SUBJECTS --conns $S6_CONNS ;;
+  llm/tokengate-stream | llm/tokengate-chat)
+    start_tokengate $TG_PROXY_PORT "llm-$server-$run" "${TG_NO_RATE[@]}" \
+      --upstream-url "http://$HOST:$LLM_MOCK_PORT/v1" --upstream-model gpt-4o-mini
+    local route=native
+    [[ $server == tokengate-chat ]] && route=chat
+    # The upstream is the generator `openai` (`--upstream-url`): named in
+    # `generator=` on /v1/stream and as the `model` on /v1/chat/completions.
+    loadgen llm "$server" "$run" llm --addr "$HOST:$TG_PROXY_PORT" --target tokengate --route $route --generator openai "${LLM_ARGS[@]}" ;;
+  llm/naive)
+    start_naive "llm-naive-$run"
+    loadgen llm naive "$run" llm --addr "$HOST:$NAIVE_PORT" --target reference --route native "${LLM_ARGS[@]}" ;;
   esac
   stop_server
 }
@@ -247,26 +282,28 @@ alternate() { # scenario first second
   LOG_CMDS=0
 }
 
-# Three servers in turn, rotating who goes first.
-alternate3() { # scenario a b c
-  local s=$1 run
-  local order=("$2" "$3" "$4")
+# Three servers, each first, second and third in turn.
+rotate3() { # scenario a b c
+  local s=$1 run i
+  local servers=("$2" "$3" "$4")
   for run in $(seq 1 "$RUNS"); do
-    if [[ $run == 1 ]]; then LOG_CMDS=1; else LOG_CMDS=0; fi
-    local k=$(((run - 1) % 3))
-    run_one "$s" "${order[$k]}" "$run"
-    run_one "$s" "${order[$(((k + 1) % 3))]}" "$run"
-    run_one "$s" "${order[$(((k + 2) % 3))]}" "$run"
+    for i in 0 1 2; do
+      if [[ $run == 1 ]]; then LOG_CMDS=1; else LOG_CMDS=0; fi
+      run_one "$s" "${servers[$(((run - 1 + i) % 3))]}" "$run"
+    done
   done
   LOG_CMDS=0
 }
 
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
+MAIN_RAN=0
+LLM_RAN=0
 # Who tokengate is compared with in scenarios 1, 1b and 2.
 OTHER=reference
 [[ -n $BASELINE ]] && OTHER=baseline
 
 for s in $SCENARIOS; do
+  [[ $s == llm ]] || MAIN_RAN=1
   case $s in
   1)
     note "scenario 1: unpaced throughput"; log_cmd "# scenario 1"; alternate s1 tokengate $OTHER
@@ -277,7 +314,7 @@ for s in $SCENARIOS; do
   2)
     note "scenario 2: paced"; log_cmd "# scenario 2"; alternate s2 tokengate $OTHER
     note "scenario 2h: paced, 500 streams, with the one-write-per-character ceiling"; log_cmd "# scenario 2h"
-    if [[ -n $BASELINE ]]; then alternate3 s2h tokengate baseline ceiling; else alternate3 s2h tokengate reference ceiling; fi ;;
+    if [[ -n $BASELINE ]]; then rotate3 s2h tokengate baseline ceiling; else rotate3 s2h tokengate reference ceiling; fi ;;
   3) note "scenario 3: idle"; log_cmd "# scenario 3"; alternate s3 tokengate reference ;;
   4) note "scenario 4: fan-out"; log_cmd "# scenario 4"; alternate s4 tokengate reference ;;
   5)
@@ -385,6 +422,70 @@ EOF
       done
       echo "Counted with \`strace -c -f -p PID\` attached to the server while 200 streams of 300 characters at 5 ms ran (a scaled-down scenario 2). strace slows every system call down, so the server batches differently than untraced; the counts per character are indicative." >"$OUT/strace-note.txt"
     fi ;;
+  llm)
+    note "scenario llm: LLM-shaped load ($LLM_STREAMS streams; $LLM_TOKENS tokens of $LLM_TOKEN_CHARS chars every $LLM_TOKEN_MS ms)"
+    LLM_START=$(date +%s) LLM_LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
+    CMDS_FILE=$OUT/llm-commands.txt
+    : >"$CMDS_FILE"
+    log_cmd "# the mock upstream stays up for all runs"
+    log_cmd "$BENCH mock-upstream --mode llm --listen $HOST:$LLM_MOCK_PORT --token-ms $LLM_TOKEN_MS --tokens $LLM_TOKENS --token-chars $LLM_TOKEN_CHARS --threads 1 &"
+    # One worker thread: the mock's job is to be cheap, and the servers
+    # need the cores.
+    $BENCH mock-upstream --mode llm --listen "$HOST:$LLM_MOCK_PORT" --token-ms $LLM_TOKEN_MS --tokens $LLM_TOKENS \
+      --token-chars $LLM_TOKEN_CHARS --threads 1 >"$OUT/logs/llm-mock.log" 2>&1 &
+    MOCK_PID=$!
+    wait_ready $LLM_MOCK_PORT $MOCK_PID
+    log_cmd "# the servers alternate, each run a fresh one; \$MOCK is the mock's PID, \$PID the server's"
+    for n in $LLM_STREAMS; do
+      LLM_ARGS=(--streams "$n" --tokens "$LLM_TOKENS" --token-chars "$LLM_TOKEN_CHARS" --upstream-pid "$MOCK_PID" --max-secs 90)
+      log_cmd "# $n streams"
+      rotate3 llm tokengate-stream tokengate-chat naive
+    done
+
+    # Profile (once): tokengate's /v1/stream route under the last tier's
+    # load, sampled by perf (software clock, no call graphs: self time).
+    if perf record -e cpu-clock -o /dev/null true >/dev/null 2>&1; then
+      note "scenario llm: perf profile of tokengate /v1/stream"
+      LOG_CMDS=1
+      log_cmd "# profile, once"
+      start_tokengate $TG_PROXY_PORT "llm-perf" "${TG_NO_RATE[@]}" --upstream-url "http://$HOST:$LLM_MOCK_PORT/v1" --upstream-model gpt-4o-mini
+      PERF_SECS=$((LLM_TOKENS * LLM_TOKEN_MS / 1000 + 2))
+      log_cmd "perf record -e cpu-clock -F 999 -p \$PID -o $OUT/llm-perf.data -- sleep $PERF_SECS &"
+      perf record -e cpu-clock -F 999 -p "$SRV_PID" -o "$OUT/llm-perf.data" -- sleep $PERF_SECS >/dev/null 2>&1 &
+      PERF_PID=$!
+      sleep 0.3
+      loadgen llmperf tokengate-stream 1 llm --addr "$HOST:$TG_PROXY_PORT" --target tokengate --route native --generator openai "${LLM_ARGS[@]}"
+      wait "$PERF_PID" 2>/dev/null || true
+      LOG_CMDS=0
+      stop_server
+      perf report -i "$OUT/llm-perf.data" --stdio --no-children --sort sym 2>/dev/null | grep -E '^ +[0-9.]+%' >"$OUT/llm-perf-report.txt" || true
+      perf report -i "$OUT/llm-perf.data" --stdio --no-children --sort dso 2>/dev/null | grep -E '^ +[0-9.]+%' >"$OUT/llm-perf-dso.txt" || true
+      {
+        echo "tokengate's \`/v1/stream\` route under the scenario's load (${LLM_ARGS[1]} streams), once, under \`perf record -e cpu-clock -F 999 -p PID\` for the whole run (software clock sampling; no call graphs, so these are self times; kernel time, mostly the loopback TCP stack, is included as its own lines). By binary:"
+        echo
+        sed -E 's/^ +([0-9.]+%) +(.*)$/- \2: \1/' "$OUT/llm-perf-dso.txt" | head -6
+        echo
+        echo "Top symbols:"
+      } >"$OUT/llm-perf-note.txt"
+    fi
+    kill -KILL "$MOCK_PID" 2>/dev/null || true
+    wait "$MOCK_PID" 2>/dev/null || true
+    sed -i "s/--upstream-pid $MOCK_PID /--upstream-pid \$MOCK /" "$CMDS_FILE"
+    MOCK_PID=
+    unset CMDS_FILE
+    LLM_RAN=1
+    LLM_ELAPSED=$(($(date +%s) - LLM_START))
+    cat >"$OUT/llm-meta.txt" <<EOF
+DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([[ -n $(git status --porcelain -- src Cargo.toml Cargo.lock bench 2>/dev/null) ]] && echo " (with uncommitted changes)")
+LOADAVG=$LLM_LOADAVG
+NOFILE=$(ulimit -Sn)/$(ulimit -Hn) (the load generator, the mock and the naive proxy raise the soft limit to the hard one)
+ELAPSED=$((LLM_ELAPSED / 60)) min $((LLM_ELAPSED % 60)) s
+RUNS=$RUNS
+TOKEN_MS=$LLM_TOKEN_MS
+SCALE=$([[ $QUICK == 1 ]] && echo "**BENCH_QUICK=1 smoke run ($LLM_STREAMS streams of $LLM_TOKENS tokens): not comparable with the target.**" || echo "${LLM_STREAMS// / and then } streams of $LLM_TOKENS tokens (full scale: the issue's 1,000; 2,000 would fit the fd limit, but 1,000 already saturate the 2 cores)")
+EOF
+    ;;
   esac
 done
 
@@ -444,7 +545,15 @@ for s in sorted({r["tags"]["scenario"] for r in rows if "tags" in r}):
         print(f"{s:5} {label:20} this build {t}  baseline {b}  ratio {ratio}{ceiling}  (n = {n})")
 PY
 elif [[ ${BENCH_NO_REPORT:-0} != 1 ]]; then
-  log_cmd "$BENCH report --results $RESULTS --dir $OUT --out BENCHMARKS.md"
-  $BENCH report --results "$RESULTS" --dir "$OUT" --out "$ROOT/BENCHMARKS.md"
+  # The main report only when one of its scenarios ran (it rewrites every
+  # table above its notes marker); the llm section is its own.
+  if [[ $MAIN_RAN == 1 ]]; then
+    log_cmd "$BENCH report --results $RESULTS --dir $OUT --out BENCHMARKS.md"
+    $BENCH report --results "$RESULTS" --dir "$OUT" --out "$ROOT/BENCHMARKS.md"
+  fi
+  if [[ $LLM_RAN == 1 ]]; then
+    printf '%s\n' "$BENCH llm-report --results $RESULTS --dir $OUT --out BENCHMARKS.md" >>"$OUT/llm-commands.txt"
+    $BENCH llm-report --results "$RESULTS" --dir "$OUT" --out "$ROOT/BENCHMARKS.md"
+  fi
 fi
 echo "done in $((ELAPSED / 60)) min $((ELAPSED % 60)) s; raw results in $RESULTS" >&2

@@ -1,14 +1,21 @@
-//! tokengate's benchmark harness: one binary, five subcommands.
+//! tokengate's benchmark harness: one binary, seven subcommands.
 //!
 //! - `loadgen`: the load generator (modes `stream`, `idle`, `fanout`,
-//!   `proxy`, `opens`); prints one JSON object per run on stdout and a human
-//!   summary on stderr.
+//!   `proxy`, `opens`, `llm`); prints one JSON object per run on stdout and
+//!   a human summary on stderr.
 //! - `reference`: the comparison server, written the simplest idiomatic way
 //!   (axum `Sse` + `KeepAlive`, one event per character, a tokio `interval`
 //!   for pacing, a tokio `broadcast` channel for fan-out; no auth).
 //! - `mock-upstream`: a local OpenAI-compatible chat completions server that
-//!   streams the last user message back, one character per chunk.
+//!   streams the last user message back, one character per chunk, or (with
+//!   `--mode llm`) answers like a model server: fixed-size tokens at a
+//!   fixed rate.
+//! - `naive-proxy`: the LLM-shaped scenario's baseline, the hand-written
+//!   proxy (reqwest, an SSE parser, axum `Sse`, one event per upstream
+//!   chunk; no auth, no log).
 //! - `report`: turns the collected JSON lines into BENCHMARKS.md.
+//! - `llm-report`: writes the LLM-shaped scenario's section of BENCHMARKS.md
+//!   (a delimited block below the notes marker, which `report` keeps).
 //! - `soak`: the chaos soak (two replicas, Redis, disconnects, kills, a
 //!   drain, a Redis restart); one summary line, non-zero exit on failure.
 //!
@@ -16,8 +23,10 @@
 
 mod ceiling;
 mod client;
+mod llm_report;
 mod loadgen;
 mod mock;
+mod naive_proxy;
 mod procfs;
 mod reference;
 mod report;
@@ -47,8 +56,12 @@ enum Command {
     Ceiling(ceiling::Args),
     /// Run the mock OpenAI-compatible upstream.
     MockUpstream(mock::Args),
+    /// Run the naive hand-written proxy (reqwest + SSE parser + axum Sse).
+    NaiveProxy(naive_proxy::Args),
     /// Write BENCHMARKS.md from collected results.
     Report(report::Args),
+    /// Write the LLM-shaped scenario's section of BENCHMARKS.md.
+    LlmReport(llm_report::Args),
     /// Chaos soak: two replicas and Redis under disconnects, kills, a
     /// drain and a Redis restart; every stream verified.
     Soak(soak::Args),
@@ -61,7 +74,9 @@ fn main() -> ExitCode {
         Command::Reference(args) => reference::main(args),
         Command::Ceiling(args) => ceiling::main(args),
         Command::MockUpstream(args) => mock::main(args),
+        Command::NaiveProxy(args) => naive_proxy::main(args),
         Command::Report(args) => report::main(args),
+        Command::LlmReport(args) => llm_report::main(args),
         Command::Soak(args) => soak::main(args),
     };
     match result {

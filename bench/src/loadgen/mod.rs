@@ -4,6 +4,7 @@
 
 mod fanout;
 mod idle;
+mod llm;
 mod opens;
 mod stream;
 
@@ -39,6 +40,9 @@ enum Mode {
     Fanout(fanout::FanoutArgs),
     /// Many short streams per second across many subjects (open-loop).
     Opens(opens::OpensArgs),
+    /// LLM-shaped load: N streams of paced upstream tokens through
+    /// tokengate or the naive proxy; CPU per token, RSS per stream.
+    Llm(llm::LlmArgs),
 }
 
 /// Options every mode shares.
@@ -109,6 +113,7 @@ pub fn main(args: Args) -> Result<()> {
         Mode::Idle(a) => a.common.clone(),
         Mode::Fanout(a) => a.common.clone(),
         Mode::Opens(a) => a.common.clone(),
+        Mode::Llm(a) => a.common.clone(),
     };
     let runtime = if common.threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
@@ -122,6 +127,7 @@ pub fn main(args: Args) -> Result<()> {
             Mode::Idle(a) => idle::run(a, soft).await,
             Mode::Fanout(a) => fanout::run(a).await,
             Mode::Opens(a) => opens::run(a).await,
+            Mode::Llm(a) => llm::run(a).await,
         }
     })?;
     if let Value::Object(map) = &mut report {
