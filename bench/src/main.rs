@@ -1,14 +1,16 @@
-//! tokengate's benchmark harness: one binary, five subcommands.
+//! tokengate's benchmark harness: one binary, six subcommands.
 //!
 //! - `loadgen`: the load generator (modes `stream`, `idle`, `fanout`,
-//!   `proxy`, `opens`); prints one JSON object per run on stdout and a human
-//!   summary on stderr.
+//!   `proxy`, `opens`, and the abuse modes `loris`, `slowbody`, `stalled`);
+//!   prints one JSON object per run on stdout and a human summary on stderr.
 //! - `reference`: the comparison server, written the simplest idiomatic way
 //!   (axum `Sse` + `KeepAlive`, one event per character, a tokio `interval`
 //!   for pacing, a tokio `broadcast` channel for fan-out; no auth).
 //! - `mock-upstream`: a local OpenAI-compatible chat completions server that
 //!   streams the last user message back, one character per chunk.
 //! - `report`: turns the collected JSON lines into BENCHMARKS.md.
+//! - `abuse-report`: writes the abuse scenarios' section of BENCHMARKS.md
+//!   (below the notes marker, one block per scenario).
 //! - `soak`: the chaos soak (two replicas, Redis, disconnects, kills, a
 //!   drain, a Redis restart); one summary line, non-zero exit on failure.
 //!
@@ -46,6 +48,8 @@ enum Command {
     MockUpstream(mock::Args),
     /// Write BENCHMARKS.md from collected results.
     Report(report::Args),
+    /// Write the abuse scenarios' blocks of BENCHMARKS.md.
+    AbuseReport(loadgen::abuse::report::Args),
     /// Chaos soak: two replicas and Redis under disconnects, kills, a
     /// drain and a Redis restart; every stream verified.
     Soak(soak::Args),
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Reference(args) => reference::main(args),
         Command::MockUpstream(args) => mock::main(args),
         Command::Report(args) => report::main(args),
+        Command::AbuseReport(args) => loadgen::abuse::report::main(args),
         Command::Soak(args) => soak::main(args),
     };
     match result {
