@@ -12,17 +12,23 @@
 # Everything runs on this machine over loopback (127.0.0.1) with bounded
 # durations; each run starts a fresh server and kills it afterwards. About
 # 12 minutes on 2 cores after the release build (the `llm` scenario alone:
-# about 2).
+# about 2), plus about 3 for the abuse scenarios (issue 16: loris, slowbody,
+# subs, stalled; one run each), whose figures go to their own section below
+# the notes marker of BENCHMARKS.md (one block per scenario, so each can be
+# rerun alone).
 #
 # Environment (all optional):
 #   BENCH_RUNS=3        runs per server and scenario
 #   BENCH_OUT=target/bench   where raw JSON, logs and profiles go
-#   BENCH_SCENARIOS="1 2 3 4 5 6 strace llm"   which parts to run
+#   BENCH_SCENARIOS="1 2 3 4 5 6 strace llm loris slowbody subs stalled"
+#                       which parts to run; a run of only llm and abuse
+#                       scenarios rewrites only their sections of BENCHMARKS.md
 #   BENCH_LLM_STREAMS="500 1000"   concurrent streams in scenario `llm`, one
 #                       tier after the other ("100" with BENCH_QUICK=1)
 #   BENCH_QUICK=1       a smoke test at a fraction of the scale (figures not
 #                       comparable with the targets; BENCHMARKS.md says so)
 #   BENCH_NO_REPORT=1   do not rewrite BENCHMARKS.md
+#   BENCH_PORT_OFFSET=0 added to every port the servers listen on
 #   BENCH_BASELINE=path another tokengate binary (e.g. one built from an
 #                       earlier commit): scenarios 1, 1b and 2 then alternate
 #                       tokengate with it instead of the reference, print a
@@ -33,7 +39,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 OUT=${BENCH_OUT:-target/bench}
 RUNS=${BENCH_RUNS:-3}
-SCENARIOS=${BENCH_SCENARIOS:-"1 2 3 4 5 6 strace llm"}
+SCENARIOS=${BENCH_SCENARIOS:-"1 2 3 4 5 6 strace llm loris slowbody subs stalled"}
 QUICK=${BENCH_QUICK:-0}
 BASELINE=${BENCH_BASELINE:-}
 if [[ -n $BASELINE ]]; then
@@ -45,13 +51,16 @@ START=$(date +%s)
 TG=target/release/tokengate
 BENCH=target/release/tokengate-bench
 HOST=127.0.0.1
-TG_PORT=18080
-TG_PROXY_PORT=18081
-REF_PORT=18090
-CEIL_PORT=18091
-NAIVE_PORT=18092
-MOCK_PORT=18099
-LLM_MOCK_PORT=18098
+# BENCH_PORT_OFFSET moves every port (another checkout benchmarking on
+# this machine at the same time would otherwise answer our health checks).
+PORT_OFFSET=${BENCH_PORT_OFFSET:-0}
+TG_PORT=$((18080 + PORT_OFFSET))
+TG_PROXY_PORT=$((18081 + PORT_OFFSET))
+REF_PORT=$((18090 + PORT_OFFSET))
+MOCK_PORT=$((18099 + PORT_OFFSET))
+CEIL_PORT=$((18091 + PORT_OFFSET))
+NAIVE_PORT=$((18092 + PORT_OFFSET))
+LLM_MOCK_PORT=$((18098 + PORT_OFFSET))
 
 # Scale. The full numbers are the issue's; BENCH_QUICK scales them down.
 if [[ $QUICK == 1 ]]; then
@@ -64,6 +73,10 @@ if [[ $QUICK == 1 ]]; then
   S6_RATE=2000 S6_SECS=2 S6_SUBJECTS=200 S6_CONNS=100
   CG_RATE=100 CG_SECS=5
   LLM_STREAMS=${BENCH_LLM_STREAMS:-100} LLM_TOKENS=40
+  LORIS_CONNS=2000 LORIS_HT=4 LORIS_BASELINE=3 LORIS_AFTER=2 LORIS_RATE=20
+  SB_OBSERVE=15 SB_PER_CASE=1
+  SUBS_CONNS=1000 SUBS_HOLD=6
+  ST_STREAMS=5 ST_SETTLE=2 ST_AFTER_LAG=0
 else
   S1_CONNS=1000 S1_CHARS=2000
   # 600 characters at 5 ms: 3 s of pacing per run, 600,000 gaps per run.
@@ -83,6 +96,16 @@ else
   # the mock and the load generator on them (saturated, gaps stretch);
   # 500 streams first show the same server not falling behind.
   LLM_STREAMS=${BENCH_LLM_STREAMS:-"500 1000"} LLM_TOKENS=200
+  # Abuse scenarios. Loris: 0 = the fd limit (raised to the hard limit)
+  # minus 200 for the normal client and the runtime; the server's
+  # header_timeout at its default, 10 s, passed explicitly.
+  LORIS_CONNS=0 LORIS_HT=10 LORIS_BASELINE=8 LORIS_AFTER=4 LORIS_RATE=40
+  SB_OBSERVE=40 SB_PER_CASE=3
+  # 0 = the fd limit minus 1,000, as in scenario 3.
+  SUBS_CONNS=0 SUBS_HOLD=11
+  # Measured 4 s after the last stream opened; with --max-lag 10s, again
+  # 7 s later, past the slow-consumer cut.
+  ST_STREAMS=20 ST_SETTLE=4 ST_AFTER_LAG=7
 fi
 LLM_TOKEN_MS=25 LLM_TOKEN_CHARS=4
 
@@ -100,6 +123,11 @@ export TOKENGATE_JWT_SECRET=$SECRET BENCH_JWT_SECRET=$SECRET
 
 # Scenario `llm` logs its commands apart (its own section lists them).
 log_cmd() { printf '%s\n' "$*" >>"${CMDS_FILE:-$OUT/commands.txt}"; }
+# The abuse scenarios keep their own results, commands and run line per
+# scenario in $ABUSE (for `tokengate-bench abuse-report`).
+ABUSE=$OUT/abuse
+mkdir -p "$ABUSE"
+ABUSE_RAN=()
 note() { printf '\n== %s\n' "$*" >&2; }
 
 echo "== building (release)" >&2
@@ -116,10 +144,27 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Running and not a zombie (an exited child stays one until waited for,
+# and `kill -0` succeeds on it).
+alive() { # pid
+  local state
+  state=$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null) || return 1
+  [[ -n $state && $state != Z ]]
+}
+
 wait_ready() { # port pid
   local i
   for i in $(seq 1 100); do
-    if curl -sf -o /dev/null --max-time 1 "http://$HOST:$1/healthz"; then return 0; fi
+    if curl -sf -o /dev/null --max-time 1 "http://$HOST:$1/healthz"; then
+      # The answer must come from our server, not from another process
+      # that already had the port (ours then exits at once: address in use).
+      sleep 0.2
+      if ! alive "$2"; then
+        echo "server on port $1 exited; is the port taken? (BENCH_PORT_OFFSET moves all ports; see $OUT/logs)" >&2
+        return 1
+      fi
+      return 0
+    fi
     if ! kill -0 "$2" 2>/dev/null; then echo "server on port $1 died; see $OUT/logs" >&2; return 1; fi
     sleep 0.1
   done
@@ -295,6 +340,45 @@ rotate3() { # scenario a b c
   LOG_CMDS=0
 }
 
+# Starts an abuse scenario: clears its files, writes its run line.
+abuse_begin() { # scenario "server flags beyond TG_BASE" "what"
+  local s=$1 commit
+  : >"$ABUSE/$s.jsonl"
+  : >"$ABUSE/$s.cmds"
+  commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  if [[ -n $(git status --porcelain -- src Cargo.toml Cargo.lock bench 2>/dev/null) ]]; then commit="$commit (with uncommitted changes)"; fi
+  {
+    echo "DATE=$(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "COMMIT=$commit"
+    echo "LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)"
+    if [[ $QUICK == 1 ]]; then
+      echo "SCALE=**BENCH_QUICK=1 smoke run at a fraction of the scale: not the issue's figures**"
+    else
+      echo "SCALE=full scale"
+    fi
+    if [[ -n $2 ]]; then echo "SERVER=$2"; fi
+    if [[ -n ${3:-} ]]; then echo "WHAT=$3"; fi
+  } >"$ABUSE/$s.meta"
+  ABUSE_RAN+=("$s")
+}
+
+abuse_tokengate() { # scenario log-name [extra flags...]
+  local s=$1 name=$2
+  shift 2
+  printf '%s\n' "$TG --listen $HOST:$TG_PORT ${TG_BASE[*]} $* &   # TOKENGATE_JWT_SECRET in the environment" >>"$ABUSE/$s.cmds"
+  $TG --listen "$HOST:$TG_PORT" "${TG_BASE[@]}" "$@" >"$OUT/logs/$name.log" 2>&1 &
+  SRV_PID=$!
+  wait_ready "$TG_PORT" "$SRV_PID"
+}
+
+abuse_loadgen() { # scenario server mode [args...]
+  local s=$1 server=$2
+  shift 2
+  printf '%s\n' "$BENCH loadgen $* --server-pid \$PID --tag scenario=$s --tag server=$server" >>"$ABUSE/$s.cmds"
+  $BENCH loadgen "$@" --server-pid "$SRV_PID" --tag "scenario=$s" --tag "server=$server" \
+    >>"$ABUSE/$s.jsonl" 2> >(tee -a "$OUT/logs/loadgen.log" >&2) || echo "loadgen $s/$server failed" >&2
+}
+
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
 MAIN_RAN=0
 LLM_RAN=0
@@ -303,7 +387,7 @@ OTHER=reference
 [[ -n $BASELINE ]] && OTHER=baseline
 
 for s in $SCENARIOS; do
-  [[ $s == llm ]] || MAIN_RAN=1
+  case $s in llm | loris | slowbody | subs | stalled) ;; *) MAIN_RAN=1 ;; esac
   case $s in
   1)
     note "scenario 1: unpaced throughput"; log_cmd "# scenario 1"; alternate s1 tokengate $OTHER
@@ -486,6 +570,49 @@ TOKEN_MS=$LLM_TOKEN_MS
 SCALE=$([[ $QUICK == 1 ]] && echo "**BENCH_QUICK=1 smoke run ($LLM_STREAMS streams of $LLM_TOKENS tokens): not comparable with the target.**" || echo "${LLM_STREAMS// / and then } streams of $LLM_TOKENS tokens (full scale: the issue's 1,000; 2,000 would fit the fd limit, but 1,000 already saturate the 2 cores)")
 EOF
     ;;
+  loris)
+    note "abuse: slow loris (connections that never send a request head)"
+    abuse_begin loris "--header-timeout ${LORIS_HT}s ${TG_NO_RATE[*]}"
+    abuse_tokengate loris loris-tokengate "${TG_NO_RATE[@]}" --header-timeout "${LORIS_HT}s"
+    abuse_loadgen loris tokengate loris --addr "$HOST:$TG_PORT" --target tokengate --loris $LORIS_CONNS \
+      --header-timeout-secs $LORIS_HT --rate $LORIS_RATE --baseline-secs $LORIS_BASELINE --after-secs $LORIS_AFTER \
+      --connect-concurrency 256
+    stop_server ;;
+  slowbody)
+    note "abuse: request heads and bodies one byte at a time"
+    abuse_begin slowbody "${TG_NO_RATE[*]} (header_timeout at its default, 10 s)"
+    abuse_tokengate slowbody slowbody-tokengate "${TG_NO_RATE[@]}"
+    abuse_loadgen slowbody tokengate slowbody --addr "$HOST:$TG_PORT" --target tokengate \
+      --observe-secs $SB_OBSERVE --per-case $SB_PER_CASE --interval-ms 500 --header-timeout-secs 10
+    stop_server ;;
+  subs)
+    note "abuse: idle channel subscribers"
+    abuse_begin subs "${TG_NO_RATE[*]}" "Heartbeats every 5 s on both servers; the reference gets the same requests (it ignores the tokens)."
+    abuse_tokengate subs subs-tokengate "${TG_NO_RATE[@]}"
+    abuse_loadgen subs tokengate idle --addr "$HOST:$TG_PORT" --target tokengate --kind channel \
+      --conns $SUBS_CONNS --hold-secs $SUBS_HOLD --heartbeat-secs 5
+    stop_server
+    printf '%s\n' "$BENCH reference --listen $HOST:$REF_PORT --heartbeat-secs 5 &" >>"$ABUSE/subs.cmds"
+    start_reference subs-reference
+    abuse_loadgen subs reference idle --addr "$HOST:$REF_PORT" --target reference --kind channel \
+      --conns $SUBS_CONNS --hold-secs $SUBS_HOLD --heartbeat-secs 5
+    stop_server ;;
+  stalled)
+    note "abuse: stalled readers of large echo prompts"
+    # Bodies up to 2 MB (a 1,000,000-character prompt is a 1,000,044-byte
+    # body); a 10 s max_lag so the slow-consumer cut is seen in the run.
+    ST_FLAGS=("${TG_NO_RATE[@]}" --max-body-bytes 2000000 --max-lag 10s)
+    abuse_begin stalled "${ST_FLAGS[*]}" "The last column's server also has \`--stream-max-events 1000\` (default 20,000 events kept per stream for resume)."
+    for chars in 10000 100000 1000000; do
+      abuse_tokengate stalled "stalled-$chars" "${ST_FLAGS[@]}"
+      abuse_loadgen stalled tokengate stalled --addr "$HOST:$TG_PORT" --target tokengate --streams $ST_STREAMS \
+        --chars $chars --settle-secs $ST_SETTLE --after-lag-secs $ST_AFTER_LAG
+      stop_server
+    done
+    abuse_tokengate stalled "stalled-1000000-log1000" "${ST_FLAGS[@]}" --stream-max-events 1000
+    abuse_loadgen stalled tokengate stalled --addr "$HOST:$TG_PORT" --target tokengate --streams $ST_STREAMS \
+      --chars 1000000 --settle-secs $ST_SETTLE --after-lag-secs $ST_AFTER_LAG --tag variant=stream_max_events=1000
+    stop_server ;;
   esac
 done
 
@@ -546,7 +673,7 @@ for s in sorted({r["tags"]["scenario"] for r in rows if "tags" in r}):
 PY
 elif [[ ${BENCH_NO_REPORT:-0} != 1 ]]; then
   # The main report only when one of its scenarios ran (it rewrites every
-  # table above its notes marker); the llm section is its own.
+  # table above its notes marker); the llm and abuse sections are their own.
   if [[ $MAIN_RAN == 1 ]]; then
     log_cmd "$BENCH report --results $RESULTS --dir $OUT --out BENCHMARKS.md"
     $BENCH report --results "$RESULTS" --dir "$OUT" --out "$ROOT/BENCHMARKS.md"
@@ -554,6 +681,11 @@ elif [[ ${BENCH_NO_REPORT:-0} != 1 ]]; then
   if [[ $LLM_RAN == 1 ]]; then
     printf '%s\n' "$BENCH llm-report --results $RESULTS --dir $OUT --out BENCHMARKS.md" >>"$OUT/llm-commands.txt"
     $BENCH llm-report --results "$RESULTS" --dir "$OUT" --out "$ROOT/BENCHMARKS.md"
+  fi
+  # Then the abuse scenarios' blocks, below the notes marker (which the
+  # main report keeps).
+  if ((${#ABUSE_RAN[@]})); then
+    $BENCH abuse-report --dir "$ABUSE" --out "$ROOT/BENCHMARKS.md" --scenarios "${ABUSE_RAN[@]}"
   fi
 fi
 echo "done in $((ELAPSED / 60)) min $((ELAPSED % 60)) s; raw results in $RESULTS" >&2

@@ -1,11 +1,14 @@
-//! tokengate's benchmark harness: one binary, seven subcommands.
+//! tokengate's benchmark harness: one binary, nine subcommands.
 //!
 //! - `loadgen`: the load generator (modes `stream`, `idle`, `fanout`,
-//!   `proxy`, `opens`, `llm`); prints one JSON object per run on stdout and
-//!   a human summary on stderr.
+//!   `proxy`, `opens`, `llm`, and the abuse modes `loris`, `slowbody`,
+//!   `stalled`); prints one JSON object per run on stdout and a human
+//!   summary on stderr.
 //! - `reference`: the comparison server, written the simplest idiomatic way
 //!   (axum `Sse` + `KeepAlive`, one event per character, a tokio `interval`
 //!   for pacing, a tokio `broadcast` channel for fan-out; no auth).
+//! - `ceiling`: the paced floor, one task, one timer and one write per
+//!   character, no HTTP framing (scenario 2h).
 //! - `mock-upstream`: a local OpenAI-compatible chat completions server that
 //!   streams the last user message back, one character per chunk, or (with
 //!   `--mode llm`) answers like a model server: fixed-size tokens at a
@@ -16,6 +19,8 @@
 //! - `report`: turns the collected JSON lines into BENCHMARKS.md.
 //! - `llm-report`: writes the LLM-shaped scenario's section of BENCHMARKS.md
 //!   (a delimited block below the notes marker, which `report` keeps).
+//! - `abuse-report`: writes the abuse scenarios' section of BENCHMARKS.md
+//!   (below the notes marker, one block per scenario).
 //! - `soak`: the chaos soak (two replicas, Redis, disconnects, kills, a
 //!   drain, a Redis restart); one summary line, non-zero exit on failure.
 //!
@@ -62,6 +67,8 @@ enum Command {
     Report(report::Args),
     /// Write the LLM-shaped scenario's section of BENCHMARKS.md.
     LlmReport(llm_report::Args),
+    /// Write the abuse scenarios' blocks of BENCHMARKS.md.
+    AbuseReport(loadgen::abuse::report::Args),
     /// Chaos soak: two replicas and Redis under disconnects, kills, a
     /// drain and a Redis restart; every stream verified.
     Soak(soak::Args),
@@ -77,6 +84,7 @@ fn main() -> ExitCode {
         Command::NaiveProxy(args) => naive_proxy::main(args),
         Command::Report(args) => report::main(args),
         Command::LlmReport(args) => llm_report::main(args),
+        Command::AbuseReport(args) => loadgen::abuse::report::main(args),
         Command::Soak(args) => soak::main(args),
     };
     match result {

@@ -2,6 +2,7 @@
 //! run's figures, plus the `--tag key=value` pairs it was given) and a short
 //! human summary on stderr.
 
+pub mod abuse;
 mod fanout;
 mod idle;
 mod llm;
@@ -43,6 +44,13 @@ enum Mode {
     /// LLM-shaped load: N streams of paced upstream tokens through
     /// tokengate or the naive proxy; CPU per token, RSS per stream.
     Llm(llm::LlmArgs),
+    /// Slow loris: thousands of connections that never send a request
+    /// head, while a normal client keeps opening streams.
+    Loris(abuse::loris::LorisArgs),
+    /// Request heads and bodies sent one byte at a time, or stalled.
+    Slowbody(abuse::slowbody::SlowBodyArgs),
+    /// Streams of a large echo prompt whose client never reads.
+    Stalled(abuse::stalled::StalledArgs),
 }
 
 /// Options every mode shares.
@@ -114,6 +122,9 @@ pub fn main(args: Args) -> Result<()> {
         Mode::Fanout(a) => a.common.clone(),
         Mode::Opens(a) => a.common.clone(),
         Mode::Llm(a) => a.common.clone(),
+        Mode::Loris(a) => a.common.clone(),
+        Mode::Slowbody(a) => a.common.clone(),
+        Mode::Stalled(a) => a.common.clone(),
     };
     let runtime = if common.threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
@@ -128,6 +139,9 @@ pub fn main(args: Args) -> Result<()> {
             Mode::Fanout(a) => fanout::run(a).await,
             Mode::Opens(a) => opens::run(a).await,
             Mode::Llm(a) => llm::run(a).await,
+            Mode::Loris(a) => abuse::loris::run(a, soft).await,
+            Mode::Slowbody(a) => abuse::slowbody::run(a).await,
+            Mode::Stalled(a) => abuse::stalled::run(a).await,
         }
     })?;
     if let Value::Object(map) = &mut report {
