@@ -175,13 +175,14 @@ impl Drop for Subscriber {
 }
 
 impl Channels {
-    /// Whether `subject` may create one more channel under `limits`.
+    /// Whether `subject` may create one more channel under `limits`. The subject's own bound is
+    /// checked first, so that one subject's excess never looks like the server being full.
     fn admits(&self, subject: &str, limits: ChannelLimits) -> Result<(), ChannelScope> {
-        if self.counted >= limits.max_channels {
-            return Err(ChannelScope::Total);
-        }
         if self.created.get(subject).copied().unwrap_or(0) >= limits.max_per_subject {
             return Err(ChannelScope::Subject);
+        }
+        if self.counted >= limits.max_channels {
+            return Err(ChannelScope::Total);
         }
         Ok(())
     }
@@ -453,6 +454,8 @@ mod tests {
         assert_eq!(publish(&hub, "a2", Some("bob")), Ok(1));
         assert_eq!(publish(&hub, "b1", Some("bob")), Ok(1));
         assert_eq!(publish(&hub, "c1", Some("carol")), Err(ChannelScope::Total));
+        // Both reached: the subject's own bound is the answer.
+        assert_eq!(publish(&hub, "a4", Some("alice")), Err(ChannelScope::Subject));
         assert_eq!(publish(&hub, "a1", Some("carol")), Ok(3));
         // The server's own publishers are not counted, nor refused.
         assert_eq!(publish(&hub, "demo.clock", None), Ok(1));

@@ -58,6 +58,8 @@ async fn channel_creation_is_bounded_per_subject_and_in_total_and_existing_chann
     // Three in all: nobody creates a fourth.
     too_many_channels(publish_as(&app, "carol", "c1", json!(1)).await, 503).await;
     too_many_channels(subscribe_as(&app, "carol", "c1").await, 503).await;
+    // Alice is at her own bound too: that is her answer, not the server's.
+    too_many_channels(publish_as(&app, "alice", "a4", json!(1)).await, 429).await;
     let resp = subscribe_as(&app, "carol", "a1").await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.bytes_stream();
@@ -70,7 +72,7 @@ async fn channel_creation_is_bounded_per_subject_and_in_total_and_existing_chann
         read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "message"))
             .await;
     assert_eq!(messages(&got).last().unwrap().1, json!("still works"));
-    assert_eq!(app.metric("tokengate_refusals_total{reason=\"too_many_channels\"}").await, 4.0);
+    assert_eq!(app.metric("tokengate_refusals_total{reason=\"too_many_channels\"}").await, 5.0);
     drop(held);
 }
 

@@ -33,8 +33,8 @@ use crate::store::{ChannelLimits, ChannelRefused, ChannelScope, StoreError};
 /// Channels past their expiry are forgotten first (a few per call; all of them before a
 /// refusal, so that a bound counts live channels only), each giving its creator's count back.
 /// A live channel is renewed for the ttl (0). An absent one is created for the subject (1)
-/// unless the total (2) or the subject's bound (3) is reached; a renewal of an absent channel
-/// does nothing (4). The keys expire a minute after their longest-lived member could.
+/// unless the subject's bound (3) or the total (2) is reached, checked in that order as in
+/// memory; a renewal of an absent channel does nothing (4). The keys expire a minute after their longest-lived member could.
 const ADMIT_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -65,8 +65,8 @@ end
 if score then forget(name) end
 if subject == '' then return 4 end
 local function full()
-  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 2 end
   if (tonumber(redis.call('HGET', KEYS[3], subject)) or 0) >= tonumber(ARGV[5]) then return 3 end
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 2 end
   return 0
 end
 if full() ~= 0 then
