@@ -561,7 +561,7 @@ EOF
     LLM_ELAPSED=$(($(date +%s) - LLM_START))
     cat >"$OUT/llm-meta.txt" <<EOF
 DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
-COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([[ -n $(git status --porcelain -- src Cargo.toml Cargo.lock bench 2>/dev/null) ]] && echo " (with uncommitted changes)")
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([[ -n $(git status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]] && echo " (with uncommitted changes in src/ or Cargo.*)")$([[ -n $(git status --porcelain -- bench scripts 2>/dev/null) ]] && echo " (with uncommitted changes in bench/ or scripts/)")
 LOADAVG=$LLM_LOADAVG
 NOFILE=$(ulimit -Sn)/$(ulimit -Hn) (the load generator, the mock and the naive proxy raise the soft limit to the hard one)
 ELAPSED=$((LLM_ELAPSED / 60)) min $((LLM_ELAPSED % 60)) s

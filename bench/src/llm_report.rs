@@ -169,6 +169,7 @@ fn render(runs: &Runs, m: &dyn Fn(&str) -> String, dir: &std::path::Path) -> Str
         let tier = Runs(runs.0.iter().filter(|r| r["streams"].as_u64() == Some(n)).cloned().collect());
         let _ = writeln!(s, "### LLM-shaped load, {n} streams (medians)\n");
         tier_table(&mut s, &tier);
+        let _ = writeln!(s);
     }
     let _ = writeln!(s);
     let _ = writeln!(
@@ -315,6 +316,22 @@ fn tier_table(s: &mut String, runs: &Runs) {
             verdict,
         ),
         ("server CPU µs per delivered character", col(&med("/server_cpu_us_per_char")), "", String::new()),
+        (
+            "of the server's CPU, in the kernel (system time), %",
+            col(&|server| {
+                let sys = runs.median(server, "/server_work/sys_s");
+                let user = runs.median(server, "/server_work/user_s");
+                num(sys.zip(user).filter(|(s, u)| s + u > 0.0).map(|(s, u)| 100.0 * s / (s + u)))
+            }),
+            "",
+            String::new(),
+        ),
+        (
+            "server write calls per upstream token (`syscw`: write, writev)",
+            col(&med("/server_work/write_calls_per_token")),
+            "",
+            String::new(),
+        ),
         (
             "server RSS per stream, KiB (peak - fresh server)",
             col(&med("/server_rss_kib_per_stream")),

@@ -119,6 +119,46 @@ fn prompt(i: usize) -> String {
     format!("Stream {i} of the LLM-shaped benchmark: say something.")
 }
 
+/// What a process did, from /proc: user and system CPU seconds, and its
+/// read and write system calls (`syscr`/`syscw` of /proc/<pid>/io: read,
+/// readv, write, writev; tokio reads sockets with `recv`, which `syscr`
+/// does not count, while hyper writes with `writev`, which `syscw` does).
+#[derive(Debug, Clone, Copy)]
+struct Work {
+    user_s: f64,
+    sys_s: f64,
+    reads: u64,
+    writes: u64,
+}
+
+impl Work {
+    fn take(pid: Option<u32>) -> Option<Self> {
+        let pid = pid?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+        let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).map(|t| t / procfs::CLK_TCK);
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+        let field =
+            |name: &str| io.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<u64>().ok());
+        Some(Self { user_s: tick(11)?, sys_s: tick(12)?, reads: field("syscr:")?, writes: field("syscw:")? })
+    }
+
+    /// The difference `after - before`, as JSON, with the system calls per
+    /// upstream token.
+    fn delta(before: Option<Self>, after: Option<Self>, tokens: u64) -> Value {
+        let (Some(a), Some(b)) = (before, after) else { return Value::Null };
+        let per_token = |n: u64| (tokens > 0).then(|| round3(n as f64 / tokens as f64));
+        json!({
+            "user_s": round3(b.user_s - a.user_s),
+            "sys_s": round3(b.sys_s - a.sys_s),
+            "read_calls": b.reads - a.reads,
+            "write_calls": b.writes - a.writes,
+            "read_calls_per_token": per_token(b.reads - a.reads),
+            "write_calls_per_token": per_token(b.writes - a.writes),
+        })
+    }
+}
+
 fn cpu_delta(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     Some(round3(b? - a?))
 }
@@ -164,6 +204,7 @@ pub async fn run(a: LlmArgs) -> Result<Value> {
 
     // Phase 2: all streams at once.
     let before = Snapshot::take(c.server_pid);
+    let work_before = Work::take(c.server_pid);
     let upstream_before = a.upstream_pid.and_then(procfs::cpu_seconds);
     let (stop_sampler, sampler) = rss_sampler(c.server_pid, Duration::from_millis(100));
     let t0 = Instant::now();
@@ -198,6 +239,7 @@ pub async fn run(a: LlmArgs) -> Result<Value> {
     }
     let end = totals.finished.unwrap_or_else(Instant::now);
     let after = Snapshot::take(c.server_pid);
+    let work_after = Work::take(c.server_pid);
     let upstream_after = a.upstream_pid.and_then(procfs::cpu_seconds);
     let _ = stop_sampler.send(true);
     let peak = sampler.await.ok().flatten();
@@ -247,6 +289,7 @@ pub async fn run(a: LlmArgs) -> Result<Value> {
         "server_cpu_s": server_cpu,
         "server_cpu_us_per_token": per(server_cpu, up_tokens),
         "server_cpu_us_per_char": per(server_cpu, totals.chars),
+        "server_work": Work::delta(work_before, work_after, up_tokens),
         "server_rss_kib_baseline": rss_baseline,
         "server_rss_kib_connected": rss_connected,
         "server_rss_kib_peak": peak,
