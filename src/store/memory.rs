@@ -5,7 +5,6 @@
 //! facts (backpressure, detach grace, slow consumers) is the lifecycle's
 //! business, in [`crate::stream`].
 
-use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -70,10 +69,6 @@ impl LogState {
 /// One attached reader, as the log sees it.
 #[derive(Debug)]
 struct ReaderSlot {
-    /// The stream's first reader (the one [`super::Store::create`] attaches),
-    /// which may drive the producer on its own task (see
-    /// [`first_reader_polls_next`]).
-    first: bool,
     position: AtomicU64,
     /// Registered while the reader waits for the next append. A waker per
     /// reader (not one `Notify` for all) makes the per-event wake lock-free.
@@ -122,25 +117,6 @@ pub struct Attachment {
     pub detached_since: Option<Instant>,
     /// The hold of the latest reader seen on another replica.
     pub remote_until: Option<Instant>,
-}
-
-thread_local! {
-    /// Set while a stream's producer is polled on its first reader's own
-    /// task, just before that reader is polled (see
-    /// [`first_reader_polls_next`]).
-    static FIRST_READER_POLLS_NEXT: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `f` (a poll of a stream's producer on the task of the stream's first
-/// reader, which is polled right after it) telling [`LiveStream::wake_readers`]
-/// not to wake that reader: it will look at the log anyway, and a wake-up of
-/// the task that is running would only poll its whole connection once more
-/// per event.
-pub fn first_reader_polls_next<R>(f: impl FnOnce() -> R) -> R {
-    FIRST_READER_POLLS_NEXT.with(|flag| flag.set(true));
-    let result = f();
-    FIRST_READER_POLLS_NEXT.with(|flag| flag.set(false));
-    result
 }
 
 fn lock(m: &Mutex<LogState>) -> MutexGuard<'_, LogState> {
@@ -228,15 +204,10 @@ impl LiveStream {
         }
     }
 
-    /// Wakes readers waiting for events appended since they last looked
-    /// (except the first reader while [`first_reader_polls_next`] says it
-    /// will look anyway).
+    /// Wakes readers waiting for events appended since they last looked.
     pub fn wake_readers(&self) {
-        let skip_first = FIRST_READER_POLLS_NEXT.with(Cell::get);
         for reader in &lock(&self.state).readers {
-            if !(skip_first && reader.first) {
-                reader.waker.wake();
-            }
+            reader.waker.wake();
         }
     }
 
@@ -349,16 +320,7 @@ impl LiveStream {
     /// Attaches a reader that needs events from `from` on. Attach before the
     /// producer starts, so a new stream never looks abandoned.
     pub fn attach(self: &Arc<Self>, from: u64) -> Reader {
-        self.attach_as(from, false)
-    }
-
-    /// [`Self::attach`] of the stream's first reader.
-    pub(super) fn attach_first(self: &Arc<Self>) -> Reader {
-        self.attach_as(0, true)
-    }
-
-    fn attach_as(self: &Arc<Self>, from: u64, first: bool) -> Reader {
-        let slot = Arc::new(ReaderSlot { first, position: AtomicU64::new(from), waker: AtomicWaker::new() });
+        let slot = Arc::new(ReaderSlot { position: AtomicU64::new(from), waker: AtomicWaker::new() });
         {
             let mut state = lock(&self.state);
             state.readers.push(slot.clone());

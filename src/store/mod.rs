@@ -51,7 +51,7 @@ use crate::event::StreamId;
 
 pub use channels::{ChannelEvent, ChannelItem};
 pub use cursor::{Cursor, Read};
-pub use memory::{Attachment, Flow, LiveStream, Reader, first_reader_polls_next};
+pub use memory::{Attachment, Flow, LiveStream, Reader};
 pub use quotas::QuotaCounter;
 pub use remote::RemoteCursor;
 pub use shared_limits::{LimitStore, RateKey};
@@ -271,7 +271,7 @@ impl Store {
             .shared
             .as_ref()
             .map(|s| Replicator::start(s.redis.clone(), log.clone(), self.0.settings.stream_max_events));
-        let reader = log.attach_first();
+        let reader = log.attach(0);
         Ok((StreamWriter::new(log, replicator), Cursor::Local(reader)))
     }
 

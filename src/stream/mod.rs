@@ -17,7 +17,6 @@ mod channel;
 mod engine;
 mod flow;
 mod graphemes;
-mod inline;
 mod produce;
 mod reader;
 mod service;

@@ -18,7 +18,6 @@ use tokio::time::Instant;
 
 use super::OnlyWhenWoken;
 use super::flow::{Wait, abandoned, has_room, wait_for_room};
-use super::inline::Producer;
 use crate::event::{ErrorCode, Outcome, StreamEvent};
 use crate::limits::{SlotPermit, StreamSlots};
 use crate::metrics::Metrics;
@@ -113,37 +112,24 @@ impl Stop {
     }
 }
 
-/// Spawns the producer of a stream on a task of its own (the tests' way:
-/// the service runs it inline, [`start`]).
-#[cfg(test)]
+/// Spawns the producer of a stream. Attach the first reader before calling
+/// ([`crate::store::Store::create`] does).
+///
+/// The task is detached: nothing joins it, and it ends by itself (the engine's end or a
+/// `Stop`). The open-streams gauge is set here because the caller has just taken the
+/// slot; the task sets it again once it frees it.
 pub(super) fn spawn(
     engine: impl Stream<Item = StreamEvent> + Send + 'static,
     writer: StreamWriter,
     ctx: RunContext,
     settings: RunSettings,
 ) {
-    tokio::spawn(start(engine, writer, ctx, settings));
-}
-
-/// The producer of a stream, to be run inline by its first reader or
-/// spawned (see [`super::inline`]). Attach the first reader before it runs
-/// ([`crate::store::Store::create`] does).
-///
-/// Nothing joins it: it ends by itself (the engine's end or a `Stop`). The
-/// open-streams gauge is set here because the caller has just taken the
-/// slot; the producer sets it again once it frees it.
-pub(super) fn start(
-    engine: impl Stream<Item = StreamEvent> + Send + 'static,
-    writer: StreamWriter,
-    ctx: RunContext,
-    settings: RunSettings,
-) -> Producer {
     ctx.metrics.set_open_streams(ctx.slots.open());
     // The end-of-stream line is logged in the request's span (it carries
     // the request id); entering the span on every poll would cost on the
     // hot path, so it is entered once, at the end.
     let span = tracing::Span::current();
-    Box::pin(produce(engine, writer, ctx, settings, span))
+    tokio::spawn(produce(engine, writer, ctx, settings, span));
 }
 
 /// The producer task: produce until the engine ends or something stops

@@ -10,8 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
 
-use super::inline::Supervisor;
-use super::produce::{RunContext, RunSettings, start};
+use super::produce::{RunContext, RunSettings, spawn};
 use super::reader::{FollowSettings, follow};
 use super::{EngineSettings, events};
 use crate::auth::Principal;
@@ -128,7 +127,7 @@ pub struct ServiceSettings {
 
 /// Opens, resumes and cancels streams. Cheap to clone.
 #[derive(Clone)]
-pub struct StreamService(Arc<ServiceParts>, Arc<Supervisor>);
+pub struct StreamService(Arc<ServiceParts>);
 
 /// What the stream service works with.
 pub struct ServiceParts {
@@ -152,7 +151,7 @@ pub struct ServiceParts {
 impl StreamService {
     /// A service over these parts.
     pub fn new(parts: ServiceParts) -> Self {
-        Self(Arc::new(parts), Supervisor::new())
+        Self(Arc::new(parts))
     }
 
     /// The usage quotas (for `GET /v1/usage`).
@@ -221,10 +220,9 @@ impl StreamService {
             detach_grace: request.detach_grace.unwrap_or(inner.settings.detach_grace),
             batch_ready,
         };
-        let producer = start(engine, writer, ctx, run);
+        spawn(engine, writer, ctx, run);
         inner.metrics.stream_opened(request.protocol);
-        // The producer runs on this reader's connection while it reads.
-        let events = self.1.drive(producer, Box::pin(follow(cursor, self.follow_settings_for(caller))));
+        let events = Box::pin(follow(cursor, self.follow_settings_for(caller)));
         Ok(Opened { stream_id, generator: name, events })
     }
 

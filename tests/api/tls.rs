@@ -471,16 +471,7 @@ async fn a_hundred_stalled_streams_on_one_connection_stay_bounded() {
     assert!(pulls < 100 * 3000, "{pulls} chunks");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(app.firehose_pulls.load(Ordering::SeqCst), pulls, "nothing pulled after the end");
-    // Each stream ends as a slow consumer (its window full for max_lag), or,
-    // on a machine too busy to fill all 100 windows within 2 x max_lag, with
-    // the connection: the write-stall guard drops it, and every stream on it
-    // is then abandoned (`client_gone`). Either way all 100 ended and freed
-    // what they held; which one wins is a race against the CPU.
-    let slow = app.metric("tokengate_streams_total{outcome=\"slow_consumer\"}").await;
-    let gone = app.metric("tokengate_streams_total{outcome=\"client_gone\"}").await;
-    eprintln!("100 stalled h2 streams ended: {slow} slow_consumer, {gone} client_gone");
-    assert_eq!(slow + gone, 100.0, "every stalled stream ended as one of the two");
-    assert_eq!(app.metric("tokengate_refusals_total{reason=\"slow_consumer\"}").await, slow);
+    assert_eq!(app.metric("tokengate_refusals_total{reason=\"slow_consumer\"}").await, 100.0);
     drop(stalled);
 }
 
