@@ -28,6 +28,7 @@
 #   BENCH_QUICK=1       a smoke test at a fraction of the scale (figures not
 #                       comparable with the targets; BENCHMARKS.md says so)
 #   BENCH_NO_REPORT=1   do not rewrite BENCHMARKS.md
+#   BENCH_NO_BUILD=1    measure target/release as it is (no cargo build)
 #   BENCH_PORT_OFFSET=0 added to every port the servers listen on
 #   BENCH_BASELINE=path another tokengate binary (e.g. one built from an
 #                       earlier commit): scenarios 1, 1b and 2 then alternate
@@ -130,11 +131,18 @@ mkdir -p "$ABUSE"
 ABUSE_RAN=()
 note() { printf '\n== %s\n' "$*" >&2; }
 
-echo "== building (release)" >&2
-log_cmd "cargo build --release -p tokengate"
-cargo build --release -p tokengate
-log_cmd "cargo build --release -p tokengate-bench"
-cargo build --release -p tokengate-bench
+if [[ ${BENCH_NO_BUILD:-0} == 1 ]]; then
+  # Measure the binaries already in target/release (e.g. one built earlier
+  # and kept, while the sources moved on).
+  echo "== BENCH_NO_BUILD=1: using target/release as it is" >&2
+  log_cmd "# BENCH_NO_BUILD=1: target/release/tokengate and tokengate-bench as built before"
+else
+  echo "== building (release)" >&2
+  log_cmd "cargo build --release -p tokengate"
+  cargo build --release -p tokengate
+  log_cmd "cargo build --release -p tokengate-bench"
+  cargo build --release -p tokengate-bench
+fi
 
 SRV_PID=
 MOCK_PID=
