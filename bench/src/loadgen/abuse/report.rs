@@ -366,13 +366,8 @@ fn slowbody(rows: &[Value]) -> String {
             continue;
         }
         let range = |v: &Value| {
-            if v["min"].is_null() {
-                "-".to_owned()
-            } else if v["min"] == v["max"] {
-                num(&v["min"])
-            } else {
-                format!("{}-{}", num(&v["min"]), num(&v["max"]))
-            }
+            let (min, max) = (num(&v["min"]), num(&v["max"]));
+            if min == max { min } else { format!("{min}-{max}") }
         };
         let _ = writeln!(
             out,
