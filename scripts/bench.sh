@@ -74,7 +74,7 @@ if [[ $QUICK == 1 ]]; then
   S6_RATE=2000 S6_SECS=2 S6_SUBJECTS=200 S6_CONNS=100
   CG_RATE=100 CG_SECS=5
   LLM_STREAMS=${BENCH_LLM_STREAMS:-100} LLM_TOKENS=40
-  LORIS_CONNS=2000 LORIS_HT=4 LORIS_BASELINE=3 LORIS_AFTER=2 LORIS_RATE=20
+  LORIS_CONNS=2000 LORIS_HT=4 LORIS_BASELINE=3 LORIS_AFTER=2 LORIS_RATE=20 LORIS_WAVES=2
   SB_OBSERVE=15 SB_PER_CASE=1
   SUBS_CONNS=1000 SUBS_HOLD=6
   ST_STREAMS=5 ST_SETTLE=2 ST_AFTER_LAG=0
@@ -99,11 +99,14 @@ else
   LLM_STREAMS=${BENCH_LLM_STREAMS:-"500 1000"} LLM_TOKENS=200
   # Abuse scenarios. Loris: 0 = the fd limit (raised to the hard limit)
   # minus 200 for the normal client and the runtime; the server's
-  # header_timeout at its default, 10 s, passed explicitly.
-  LORIS_CONNS=0 LORIS_HT=10 LORIS_BASELINE=8 LORIS_AFTER=4 LORIS_RATE=40
-  SB_OBSERVE=40 SB_PER_CASE=3
-  # 0 = the fd limit minus 1,000, as in scenario 3.
-  SUBS_CONNS=0 SUBS_HOLD=11
+  # header_timeout at its default, 10 s, passed explicitly; two waves on one
+  # server (does the second reuse the first one's memory?).
+  LORIS_CONNS=0 LORIS_HT=10 LORIS_BASELINE=8 LORIS_AFTER=4 LORIS_RATE=40 LORIS_WAVES=2
+  # Slow bodies watched 30 s, three times the header timeout.
+  SB_OBSERVE=30 SB_PER_CASE=3
+  # 10,000 subscribers (the fd limit's 19,000 take half a minute to connect
+  # per server on this machine; scenario 3 has the fd-limit figure for streams).
+  SUBS_CONNS=10000 SUBS_HOLD=11
   # Measured 4 s after the last stream opened; with --max-lag 10s, again
   # 7 s later, past the slow-consumer cut.
   ST_STREAMS=20 ST_SETTLE=4 ST_AFTER_LAG=7
@@ -584,7 +587,7 @@ EOF
     abuse_tokengate loris loris-tokengate "${TG_NO_RATE[@]}" --header-timeout "${LORIS_HT}s"
     abuse_loadgen loris tokengate loris --addr "$HOST:$TG_PORT" --target tokengate --loris $LORIS_CONNS \
       --header-timeout-secs $LORIS_HT --rate $LORIS_RATE --baseline-secs $LORIS_BASELINE --after-secs $LORIS_AFTER \
-      --connect-concurrency 256
+      --waves $LORIS_WAVES --connect-concurrency 256
     stop_server ;;
   slowbody)
     note "abuse: request heads and bodies one byte at a time"

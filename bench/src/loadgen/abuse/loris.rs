@@ -2,13 +2,14 @@
 //! steady rate, each on a fresh connection (so accepting is part of what it
 //! measures), from its own thread and runtime (so the flood's bookkeeping
 //! does not delay its clock). After a baseline phase, `--loris` TCP
-//! connections are opened that never send a byte; the server's header
-//! timeout should close each of them, and the normal client should not
-//! notice. Reported: how many the server closed and after how long (from
-//! the client's connect), any still open past the timeout plus slack, the
-//! normal client's time to first byte and first delta per phase (baseline,
-//! flood and its parts, after), its errors, and the server's RSS, CPU and
-//! file descriptors.
+//! connections are opened that never send a byte (`--waves` times, one
+//! after the other); the server's header timeout should close each of
+//! them, and the normal client should not notice. Reported per wave: how
+//! many the server closed and after how long (from the client's `connect`
+//! call), any closed before the timeout or still open past it plus slack,
+//! the most open at once, the normal client's time to first byte and first
+//! delta per phase (baseline, each flood, after each), its errors, and the
+//! server's RSS, CPU and file descriptors.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -59,9 +60,13 @@ pub struct LorisArgs {
     /// Normal client alone before the flood, in seconds.
     #[arg(long, default_value_t = 8.0)]
     pub baseline_secs: f64,
-    /// Normal client alone after the last loris connection closed.
+    /// Normal client alone after each wave's last loris connection closed.
     #[arg(long, default_value_t = 4.0)]
     pub after_secs: f64,
+    /// Floods one after the other on the same server: RSS that a second
+    /// wave reuses is the allocator keeping memory, not a leak.
+    #[arg(long, default_value_t = 1)]
+    pub waves: usize,
     /// Characters per normal stream.
     #[arg(long, default_value_t = 16)]
     pub chars: usize,
@@ -106,9 +111,12 @@ enum End {
 struct Loris {
     /// Connect error, if the connection was never made.
     failed: Option<String>,
-    /// Connected at, seconds after t0.
-    connected_s: f64,
-    /// Seconds from connected to the end below.
+    /// When `connect` was called, seconds after t0.
+    called_s: f64,
+    /// Seconds from the call until connected.
+    connect_s: f64,
+    /// Seconds from the call to the end below: at least the header timeout
+    /// if the server's timer (which starts once it has accepted) is right.
     lasted_s: f64,
     end: End,
     /// First bytes the server sent, if any (a 408 would show here).
@@ -130,7 +138,6 @@ pub async fn run(a: LorisArgs, soft_limit: u64) -> Result<Value> {
     let c = &a.common;
     let n = if a.loris == 0 { (soft_limit as usize).saturating_sub(a.reserve) } else { a.loris };
     let tokens = c.tokens(a.subjects.max(1))?;
-    let metrics_before = scrape(c.addr).await;
 
     let t0 = Instant::now();
     let trace = RssTrace::start(c.server_pid, t0, Duration::from_millis(100));
@@ -148,11 +155,130 @@ pub async fn run(a: LorisArgs, soft_limit: u64) -> Result<Value> {
     let normal = std::thread::spawn(move || normal_client(normal, t0, stop_rx));
 
     tokio::time::sleep(Duration::from_secs_f64(a.baseline_secs)).await;
+    let mut waves = Vec::new();
+    for w in 0..a.waves.max(1) {
+        let wave = flood(&a, n, t0, w + 1).await;
+        // The normal client alone again before the next wave, or the end.
+        let until = t0 + Duration::from_secs_f64(wave.end + a.after_secs);
+        tokio::time::sleep_until(until.into()).await;
+        waves.push(wave);
+    }
+    let _ = stop_tx.send(true);
+    let opens = match tokio::task::spawn_blocking(move || normal.join()).await {
+        Ok(Ok(Ok(opens))) => opens,
+        Ok(Ok(Err(e))) => return Err(e.into()),
+        _ => return Err("the normal client's thread failed".into()),
+    };
+    let end = t0.elapsed().as_secs_f64();
+    let at_end = Snapshot::take(c.server_pid);
+    let samples = trace.finish().await;
 
-    // The flood.
-    let flood_start = t0.elapsed().as_secs_f64();
-    let at_flood = Snapshot::take(c.server_pid);
-    eprintln!("loris: baseline done at {flood_start:.1} s; opening {n} connections that send nothing");
+    // Normal client figures per phase (by scheduled time): the baseline,
+    // each wave's flood (opening the connections, then the rest until the
+    // last close), the quiet after each wave.
+    let phase = |from: f64, to: f64| {
+        let mut set: Vec<&Open> = opens.iter().filter(|o| o.sched_s >= from && o.sched_s < to).collect();
+        phase_figures(&mut set, from, to)
+    };
+    let mut phases = vec![("baseline".to_owned(), phase(0.0, waves[0].start))];
+    for (i, w) in waves.iter().enumerate() {
+        let next = waves.get(i + 1).map_or(end + 1.0, |x| x.start);
+        phases.push((format!("flood_{}", w.number), phase(w.start, w.end)));
+        phases.push((format!("flood_{}_opening", w.number), phase(w.start, w.ramp_done.min(w.end))));
+        phases.push((format!("flood_{}_rest", w.number), phase(w.ramp_done.min(w.end), w.end)));
+        phases.push((format!("after_{}", w.number), phase(w.end, next)));
+    }
+    let phases: serde_json::Map<String, Value> = phases.into_iter().collect();
+    let ratio = |key: &str, q: &str| {
+        let f = phases.get(key)?["ttfd_ms"][q].as_f64()?;
+        let b = phases.get("baseline")?["ttfd_ms"][q].as_f64()?;
+        (b > 0.0).then(|| round3(f / b))
+    };
+    let mut waves_json = Vec::new();
+    for w in &waves {
+        let mut j = w.figures.clone();
+        let key = format!("flood_{}", w.number);
+        extend(
+            &mut j,
+            json!({
+                "server_rss_kib_before": rss_at(&samples, w.start),
+                "server_rss_kib_peak": peak_between(&samples, w.start, w.end),
+                "server_rss_kib_after": rss_at(&samples, w.end + a.after_secs),
+                "ttfd_ratio_to_baseline": { "p50": ratio(&key, "p50"), "p99": ratio(&key, "p99") },
+            }),
+        );
+        waves_json.push(j);
+    }
+    let first = &waves[0];
+    let mut report = json!({
+        "mode": "loris",
+        "loris_requested": n,
+        "fd_soft_limit": soft_limit,
+        "reserve": a.reserve,
+        "header_timeout_s": a.header_timeout_secs,
+        "slack_s": a.slack_secs,
+        "waves": waves_json,
+        "normal": {
+            "rate": a.rate,
+            "chars": a.chars,
+            "fresh_connection_per_open": true,
+            "phases": phases,
+        },
+        "server_rss_kib_before_flood": rss_at(&samples, first.start),
+        "server_rss_kib_end": at_end.server_rss,
+        "errors": Errors::new(),
+    });
+    extend(&mut report, resources(&first.at_start, &at_end, peak_between(&samples, 0.0, end)));
+    for w in &report["waves"].as_array().cloned().unwrap_or_default() {
+        let p = &report["normal"]["phases"];
+        let k = format!("flood_{}", w["wave"]);
+        eprintln!(
+            "loris wave {}: {}/{n} connected, peak {} at once; closed by the server {} (in time {}, late {}), open at \
+             watch end {}; connect call to close min {} p50 {} max {} ms; normal ttfd p50/p99 baseline {}/{} flood {}/{} ms, \
+             errors {}; RSS {} -> peak {} -> after {} KiB",
+            w["wave"],
+            w["connected"],
+            w["peak_concurrent"],
+            w["closed_by_server"],
+            w["closed_within_timeout_plus_slack"],
+            w["closed_late"],
+            w["open_at_watch_end"],
+            w["close_after_connect_call_min_ms"],
+            w["close_after_connect_call_ms"]["p50"],
+            w["close_after_connect_call_ms"]["max"],
+            p["baseline"]["ttfd_ms"]["p50"],
+            p["baseline"]["ttfd_ms"]["p99"],
+            p[&k]["ttfd_ms"]["p50"],
+            p[&k]["ttfd_ms"]["p99"],
+            p[&k]["errors"],
+            w["server_rss_kib_before"],
+            w["server_rss_kib_peak"],
+            w["server_rss_kib_after"],
+        );
+    }
+    Ok(report)
+}
+
+/// One wave of the flood, its figures and timeline (seconds after t0).
+struct Wave {
+    number: usize,
+    start: f64,
+    ramp_done: f64,
+    end: f64,
+    at_start: Snapshot,
+    figures: Value,
+}
+
+/// Opens `n` connections that never send a byte and watches each until the
+/// server closes it or the watch ends.
+async fn flood(a: &LorisArgs, n: usize, t0: Instant, number: usize) -> Wave {
+    let c = &a.common;
+    let refusals =
+        |m: Option<String>| m.and_then(|t| metric(&t, "tokengate_refusals_total", "reason=\"header_timeout\""));
+    let refusals_before = refusals(scrape(c.addr).await);
+    let start = t0.elapsed().as_secs_f64();
+    let at_start = Snapshot::take(c.server_pid);
+    eprintln!("loris wave {number}: at {start:.1} s, opening {n} connections that send nothing");
     let watch_for = Duration::from_secs_f64(a.header_timeout_secs + a.slack_secs + a.watch_extra_secs);
     let sem = Arc::new(Semaphore::new(c.connect_concurrency.max(1)));
     let (tried_tx, mut tried_rx) = mpsc::unbounded_channel::<()>();
@@ -161,30 +287,42 @@ pub async fn run(a: LorisArgs, soft_limit: u64) -> Result<Value> {
         let (sem, tried, addr) = (sem.clone(), tried_tx.clone(), c.addr);
         set.spawn(async move {
             let permit = sem.acquire_owned().await;
+            let called = Instant::now();
+            let called_s = (called - t0).as_secs_f64();
             let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await;
             drop(permit);
             let _ = tried.send(());
-            let connected_s = t0.elapsed().as_secs_f64();
             match tcp {
-                Ok(Ok(tcp)) => hold(tcp, connected_s, watch_for).await,
-                Ok(Err(e)) => Loris::failed(format!("connect_{:?}", e.kind()), connected_s),
-                Err(_) => Loris::failed("connect_timeout".into(), connected_s),
+                Ok(Ok(tcp)) => hold(tcp, called, called_s, watch_for).await,
+                Ok(Err(e)) => Loris::failed(format!("connect_{:?}", e.kind()), called_s),
+                Err(_) => Loris::failed("connect_timeout".into(), called_s),
             }
         });
     }
     drop(tried_tx);
+
+    // Until every connect was tried: the server's descriptors now and then.
+    let mut server_fds_peak: Option<u64> = None;
     let mut tried = 0usize;
     let ramp_bound = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut fd_tick = tokio::time::interval(Duration::from_millis(500));
+    fd_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     while tried < n {
-        match tokio::time::timeout_at(ramp_bound, tried_rx.recv()).await {
-            Ok(Some(())) => tried += 1,
-            _ => break,
+        tokio::select! {
+            r = tokio::time::timeout_at(ramp_bound, tried_rx.recv()) => match r {
+                Ok(Some(())) => tried += 1,
+                _ => break,
+            },
+            _ = fd_tick.tick() => {
+                let f = c.server_pid.and_then(fds);
+                server_fds_peak = server_fds_peak.max(f);
+            }
         }
     }
     let ramp_done = t0.elapsed().as_secs_f64();
-    let server_fds_held = c.server_pid.and_then(fds);
-    let server_threads_held = c.server_pid.and_then(procfs::threads);
-    eprintln!("loris: {tried}/{n} connect attempts done after {:.1} s", ramp_done - flood_start);
+    server_fds_peak = server_fds_peak.max(c.server_pid.and_then(fds));
+    let server_threads = c.server_pid.and_then(procfs::threads);
+    eprintln!("loris wave {number}: {tried}/{n} connect attempts done after {:.1} s", ramp_done - start);
 
     let mut lorises = Vec::with_capacity(n);
     let mut errors = Errors::new();
@@ -204,40 +342,30 @@ pub async fn run(a: LorisArgs, soft_limit: u64) -> Result<Value> {
     let closes: Vec<f64> = lorises
         .iter()
         .filter(|l| l.failed.is_none() && !matches!(l.end, End::Watched))
-        .map(|l| l.connected_s + l.lasted_s)
+        .map(|l| l.called_s + l.lasted_s)
         .collect();
     let first_close = closes.iter().copied().fold(f64::INFINITY, f64::min);
-    let last_close = closes.iter().copied().fold(flood_start, f64::max);
-    let flood_end =
+    let last_close = closes.iter().copied().fold(start, f64::max);
+    let end =
         if lorises.iter().any(|l| matches!(l.end, End::Watched)) { t0.elapsed().as_secs_f64() } else { last_close };
-    let at_flood_end = Snapshot::take(c.server_pid);
-
-    // After: the normal client alone again.
-    let after_until = t0 + Duration::from_secs_f64(flood_end + a.after_secs);
-    tokio::time::sleep_until(after_until.into()).await;
-    let _ = stop_tx.send(true);
-    let opens = match tokio::task::spawn_blocking(move || normal.join()).await {
-        Ok(Ok(Ok(opens))) => opens,
-        Ok(Ok(Err(e))) => return Err(e.into()),
-        _ => return Err("the normal client's thread failed".into()),
-    };
-    let end = t0.elapsed().as_secs_f64();
     let at_end = Snapshot::take(c.server_pid);
-    let samples = trace.finish().await;
-    let metrics_after = scrape(c.addr).await;
+    let refusals_after = refusals(scrape(c.addr).await);
 
-    // Loris figures.
     let mut failed = Errors::new();
     let (mut eof, mut reset, mut watched, mut answered) = (0u64, 0u64, 0u64, 0u64);
-    let (mut in_time, mut late) = (0u64, 0u64);
-    let mut lasted: Vec<u32> = Vec::new();
+    let (mut in_time, mut late, mut early) = (0u64, 0u64, 0u64);
+    let (mut lasted, mut connect): (Vec<u32>, Vec<u32>) = (Vec::new(), Vec::new());
     let mut answers = Errors::new();
+    // Open at once: +1 at each connect, -1 at each close, swept in order.
+    let mut steps: Vec<(f64, i32)> = Vec::new();
     let limit = a.header_timeout_secs + a.slack_secs;
     for l in &lorises {
         if let Some(e) = &l.failed {
             count(&mut failed, e.clone());
             continue;
         }
+        connect.push(us(Duration::from_secs_f64(l.connect_s)));
+        steps.push((l.called_s + l.connect_s, 1));
         match l.end {
             End::Eof => eof += 1,
             End::Reset => reset += 1,
@@ -249,117 +377,58 @@ pub async fn run(a: LorisArgs, soft_limit: u64) -> Result<Value> {
             count(&mut answers, status);
         }
         if !matches!(l.end, End::Watched) {
+            steps.push((l.called_s + l.lasted_s, -1));
             lasted.push(us(Duration::from_secs_f64(l.lasted_s)));
-            if l.lasted_s <= limit {
-                in_time += 1;
-            } else {
+            if l.lasted_s > limit {
                 late += 1;
+            } else {
+                in_time += 1;
+            }
+            if l.lasted_s < a.header_timeout_secs {
+                early += 1;
             }
         }
     }
-    let connected = lorises.iter().filter(|l| l.failed.is_none()).count();
-    let refusals = |m: &Option<String>| {
-        m.as_deref().and_then(|t| metric(t, "tokengate_refusals_total", "reason=\"header_timeout\""))
-    };
-    let header_timeout_refusals = match (refusals(&metrics_before), refusals(&metrics_after)) {
-        (Some(b), Some(a)) => Some(a - b),
-        (None, Some(a)) => Some(a),
-        _ => None,
-    };
-
-    // Normal client figures per phase (by scheduled time).
-    let phase = |from: f64, to: f64, inclusive: bool| {
-        let mut set: Vec<&Open> =
-            opens.iter().filter(|o| o.sched_s >= from && (o.sched_s < to || (inclusive && o.sched_s <= to))).collect();
-        phase_figures(&mut set, from, to)
-    };
-    let held_from = ramp_done.min(first_close);
-    let phases = json!({
-        "baseline": phase(0.0, flood_start, false),
-        "flood": phase(flood_start, flood_end, true),
-        "flood_ramp": phase(flood_start, held_from, false),
-        "flood_held": phase(held_from, first_close.min(flood_end), false),
-        "flood_closing": phase(first_close.min(flood_end), flood_end, true),
-        "after": phase(flood_end + 1e-9, end, true),
-    });
-    let ratio = |q: &str| {
-        let f = phases["flood"]["ttfd_ms"][q].as_f64();
-        let b = phases["baseline"]["ttfd_ms"][q].as_f64();
-        match (f, b) {
-            (Some(f), Some(b)) if b > 0.0 => Some(round3(f / b)),
-            _ => None,
+    steps.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+    let (mut open, mut peak, mut peak_at) = (0i64, 0i64, start);
+    for (t, d) in steps {
+        open += i64::from(d);
+        if open > peak {
+            (peak, peak_at) = (open, t);
         }
-    };
-    let rss_before = rss_at(&samples, flood_start);
-    let mut report = json!({
-        "mode": "loris",
-        "loris_requested": n,
-        "loris_connected": connected,
-        "loris_connect_failed": failed,
-        "fd_soft_limit": soft_limit,
-        "reserve": a.reserve,
-        "header_timeout_s": a.header_timeout_secs,
-        "slack_s": a.slack_secs,
-        "ramp_s": round3(ramp_done - flood_start),
+    }
+    let connected = lorises.iter().filter(|l| l.failed.is_none()).count();
+    let figures = json!({
+        "wave": number,
+        "connected": connected,
+        "connect_failed": failed,
+        "ramp_s": round3(ramp_done - start),
+        "connect_ms": summary_ms(&mut connect),
+        "peak_concurrent": peak,
+        "peak_concurrent_after_wave_start_s": round3(peak_at - start),
+        "server_fds_peak_sampled": server_fds_peak,
+        "server_threads": server_threads,
         "closed_by_server": eof + reset,
         "closed_fin": eof,
         "closed_reset": reset,
         "answered_before_close": answered,
         "answers": answers,
+        "closed_before_header_timeout": early,
         "closed_within_timeout_plus_slack": in_time,
         "closed_late": late,
         "open_at_watch_end": watched,
         "watch_s": s3(watch_for),
-        "close_after_connect_min_ms": lasted.iter().min().map(|&m| round3(f64::from(m) / 1000.0)),
-        "close_after_connect_ms": summary_ms(&mut lasted),
-        "first_close_after_flood_start_s": first_close.is_finite().then(|| round3(first_close - flood_start)),
-        "last_close_after_flood_start_s": round3(last_close - flood_start),
-        "server_header_timeout_refusals": header_timeout_refusals,
-        "normal": {
-            "rate": a.rate,
-            "chars": a.chars,
-            "fresh_connection_per_open": true,
-            "phases": phases,
-            "ttfd_ratio_flood_to_baseline": { "p50": ratio("p50"), "p99": ratio("p99") },
-        },
-        "timeline_s": {
-            "flood_start": round3(flood_start),
-            "ramp_done": round3(ramp_done),
-            "flood_end": round3(flood_end),
-            "end": round3(end),
-        },
-        "server_fds_held": server_fds_held,
-        "server_threads_held": server_threads_held,
-        "server_rss_kib_before_flood": rss_before,
-        "server_rss_kib_peak_flood": peak_between(&samples, flood_start, flood_end),
-        "server_rss_kib_at_flood_end": at_flood_end.server_rss,
-        "server_rss_kib_end": at_end.server_rss,
-        "server_cpu_s_flood": cpu(&at_flood, &at_flood_end),
+        "close_after_connect_call_min_ms": lasted.iter().min().map(|&m| round3(f64::from(m) / 1000.0)),
+        "close_after_connect_call_ms": summary_ms(&mut lasted),
+        "first_close_after_wave_start_s": first_close.is_finite().then(|| round3(first_close - start)),
+        "last_close_after_wave_start_s": round3(last_close - start),
+        // The counter only appears once something was refused.
+        "server_header_timeout_refusals": refusals_after.map(|a| a - refusals_before.unwrap_or(0.0)),
+        "server_cpu_s": cpu(&at_start, &at_end),
         "errors": errors,
+        "timeline_s": { "start": round3(start), "ramp_done": round3(ramp_done), "end": round3(end) },
     });
-    extend(&mut report, resources(&at_flood, &at_end, peak_between(&samples, 0.0, end)));
-    let p = &report["normal"]["phases"];
-    eprintln!(
-        "loris: {connected}/{n} connected; closed by the server {} (in time {in_time}, late {late}), open at watch end {watched}; \
-         close after connect p50 {} max {} ms; normal ttfd p50/p99 baseline {}/{} flood {}/{} after {}/{} ms; \
-         normal errors baseline {} flood {} after {}; RSS {} -> peak {} -> end {} KiB",
-        eof + reset,
-        report["close_after_connect_ms"]["p50"],
-        report["close_after_connect_ms"]["max"],
-        p["baseline"]["ttfd_ms"]["p50"],
-        p["baseline"]["ttfd_ms"]["p99"],
-        p["flood"]["ttfd_ms"]["p50"],
-        p["flood"]["ttfd_ms"]["p99"],
-        p["after"]["ttfd_ms"]["p50"],
-        p["after"]["ttfd_ms"]["p99"],
-        p["baseline"]["errors"],
-        p["flood"]["errors"],
-        p["after"]["errors"],
-        report["server_rss_kib_before_flood"],
-        report["server_rss_kib_peak_flood"],
-        report["server_rss_kib_end"],
-    );
-    Ok(report)
+    Wave { number, start, ramp_done, end, at_start, figures }
 }
 
 fn cpu(a: &Snapshot, b: &Snapshot) -> Option<f64> {
@@ -367,16 +436,16 @@ fn cpu(a: &Snapshot, b: &Snapshot) -> Option<f64> {
 }
 
 impl Loris {
-    fn failed(kind: String, at: f64) -> Self {
-        Self { failed: Some(kind), connected_s: at, lasted_s: 0.0, end: End::Watched, answer: None }
+    fn failed(kind: String, called_s: f64) -> Self {
+        Self { failed: Some(kind), called_s, connect_s: 0.0, lasted_s: 0.0, end: End::Watched, answer: None }
     }
 }
 
 /// Holds one connection without writing, until the server closes it or
-/// `watch_for` has passed.
-async fn hold(mut tcp: TcpStream, connected_s: f64, watch_for: Duration) -> Loris {
-    let start = Instant::now();
-    let deadline = tokio::time::Instant::now() + watch_for;
+/// `watch_for` has passed; times from `called`, just before `connect`.
+async fn hold(mut tcp: TcpStream, called: Instant, called_s: f64, watch_for: Duration) -> Loris {
+    let connect_s = called.elapsed().as_secs_f64();
+    let deadline = tokio::time::Instant::from_std(called) + watch_for;
     let mut buf = [0u8; 64];
     let mut answer: Option<Vec<u8>> = None;
     let end = loop {
@@ -392,7 +461,7 @@ async fn hold(mut tcp: TcpStream, connected_s: f64, watch_for: Duration) -> Lori
             Ok(Err(_)) => break End::Reset,
         }
     };
-    Loris { failed: None, connected_s, lasted_s: start.elapsed().as_secs_f64(), end, answer }
+    Loris { failed: None, called_s, connect_s, lasted_s: called.elapsed().as_secs_f64(), end, answer }
 }
 
 /// The normal client: an open-loop schedule of `rate` opens per second

@@ -192,105 +192,129 @@ fn secs_ms(v: &Value) -> String {
 
 fn loris(rows: &[Value]) -> String {
     let Some(r) = server(rows, "tokengate") else { return "_No result (the run failed; see the logs)._\n".to_owned() };
-    let mut out = String::new();
-    let close = &r["close_after_connect_ms"];
+    let waves = r["waves"].as_array().cloned().unwrap_or_default();
     let requested = r["loris_requested"].as_u64().unwrap_or(0);
     let soft = r["fd_soft_limit"].as_u64().unwrap_or(0);
-    let lines: Vec<(String, String)> = vec![
-        ("server `header_timeout`".into(), format!("{} s", num(&r["header_timeout_s"]))),
-        (
-            "loris connections (never send a byte)".into(),
+    let mut out = format!(
+        "{} connections per wave that never send a byte ({} waves one after the other on the same server): \
+         {}. Server `header_timeout` {} s; \"in time\" is within it plus {} s of slack. Times are from just \
+         before the client's `connect` call, so a correct server never closes one sooner than the timeout.\n\n",
+        group(requested as i64),
+        waves.len(),
+        if requested + r["reserve"].as_u64().unwrap_or(0) == soft {
             format!(
-                "{} opened of {} asked ({} the fd limit {} minus {} for everything else)",
-                num(&r["loris_connected"]),
-                group(requested as i64),
-                if requested + r["reserve"].as_u64().unwrap_or(0) == soft { "=" } else { "vs" },
+                "the fd limit is {} (hard = soft), so this is as many as fit with {} descriptors left for the \
+                 normal client and the runtime (the server has the same limit)",
                 group(soft as i64),
                 num(&r["reserve"])
-            ),
-        ),
-        ("connect failures".into(), num(&r["loris_connect_failed"])),
-        ("time to open them all".into(), format!("{} s", num(&r["ramp_s"]))),
-        ("server fds / threads with all of them open".into(), pair(r, "server_fds_held", "server_threads_held")),
-        (
-            "closed by the server".into(),
-            format!(
-                "{} (FIN {}, reset {})",
-                num(&r["closed_by_server"]),
-                num(&r["closed_fin"]),
-                num(&r["closed_reset"])
-            ),
-        ),
-        (
-            "answered before the close (status: connections)".into(),
-            match r["answered_before_close"].as_u64() {
-                Some(0) | None => num(&r["answered_before_close"]),
-                Some(_) => format!("{} ({})", num(&r["answered_before_close"]), num(&r["answers"])),
-            },
-        ),
-        (
-            "time from connect to close: min / p50 / p99 / max".into(),
-            format!(
-                "{} / {} / {} / {} s",
-                secs_ms(&r["close_after_connect_min_ms"]),
-                secs_ms(&close["p50"]),
-                secs_ms(&close["p99"]),
-                secs_ms(&close["max"])
-            ),
-        ),
-        (
-            format!("closed within `header_timeout` + {} s slack", num(&r["slack_s"])),
-            num(&r["closed_within_timeout_plus_slack"]),
-        ),
-        ("closed later than that".into(), num(&r["closed_late"])),
-        (format!("still open after {} s of watching", num(&r["watch_s"])), num(&r["open_at_watch_end"])),
-        (
-            "flood start to first / last close".into(),
-            format!("{} / {} s", num(&r["first_close_after_flood_start_s"]), num(&r["last_close_after_flood_start_s"])),
-        ),
-        (
-            "server's own count (`tokengate_refusals_total{reason=\"header_timeout\"}`)".into(),
-            num(&r["server_header_timeout_refusals"]),
-        ),
-        (
-            "server RSS before the flood / peak / at the last close / at the end".into(),
-            format!(
-                "{} / {} / {} / {} KiB",
-                num(&r["server_rss_kib_before_flood"]),
-                num(&r["server_rss_kib_peak_flood"]),
-                num(&r["server_rss_kib_at_flood_end"]),
-                num(&r["server_rss_kib_end"])
-            ),
-        ),
-        ("server CPU during the flood".into(), format!("{} s", num(&r["server_cpu_s_flood"]))),
-    ];
-    out.push_str("| figure | tokengate |\n|---|---|\n");
-    for (k, v) in lines {
-        let _ = writeln!(out, "| {k} | {v} |");
+            )
+        } else {
+            format!("the fd limit is {}", group(soft as i64))
+        },
+        num(&r["header_timeout_s"]),
+        num(&r["slack_s"]),
+    );
+    out.push_str("| figure |");
+    for w in &waves {
+        let _ = write!(out, " wave {} |", num(&w["wave"]));
     }
+    out.push_str("\n|---|");
+    out.push_str(&"---|".repeat(waves.len()));
+    out.push('\n');
+    let row = |out: &mut String, label: &str, f: &dyn Fn(&Value) -> String| {
+        let _ = write!(out, "| {label} |");
+        for w in &waves {
+            let _ = write!(out, " {} |", f(w));
+        }
+        out.push('\n');
+    };
+    row(&mut out, "connected / connect failures", &|w| {
+        format!("{} / {}", num(&w["connected"]), num(&w["connect_failed"]))
+    });
+    row(&mut out, "time to open them all (s)", &|w| num(&w["ramp_s"]));
+    row(&mut out, "connect p50 / p99 / max (ms)", &|w| {
+        format!(
+            "{} / {} / {}",
+            num(&w["connect_ms"]["p50"]),
+            num(&w["connect_ms"]["p99"]),
+            num(&w["connect_ms"]["max"])
+        )
+    });
+    row(&mut out, "most open at once (s after the wave began)", &|w| {
+        format!("{} ({})", num(&w["peak_concurrent"]), num(&w["peak_concurrent_after_wave_start_s"]))
+    });
+    row(&mut out, "server fds, highest sample while opening / threads", &|w| {
+        pair(w, "server_fds_peak_sampled", "server_threads")
+    });
+    row(&mut out, "**closed by the server** (FIN / reset)", &|w| {
+        format!("**{}** ({} / {})", num(&w["closed_by_server"]), num(&w["closed_fin"]), num(&w["closed_reset"]))
+    });
+    row(&mut out, "answered before closing", &|w| match w["answered_before_close"].as_u64() {
+        Some(0) | None => num(&w["answered_before_close"]),
+        Some(_) => format!("{} ({})", num(&w["answered_before_close"]), num(&w["answers"])),
+    });
+    row(&mut out, "**connect call to close: min / p50 / p99 / max (s)**", &|w| {
+        let c = &w["close_after_connect_call_ms"];
+        format!(
+            "{} / {} / {} / {}",
+            secs_ms(&w["close_after_connect_call_min_ms"]),
+            secs_ms(&c["p50"]),
+            secs_ms(&c["p99"]),
+            secs_ms(&c["max"])
+        )
+    });
+    row(&mut out, "closed before `header_timeout`", &|w| num(&w["closed_before_header_timeout"]));
+    row(&mut out, "closed in time / later", &|w| pair(w, "closed_within_timeout_plus_slack", "closed_late"));
+    row(&mut out, "still open when the watch ended", &|w| {
+        format!("{} (watched {} s)", num(&w["open_at_watch_end"]), num(&w["watch_s"]))
+    });
+    row(&mut out, "wave start to first / last close (s)", &|w| {
+        pair(w, "first_close_after_wave_start_s", "last_close_after_wave_start_s")
+    });
+    row(&mut out, "server's count, `tokengate_refusals_total{reason=\"header_timeout\"}`", &|w| {
+        num(&w["server_header_timeout_refusals"])
+    });
+    row(&mut out, "**server RSS before / peak / after the wave (KiB)**", &|w| {
+        format!(
+            "{} / {} / {}",
+            num(&w["server_rss_kib_before"]),
+            num(&w["server_rss_kib_peak"]),
+            num(&w["server_rss_kib_after"])
+        )
+    });
+    row(&mut out, "server CPU during the wave (s)", &|w| num(&w["server_cpu_s"]));
+    row(&mut out, "**normal client's first delta, wave / baseline: p50, p99**", &|w| {
+        let q = &w["ttfd_ratio_to_baseline"];
+        format!("{}x, {}x", num(&q["p50"]), num(&q["p99"]))
+    });
     let n = &r["normal"];
     let _ = write!(
         out,
-        "\nThe normal client meanwhile: {} stream opens/s on a schedule (open loop), each on a fresh connection, \
-         {}-character echo streams, from a thread and runtime of its own. Latencies are from before `connect` \
-         to the response head (first byte) and to the first `delta`; opens are put in a phase by their \
-         scheduled time.\n\n",
+        "\nThe normal client: {} stream opens/s on a schedule (open loop), each on a fresh connection, \
+         {}-character echo streams with a valid token, from a thread and runtime of its own. Latencies are \
+         from before `connect` to the response head (first byte) and to the first `delta`; an open belongs to \
+         the phase its scheduled time falls in. Server RSS at the end of the run: {} KiB.\n\n",
         num(&n["rate"]),
-        num(&n["chars"])
+        num(&n["chars"]),
+        num(&r["server_rss_kib_end"]),
     );
     out.push_str(
         "| phase | window (s after start) | opens | ok | errors | connect p50 / p99 ms | first byte p50 / p99 ms | first delta p50 / p99 ms | first delta max ms |\n\
          |---|---|---:|---:|---|---|---|---|---:|\n",
     );
-    for (key, label) in [
-        ("baseline", "baseline (no flood)"),
-        ("flood", "**flood** (first loris connect to last close)"),
-        ("flood_ramp", "- opening the loris connections"),
-        ("flood_held", "- all held"),
-        ("flood_closing", "- being closed"),
-        ("after", "after"),
-    ] {
-        let p = &n["phases"][key];
+    let mut keys = vec![("baseline".to_owned(), "baseline (no flood)".to_owned())];
+    for w in &waves {
+        let k = num(&w["wave"]);
+        keys.push((format!("flood_{k}"), format!("**wave {k}** (first connect to last close)")));
+        keys.push((format!("flood_{k}_opening"), format!("- wave {k}, opening the connections")));
+        keys.push((format!("flood_{k}_rest"), format!("- wave {k}, the rest")));
+        keys.push((format!("after_{k}"), format!("after wave {k}")));
+    }
+    for (key, label) in keys {
+        let p = &n["phases"][&key];
+        if p.is_null() {
+            continue;
+        }
         let _ = writeln!(
             out,
             "| {label} | {}-{} | {} | {} | {} | {} | {} | {} | {} |",
@@ -305,20 +329,13 @@ fn loris(rows: &[Value]) -> String {
             num(&p["ttfd_ms"]["max"]),
         );
     }
-    let ratio = &n["ttfd_ratio_flood_to_baseline"];
-    let _ = writeln!(
-        out,
-        "\nFirst delta during the flood / baseline, same run: p50 {}, p99 {} (ratios).",
-        num(&ratio["p50"]),
-        num(&ratio["p99"])
-    );
     out
 }
 
 fn slowbody(rows: &[Value]) -> String {
     let Some(r) = server(rows, "tokengate") else { return "_No result (the run failed; see the logs)._\n".to_owned() };
     let mut out = format!(
-        "Every case runs {} connections at once, one trickled byte every {} ms, body `Content-Length: {}` \
+        "Every case but the `nearly_all` ones runs {} connections, all cases at once, one trickled byte every {} ms, body `Content-Length: {}` \
          (under the body limit, so the server must read it), each connection watched for {} s \
          (`header_timeout` {} s).\n\n",
         num(&r["per_case"]),
@@ -336,6 +353,11 @@ fn slowbody(rows: &[Value]) -> String {
         ("body_trickle", "`POST /v1/stream` with a valid token; head at once, body one byte at a time"),
         ("body_trickle_noauth", "the same without a token"),
         ("body_stall", "`POST /v1/stream` with a valid token; head, then no body byte at all"),
+        (
+            "body_nearly_all",
+            "`POST /v1/stream` with a valid token; head and all of a large body but its last byte, then nothing",
+        ),
+        ("chat_nearly_all_noauth", "`POST /v1/chat/completions` **without a token**; the same"),
         ("chat_trickle", "`POST /v1/chat/completions` with a valid token; body one byte at a time"),
         ("chat_trickle_noauth", "the same without a token"),
     ] {
@@ -344,13 +366,8 @@ fn slowbody(rows: &[Value]) -> String {
             continue;
         }
         let range = |v: &Value| {
-            if v["min"].is_null() {
-                "-".to_owned()
-            } else if v["min"] == v["max"] {
-                num(&v["min"])
-            } else {
-                format!("{}-{}", num(&v["min"]), num(&v["max"]))
-            }
+            let (min, max) = (num(&v["min"]), num(&v["max"]));
+            if min == max { min } else { format!("{min}-{max}") }
         };
         let _ = writeln!(
             out,
@@ -364,7 +381,18 @@ fn slowbody(rows: &[Value]) -> String {
             range(&c["body_bytes_sent"]),
         );
     }
-    let _ = writeln!(out, "\nServer file descriptors half-way through: {}.", num(&r["server_fds_mid_observation"]));
+    let _ = writeln!(
+        out,
+        "\nThe two `nearly_all` cases have {} connections each, of `Content-Length: {}`. Half-way through, the \
+         server held {} file descriptors and {} KiB of RSS ({} KiB fresh): **{} KiB per `nearly_all` connection** \
+         (the other cases' connections hold a few hundred bytes each).",
+        num(&r["big_per_case"]),
+        num(&r["big_body_bytes"]),
+        num(&r["server_fds_mid_observation"]),
+        num(&r["server_rss_kib_mid_observation"]),
+        num(&r["server_rss_kib_before"]),
+        num(&r["rss_kib_per_nearly_all_body"]),
+    );
     out
 }
 

@@ -34,6 +34,13 @@ pub enum Case {
     BodyTrickleNoauth,
     /// `POST /v1/stream` with a valid token: the head, then no body byte.
     BodyStall,
+    /// `POST /v1/stream` with a valid token: the head and all of a
+    /// `--big-body-bytes` body but its last byte at once, then nothing
+    /// (`--big-per-case` connections): what the server buffers meanwhile.
+    BodyNearlyAll,
+    /// `POST /v1/chat/completions` without a token: like `body-nearly-all`
+    /// (and as many connections).
+    ChatNearlyAllNoauth,
     /// `POST /v1/chat/completions` with a valid token, body one byte per
     /// interval.
     ChatTrickle,
@@ -42,6 +49,11 @@ pub enum Case {
 }
 
 impl Case {
+    /// Sends all of a large body but its last byte.
+    fn nearly_all(self) -> bool {
+        matches!(self, Case::BodyNearlyAll | Case::ChatNearlyAllNoauth)
+    }
+
     /// The case's key in the report (snake case, as serialized).
     fn name(self) -> String {
         serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
@@ -55,7 +67,8 @@ pub struct SlowBodyArgs {
     /// Cases to run, all at once (comma separated).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [
         Case::HeadTrickle, Case::BodyTrickle, Case::BodyTrickleNoauth,
-        Case::BodyStall, Case::ChatTrickle, Case::ChatTrickleNoauth,
+        Case::BodyStall, Case::BodyNearlyAll, Case::ChatTrickle, Case::ChatTrickleNoauth,
+        Case::ChatNearlyAllNoauth,
     ])]
     pub cases: Vec<Case>,
     /// Connections per case.
@@ -71,12 +84,21 @@ pub struct SlowBodyArgs {
     /// the server has to read it; long enough never to finish in time).
     #[arg(long, default_value_t = 4096)]
     pub body_bytes: usize,
+    /// `Content-Length` of the `body-nearly-all` case (under the server's
+    /// body limit, 256 KiB by default).
+    #[arg(long, default_value_t = 250_000)]
+    pub big_body_bytes: usize,
+    /// Connections of the `body-nearly-all` case (enough for their memory
+    /// to stand out of the server's RSS).
+    #[arg(long, default_value_t = 100)]
+    pub big_per_case: usize,
     /// The server's `header_timeout`, in seconds (for the report only).
     #[arg(long, default_value_t = 10.0)]
     pub header_timeout_secs: f64,
 }
 
-/// What happened on one connection; times in seconds from its first byte.
+/// What happened on one connection; times in seconds from just before its
+/// `connect` call.
 #[derive(Debug, Default)]
 struct Conn {
     failed: Option<String>,
@@ -100,8 +122,10 @@ pub async fn run(a: SlowBodyArgs) -> Result<Value> {
     let observe = Duration::from_secs(a.observe_secs);
     let mut set = JoinSet::new();
     for &case in &a.cases {
-        for _ in 0..a.per_case.max(1) {
-            let (host, token, addr, body_bytes) = (host.clone(), token.clone(), c.addr, a.body_bytes);
+        let (n, body_bytes) =
+            if case.nearly_all() { (a.big_per_case, a.big_body_bytes) } else { (a.per_case, a.body_bytes) };
+        for _ in 0..n.max(1) {
+            let (host, token, addr) = (host.clone(), token.clone(), c.addr);
             set.spawn(
                 async move { (case, one(case, addr, &host, token.as_deref(), body_bytes, interval, observe).await) },
             );
@@ -110,12 +134,14 @@ pub async fn run(a: SlowBodyArgs) -> Result<Value> {
     // Server file descriptors while everything is held (half-way through).
     let fds_at = tokio::time::Instant::now() + observe / 2;
     let mut server_fds_mid = None;
+    let mut server_rss_mid = None;
     let mut conns: Vec<(Case, Conn)> = Vec::new();
     let bound = tokio::time::Instant::now() + observe + Duration::from_secs(15);
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(fds_at), if server_fds_mid.is_none() && c.server_pid.is_some() => {
                 server_fds_mid = c.server_pid.and_then(fds);
+                server_rss_mid = c.server_pid.and_then(crate::procfs::rss_kib);
             }
             r = tokio::time::timeout_at(bound, set.join_next()) => match r {
                 Ok(Some(Ok(x))) => conns.push(x),
@@ -127,6 +153,7 @@ pub async fn run(a: SlowBodyArgs) -> Result<Value> {
     }
     let after = Snapshot::take(c.server_pid);
 
+    let big = a.cases.iter().filter(|c| c.nearly_all()).count() * a.big_per_case;
     let mut cases = Map::new();
     for &case in &a.cases {
         let mine: Vec<&Conn> = conns.iter().filter(|(k, _)| *k == case).map(|(_, c)| c).collect();
@@ -141,6 +168,16 @@ pub async fn run(a: SlowBodyArgs) -> Result<Value> {
         "header_timeout_s": a.header_timeout_secs,
         "cases": cases,
         "server_fds_mid_observation": server_fds_mid,
+        "server_rss_kib_mid_observation": server_rss_mid,
+        "big_body_bytes": a.big_body_bytes,
+        "big_per_case": a.big_per_case,
+        // Nearly all of the growth is the big bodies' (every other case
+        // holds a few hundred bytes per connection).
+        "nearly_all_conns": big,
+        "rss_kib_per_nearly_all_body": match (before.server_rss, server_rss_mid) {
+            (Some(b), Some(m)) if big > 0 => Some(round3(m.saturating_sub(b) as f64 / big as f64)),
+            _ => None,
+        },
     });
     extend(&mut report, resources(&before, &after, None));
     for (name, f) in report["cases"].as_object().into_iter().flatten() {
@@ -162,13 +199,13 @@ pub async fn run(a: SlowBodyArgs) -> Result<Value> {
 /// trickled one byte per interval.
 fn request(case: Case, host: &str, token: Option<&str>, body_bytes: usize) -> (Vec<u8>, Vec<u8>) {
     let (path, prefix) = match case {
-        Case::ChatTrickle | Case::ChatTrickleNoauth => {
+        Case::ChatTrickle | Case::ChatTrickleNoauth | Case::ChatNearlyAllNoauth => {
             ("/v1/chat/completions", r#"{"model":"m","stream":true,"messages":[{"role":"user","content":""#)
         }
         _ => ("/v1/stream", r#"{"generator":"echo","prompt":""#),
     };
     let token = match case {
-        Case::BodyTrickleNoauth | Case::ChatTrickleNoauth => None,
+        Case::BodyTrickleNoauth | Case::ChatTrickleNoauth | Case::ChatNearlyAllNoauth => None,
         _ => token,
     };
     let head = request_head("POST", path, host, token, Some(body_bytes));
@@ -181,6 +218,11 @@ fn request(case: Case, host: &str, token: Option<&str>, body_bytes: usize) -> (V
             (Vec::new(), all)
         }
         Case::BodyStall => (head, Vec::new()),
+        Case::BodyNearlyAll | Case::ChatNearlyAllNoauth => {
+            let mut all = head;
+            all.extend_from_slice(&body[..body.len() - 1]);
+            (all, Vec::new())
+        }
         _ => (head, body),
     }
 }
@@ -196,7 +238,12 @@ async fn one(
 ) -> Conn {
     let mut conn = Conn::default();
     let (burst, trickle) = request(case, host, token, body_bytes);
-    let head_len = if case == Case::HeadTrickle { trickle.len() - body_bytes } else { burst.len() };
+    let head_len = match case {
+        Case::HeadTrickle => trickle.len() - body_bytes,
+        Case::BodyNearlyAll | Case::ChatNearlyAllNoauth => burst.len() + 1 - body_bytes,
+        _ => burst.len(),
+    };
+    let start = Instant::now();
     let tcp = match TcpStream::connect(addr).await {
         Ok(t) => t,
         Err(e) => {
@@ -205,8 +252,7 @@ async fn one(
         }
     };
     let _ = tcp.set_nodelay(true);
-    let start = Instant::now();
-    let deadline = tokio::time::Instant::now() + observe;
+    let deadline = tokio::time::Instant::from_std(start) + observe;
     let (mut rd, mut wr) = tcp.into_split();
     let mut written = 0usize;
     if !burst.is_empty() {

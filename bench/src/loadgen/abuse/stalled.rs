@@ -65,8 +65,10 @@ async fn counters(addr: SocketAddr) -> Counters {
     }
 }
 
+/// `(a - b) / n`; a counter the server has not incremented yet is absent
+/// from its text, i.e. zero.
 fn per(a: Option<f64>, b: Option<f64>, n: usize) -> Option<f64> {
-    let d = a? - b.unwrap_or(0.0);
+    let d = a.unwrap_or(0.0) - b.unwrap_or(0.0);
     (n > 0).then(|| round3(d / n as f64))
 }
 
