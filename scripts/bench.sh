@@ -591,8 +591,9 @@ EOF
     stop_server ;;
   slowbody)
     note "abuse: request heads and bodies one byte at a time"
-    abuse_begin slowbody "${TG_NO_RATE[*]} (header_timeout at its default, 10 s)"
-    abuse_tokengate slowbody slowbody-tokengate "${TG_NO_RATE[@]}"
+    # body_timeout at 15 s (default 30 s) so that it falls inside the watch.
+    abuse_begin slowbody "${TG_NO_RATE[*]} --body-timeout 15s (header_timeout at its default, 10 s)"
+    abuse_tokengate slowbody slowbody-tokengate "${TG_NO_RATE[@]}" --body-timeout 15s
     abuse_loadgen slowbody tokengate slowbody --addr "$HOST:$TG_PORT" --target tokengate \
       --observe-secs $SB_OBSERVE --per-case $SB_PER_CASE --interval-ms 500 --header-timeout-secs 10
     stop_server ;;
