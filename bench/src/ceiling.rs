@@ -36,11 +36,7 @@ const BAD: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection
 
 pub fn main(args: Args) -> Result<()> {
     let (soft, hard) = crate::raise_nofile();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if args.threads > 0 {
-        builder.worker_threads(args.threads);
-    }
-    builder.enable_all().build()?.block_on(async move {
+    crate::server_runtime(args.threads)?.block_on(async move {
         let listener = TcpListener::bind(args.listen).await?;
         eprintln!("ceiling listening on http://{} (nofile {soft}/{hard})", args.listen);
         loop {

@@ -99,6 +99,16 @@ fn main() -> ExitCode {
 /// Errors are reported as text; this is a harness, not a library.
 pub type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
 
+/// The multi-threaded runtime every server of the harness runs on:
+/// `threads` workers, or one per core when 0.
+pub fn server_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    builder.enable_all().build()
+}
+
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns (soft, hard).
 pub fn raise_nofile() -> (u64, u64) {
     if let Ok((_, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {

@@ -68,11 +68,7 @@ pub struct Args {
 
 pub fn main(args: Args) -> Result<()> {
     crate::raise_nofile();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if args.threads > 0 {
-        builder.worker_threads(args.threads);
-    }
-    let runtime = builder.enable_all().build()?;
+    let runtime = crate::server_runtime(args.threads)?;
     let pace = args.pace_ms;
     let shape = llm::Shape {
         every: Duration::from_millis(args.token_ms.max(1)),

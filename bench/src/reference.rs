@@ -74,11 +74,7 @@ type EventStream = BoxStream<'static, Result<Event, Infallible>>;
 
 pub fn main(args: Args) -> Result<()> {
     let (soft, hard) = crate::raise_nofile();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if args.threads > 0 {
-        builder.worker_threads(args.threads);
-    }
-    let runtime = builder.enable_all().build()?;
+    let runtime = crate::server_runtime(args.threads)?;
     runtime.block_on(async move {
         let state = AppState {
             heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
