@@ -6,15 +6,14 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::ApiKeyPrincipal;
 use super::gather::{Gathered, gather};
-use super::json::{TextContent, json_body};
+use super::json::{TextContent, read_json_body};
 use super::sse::sse_response;
 use crate::auth::Scope;
 use crate::dialect::anthropic::{AnthropicEvents, stop_reason};
@@ -87,11 +86,11 @@ impl MessagesRequest {
 pub async fn create_message(
     State(state): State<AppState>,
     principal: Result<ApiKeyPrincipal, ApiError>,
-    body: Result<Json<Value>, JsonRejection>,
+    request: Request,
 ) -> Result<Response, AnthropicError> {
     let ApiKeyPrincipal(principal) = principal?;
     super::require(&principal, Scope::Stream)?;
-    let req: MessagesRequest = json_body(body, state.config.max_body_bytes)?;
+    let req: MessagesRequest = read_json_body(request, state.config.max_body_bytes).await?;
     let stream = req.stream;
     let model = req.model.clone();
     let generate = req.into_generate()?;

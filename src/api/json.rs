@@ -6,6 +6,7 @@
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -22,6 +23,14 @@ pub struct JsonObject<T>(pub T);
 pub fn json_body<T: DeserializeOwned>(body: Result<Json<Value>, JsonRejection>, limit: usize) -> Result<T, ApiError> {
     let JsonObject(value) = body.map_err(|r| ApiError::from_json_rejection(r, limit))?.try_into()?;
     Ok(value)
+}
+
+/// Reads and parses a request's JSON body, as [`json_body`]. Handlers call
+/// it after they checked the caller, so that a request without a valid
+/// token is refused at once instead of after its whole body arrived (an
+/// axum body extractor would read it first).
+pub async fn read_json_body<T: DeserializeOwned>(request: Request, limit: usize) -> Result<T, ApiError> {
+    json_body(Json::<Value>::from_request(request, &()).await, limit)
 }
 
 /// A message's `content` in the OpenAI and Anthropic shapes: a string, or

@@ -6,14 +6,13 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::gather::{gather, unix_now};
-use super::json::{TextContent, json_body};
+use super::json::{TextContent, read_json_body};
 use super::sse::sse_response;
 use crate::auth::{Principal, Scope};
 use crate::dialect::openai::OpenAiChunks;
@@ -67,11 +66,11 @@ pub struct ChatRequest {
 pub async fn chat_completions(
     State(state): State<AppState>,
     principal: Result<Principal, ApiError>,
-    body: Result<Json<Value>, JsonRejection>,
+    request: Request,
 ) -> Result<Response, OpenAiError> {
     let principal = principal?;
     super::require(&principal, Scope::Stream)?;
-    let req: ChatRequest = json_body(body, state.config.max_body_bytes)?;
+    let req: ChatRequest = read_json_body(request, state.config.max_body_bytes).await?;
     if req.n.is_some_and(|n| n != 1) {
         return Err(ApiError::BadRequest("only n = 1 is supported".into()).into());
     }

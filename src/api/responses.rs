@@ -10,15 +10,15 @@
 //! relies on (it asks for the whole replay and drops what it has).
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::gather::unix_now;
-use super::json::json_body;
+use super::json::read_json_body;
 use super::sse::sse_response;
 use crate::auth::{Principal, Scope};
 use crate::dialect::responses::{ResponseState, Responses, stream_of};
@@ -94,11 +94,11 @@ fn messages(input: &Value, instructions: Option<String>) -> Result<Vec<ChatMessa
 pub async fn create_response(
     State(state): State<AppState>,
     principal: Result<Principal, ApiError>,
-    body: Result<Json<Value>, JsonRejection>,
+    request: Request,
 ) -> Result<Response, OpenAiError> {
     let principal = principal?;
     super::require(&principal, Scope::Stream)?;
-    let req: CreateResponse = json_body(body, state.config.max_body_bytes)?;
+    let req: CreateResponse = read_json_body(request, state.config.max_body_bytes).await?;
     let messages = messages(&req.input, req.instructions)?;
     let options = SamplingOptions {
         temperature: req.temperature,

@@ -283,3 +283,27 @@ async fn a_body_sent_byte_by_byte_is_answered_408_in_the_routes_shape_and_the_co
     // A body that arrives in time is unaffected.
     assert_eq!(publish_as(&app, "alice", "room", json!(1)).await.status(), 200);
 }
+
+#[tokio::test]
+async fn the_chat_routes_refuse_a_missing_or_bad_token_before_reading_the_body() {
+    // A body deadline far beyond the test's: an answer must not wait for it.
+    let mut settings = base_settings();
+    settings.body_timeout = Some("120s".into());
+    let app = spawn_app_with(settings).await;
+    let head = |path: &str, auth: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: 100000\r\n\r\n"
+        )
+    };
+    for path in ["/v1/chat/completions", "/v1/responses", "/v1/messages"] {
+        for auth in ["", "authorization: Bearer not-a-jwt\r\nx-api-key: not-a-jwt\r\n"] {
+            // The body trickles one byte per 100 ms: whole, it would take 10,000 s.
+            let answer = drip_body(&app, head(path, auth)).await;
+            assert!(answer.starts_with("HTTP/1.1 401"), "{path} {auth:?}: {answer}");
+            let body = json_of(&answer);
+            assert_eq!(body["error"]["type"], "authentication_error", "{path}: {body}");
+            assert!(!answer.contains("not-a-jwt"), "the token is echoed: {answer}");
+        }
+    }
+    assert_eq!(app.metric("tokengate_refusals_total{reason=\"body_timeout\"}").await, 0.0);
+}
