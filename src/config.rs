@@ -13,7 +13,7 @@
 //! |---|---|
 //! | `[server]` (or the top level) | `listen`, `listen_backlog`, `cors_origins`, `log_format`, `shutdown_grace`, `shutdown_retry`, `tls_cert`, `tls_key`, `tls_reload_interval`, `h2c`, `max_concurrent_streams` |
 //! | `[auth]` | `jwt_*`, `token_cookie`, `token_query`, `token_grace`, `jwks_*`, `ticket_query`, `ticket_ttl` |
-//! | `[limits]` | `rate_*`, `trusted_proxies`, `max_streams`, `max_streams_per_subject`, `send_queue`, `max_lag`, `max_body_bytes`, `max_prompt_bytes`, `max_messages`, `max_stream_duration`, `max_header_bytes`, `header_timeout`, `body_timeout`, `max_connections`, `limits_on_store_failure`, `stream_lease_ttl`, `max_channels`, `max_channels_per_subject` |
+//! | `[limits]` | `rate_*`, `trusted_proxies`, `max_streams`, `max_streams_per_subject`, `send_queue`, `max_lag`, `max_body_bytes`, `max_prompt_bytes`, `max_messages`, `max_stream_duration`, `max_header_bytes`, `header_timeout`, `body_timeout`, `max_connections`, `send_buffer_bytes`, `limits_on_store_failure`, `stream_lease_ttl`, `max_channels`, `max_channels_per_subject` |
 //! | `[stream]` | `heartbeat`, `retry`, `pace_ms`, `pace_min_ms`, `pace_max_ms`, `generator_pace`, `default_generator`, `demo_feeds`, `demo_feeds_every`, `prompts_dir`, `openai_chunk_graphemes`, `upstream_url`, `upstream_model`, `upstream_api_key_env` |
 //! | `[store]` | `redis_url`, `redis_ca_file`, `detach_grace`, `stream_ttl`, `stream_max_events`, `channel_max_events`, `channel_ttl`, `max_publish_bytes` |
 //! | `[upstreams.NAME]` | one upstream model server each ([`UpstreamSettings`]) |
@@ -126,6 +126,12 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// request head: a 256 KiB body (`max_body_bytes`) needs only about 70 kbit/s
 /// for it, while a client dripping its body byte by byte is cut off.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default kernel send buffer asked for each accepted connection
+/// (`SO_SNDBUF`; Linux doubles it for its bookkeeping). Left to autotuning
+/// it grows to `tcp_wmem`'s maximum (4 MiB on common kernels) once a client
+/// stops reading, which is what a stalled reader would then pin. A chat
+/// stream is a few KB/s, so 64 KiB still covers a long, fast path.
+pub const DEFAULT_SEND_BUFFER_BYTES: usize = 64 * 1024;
 /// Default cap on channels that subjects created, server-wide (cluster-wide
 /// with Redis). Each keeps up to `channel_max_events` events.
 pub const DEFAULT_MAX_CHANNELS: usize = 10_000;
@@ -360,6 +366,11 @@ pub struct Settings {
     /// Open connections allowed (503 and close beyond).
     #[arg(long, global = true, env = "TOKENGATE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Kernel send buffer per connection in bytes (`SO_SNDBUF`): bounds what
+    /// a client that stops reading holds in the kernel; 0 leaves it to the
+    /// kernel's autotuning.
+    #[arg(long, global = true, env = "TOKENGATE_SEND_BUFFER_BYTES")]
+    pub send_buffer_bytes: Option<usize>,
     /// Channels created by subjects that may exist at once, server-wide
     /// (cluster-wide with Redis); creating one more is refused (503
     /// `too_many_channels`), existing ones stay usable.
@@ -473,6 +484,7 @@ pub fn help_defaults() -> Vec<(&'static str, String)> {
         ("header_timeout", time(DEFAULT_HEADER_TIMEOUT)),
         ("body_timeout", time(DEFAULT_BODY_TIMEOUT)),
         ("max_connections", DEFAULT_MAX_CONNECTIONS.to_string()),
+        ("send_buffer_bytes", DEFAULT_SEND_BUFFER_BYTES.to_string()),
         ("max_channels", DEFAULT_MAX_CHANNELS.to_string()),
         ("max_channels_per_subject", DEFAULT_MAX_CHANNELS_PER_SUBJECT.to_string()),
         ("limits_on_store_failure", DEFAULT_LIMITS_ON_STORE_FAILURE.as_str().to_owned()),
@@ -526,7 +538,7 @@ impl Settings {
             max_prompt_bytes, shutdown_grace, shutdown_retry, log_format, rate_subject_per_min,
             rate_subject_burst, rate_ip_per_min, rate_ip_burst, trusted_proxies, max_streams,
             max_streams_per_subject, send_queue, max_lag, max_messages, max_stream_duration,
-            max_header_bytes, header_timeout, body_timeout, max_connections, max_channels,
+            max_header_bytes, header_timeout, body_timeout, max_connections, send_buffer_bytes, max_channels,
             max_channels_per_subject, limits_on_store_failure,
             stream_lease_ttl, detach_grace, stream_ttl,
             stream_max_events, channel_max_events, channel_ttl, max_publish_bytes, redis_url, upstream_url,
@@ -672,6 +684,8 @@ pub struct LimitsConfig {
     pub body_timeout: Duration,
     /// Open connection cap.
     pub max_connections: usize,
+    /// `SO_SNDBUF` for accepted connections; `None` leaves it to the kernel.
+    pub send_buffer: Option<usize>,
     /// Cap on channels subjects created, server-wide (cluster-wide with a shared store).
     pub max_channels: usize,
     /// Cap on channels one subject created.
@@ -1134,6 +1148,7 @@ fn limits(s: &Settings) -> Result<LimitsConfig, ConfigError> {
         header_timeout,
         body_timeout,
         max_connections: at_least_one("max_connections", s.max_connections, DEFAULT_MAX_CONNECTIONS)?,
+        send_buffer: Some(s.send_buffer_bytes.unwrap_or(DEFAULT_SEND_BUFFER_BYTES)).filter(|&n| n > 0),
         max_channels: at_least_one("max_channels", s.max_channels, DEFAULT_MAX_CHANNELS)?,
         max_channels_per_subject: at_least_one(
             "max_channels_per_subject",
@@ -1315,6 +1330,9 @@ mod tests {
         assert_eq!(config.limits.max_channels, DEFAULT_MAX_CHANNELS);
         assert_eq!(config.limits.max_channels_per_subject, DEFAULT_MAX_CHANNELS_PER_SUBJECT);
         assert_eq!(config.limits.body_timeout, DEFAULT_BODY_TIMEOUT);
+        assert_eq!(config.limits.send_buffer, Some(DEFAULT_SEND_BUFFER_BYTES));
+        let autotuned = Config::from_settings(Settings { send_buffer_bytes: Some(0), ..Settings::default() });
+        assert_eq!(autotuned.map(|c| c.limits.send_buffer).ok(), Some(None));
         let err = |s: Settings| Config::from_settings(s).err().map(|e| e.setting());
         assert_eq!(err(Settings { max_channels: Some(0), ..Settings::default() }), Some("max_channels"));
         assert_eq!(

@@ -129,6 +129,7 @@ sections! {
         header_timeout: String,
         body_timeout: String,
         max_connections: usize,
+        send_buffer_bytes: usize,
         limits_on_store_failure: String,
         stream_lease_ttl: String,
         max_channels: usize,

@@ -285,6 +285,8 @@ struct Connections {
     /// Bounds each request body, from the end of its head.
     body_timeout: Duration,
     write_stall: Duration,
+    /// `SO_SNDBUF` for each accepted socket, if bounded.
+    send_buffer: Option<usize>,
     open: Arc<Semaphore>,
     refusers: Arc<Semaphore>,
     /// Cancelled once the listener is closed: every connection then shuts
@@ -336,6 +338,7 @@ impl Connections {
             header_timeout: limits.header_timeout,
             body_timeout: limits.body_timeout,
             write_stall: limits.max_lag.saturating_mul(2),
+            send_buffer: limits.send_buffer,
             open: Arc::new(Semaphore::new(limits.max_connections)),
             refusers: Arc::new(Semaphore::new(MAX_REFUSERS)),
             close: CancellationToken::new(),
@@ -461,8 +464,14 @@ fn serve_connection(
     state: &AppState,
 ) {
     let _ = tcp.set_nodelay(true);
-    let _ = socket2::SockRef::from(&tcp)
-        .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE).with_interval(TCP_KEEPALIVE));
+    let socket = socket2::SockRef::from(&tcp);
+    let _ =
+        socket.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE).with_interval(TCP_KEEPALIVE));
+    if let Some(bytes) = connections.send_buffer
+        && let Err(e) = socket.set_send_buffer_size(bytes)
+    {
+        tracing::debug!(error = %e, %peer, "SO_SNDBUF not set");
+    }
     let io = StallGuard::new(tcp, connections.write_stall);
     let activity = Arc::new(Activity::default());
     let connections = connections.clone();

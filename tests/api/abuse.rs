@@ -307,3 +307,83 @@ async fn the_chat_routes_refuse_a_missing_or_bad_token_before_reading_the_body()
     }
     assert_eq!(app.metric("tokengate_refusals_total{reason=\"body_timeout\"}").await, 0.0);
 }
+
+/// Opens an echo stream of `chars` characters on a socket with a 4 KiB
+/// receive buffer and reads only the response head: a reader that stalls.
+async fn stalled_reader(app: &TestApp, chars: usize) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(app.addr).await.unwrap();
+    let body = json!({ "generator": "echo", "prompt": "x".repeat(chars) }).to_string();
+    let head = format!(
+        "POST /v1/stream HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        app.token("alice", "stream"),
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(body.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(LIMIT, tcp.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before the head: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    tcp
+}
+
+/// `tokengate_stream_bytes_sent_total` once it stopped moving for a second
+/// (bounded: at most 20 s).
+async fn bytes_sent_when_settled(app: &TestApp) -> f64 {
+    let name = "tokengate_stream_bytes_sent_total";
+    let mut last = app.metric(name).await;
+    let mut still = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = app.metric(name).await;
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+        if still >= 5 {
+            return now;
+        }
+    }
+    panic!("bytes sent never settled: {last}");
+}
+
+#[tokio::test]
+async fn a_stalled_reader_holds_no_more_than_the_bounded_socket_buffers() {
+    // 300,000 deltas are about 22 MB of SSE: far more than any buffer.
+    let chars = 300_000;
+    let settings = || {
+        let mut settings = base_settings();
+        settings.max_body_bytes = Some(1_000_000);
+        settings.max_prompt_bytes = Some(1_000_000);
+        settings
+    };
+    let app = spawn_app_with(settings()).await;
+    let stalled = stalled_reader(&app, chars).await;
+    let bounded = bytes_sent_when_settled(&app).await;
+    // What left the stream: the kernel's send buffer (64 KiB asked, 128 KiB
+    // granted), hyper's write buffer, the client's 4 KiB receive buffer, and
+    // TCP's in-flight bytes between them.
+    assert!(bounded > 0.0 && bounded < 512.0 * 1024.0, "{bounded} bytes left a stalled stream");
+    drop(stalled);
+    // Left to the kernel's autotuning, the send buffer grows to tcp_wmem's
+    // maximum (4 MiB on common kernels), so much more leaves the stream. This
+    // is what the default bound is for; a kernel whose maximum is small
+    // would make this half of the test moot, so it is checked first.
+    let wmem = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem").unwrap();
+    let wmem_max: f64 = wmem.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(wmem_max >= 1024.0 * 1024.0, "tcp_wmem max is {wmem_max}: cannot show the difference here");
+    let mut unbounded = settings();
+    unbounded.send_buffer_bytes = Some(0);
+    let app = spawn_app_with(unbounded).await;
+    let _stalled = stalled_reader(&app, chars).await;
+    let autotuned = bytes_sent_when_settled(&app).await;
+    assert!(
+        autotuned > 2.0 * bounded && autotuned > 1024.0 * 1024.0,
+        "autotuned {autotuned} against bounded {bounded}"
+    );
+    eprintln!("bytes out of a stalled stream: {bounded} with SO_SNDBUF 64 KiB, {autotuned} autotuned");
+}
