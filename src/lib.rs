@@ -60,6 +60,7 @@ pub mod fuzzing;
 pub mod generator;
 pub mod json;
 pub mod limits;
+pub mod log_throttle;
 pub mod metrics;
 pub mod quota;
 pub mod secret;

@@ -5,10 +5,10 @@
 //! and logged at most once per [`LOG_EVERY`], with how many were left out.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use crate::log_throttle::LogThrottle;
 use crate::metrics::Metrics;
 use crate::store::{LimitStore, StoreError};
 
@@ -75,7 +75,7 @@ impl std::fmt::Debug for SharedLimits {
 impl SharedLimits {
     /// Cluster-wide limits on `store`, failing as `policy` says.
     pub fn new(store: LimitStore, policy: OnStoreFailure, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self { store, policy, metrics, log: LogThrottle::default() })
+        Arc::new(Self { store, policy, metrics, log: LogThrottle::new(LOG_EVERY) })
     }
 
     /// The store, for the lease keeper's renewals and releases.
@@ -124,39 +124,9 @@ impl SharedLimits {
     }
 }
 
-/// Lets one message through per [`LOG_EVERY`], counting the others.
-#[derive(Debug, Default)]
-struct LogThrottle {
-    last: Mutex<Option<Instant>>,
-    suppressed: AtomicU64,
-}
-
-impl LogThrottle {
-    /// `Some(left out since the last one)` if a message may be logged now.
-    fn admit(&self) -> Option<u64> {
-        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        if last.is_some_and(|at| at.elapsed() < LOG_EVERY) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        *last = Some(Instant::now());
-        Some(self.suppressed.swap(0, Ordering::Relaxed))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_log_throttle_lets_one_through_and_counts_the_rest() {
-        let throttle = LogThrottle::default();
-        assert_eq!(throttle.admit(), Some(0));
-        assert_eq!(throttle.admit(), None);
-        assert_eq!(throttle.admit(), None);
-        *throttle.last.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now().checked_sub(LOG_EVERY);
-        assert_eq!(throttle.admit(), Some(2));
-    }
 
     #[test]
     fn the_policy_round_trips_its_setting() {

@@ -31,6 +31,7 @@ use crate::config::{Config, ConfigError};
 use crate::event::ErrorCode;
 use crate::generator::{self, Registry};
 use crate::limits::{Leases, RateLimits, SharedLimits, StreamSlots};
+use crate::log_throttle::LogThrottle;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::state::{AppState, Inner};
@@ -52,6 +53,10 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Concurrent tasks answering connections over the cap; beyond, they are
 /// just closed.
 const MAX_REFUSERS: usize = 64;
+
+/// At most one log line per this long for each kind of refused connection
+/// (they come by the thousand in a flood; the metrics count every one).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Once the listener closed, connections still open this much later (a
 /// client that stopped reading, say) no longer hold the process up.
@@ -289,6 +294,8 @@ struct Connections {
     send_buffer: Option<usize>,
     open: Arc<Semaphore>,
     refusers: Arc<Semaphore>,
+    /// Throttles the log lines of connections refused before a request.
+    logs: RefusalLogs,
     /// Cancelled once the listener is closed: every connection then shuts
     /// down gracefully (HTTP/1.1 closes after its response, HTTP/2 sends
     /// GOAWAY and finishes its open streams).
@@ -341,6 +348,7 @@ impl Connections {
             send_buffer: limits.send_buffer,
             open: Arc::new(Semaphore::new(limits.max_connections)),
             refusers: Arc::new(Semaphore::new(MAX_REFUSERS)),
+            logs: RefusalLogs::default(),
             close: CancellationToken::new(),
         }
     }
@@ -390,6 +398,38 @@ async fn accept_until_stopped(listener: TcpListener, state: &AppState, tls: Opti
         serve_connection(tcp, peer, permit, &app, &connections, state);
     }
     connections
+}
+
+/// One [`LogThrottle`] per kind of connection a client can have refused by
+/// the thousand.
+#[derive(Debug)]
+struct RefusalLogs {
+    header_timeout: LogThrottle,
+    tls_handshake_timeout: LogThrottle,
+    header_too_large: LogThrottle,
+    slow_subscriber: LogThrottle,
+}
+
+impl Default for RefusalLogs {
+    fn default() -> Self {
+        Self {
+            header_timeout: LogThrottle::new(REFUSAL_LOG_EVERY),
+            tls_handshake_timeout: LogThrottle::new(REFUSAL_LOG_EVERY),
+            header_too_large: LogThrottle::new(REFUSAL_LOG_EVERY),
+            slow_subscriber: LogThrottle::new(REFUSAL_LOG_EVERY),
+        }
+    }
+}
+
+impl RefusalLogs {
+    /// Counts a connection closed before its request head arrived, and logs
+    /// it if the throttle lets it.
+    fn header_timeout(&self, metrics: &Metrics, peer: SocketAddr) {
+        metrics.refused("header_timeout");
+        if let Some(suppressed) = self.header_timeout.admit() {
+            tracing::info!(%peer, suppressed, "request headers not received in time; connection closed");
+        }
+    }
 }
 
 /// What a connection's requests have in common: how many it has served,
@@ -483,7 +523,9 @@ fn serve_connection(
             Some(tls) => match tokio::time::timeout(timeout, tls.acceptor().accept(io)).await {
                 Err(_) => {
                     metrics.refused("tls_handshake_timeout");
-                    tracing::info!(%peer, "TLS handshake not finished in time; connection closed");
+                    if let Some(suppressed) = connections.logs.tls_handshake_timeout.admit() {
+                        tracing::info!(%peer, suppressed, "TLS handshake not finished in time; connection closed");
+                    }
                     return;
                 }
                 Ok(Err(e)) => {
@@ -499,8 +541,7 @@ fn serve_connection(
                 let mut io = io;
                 match tokio::time::timeout(timeout, h2c::sniff(&mut io)).await {
                     Err(_) => {
-                        metrics.refused("header_timeout");
-                        tracing::info!(%peer, "request headers not received in time; connection closed");
+                        connections.logs.header_timeout(&metrics, peer);
                         return;
                     }
                     Ok(Err(e)) => {
@@ -516,7 +557,7 @@ fn serve_connection(
             None => serve_http(io, false, &app, peer, &connections, &activity, &metrics).await,
         };
         if let Err(e) = ended {
-            report_end(&*e, peer, &activity, &metrics);
+            report_end(&*e, peer, &activity, &metrics, &connections.logs);
         }
         drop(permit);
     });
@@ -588,7 +629,9 @@ where
             ended = conn.as_mut() => return ended,
             () = &mut aborted => {
                 metrics.refused(ErrorCode::SlowConsumer.as_str());
-                tracing::info!(%peer, "slow channel subscriber dropped: it fell out of the log; connection closed");
+                if let Some(suppressed) = connections.logs.slow_subscriber.admit() {
+                    tracing::info!(%peer, suppressed, "slow channel subscriber dropped: it fell out of the log; connection closed");
+                }
                 return Ok(());
             }
             () = connections.close.cancelled(), if !closing => {
@@ -610,19 +653,26 @@ where
 
 /// Logs and counts how a connection ended with an error. Connection-level
 /// refusals never reach the router, so they are counted here, once.
-fn report_end(e: &(dyn std::error::Error + 'static), peer: SocketAddr, activity: &Activity, metrics: &Metrics) {
+fn report_end(
+    e: &(dyn std::error::Error + 'static),
+    peer: SocketAddr,
+    activity: &Activity,
+    metrics: &Metrics,
+    logs: &RefusalLogs,
+) {
     let hyper = e.downcast_ref::<hyper::Error>();
     let served = activity.served.load(Ordering::Relaxed);
     if hyper.is_some_and(hyper::Error::is_timeout) && served == 0 {
-        metrics.refused("header_timeout");
-        tracing::info!(%peer, "request headers not received in time; connection closed");
+        logs.header_timeout(metrics, peer);
     } else if hyper.is_some_and(hyper::Error::is_timeout) {
         // The same timer closes kept-alive connections that sit idle after
         // a request: routine, not a refusal.
         tracing::debug!(%peer, "idle connection closed");
     } else if hyper.is_some_and(hyper::Error::is_parse_too_large) {
         metrics.refused("header_too_large");
-        tracing::info!(%peer, "request head too large; answered 431");
+        if let Some(suppressed) = logs.header_too_large.admit() {
+            tracing::info!(%peer, suppressed, "request head too large; answered 431");
+        }
     } else {
         tracing::debug!(error = %e, %peer, "connection ended with an error");
     }

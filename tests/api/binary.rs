@@ -416,3 +416,37 @@ async fn a_stalled_log_reader_does_not_stall_the_streams() {
         assert_eq!(delta_text(&events), format!("hi{i}"), "stream {i}");
     }
 }
+
+#[tokio::test]
+async fn a_flood_of_connections_that_never_send_a_head_is_counted_each_but_logged_once() {
+    let mut server =
+        start(&["--jwt-secret", SECRET, "--log-format", "json", "--header-timeout", "300ms"], &[], "listening on");
+    let addr: std::net::SocketAddr = server.base.strip_prefix("http://").unwrap().parse().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let series = "tokengate_refusals_total{reason=\"header_timeout\"}";
+    let mut counted = 0.0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let text = reqwest::get(format!("{}/metrics", server.base)).await.unwrap().text().await.unwrap();
+        counted = text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0);
+        if counted >= 40.0 {
+            break;
+        }
+    }
+    assert_eq!(counted, 40.0, "every refusal is counted");
+    drop(held);
+    assert_eq!(sigterm(&mut server).code(), Some(0));
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut server.child.stderr.take().unwrap(), &mut logs).unwrap();
+    let refused: Vec<Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == "request headers not received in time; connection closed")
+        .collect();
+    // All 40 fall inside one 10 s throttle window: one line, for the first.
+    assert_eq!(refused.len(), 1, "{logs}");
+    assert_eq!(refused[0]["fields"]["suppressed"], 0, "{logs}");
+}
