@@ -31,7 +31,7 @@
 #   BENCH_NO_BUILD=1    measure target/release as it is (no cargo build)
 #   BENCH_PORT_OFFSET=0 added to every port the servers listen on
 #   BENCH_BASELINE=path another tokengate binary (e.g. one built from an
-#                       earlier commit): scenarios 1, 1b and 2 then alternate
+#                       earlier commit): scenarios 1, 1b, 2, 3 and 6 then alternate
 #                       tokengate with it instead of the reference, print a
 #                       side-by-side summary and leave BENCHMARKS.md alone
 set -euo pipefail
@@ -277,7 +277,7 @@ run_one() { # scenario server run
     # A 60 s pace (allowed by --pace-max-ms) keeps every stream open and
     # quiet but for heartbeats.
     start_tokengate $TG_PORT "s3-tokengate-$run" "${TG_NO_RATE[@]}" --pace-max-ms 600000
-    loadgen s3 tokengate "$run" idle "${TGA[@]}" --conns $S3_CONNS --hold-secs $S3_HOLD --heartbeat-secs 5 --pace-ms 60000 ;;
+    loadgen s3 "$TAG" "$run" idle "${TGA[@]}" --conns $S3_CONNS --hold-secs $S3_HOLD --heartbeat-secs 5 --pace-ms 60000 ;;
   s3/reference)
     start_reference "s3-reference-$run"
     loadgen s3 reference "$run" idle "${REFA[@]}" --conns $S3_CONNS --hold-secs $S3_HOLD --heartbeat-secs 5 --pace-ms 60000 ;;
@@ -302,7 +302,7 @@ run_one() { # scenario server run
     SRV_PID= ;;
   s6/tokengate)
     start_tokengate $TG_PORT "s6-tokengate-$run" "${TG_RATE_ON[@]}"
-    loadgen s6 tokengate "$run" opens "${TGA[@]}" --rate $S6_RATE --duration-secs $S6_SECS --subjects $S6_SUBJECTS --conns $S6_CONNS ;;
+    loadgen s6 "$TAG" "$run" opens "${TGA[@]}" --rate $S6_RATE --duration-secs $S6_SECS --subjects $S6_SUBJECTS --conns $S6_CONNS ;;
   s6/reference)
     start_reference "s6-reference-$run"
     loadgen s6 reference "$run" opens "${REFA[@]}" --rate $S6_RATE --duration-secs $S6_SECS --subjects $S6_SUBJECTS --conns $S6_CONNS ;;
@@ -393,7 +393,7 @@ abuse_loadgen() { # scenario server mode [args...]
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
 MAIN_RAN=0
 LLM_RAN=0
-# Who tokengate is compared with in scenarios 1, 1b and 2.
+# Who tokengate is compared with in scenarios 1, 1b, 2, 3 and 6.
 OTHER=reference
 [[ -n $BASELINE ]] && OTHER=baseline
 
@@ -410,7 +410,7 @@ for s in $SCENARIOS; do
     note "scenario 2: paced"; log_cmd "# scenario 2"; alternate s2 tokengate $OTHER
     note "scenario 2h: paced, 500 streams, with the one-write-per-character ceiling"; log_cmd "# scenario 2h"
     if [[ -n $BASELINE ]]; then rotate3 s2h tokengate baseline ceiling; else rotate3 s2h tokengate reference ceiling; fi ;;
-  3) note "scenario 3: idle"; log_cmd "# scenario 3"; alternate s3 tokengate reference ;;
+  3) note "scenario 3: idle"; log_cmd "# scenario 3"; alternate s3 tokengate $OTHER ;;
   4) note "scenario 4: fan-out"; log_cmd "# scenario 4"; alternate s4 tokengate reference ;;
   5)
     note "scenario 5: proxy overhead"
@@ -426,7 +426,8 @@ for s in $SCENARIOS; do
   6)
     note "scenario 6: stream opens with auth and limits"
     log_cmd "# scenario 6"
-    alternate s6 tokengate reference
+    alternate s6 tokengate $OTHER
+    [[ -n $BASELINE ]] && continue
 
     # Diagnostic (once): the same load with tokengate's logging at warn.
     note "scenario 6 diagnostic: RUST_LOG=warn"
@@ -664,7 +665,9 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 keys = [("chars_per_s", "chars/s"), ("server_cpu_us_per_char", "server CPU us/char"),
         ("gap_p50", "gap p50 ms"), ("gap_p99", "gap p99 ms"),
-        ("server_rss_bytes_per_char_retained", "RSS B/retained char")]
+        ("server_rss_bytes_per_char_retained", "RSS B/retained char"),
+        ("server_rss_kib_per_stream", "RSS KiB/open stream"), ("server_cpu_us_per_open", "server CPU us/open"),
+        ("server_rss_kib_peak", "peak RSS KiB")]
 def value(r, k):
     return r.get("gap_ms", {}).get(k[4:]) if k.startswith("gap_") else r.get(k)
 print(f"side by side with {sys.argv[2]} (medians of alternating runs; n = runs per binary)")

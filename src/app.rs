@@ -21,6 +21,7 @@ use tracing::Instrument;
 use crate::api;
 use crate::error::{ApiError, ErrorShape, Refusal};
 use crate::limits::client_ip;
+use crate::request_line;
 use crate::state::AppState;
 
 /// One route: path, the methods it answers (besides HEAD for GET), handler.
@@ -139,7 +140,9 @@ pub fn router(state: AppState) -> Router {
 
 /// Runs the request in its span (request id, method, path, and the query
 /// with the token redacted) and logs one line when the response head is
-/// ready. Unlike tower-http's `TraceLayer` it does not wrap the response
+/// ready, unless the request opened a stream and succeeded: that stream's
+/// `stream ended` line is then the request's line (see
+/// [`crate::request_line`]). Unlike tower-http's `TraceLayer` it does not wrap the response
 /// body: that wrapper entered the span and read the clock twice on every
 /// body poll, which on a stream is every event.
 async fn log_request(secret_params: Arc<[String]>, request: Request<Body>, next: Next) -> Response {
@@ -155,7 +158,10 @@ async fn log_request(secret_params: Arc<[String]>, request: Request<Body>, next:
         )
     };
     let started = std::time::Instant::now();
-    let response = next.run(request).instrument(span.clone()).await;
+    let (response, opened_stream) = request_line::watch(next.run(request).instrument(span.clone())).await;
+    if opened_stream && response.status().is_success() {
+        return response;
+    }
     let _entered = span.enter();
     tracing::info!(
         latency = %format_args!("{} ms", started.elapsed().as_millis()),

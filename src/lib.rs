@@ -63,6 +63,7 @@ pub mod limits;
 pub mod log_throttle;
 pub mod metrics;
 pub mod quota;
+pub mod request_line;
 pub mod secret;
 pub mod server;
 pub mod shutdown;

@@ -10,6 +10,10 @@ use tokengate::config::Config;
 use tokengate::server::Application;
 use tracing_subscriber::EnvFilter;
 
+/// The log thread's write buffer: lines queued while it writes go out
+/// together.
+const LOG_BUFFER_BYTES: usize = 64 * 1024;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match cli.effective_settings().and_then(Config::from_settings) {
@@ -98,11 +102,14 @@ fn serve(config: Config) -> ExitCode {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     // Log lines are written by a thread of their own: a slow or stalled
     // stderr reader (a pipe to a busy collector) must not block the
-    // runtime's workers, and lines that pile up are written together. When
+    // runtime's workers, and lines that pile up are written together: the
+    // thread writes every pending line into the buffer and flushes once
+    // none is left, one write for a burst instead of one per line. When
     // 128k lines are pending, new ones are dropped rather than waited for.
     // The guard flushes what is pending when `serve` returns.
+    let stderr = std::io::BufWriter::with_capacity(LOG_BUFFER_BYTES, std::io::stderr());
     let (writer, _flush_on_exit) =
-        tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(true).finish(std::io::stderr());
+        tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(true).finish(stderr);
     let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     if config.log_json {
         subscriber.json().init();

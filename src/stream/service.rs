@@ -222,6 +222,7 @@ impl StreamService {
         };
         spawn(engine, writer, ctx, run);
         inner.metrics.stream_opened(request.protocol);
+        crate::request_line::stream_opened();
         let events = Box::pin(follow(cursor, self.follow_settings_for(caller)));
         Ok(Opened { stream_id, generator: name, events })
     }

@@ -369,6 +369,14 @@ async fn json_logs_have_request_ids_and_one_line_per_stream_end_without_tokens()
         .await
         .unwrap();
     assert_eq!(delta_text(&read_events(resp, Duration::from_secs(10)).await), "hey");
+    // A request that opens no stream has a line of its own.
+    let refused = client
+        .get(format!("{}/v1/stream?generator=echo&prompt=hey", server.base))
+        .header("x-request-id", "req-no-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(sigterm(&mut server).code(), Some(0));
     let mut logs = String::new();
@@ -382,12 +390,16 @@ async fn json_logs_have_request_ids_and_one_line_per_stream_end_without_tokens()
     assert_eq!(fields["subject"], "logger");
     assert_eq!(fields["generator"], "echo");
     assert_eq!(ended[0]["span"]["request_id"], "req-abc-123", "{logs}");
-    let finished: Vec<&Value> = lines
-        .iter()
-        .filter(|l| l["span"]["request_id"] == "req-abc-123" && l["fields"]["message"] == "finished processing request")
-        .collect();
+    assert_eq!(ended[0]["span"]["path"], "/v1/stream", "{logs}");
+    assert!(ended[0]["fields"]["duration_ms"].is_u64(), "{logs}");
+    // One line per request: the stream's line is the request's.
+    let of = |id: &str| -> Vec<&Value> { lines.iter().filter(|l| l["span"]["request_id"] == id).collect() };
+    assert_eq!(of("req-abc-123").len(), 1, "one line per request: {logs}");
+    // (A refusal also has its `refused` line, with the code.)
+    let finished: Vec<&Value> =
+        of("req-no-token").into_iter().filter(|l| l["fields"]["message"] == "finished processing request").collect();
     assert_eq!(finished.len(), 1, "one line per request: {logs}");
-    assert_eq!(finished[0]["fields"]["status"], 200, "{logs}");
+    assert_eq!(finished[0]["fields"]["status"], 401, "{logs}");
     assert!(finished[0]["fields"]["latency"].as_str().is_some_and(|l| l.ends_with(" ms")), "{logs}");
     assert_eq!(finished[0]["span"]["path"], "/v1/stream", "{logs}");
     assert!(!logs.contains(&token), "token leaked into logs");
