@@ -20,7 +20,7 @@
 # Environment (all optional):
 #   BENCH_RUNS=3        runs per server and scenario
 #   BENCH_OUT=target/bench   where raw JSON, logs and profiles go
-#   BENCH_SCENARIOS="1 2 3 4 5 6 strace llm loris slowbody subs stalled"
+#   BENCH_SCENARIOS="1 2 2r 3 4 5 6 strace llm loris slowbody subs stalled"
 #                       which parts to run; a run of only llm and abuse
 #                       scenarios rewrites only their sections of BENCHMARKS.md
 #   BENCH_LLM_STREAMS="500 1000"   concurrent streams in scenario `llm`, one
@@ -40,7 +40,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 OUT=${BENCH_OUT:-target/bench}
 RUNS=${BENCH_RUNS:-3}
-SCENARIOS=${BENCH_SCENARIOS:-"1 2 3 4 5 6 strace llm loris slowbody subs stalled"}
+SCENARIOS=${BENCH_SCENARIOS:-"1 2 2r 3 4 5 6 strace llm loris slowbody subs stalled"}
 QUICK=${BENCH_QUICK:-0}
 BASELINE=${BENCH_BASELINE:-}
 if [[ -n $BASELINE ]]; then
@@ -62,6 +62,7 @@ MOCK_PORT=$((18099 + PORT_OFFSET))
 CEIL_PORT=$((18091 + PORT_OFFSET))
 NAIVE_PORT=$((18092 + PORT_OFFSET))
 LLM_MOCK_PORT=$((18098 + PORT_OFFSET))
+REDIS_PORT=$((18379 + PORT_OFFSET))
 
 # Scale. The full numbers are the issue's; BENCH_QUICK scales them down.
 if [[ $QUICK == 1 ]]; then
@@ -149,9 +150,11 @@ fi
 
 SRV_PID=
 MOCK_PID=
+REDIS_PID=
 cleanup() {
   [[ -n $SRV_PID ]] && kill -KILL "$SRV_PID" 2>/dev/null || true
   [[ -n $MOCK_PID ]] && kill -KILL "$MOCK_PID" 2>/dev/null || true
+  [[ -n $REDIS_PID ]] && kill -KILL "$REDIS_PID" 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -273,6 +276,28 @@ run_one() { # scenario server run
   s2h/ceiling)
     start_ceiling "s2h-ceiling-$run"
     loadgen s2h ceiling "$run" stream --addr "$HOST:$CEIL_PORT" --target reference --conns $S2H_CONNS --chars $S2_CHARS --pace-ms $S2_PACE ;;
+  s2r/tokengate)
+    start_tokengate $TG_PORT "s2r-tokengate-$run" "${TG_NO_RATE[@]}"
+    loadgen s2r tokengate "$run" stream "${TGA[@]}" --conns $S2H_CONNS --chars $S2_CHARS --pace-ms $S2_PACE ;;
+  s2r/tokengate-redis)
+    # The same server on the shared store; redis-server's CPU and commands
+    # over the run are read around it and written as a row of their own.
+    redis-cli -p $REDIS_PORT flushall >/dev/null
+    redis-cli -p $REDIS_PORT config resetstat >/dev/null
+    local r0 r1 c1
+    r0=$(awk '{ print $14 + $15 }' "/proc/$REDIS_PID/stat")
+    start_tokengate $TG_PORT "s2r-redis-$run" "${TG_NO_RATE[@]}" --redis-url "redis://$HOST:$REDIS_PORT"
+    loadgen s2r tokengate-redis "$run" stream "${TGA[@]}" --conns $S2H_CONNS --chars $S2_CHARS --pace-ms $S2_PACE
+    r1=$(awk '{ print $14 + $15 }' "/proc/$REDIS_PID/stat")
+    # What the finished streams' logs occupy in Redis (kept for stream_ttl).
+    local mem=0 k
+    for k in $(redis-cli -p $REDIS_PORT --scan --pattern 'tg:s:*'); do
+      mem=$((mem + $(redis-cli -p $REDIS_PORT memory usage "$k" samples 0)))
+    done
+    c1=$(redis-cli -p $REDIS_PORT info commandstats | tr -d '\r' | sed -n 's/^cmdstat_\([a-z|]*\):calls=\([0-9]*\).*/\1 \2/p' |
+      python3 -c 'import json,sys; print(json.dumps(dict((k, int(v)) for k, v in (l.split() for l in sys.stdin))))')
+    printf '{"tags":{"scenario":"s2r-redis","server":"redis-server","run":"%s"},"redis_cpu_s":%s,"redis_commands":%s,"streams":%s,"redis_log_bytes":%s}\n' \
+      "$run" "$(python3 -c "print(($r1 - $r0) / $(getconf CLK_TCK))")" "$c1" "$S2H_CONNS" "$mem" >>"$RESULTS" ;;
   s3/tokengate)
     # A 60 s pace (allowed by --pace-max-ms) keeps every stream open and
     # quiet but for heartbeats.
@@ -398,7 +423,7 @@ OTHER=reference
 [[ -n $BASELINE ]] && OTHER=baseline
 
 for s in $SCENARIOS; do
-  case $s in llm | loris | slowbody | subs | stalled) ;; *) MAIN_RAN=1 ;; esac
+  case $s in 2r | llm | loris | slowbody | subs | stalled) ;; *) MAIN_RAN=1 ;; esac
   case $s in
   1)
     note "scenario 1: unpaced throughput"; log_cmd "# scenario 1"; alternate s1 tokengate $OTHER
@@ -410,6 +435,57 @@ for s in $SCENARIOS; do
     note "scenario 2: paced"; log_cmd "# scenario 2"; alternate s2 tokengate $OTHER
     note "scenario 2h: paced, 500 streams, with the one-write-per-character ceiling"; log_cmd "# scenario 2h"
     if [[ -n $BASELINE ]]; then rotate3 s2h tokengate baseline ceiling; else rotate3 s2h tokengate reference ceiling; fi ;;
+  2r)
+    # Scenario 2 at 500 streams on the memory store and on Redis (one
+    # replica), alternating; redis-server stays up for all runs, flushed
+    # before each.
+    note "scenario 2r: paced, 500 streams, memory store against Redis"
+    command -v redis-server >/dev/null || { echo "scenario 2r needs redis-server (apt-get install redis-server)" >&2; exit 1; }
+    log_cmd "# scenario 2r (redis-server stays up for all runs, FLUSHALL before each Redis run)"
+    log_cmd "redis-server --port $REDIS_PORT --bind $HOST --save '' --appendonly no &"
+    redis-server --port $REDIS_PORT --bind $HOST --save '' --appendonly no >"$OUT/logs/redis.log" 2>&1 &
+    REDIS_PID=$!
+    for _ in $(seq 1 50); do redis-cli -p $REDIS_PORT ping >/dev/null 2>&1 && break; sleep 0.1; done
+    alternate s2r tokengate tokengate-redis
+    kill -KILL "$REDIS_PID" 2>/dev/null || true
+    wait "$REDIS_PID" 2>/dev/null || true
+    REDIS_PID=
+    # The summary: CPU per delivered character of tokengate plus
+    # redis-server against the memory store's, and commands per stream.
+    python3 - "$RESULTS" >"$OUT/s2r-summary.md" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+def of(server):
+    return sorted((r for r in rows if r.get("tags", {}).get("scenario") == "s2r" and r["tags"].get("server") == server),
+                  key=lambda r: r["tags"]["run"])
+mem, red = of("tokengate"), of("tokengate-redis")
+rs = sorted((r for r in rows if r.get("tags", {}).get("scenario") == "s2r-redis"), key=lambda r: r["tags"]["run"])
+med = statistics.median
+def chars(r):
+    return r["chars_delivered"]
+mem_cpu = [r["server_cpu_s"] * 1e6 / chars(r) for r in mem]
+tg_cpu = [r["server_cpu_s"] * 1e6 / chars(r) for r in red]
+redis_cpu = [x["redis_cpu_s"] * 1e6 / chars(r) for r, x in zip(red, rs)]
+both = [a + b for a, b in zip(tg_cpu, redis_cpu)]
+cmds = [sum(x["redis_commands"].values()) / x["streams"] for x in rs]
+print("| figure (medians of %d runs each) | memory store | Redis, one replica | ratio |" % len(mem))
+print("|---|---:|---:|---:|")
+print("| delivered chars/s | %.0f | %.0f | %.2fx |" % (med([r["chars_per_s"] for r in mem]), med([r["chars_per_s"] for r in red]),
+      med([r["chars_per_s"] for r in red]) / med([r["chars_per_s"] for r in mem])))
+print("| tokengate CPU µs per char | %.2f | %.2f | %.2fx |" % (med(mem_cpu), med(tg_cpu), med(tg_cpu) / med(mem_cpu)))
+print("| redis-server CPU µs per char | - | %.2f | - |" % med(redis_cpu))
+print("| **tokengate + redis-server CPU µs per char** | %.2f | %.2f | **%.2fx** |" % (med(mem_cpu), med(both), med(both) / med(mem_cpu)))
+print("| inter-delta gap p50 / p99, ms | %.2f / %.1f | %.2f / %.1f | - |" % (
+      med([r["gap_ms"]["p50"] for r in mem]), med([r["gap_ms"]["p99"] for r in mem]),
+      med([r["gap_ms"]["p50"] for r in red]), med([r["gap_ms"]["p99"] for r in red])))
+print("| Redis commands per stream | - | %.1f | - |" % med(cmds))
+print("| Redis memory per finished stream's log, bytes (`MEMORY USAGE`) | - | %.0f | - |" % med([x["redis_log_bytes"] / x["streams"] for x in rs]))
+last = rs[-1]["redis_commands"]
+top = sorted(last.items(), key=lambda kv: -kv[1])[:8]
+print()
+print("Redis commands per stream by command (last run): " + ", ".join("`%s` %.1f" % (k, v / rs[-1]["streams"]) for k, v in top) + ".")
+PY
+    cat "$OUT/s2r-summary.md" >&2 ;;
   3) note "scenario 3: idle"; log_cmd "# scenario 3"; alternate s3 tokengate $OTHER ;;
   4) note "scenario 4: fan-out"; log_cmd "# scenario 4"; alternate s4 tokengate reference ;;
   5)

@@ -526,3 +526,89 @@ async fn channel_creation_bounds_hold_across_two_replicas_and_a_swept_channel_fr
     too_many_channels(publish_as(&a, "alice", "r6", json!(1)).await, 429).await;
     drop(body);
 }
+
+/// `redis-cli`-free: one RESP command on a fresh connection, its reply's
+/// first line (an integer reply: `:<n>`).
+fn redis_integer(redis: &RedisServer, args: &[&str]) -> i64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut cmd = format!("*{}\r\n", args.len());
+    for a in args {
+        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(cmd.as_bytes()).unwrap();
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+    reply.trim().strip_prefix(':').and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("reply {reply:?}"))
+}
+
+#[tokio::test]
+async fn runs_of_deltas_replicate_in_few_entries_trim_by_sequence_and_resume_exactly_from_inside_a_run() {
+    let redis = RedisServer::start();
+    let mut settings = shared(&redis);
+    settings.stream_max_events = Some(300);
+    let a = spawn_app_with(settings.clone()).await;
+    let b = spawn_app_with(settings).await;
+    ready(&a).await;
+    ready(&b).await;
+    let token = a.token("alice", "stream");
+    let letters = |n: usize| -> String { (0..n).map(|i| char::from(b'a' + (i % 26) as u8)).collect() };
+    // Opens a stream on A and returns its id once B can read all of it.
+    let replicated = |query: String, text: String| {
+        let (a, b, token) = (&a, &b, token.clone());
+        async move {
+            let events = read_events(a.stream(&query).await, LIMIT).await;
+            assert_eq!(messages(&events).last().map(|m| m.0.clone()), Some("done".into()), "{:?}", messages(&events));
+            assert_eq!(delta_text(&events), text);
+            let sid = messages(&events)[0].1["stream_id"].as_str().unwrap().to_owned();
+            let last = text.len();
+            for _ in 0..100 {
+                let resp = b.get(&format!("/v1/streams/{sid}?last_event_id={sid}.{last}"), Some(&token)).await;
+                if resp.status() == 200
+                    && messages(&read_events(resp, LIMIT).await).first().is_some_and(|m| m.0 == "done")
+                {
+                    return sid;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("stream {sid} never fully replicated");
+        }
+    };
+    // Resumes on B after `from` and checks exactly what follows.
+    let resumed_exactly = |sid: String, text: String, from: usize| {
+        let (b, token) = (&b, token.clone());
+        async move {
+            let resp = b.get(&format!("/v1/streams/{sid}?last_event_id={sid}.{from}"), Some(&token)).await;
+            assert_eq!(resp.status(), 200);
+            let msgs = messages(&read_events(resp, LIMIT).await);
+            let seqs: Vec<u64> = msgs.iter().map(|m| seq_of(&m.2)).collect();
+            assert_eq!(seqs, (from as u64 + 1..=text.len() as u64 + 1).collect::<Vec<_>>(), "from {from}");
+            let got: String = msgs.iter().filter(|m| m.0 == "delta").map(|m| m.1["text"].as_str().unwrap()).collect();
+            assert_eq!(got, text[from..], "from {from}");
+        }
+    };
+    // 280 characters, unpaced: the replicator gets them in a few batches,
+    // and each batch's deltas are runs of up to 64.
+    let text = letters(280);
+    let sid = replicated(format!("generator=echo&prompt={text}"), text.clone()).await;
+    let entries = redis_integer(&redis, &["XLEN", &format!("tg:s:{sid}")]);
+    assert!((6..=40).contains(&entries), "{entries} entries for 282 events");
+    for from in [0, 1, 63, 64, 65, 200, 279] {
+        resumed_exactly(sid.clone(), text.clone(), from).await;
+    }
+    // 700 characters, paced: Redis keeps the newest 300 sequence numbers
+    // (MINID, approximately), so position 10 is a resume gap on B, never a
+    // silent skip, and 650 resumes exactly.
+    let text = letters(700);
+    let sid = replicated(format!("generator=echo&pace_ms=1&prompt={text}"), text.clone()).await;
+    let resp = b.get(&format!("/v1/streams/{sid}?last_event_id={sid}.10"), Some(&token)).await;
+    let msgs = messages(&read_events(resp, LIMIT).await);
+    assert_eq!(
+        (msgs.len(), msgs[0].0.as_str(), msgs[0].1["code"].as_str()),
+        (1, "error", Some("resume_gap")),
+        "{msgs:?}"
+    );
+    resumed_exactly(sid, text, 650).await;
+}

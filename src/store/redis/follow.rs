@@ -429,12 +429,18 @@ impl RedisStore {
             .into_iter()
             .filter_map(|(key, entries)| {
                 let id = keys::stream_id_of(&key)?;
+                // A run entry is its events, one by one; one that does not
+                // decode is its last sequence number without an event.
                 let logged = entries
                     .into_iter()
                     .filter_map(|(entry_id, fields)| {
-                        let seq = keys::seq_of(&entry_id)?;
-                        Some((seq, fields.get(keys::EVENT).and_then(|json| logs::decode(id, seq, json))))
+                        let last = keys::seq_of(&entry_id)?;
+                        Some(match fields.get(keys::EVENT).and_then(|json| logs::decode_entry(id, last, json)) {
+                            Some(events) => events.into_iter().map(|e| (e.seq().unwrap_or(0), Some(e))).collect(),
+                            None => vec![(last, None)],
+                        })
                     })
+                    .flatten()
                     .collect();
                 Some((id, logged))
             })

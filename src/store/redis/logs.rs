@@ -1,14 +1,23 @@
-//! Stream logs in Redis: each stream's events as a Redis Stream (entry ids
-//! `0-{seq+1}`, so `XRANGE` by sequence number is exact), trimmed with
-//! `MAXLEN ~`, and its owner and generator in a hash.
+//! Stream logs in Redis: each stream's events as a Redis Stream, and its
+//! owner and generator in a hash. An entry holds one event, or a run of up
+//! to [`MAX_RUN`] consecutive deltas (one `XADD` per replicated batch rather
+//! than one per grapheme cluster: the command count, not the bytes, is what
+//! costs Redis and the replicas). An entry's id is `0-{seq+1}` of its last
+//! event, so `XRANGE` from a sequence number starts at the entry that holds
+//! it, and trimming by `MINID` keeps exactly the newest `stream_max_events`
+//! sequence numbers (plus the rest of a run that straddles the cut).
 //!
 //! Only the [`Replicator`](super::Replicator) of the producing replica writes a log, in sequence
 //! order, so explicit entry ids always grow; readers on any replica read it with plain `XRANGE`
 //! (no consumer groups: a reader's position is its own cursor, nothing is acknowledged).
 //!
-//! Trimming is approximate (`MAXLEN ~` drops whole internal nodes), so Redis may keep somewhat
+//! Trimming is approximate (`MINID ~` drops whole internal nodes), so Redis may keep somewhat
 //! more than `stream_max_events`; a resume is refused as a gap only once its position is really
 //! gone, which can be later than in the exactly trimmed local log.
+//!
+//! Run entries (`"t":"r"`) are this version's: a replica of an earlier version reads one as an
+//! undecodable entry, so in a rolling upgrade its cross-replica readers see a gap. Upgrade the
+//! replicas that serve readers first, or drain streams across the upgrade.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -59,6 +68,55 @@ enum Stored {
     /// this one does not know reads as `internal`, not as a lost event.
     #[serde(rename = "e")]
     Error { c: String, m: String },
+    /// Consecutive deltas, `x` their clusters in order; the entry id is the
+    /// last one's, so the first is `len - 1` before it. Never empty.
+    #[serde(rename = "r")]
+    Run { x: Vec<String> },
+}
+
+/// Most deltas in one run entry: bounds what a read from inside a run
+/// fetches before its position, and how far past `stream_max_events`
+/// trimming may keep.
+pub(super) const MAX_RUN: usize = 64;
+
+/// A batch of events as log entries: `(entry's last sequence number, JSON)`,
+/// consecutive deltas grouped into runs of at most [`MAX_RUN`], every other
+/// event an entry of its own. Unlogged events are left out.
+fn encode_entries(events: &[Arc<StreamEvent>]) -> Vec<(u64, String)> {
+    fn flush(run: &mut Vec<String>, last: u64, out: &mut Vec<(u64, String)>) {
+        let stored = match run.len() {
+            0 => return,
+            1 => Stored::Delta { x: run.remove(0) },
+            _ => Stored::Run { x: std::mem::take(run) },
+        };
+        if let Ok(json) = serde_json::to_string(&stored) {
+            out.push((last, json));
+        }
+        run.clear();
+    }
+    let mut out = Vec::new();
+    let mut run: Vec<String> = Vec::new();
+    let mut last = 0;
+    for event in events {
+        let Some(seq) = event.seq() else { continue };
+        match &**event {
+            StreamEvent::Delta { text, .. } => {
+                if !run.is_empty() && (seq != last + 1 || run.len() == MAX_RUN) {
+                    flush(&mut run, last, &mut out);
+                }
+                run.push(text.clone());
+                last = seq;
+            }
+            other => {
+                flush(&mut run, last, &mut out);
+                if let Some(json) = encode(other) {
+                    out.push((seq, json));
+                }
+            }
+        }
+    }
+    flush(&mut run, last, &mut out);
+    out
 }
 
 /// The JSON an event is logged as; `None` for the events that belong to one connection rather
@@ -75,12 +133,31 @@ fn encode(event: &StreamEvent) -> Option<String> {
     serde_json::to_string(&stored).ok()
 }
 
+/// The events of the entry whose last event is `last`, in order; `None` for
+/// JSON this version cannot read, or a run that would start before
+/// sequence number 1 (a corrupt entry).
+pub(super) fn decode_entry(stream_id: StreamId, last: u64, json: &str) -> Option<Vec<StreamEvent>> {
+    match serde_json::from_str::<Stored>(json).ok()? {
+        Stored::Run { x } => {
+            let first = (last + 1).checked_sub(x.len() as u64).filter(|&f| f >= 1 && !x.is_empty())?;
+            Some(x.into_iter().zip(first..).map(|(text, seq)| StreamEvent::Delta { stream_id, seq, text }).collect())
+        }
+        single => Some(vec![from_stored(stream_id, last, single)?]),
+    }
+}
+
 /// Rebuilds a logged event from its entry: `stream_id` from the key and `seq` from the entry id
 /// (a `Start` is always sequence 0, so its `seq` is not needed). `None` for JSON this version
 /// cannot read: [`RedisStore::read`] skips such an entry, [`RedisStore::last_event`] then
 /// knows no last event, and the [`StreamFollower`](super::StreamFollower) breaks its tail there.
-pub(super) fn decode(stream_id: StreamId, seq: u64, json: &str) -> Option<StreamEvent> {
-    Some(match serde_json::from_str::<Stored>(json).ok()? {
+#[cfg(test)]
+fn decode(stream_id: StreamId, seq: u64, json: &str) -> Option<StreamEvent> {
+    from_stored(stream_id, seq, serde_json::from_str::<Stored>(json).ok()?)
+}
+
+/// One stored event as the event it was; `None` for a run (see [`decode_entry`]).
+fn from_stored(stream_id: StreamId, seq: u64, stored: Stored) -> Option<StreamEvent> {
+    Some(match stored {
         Stored::Start { g } => StreamEvent::Start { stream_id, generator: g },
         Stored::Delta { x } => StreamEvent::Delta { stream_id, seq, text: x },
         Stored::Done { n, u } => {
@@ -89,6 +166,7 @@ pub(super) fn decode(stream_id: StreamId, seq: u64, json: &str) -> Option<Stream
         Stored::Error { c, m } => {
             StreamEvent::Error { stream_id, seq, code: ErrorCode::parse(&c).unwrap_or(ErrorCode::Internal), message: m }
         }
+        Stored::Run { .. } => return None,
     })
 }
 
@@ -100,8 +178,8 @@ impl RedisStore {
     pub(in crate::store) async fn last_event(&self, id: &StreamId) -> Result<Option<(u64, bool)>, StoreError> {
         Ok(self.newest(&keys::stream(id)).await?.and_then(|(entry_id, fields)| {
             let seq = keys::seq_of(&entry_id)?;
-            let event = fields.get(keys::EVENT).and_then(|json| decode(*id, seq, json))?;
-            Some((seq, event.is_terminal()))
+            let events = fields.get(keys::EVENT).and_then(|json| decode_entry(*id, seq, json))?;
+            Some((seq, events.last()?.is_terminal()))
         }))
     }
 
@@ -128,34 +206,34 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Appends events (consecutive, in order) to a stream's log, in one `MULTI`.
+    /// Appends events (consecutive, in order) to a stream's log: one pipeline, with runs of
+    /// deltas as single entries ([`MAX_RUN`]).
     ///
     /// The entry ids are given explicitly, so the order is the caller's duty: Redis refuses an
     /// id not above the log's newest one. Every append also pushes expiry forward: the log key
     /// to the running TTL while the stream runs; once a terminal event is in the batch, log and
-    /// metadata to the finished TTL, and the lease is deleted.
+    /// metadata to the finished TTL, and the lease is deleted, all in one `MULTI`.
     pub(in crate::store) async fn append(&self, id: &StreamId, events: &[Arc<StreamEvent>]) -> Result<(), StoreError> {
         let key = keys::stream(id);
-        // Atomic: the terminal event and the lease's removal are seen
-        // together, so a reader never mistakes a finished stream for a
-        // lost one.
+        let finished = events.iter().any(|e| e.is_terminal());
         let mut pipe = redis::pipe();
-        pipe.atomic();
-        let mut finished = false;
-        for event in events {
-            let (Some(seq), Some(json)) = (event.seq(), encode(event)) else {
-                continue;
-            };
-            finished |= event.is_terminal();
-            pipe.cmd("XADD")
-                .arg(&key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.settings.stream_max_events)
-                .arg(keys::entry_id(seq))
-                .arg(keys::EVENT)
-                .arg(json)
-                .ignore();
+        if finished {
+            // Atomic: the terminal event and the lease's removal are seen
+            // together, so a reader never mistakes a finished stream for a
+            // lost one. Before that, an entry without its expiry update
+            // (a failure between the two) expires at the previous deadline,
+            // which the next append or the replication failure settles.
+            pipe.atomic();
+        }
+        let keep = self.settings.stream_max_events as u64;
+        for (last, json) in encode_entries(events) {
+            let cmd = pipe.cmd("XADD").arg(&key);
+            if last >= keep {
+                // The newest `keep` sequence numbers stay (entry ids are by
+                // sequence number).
+                cmd.arg("MINID").arg("~").arg(keys::entry_id(last + 1 - keep));
+            }
+            cmd.arg(keys::entry_id(last)).arg(keys::EVENT).arg(json).ignore();
         }
         let ttl = self.settings.stream_ttl_secs();
         if finished {
@@ -202,12 +280,18 @@ impl RedisStore {
             .await?;
         let mut out = Vec::with_capacity(entries.len());
         for (entry_id, fields) in entries {
-            let Some(seq) = keys::seq_of(&entry_id) else { continue };
-            if out.is_empty() && seq > from {
-                return Ok(Err(seq));
+            let Some(last) = keys::seq_of(&entry_id) else { continue };
+            let events = fields.get(keys::EVENT).and_then(|json| decode_entry(*id, last, json));
+            // The first entry must hold `from` (an undecodable one counts
+            // as starting at its id).
+            let first = events.as_ref().and_then(|e| e.first()).map_or(last, |e| e.seq().unwrap_or(0));
+            if out.is_empty() && first > from {
+                return Ok(Err(first));
             }
-            if let Some(event) = fields.get(keys::EVENT).and_then(|json| decode(*id, seq, json)) {
-                out.push(event);
+            out.extend(events.into_iter().flatten().filter(|e| e.seq().unwrap_or(0) >= from));
+            if out.len() >= count {
+                out.truncate(count);
+                break;
             }
         }
         Ok(Ok(out))
@@ -217,6 +301,39 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consecutive_deltas_are_stored_as_runs_and_read_back_one_by_one() {
+        let id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| unreachable!());
+        let delta = |seq: u64| Arc::new(StreamEvent::Delta { stream_id: id, seq, text: format!("c{seq}") });
+        let mut events = vec![Arc::new(StreamEvent::Start { stream_id: id, generator: "g".into() })];
+        events.extend((1..=70).map(delta));
+        events.push(Arc::new(StreamEvent::Heartbeat));
+        events.push(Arc::new(StreamEvent::Done {
+            stream_id: id,
+            seq: 71,
+            finish_reason: FinishReason::Stop,
+            chars: 70,
+            usage: None,
+        }));
+        let entries = encode_entries(&events);
+        // Start, a full run, the rest of the deltas, done; no heartbeat.
+        let ids: Vec<u64> = entries.iter().map(|(last, _)| *last).collect();
+        assert_eq!(ids, [0, MAX_RUN as u64, 70, 71]);
+        assert!(entries[1].1.starts_with(r#"{"t":"r""#), "{}", entries[1].1);
+        let decoded: Vec<StreamEvent> =
+            entries.iter().flat_map(|(last, json)| decode_entry(id, *last, json).unwrap_or_default()).collect();
+        let logged: Vec<StreamEvent> = events.iter().filter(|e| e.seq().is_some()).map(|e| (**e).clone()).collect();
+        assert_eq!(decoded, logged);
+        // A lone delta is stored as before runs existed; a hole in the
+        // sequence numbers starts a new entry.
+        let entries = encode_entries(&[delta(5), delta(6), delta(9)]);
+        assert_eq!(entries.iter().map(|(last, _)| *last).collect::<Vec<_>>(), [6, 9]);
+        assert_eq!(entries[1].1, r#"{"t":"d","x":"c9"}"#);
+        // A run that would start before sequence number 1 is corrupt.
+        assert_eq!(decode_entry(id, 1, r#"{"t":"r","x":["a","b"]}"#), None);
+        assert_eq!(decode_entry(id, 2, r#"{"t":"r","x":[]}"#), None);
+    }
 
     #[test]
     fn stored_events_decode_to_what_was_logged() {

@@ -61,7 +61,7 @@ impl From<RedisError> for StoreError {
 /// Retention in Redis.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct RedisSettings {
-    /// Events kept per stream (approximately: `MAXLEN ~`).
+    /// Events kept per stream (approximately: `MINID ~` by sequence number).
     pub stream_max_events: usize,
     /// How long a finished stream stays resumable.
     pub stream_ttl: Duration,
