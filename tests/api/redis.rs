@@ -612,3 +612,41 @@ async fn runs_of_deltas_replicate_in_few_entries_trim_by_sequence_and_resume_exa
     );
     resumed_exactly(sid, text, 650).await;
 }
+
+#[tokio::test]
+async fn a_running_streams_log_in_redis_has_its_ttl_from_the_first_append_and_the_finished_ttl_at_the_end() {
+    let redis = RedisServer::start();
+    let mut settings = shared(&redis);
+    settings.stream_ttl = Some("120s".into());
+    let a = spawn_app_with(settings).await;
+    ready(&a).await;
+    let resp = a.stream("generator=echo&pace_ms=100&prompt=abcdefghijklmnopqrst").await;
+    let mut body = resp.bytes_stream();
+    let mut parser = Parser::new();
+    let first =
+        read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "delta"))
+            .await;
+    let sid = messages(&first)[0].1["stream_id"].as_str().unwrap().to_owned();
+    let key = format!("tg:s:{sid}");
+    let mut ttl = -2;
+    for _ in 0..100 {
+        ttl = redis_integer(&redis, &["TTL", &key]);
+        if ttl != -2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Running: stream_ttl plus an hour, from the append that created it (a
+    // key without one, -1, would outlive a replica that died just then).
+    assert!(ttl > 3600 && ttl <= 3720, "TTL {ttl} while running");
+    read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "done")).await;
+    let mut ttl = 0;
+    for _ in 0..100 {
+        ttl = redis_integer(&redis, &["TTL", &key]);
+        if ttl <= 120 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ttl > 0 && ttl <= 120, "TTL {ttl} once finished");
+}

@@ -170,6 +170,7 @@ impl Replicator {
         let (written_tx, written) = watch::channel(0u64);
         let task = tokio::spawn(async move {
             let mut batch = Vec::new();
+            let mut first = true;
             let mut lease = tokio::time::interval(LEASE_REFRESH);
             loop {
                 tokio::select! {
@@ -177,12 +178,13 @@ impl Replicator {
                         if n == 0 {
                             return;
                         }
-                        if let Err(e) = store.append(&id, &batch).await {
+                        if let Err(e) = store.append(&id, &batch, first).await {
                             tracing::warn!(stream_id = %id, error = %e, "replication to redis failed");
                             flag.cancel();
                             stream.stopped().cancel();
                             return;
                         }
+                        first = false;
                         if let Some(seq) = batch.iter().rev().find_map(|e| e.seq()) {
                             written_tx.send_replace(seq);
                         }

@@ -210,10 +210,16 @@ impl RedisStore {
     /// deltas as single entries ([`MAX_RUN`]).
     ///
     /// The entry ids are given explicitly, so the order is the caller's duty: Redis refuses an
-    /// id not above the log's newest one. Every append also pushes expiry forward: the log key
-    /// to the running TTL while the stream runs; once a terminal event is in the batch, log and
-    /// metadata to the finished TTL, and the lease is deleted, all in one `MULTI`.
-    pub(in crate::store) async fn append(&self, id: &StreamId, events: &[Arc<StreamEvent>]) -> Result<(), StoreError> {
+    /// id not above the log's newest one. The `first` append (which creates the log key) gives
+    /// it the running TTL, which the lease refresh then renews every second, so later appends
+    /// while the stream runs are its `XADD`s alone. Once a terminal event is in the batch, log
+    /// and metadata get the finished TTL and the lease is deleted, all in one `MULTI`.
+    pub(in crate::store) async fn append(
+        &self,
+        id: &StreamId,
+        events: &[Arc<StreamEvent>],
+        first: bool,
+    ) -> Result<(), StoreError> {
         let key = keys::stream(id);
         let finished = events.iter().any(|e| e.is_terminal());
         let mut pipe = redis::pipe();
@@ -239,7 +245,7 @@ impl RedisStore {
         if finished {
             // Finished: resumable for the TTL, no lease needed any more.
             pipe.expire(&key, ttl).ignore().expire(keys::meta(id), ttl).ignore().del(keys::lease(id)).ignore();
-        } else {
+        } else if first {
             pipe.expire(&key, self.settings.running_ttl_secs()).ignore();
         }
         pipe.query_async::<()>(&mut self.conn()).await?;
