@@ -15,6 +15,7 @@ use axum::http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -278,7 +279,7 @@ fn spawn_background(
 /// Per-connection settings and caps shared by the accept loop.
 struct Connections {
     /// HTTP/1.1 only (plain connections, and TLS without `h2` in ALPN).
-    http1: auto::Builder<TokioExecutor>,
+    http1: hyper::server::conn::http1::Builder,
     /// HTTP/2 only (TLS with `h2` in ALPN, h2c with the preface).
     http2: auto::Builder<TokioExecutor>,
     /// Native TLS, if configured.
@@ -320,13 +321,16 @@ const H2_PING_EVERY: Duration = Duration::from_secs(20);
 impl Connections {
     fn new(state: &AppState, tls: Option<Tls>) -> Self {
         let limits = &state.config.limits;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
+        // HTTP/1.1 through hyper's own builder, not the auto one: its
+        // connection future is only HTTP/1's, where the auto connection
+        // carries room for an HTTP/2 one in every connection task.
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
             .max_buf_size(limits.max_header_bytes)
             .keep_alive(true);
+        let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -338,7 +342,7 @@ impl Connections {
             .keep_alive_interval(H2_PING_EVERY)
             .keep_alive_timeout(H2_PING_EVERY);
         Self {
-            http1: builder.clone().http1_only(),
+            http1,
             http2: builder.http2_only(),
             tls,
             h2c: state.config.http2.h2c,
@@ -517,6 +521,8 @@ fn serve_connection(
     let connections = connections.clone();
     let metrics = state.metrics.clone();
     let app = app.clone();
+    // Each way of serving is boxed: the task then holds only the one this
+    // connection takes, not room for the largest (TLS with HTTP/2).
     tokio::spawn(async move {
         let timeout = connections.header_timeout;
         let ended = match &connections.tls {
@@ -534,7 +540,7 @@ fn serve_connection(
                 }
                 Ok(Ok(stream)) => {
                     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    serve_http(stream, h2, &app, peer, &connections, &activity, &metrics).await
+                    Box::pin(serve_http(stream, h2, &app, peer, &connections, &activity, &metrics)).await
                 }
             },
             None if connections.h2c => {
@@ -549,12 +555,12 @@ fn serve_connection(
                         return;
                     }
                     Ok(Ok((prefix, h2))) => {
-                        serve_http(h2c::Replay::new(prefix, io), h2, &app, peer, &connections, &activity, &metrics)
-                            .await
+                        let io = h2c::Replay::new(prefix, io);
+                        Box::pin(serve_http(io, h2, &app, peer, &connections, &activity, &metrics)).await
                     }
                 }
             }
-            None => serve_http(io, false, &app, peer, &connections, &activity, &metrics).await,
+            None => Box::pin(serve_http(io, false, &app, peer, &connections, &activity, &metrics)).await,
         };
         if let Err(e) = ended {
             report_end(&*e, peer, &activity, &metrics, &connections.logs);
@@ -606,8 +612,31 @@ where
         let open = OpenRequest(counter.clone());
         response.map(|body| axum::body::Body::new(Tracked { body, _open: open }))
     });
-    let builder = if h2 { &connections.http2 } else { &connections.http1 };
-    let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+    let service = TowerToHyperService::new(service);
+    if h2 {
+        let conn = connections.http2.serve_connection(TokioIo::new(io), service);
+        drive(conn, true, peer, connections, activity, metrics, abort).await
+    } else {
+        let conn = connections.http1.serve_connection(TokioIo::new(io), service);
+        drive(conn, false, peer, connections, activity, metrics, abort).await.map_err(Into::into)
+    }
+}
+
+/// Runs a connection until it ends, shutting it down gracefully once the
+/// listener closes (or, for HTTP/2, once it sat idle), and dropping it when
+/// its [`ConnectionAbort`] fires.
+async fn drive<C>(
+    conn: C,
+    h2: bool,
+    peer: SocketAddr,
+    connections: &Connections,
+    activity: &Arc<Activity>,
+    metrics: &Metrics,
+    abort: Option<CancellationToken>,
+) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
     let mut conn = std::pin::pin!(conn);
     let mut closing = false;
     // Only HTTP/2 needs the idle check (HTTP/1.1's header timer does it),
