@@ -55,19 +55,31 @@ pub async fn run(store: Store, every: Duration, stop: CancellationToken) {
     // Long enough to survive a slow tick, short enough that a dead
     // leader's duty moves on within a few ticks.
     let lease = (every * 3).max(Duration::from_secs(3));
-    let mut timer = tokio::time::interval(every);
+    // Ticks fire in the middle of their clock window (the tick number is
+    // the window's), so a tick that runs late or early by up to half the
+    // interval still publishes its own number: a timer with an arbitrary
+    // phase published a number twice, or skipped one, whenever scheduling
+    // jitter crossed a window's edge.
+    let first = Duration::from_millis(mid_window_in(unix_ms(), every_ms));
+    let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_error_log: Option<tokio::time::Instant> = None;
+    let mut last_window = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = timer.tick() => {}
         }
+        let now_ms = unix_ms();
+        // Never the same number twice (a very late tick then an early one).
+        if last_window.replace(now_ms / every_ms) == Some(now_ms / every_ms) {
+            continue;
+        }
         let result = async {
             if !store.lead(ROLE, lease).await? {
                 return Ok(());
             }
-            publish_tick(&store, unix_ms(), every_ms).await
+            publish_tick(&store, now_ms, every_ms).await
         }
         .await;
         if let Err(e) = result {
@@ -104,6 +116,14 @@ async fn publish_tick(store: &Store, now_ms: u64, every_ms: u64) -> Result<(), c
     Ok(())
 }
 
+/// Milliseconds from `now_ms` to the middle of the next window of `every_ms`
+/// (the current one's middle if it is still ahead).
+fn mid_window_in(now_ms: u64, every_ms: u64) -> u64 {
+    let into = now_ms % every_ms;
+    let half = every_ms / 2;
+    if into < half { half - into } else { every_ms - into + half }
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
@@ -135,6 +155,19 @@ mod tests {
         assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(iso8601(951_782_400_123), "2000-02-29T00:00:00.123Z");
         assert_eq!(iso8601(1_796_126_400_000), "2026-12-01T12:00:00.000Z");
+    }
+
+    #[test]
+    fn ticks_are_aimed_at_the_middle_of_their_window() {
+        assert_eq!(mid_window_in(1_000, 100), 50);
+        assert_eq!(mid_window_in(1_049, 100), 1);
+        assert_eq!(mid_window_in(1_050, 100), 100);
+        assert_eq!(mid_window_in(1_099, 100), 51);
+        for now in 0..300 {
+            let at = now + mid_window_in(now, 100);
+            assert_eq!(at % 100, 50, "from {now}");
+            assert!(at > now);
+        }
     }
 
     #[test]
