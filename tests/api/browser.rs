@@ -5,6 +5,7 @@
 //! exact text on the same ticket; press Stop and see the stream end. A screenshot is saved to
 //! tests/artifacts/. Missing Chromium fails the test; it never skips.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -60,17 +61,49 @@ impl CuttableProxy {
 }
 
 /// Chromium under chromedriver, both stopped on drop.
+///
+/// chromedriver runs in a process group of its own, which Chromium's
+/// processes join; dropping kills the whole group. Killing chromedriver
+/// alone left every Chromium it had started running (orphaned, about
+/// 150 MB each), whenever a test did not close its session.
 pub struct Browser {
     driver: Child,
     /// The WebDriver session.
     pub client: Option<Client>,
 }
 
+impl Browser {
+    /// Every process chromedriver started, directly or not (`pgrep -P`).
+    pub fn descendants(&self) -> Vec<u32> {
+        let mut found = Vec::new();
+        let mut parents = vec![self.driver.id()];
+        while let Some(parent) = parents.pop() {
+            let out = Command::new("pgrep").args(["-P", &parent.to_string()]).output();
+            let children: Vec<u32> = out
+                .map(|o| String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect())
+                .unwrap_or_default();
+            parents.extend(&children);
+            found.extend(children);
+        }
+        found
+    }
+}
+
 impl Drop for Browser {
     fn drop(&mut self) {
+        let group = format!("-{}", self.driver.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
+}
+
+/// Whether process `pid` still runs (not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()).map(|s| s != "Z"))
+        .unwrap_or(false)
 }
 
 async fn browser() -> Browser {
@@ -88,6 +121,7 @@ pub async fn browser_with(extra: &[&str]) -> Browser {
         .arg(format!("--port={port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .unwrap_or_else(|e| {
             panic!("chromedriver is required ({e}): apt-get install chromium-driver, or run scripts/test.sh")
@@ -102,6 +136,8 @@ pub async fn browser_with(extra: &[&str]) -> Browser {
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        "--disable-crash-reporter",
+        "--disable-breakpad",
         "--no-first-run",
         "--disable-quic",
         "--window-size=1000,900",

@@ -191,4 +191,10 @@ async fn over_http1_the_seventh_event_source_waits() {
         now.iter().filter(|(p, open, _)| *open && p != "alerts").all(|(_, _, n)| *n > 0),
         "every connected panel updates (alerts come every seventh reading): {now:?}"
     );
+    // The session was never closed: dropping the browser still ends every
+    // Chromium process it started.
+    let started = browser.descendants();
+    assert!(!started.is_empty(), "chromedriver started no Chromium?");
+    drop(browser);
+    eventually(LIMIT, "no Chromium left behind", || !started.iter().any(|&pid| crate::browser::alive(pid))).await;
 }
