@@ -73,37 +73,16 @@ pub struct Browser {
 }
 
 impl Browser {
-    /// Every process chromedriver started, directly or not (`pgrep -P`).
+    /// Every process chromedriver started, directly or not.
     pub fn descendants(&self) -> Vec<u32> {
-        let mut found = Vec::new();
-        let mut parents = vec![self.driver.id()];
-        while let Some(parent) = parents.pop() {
-            let out = Command::new("pgrep").args(["-P", &parent.to_string()]).output();
-            let children: Vec<u32> = out
-                .map(|o| String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect())
-                .unwrap_or_default();
-            parents.extend(&children);
-            found.extend(children);
-        }
-        found
+        descendants(self.driver.id())
     }
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let group = format!("-{}", self.driver.id());
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        kill_group(&mut self.driver);
     }
-}
-
-/// Whether process `pid` still runs (not a zombie).
-pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()).map(|s| s != "Z"))
-        .unwrap_or(false)
 }
 
 async fn browser() -> Browser {

@@ -196,5 +196,5 @@ async fn over_http1_the_seventh_event_source_waits() {
     let started = browser.descendants();
     assert!(!started.is_empty(), "chromedriver started no Chromium?");
     drop(browser);
-    eventually(LIMIT, "no Chromium left behind", || !started.iter().any(|&pid| crate::browser::alive(pid))).await;
+    eventually(LIMIT, "no Chromium left behind", || !started.iter().any(|&pid| alive(pid))).await;
 }

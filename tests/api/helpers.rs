@@ -359,3 +359,37 @@ pub async fn problem(resp: reqwest::Response, status: u16, code: &str) -> reqwes
     assert_eq!(body["status"], status);
     headers
 }
+
+/// Kills `child` and every process of its group (spawn it with
+/// `process_group(0)`), then reaps it. Servers that fork (nginx's workers,
+/// Chromium's processes) outlive a SIGKILL of their parent alone, orphaned.
+pub fn kill_group(child: &mut std::process::Child) {
+    let group = format!("-{}", child.id());
+    let _ =
+        std::process::Command::new("kill").args(["-KILL", "--", &group]).stderr(std::process::Stdio::null()).status();
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Every process `pid` started, directly or not (`pgrep -P`).
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut parents = vec![pid];
+    while let Some(parent) = parents.pop() {
+        let out = std::process::Command::new("pgrep").args(["-P", &parent.to_string()]).output();
+        let children: Vec<u32> = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default();
+        parents.extend(&children);
+        found.extend(children);
+    }
+    found
+}
+
+/// Whether process `pid` still runs (not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()).map(|s| s != "Z"))
+        .unwrap_or(false)
+}

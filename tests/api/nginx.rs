@@ -3,6 +3,7 @@
 //! through unbuffered, and a stream resumes across replicas through nginx.
 //! A missing nginx fails the test; it never skips.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,8 +23,8 @@ struct Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // The group: a SIGKILLed master leaves its workers running.
+        kill_group(&mut self.child);
     }
 }
 
@@ -65,6 +66,7 @@ fn start_nginx(a: std::net::SocketAddr, b: std::net::SocketAddr) -> Nginx {
         .args(["-g", &format!("daemon off; pid {}/nginx.pid; error_log {}/error.log;", dir.display(), dir.display())])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .unwrap();
     for _ in 0..200 {
@@ -73,8 +75,7 @@ fn start_nginx(a: std::net::SocketAddr, b: std::net::SocketAddr) -> Nginx {
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    kill_group(&mut child);
     panic!("nginx did not start: {}", std::fs::read_to_string(dir.join("error.log")).unwrap_or_default());
 }
 
@@ -133,6 +134,18 @@ async fn deltas_pass_through_nginx_as_they_are_produced() {
     // 20 deltas 100 ms apart: a buffering proxy would deliver them all at
     // the end; through this config the first arrives about 2 s earlier.
     assert!(done - first >= Duration::from_millis(1500), "first delta at {first:?}, done at {done:?}");
+    // Stopping it stops its workers too (a killed master alone left them
+    // running, orphaned).
+    let workers = descendants(nginx.child.id());
+    assert!(!workers.is_empty(), "nginx has no worker?");
+    drop(nginx);
+    for _ in 0..200 {
+        if !workers.iter().any(|&pid| alive(pid)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("nginx workers {workers:?} outlived their master");
 }
 
 #[tokio::test]

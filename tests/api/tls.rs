@@ -951,13 +951,15 @@ async fn nginx_terminates_tls_with_http2_to_clients() {
         .replace("shared:tls:10m", "shared:tls:1m");
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf).unwrap();
-    let mut child = std::process::Command::new(nginx)
+    let mut command = std::process::Command::new(nginx);
+    command
         .args(["-p", dir.to_str().unwrap(), "-c", path.to_str().unwrap()])
         .args(["-g", &format!("daemon off; pid {}/nginx.pid; error_log {}/error.log;", dir.display(), dir.display())])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(std::process::Stdio::null());
+    // Its own process group, killed whole (workers and all).
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command.spawn().unwrap();
     let up = (0..200).any(|_| {
         std::thread::sleep(Duration::from_millis(25));
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -968,8 +970,7 @@ async fn nginx_terminates_tls_with_http2_to_clients() {
     let auth = format!("Authorization: Bearer {token}");
     let ca = pki.ca_path();
     let (ok, out, log) = curl(&["-sSvN", "--http2", "--cacert", ca.to_str().unwrap(), "-H", &auth, &url]).await;
-    let _ = child.kill();
-    let _ = child.wait();
+    kill_group(&mut child);
     assert!(ok, "{log}");
     assert!(log.contains("< HTTP/2 200"), "nginx speaks HTTP/2 to the client: {log}");
     let events = parse_all(&out);
