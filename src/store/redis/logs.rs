@@ -226,9 +226,8 @@ impl RedisStore {
         if finished {
             // Atomic: the terminal event and the lease's removal are seen
             // together, so a reader never mistakes a finished stream for a
-            // lost one. Before that, an entry without its expiry update
-            // (a failure between the two) expires at the previous deadline,
-            // which the next append or the replication failure settles.
+            // lost one. Earlier batches need no transaction: their XADDs
+            // are in order, and a failure stops the stream.
             pipe.atomic();
         }
         let keep = self.settings.stream_max_events as u64;
