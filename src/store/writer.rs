@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::memory::LiveStream;
 use super::redis::Replicator;
-use crate::event::StreamEvent;
+use crate::event::{ErrorCode, Outcome, StreamEvent};
 
 /// Writes one stream's log; made by [`super::Store::create`].
 #[derive(Debug)]
@@ -52,17 +52,32 @@ impl StreamWriter {
     /// here. Otherwise a client could get `done` from this replica, lose it
     /// with this replica, and resume elsewhere into a log without it.
     /// Costs one Redis round trip per stream, at its end.
-    pub async fn append_terminal(&self, event: StreamEvent) {
-        let event = Arc::new(event);
-        if let Some(replicator) = &self.replicator
-            && !replicator.has_failed()
-        {
+    ///
+    /// If Redis does not confirm it (replication failed, or no answer within
+    /// the bound), the stream ends here with `store_unavailable` instead: a
+    /// `done` that other replicas may never see would be contradicted by
+    /// their `generator_lost` on a resume. Returns how the stream ended.
+    pub async fn append_terminal(&self, event: StreamEvent) -> Option<Outcome> {
+        let mut event = Arc::new(event);
+        if let Some(replicator) = &self.replicator {
             let seq = event.seq().unwrap_or(0);
-            replicator.push(event.clone());
-            replicator.written_through(seq).await;
+            let confirmed = !replicator.has_failed() && {
+                replicator.push(event.clone());
+                replicator.written_through(seq).await
+            };
+            let already = matches!(*event, StreamEvent::Error { code: ErrorCode::StoreUnavailable, .. });
+            if !confirmed && !already {
+                event = Arc::new(StreamEvent::Error {
+                    stream_id: self.log.id,
+                    seq,
+                    code: ErrorCode::StoreUnavailable,
+                    message: "the shared store did not confirm the end of the stream".to_owned(),
+                });
+            }
         }
         self.log.append_quietly(&event, Some(&event));
         self.log.wake_readers();
+        event.outcome()
     }
 
     /// Whether the stream was stopped because the shared store failed.

@@ -156,7 +156,9 @@ async fn produce(
         let (code, message) = stop.error(&settings);
         outcome = Outcome::Error(code);
         let log = writer.log();
-        writer.append_terminal(StreamEvent::Error { stream_id: log.id, seq: log.next_seq(), code, message }).await;
+        let ended =
+            writer.append_terminal(StreamEvent::Error { stream_id: log.id, seq: log.next_seq(), code, message });
+        outcome = ended.await.unwrap_or(outcome);
     }
     // Generator first, then the slot: nothing runs on a freed slot.
     drop(engine);
@@ -313,9 +315,9 @@ async fn run(
                 ctx.metrics.first_delta(started.elapsed());
             }
             if let Some(finished) = event.outcome() {
-                // What this batch appended is announced with it.
-                writer.append_terminal(event).await;
-                *outcome = finished;
+                // What this batch appended is announced with it (and the
+                // end may be `store_unavailable` if Redis did not take it).
+                *outcome = writer.append_terminal(event).await.unwrap_or(finished);
                 ended = true;
                 break;
             }

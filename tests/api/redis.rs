@@ -68,6 +68,23 @@ impl RedisServer {
         panic!("redis-server did not answer on port {}", self.port);
     }
 
+    /// Freezes it (SIGSTOP): connections stay up, nothing is answered.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a frozen one (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+            assert!(status.success(), "kill {signal}");
+        }
+    }
+
     /// Kills it (SIGKILL: an outage, not a shutdown).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -649,4 +666,34 @@ async fn a_running_streams_log_in_redis_has_its_ttl_from_the_first_append_and_th
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(ttl > 0 && ttl <= 120, "TTL {ttl} once finished");
+}
+
+#[tokio::test]
+async fn a_stream_whose_end_redis_never_confirms_ends_store_unavailable_not_done() {
+    let redis = RedisServer::start();
+    let a = spawn_app_with(shared(&redis)).await;
+    ready(&a).await;
+    let resp = a.stream("generator=echo&pace_ms=40&prompt=abcdefghijklmnopqrst").await;
+    let mut body = resp.bytes_stream();
+    let mut parser = Parser::new();
+    let first =
+        read_until(&mut body, &mut parser, LIMIT, |e| matches!(e, Event::Message { event, .. } if event == "delta"))
+            .await;
+    // Redis stops answering while the last characters and the end are made:
+    // the end cannot be replicated, so other replicas could never see it.
+    redis.freeze();
+    let mut rest = Vec::new();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while let Ok(Some(Ok(bytes))) = tokio::time::timeout_at(deadline, futures_util::StreamExt::next(&mut body)).await {
+        rest.extend(parser.feed(&bytes));
+    }
+    redis.thaw();
+    let all: Vec<Event> = first.into_iter().chain(rest).collect();
+    let last = messages(&all).pop().unwrap();
+    assert_eq!(last.0, "error", "the end: {last:?}");
+    assert_eq!(last.1["code"], "store_unavailable", "{last:?}");
+    // What came before it is a contiguous prefix of the text.
+    assert!("abcdefghijklmnopqrst".starts_with(&delta_text(&all)), "{}", delta_text(&all));
+    let seqs: Vec<u64> = messages(&all).iter().map(|m| seq_of(&m.2)).collect();
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
 }

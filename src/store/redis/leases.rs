@@ -219,8 +219,9 @@ impl Replicator {
     }
 
     /// Waits (bounded, as [`Replicator::finish`]) until Redis holds the
-    /// event numbered `seq`, or replication has failed.
-    pub(in crate::store) async fn written_through(&self, seq: u64) {
+    /// event numbered `seq`, or replication has failed; whether Redis holds
+    /// it.
+    pub(in crate::store) async fn written_through(&self, seq: u64) -> bool {
         let mut written = self.written.clone();
         let wait = async {
             while *written.borrow_and_update() < seq && !self.failed.is_cancelled() {
@@ -230,6 +231,7 @@ impl Replicator {
             }
         };
         let _ = tokio::time::timeout(RESPONSE_TIMEOUT * 2, wait).await;
+        *self.written.borrow() >= seq
     }
 
     /// Whether replication failed (and so stopped the stream).
