@@ -19,6 +19,7 @@
 //! undecodable entry, so in a rolling upgrade its cross-replica readers see a gap. Upgrade the
 //! replicas that serve readers first, or drain streams across the upgrade.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -41,20 +42,27 @@ pub(in crate::store) struct RemoteMeta {
 
 /// The stored form of a logged event (compact field names: one per char).
 ///
-/// A stream stores one entry per grapheme cluster, so every byte per entry counts. Neither the
-/// stream id nor the sequence number is stored: the key names the stream and the entry id
-/// carries the sequence number, and [`decode`] puts both back. Renaming a tag or field makes
-/// the entries that live replicas wrote unreadable (they would be skipped as undecodable), so
-/// the names are part of the format shared by every replica of a rolling upgrade.
+/// Neither the stream id nor the sequence number is stored: the key names the stream and the
+/// entry id carries the (last) sequence number, and [`decode_entry`] puts both back. Renaming a
+/// tag or field makes the entries that live replicas wrote unreadable (they would be skipped as
+/// undecodable), so the names are part of the format shared by every replica of a rolling
+/// upgrade. The texts are `Cow`s: an entry is written from the logged events' own strings,
+/// without a copy per grapheme cluster.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t")]
-enum Stored {
+enum Stored<'a> {
     /// `Start`: `g` is the generator's name.
     #[serde(rename = "s")]
-    Start { g: String },
+    Start {
+        #[serde(borrow)]
+        g: Cow<'a, str>,
+    },
     /// `Delta`: `x` is its one grapheme cluster.
     #[serde(rename = "d")]
-    Delta { x: String },
+    Delta {
+        #[serde(borrow)]
+        x: Cow<'a, str>,
+    },
     /// `Done`: `n` is the number of deltas, `u` the usage if reported (absent otherwise, and
     /// absent reads as none). No finish reason is stored: `Stop` is the only one, and decoding
     /// restores it, so a new [`FinishReason`] needs a field here first.
@@ -67,11 +75,19 @@ enum Stored {
     /// The code as its wire string: a code written by a newer replica that
     /// this one does not know reads as `internal`, not as a lost event.
     #[serde(rename = "e")]
-    Error { c: String, m: String },
+    Error {
+        #[serde(borrow)]
+        c: Cow<'a, str>,
+        #[serde(borrow)]
+        m: Cow<'a, str>,
+    },
     /// Consecutive deltas, `x` their clusters in order; the entry id is the
     /// last one's, so the first is `len - 1` before it. Never empty.
     #[serde(rename = "r")]
-    Run { x: Vec<String> },
+    Run {
+        #[serde(borrow)]
+        x: Vec<Cow<'a, str>>,
+    },
 }
 
 /// Most deltas in one run entry: bounds what a read from inside a run
@@ -83,7 +99,7 @@ pub(super) const MAX_RUN: usize = 64;
 /// consecutive deltas grouped into runs of at most [`MAX_RUN`], every other
 /// event an entry of its own. Unlogged events are left out.
 fn encode_entries(events: &[Arc<StreamEvent>]) -> Vec<(u64, String)> {
-    fn flush(run: &mut Vec<String>, last: u64, out: &mut Vec<(u64, String)>) {
+    fn flush<'a>(run: &mut Vec<Cow<'a, str>>, last: u64, out: &mut Vec<(u64, String)>) {
         let stored = match run.len() {
             0 => return,
             1 => Stored::Delta { x: run.remove(0) },
@@ -95,7 +111,7 @@ fn encode_entries(events: &[Arc<StreamEvent>]) -> Vec<(u64, String)> {
         run.clear();
     }
     let mut out = Vec::new();
-    let mut run: Vec<String> = Vec::new();
+    let mut run: Vec<Cow<'_, str>> = Vec::new();
     let mut last = 0;
     for event in events {
         let Some(seq) = event.seq() else { continue };
@@ -104,7 +120,7 @@ fn encode_entries(events: &[Arc<StreamEvent>]) -> Vec<(u64, String)> {
                 if !run.is_empty() && (seq != last + 1 || run.len() == MAX_RUN) {
                     flush(&mut run, last, &mut out);
                 }
-                run.push(text.clone());
+                run.push(Cow::Borrowed(text));
                 last = seq;
             }
             other => {
@@ -124,10 +140,12 @@ fn encode_entries(events: &[Arc<StreamEvent>]) -> Vec<(u64, String)> {
 /// serialization failure. [`RedisStore::append`] skips what this refuses.
 fn encode(event: &StreamEvent) -> Option<String> {
     let stored = match event {
-        StreamEvent::Start { generator, .. } => Stored::Start { g: generator.clone() },
-        StreamEvent::Delta { text, .. } => Stored::Delta { x: text.clone() },
+        StreamEvent::Start { generator, .. } => Stored::Start { g: Cow::Borrowed(generator) },
+        StreamEvent::Delta { text, .. } => Stored::Delta { x: Cow::Borrowed(text) },
         StreamEvent::Done { chars, usage, .. } => Stored::Done { n: *chars, u: *usage },
-        StreamEvent::Error { code, message, .. } => Stored::Error { c: code.as_str().to_owned(), m: message.clone() },
+        StreamEvent::Error { code, message, .. } => {
+            Stored::Error { c: Cow::Borrowed(code.as_str()), m: Cow::Borrowed(message) }
+        }
         StreamEvent::Shutdown { .. } | StreamEvent::Heartbeat => return None,
     };
     serde_json::to_string(&stored).ok()
@@ -140,31 +158,25 @@ pub(super) fn decode_entry(stream_id: StreamId, last: u64, json: &str) -> Option
     match serde_json::from_str::<Stored>(json).ok()? {
         Stored::Run { x } => {
             let first = (last + 1).checked_sub(x.len() as u64).filter(|&f| f >= 1 && !x.is_empty())?;
-            Some(x.into_iter().zip(first..).map(|(text, seq)| StreamEvent::Delta { stream_id, seq, text }).collect())
+            let deltas = x.into_iter().zip(first..);
+            Some(deltas.map(|(text, seq)| StreamEvent::Delta { stream_id, seq, text: text.into_owned() }).collect())
         }
         single => Some(vec![from_stored(stream_id, last, single)?]),
     }
 }
 
-/// Rebuilds a logged event from its entry: `stream_id` from the key and `seq` from the entry id
-/// (a `Start` is always sequence 0, so its `seq` is not needed). `None` for JSON this version
-/// cannot read: [`RedisStore::read`] skips such an entry, [`RedisStore::last_event`] then
-/// knows no last event, and the [`StreamFollower`](super::StreamFollower) breaks its tail there.
-#[cfg(test)]
-fn decode(stream_id: StreamId, seq: u64, json: &str) -> Option<StreamEvent> {
-    from_stored(stream_id, seq, serde_json::from_str::<Stored>(json).ok()?)
-}
-
-/// One stored event as the event it was; `None` for a run (see [`decode_entry`]).
-fn from_stored(stream_id: StreamId, seq: u64, stored: Stored) -> Option<StreamEvent> {
+/// One stored event as the event it was: `stream_id` from the key and `seq` from the entry id
+/// (a `Start` is always sequence 0). `None` for a run (see [`decode_entry`]).
+fn from_stored(stream_id: StreamId, seq: u64, stored: Stored<'_>) -> Option<StreamEvent> {
     Some(match stored {
-        Stored::Start { g } => StreamEvent::Start { stream_id, generator: g },
-        Stored::Delta { x } => StreamEvent::Delta { stream_id, seq, text: x },
+        Stored::Start { g } => StreamEvent::Start { stream_id, generator: g.into_owned() },
+        Stored::Delta { x } => StreamEvent::Delta { stream_id, seq, text: x.into_owned() },
         Stored::Done { n, u } => {
             StreamEvent::Done { stream_id, seq, finish_reason: FinishReason::Stop, chars: n, usage: u }
         }
         Stored::Error { c, m } => {
-            StreamEvent::Error { stream_id, seq, code: ErrorCode::parse(&c).unwrap_or(ErrorCode::Internal), message: m }
+            let code = ErrorCode::parse(&c).unwrap_or(ErrorCode::Internal);
+            StreamEvent::Error { stream_id, seq, code, message: m.into_owned() }
         }
         Stored::Run { .. } => return None,
     })
@@ -346,24 +358,26 @@ mod tests {
         let events = [
             StreamEvent::Start { stream_id: id, generator: "demo".into() },
             StreamEvent::Delta { stream_id: id, seq: 1, text: "👩‍👩‍👧".into() },
+            // Escaped in JSON: decoded into an owned string, not borrowed.
+            StreamEvent::Delta { stream_id: id, seq: 2, text: "\"\r\n\\".into() },
             StreamEvent::Done {
                 stream_id: id,
-                seq: 2,
+                seq: 3,
                 finish_reason: FinishReason::Stop,
-                chars: 1,
+                chars: 2,
                 usage: Some(Usage { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3 }),
             },
         ];
         for (seq, event) in events.iter().enumerate() {
             let json = encode(event).unwrap_or_default();
-            assert_eq!(decode(id, seq as u64, &json).as_ref(), Some(event));
+            assert_eq!(decode_entry(id, seq as u64, &json).as_deref(), Some(std::slice::from_ref(event)));
         }
         for code in ErrorCode::ALL {
             let event = StreamEvent::Error { stream_id: id, seq: 3, code, message: "m".into() };
-            assert_eq!(decode(id, 3, &encode(&event).unwrap_or_default()), Some(event));
+            assert_eq!(decode_entry(id, 3, &encode(&event).unwrap_or_default()), Some(vec![event]));
         }
         // A code this version does not know is still a terminal error.
-        let unknown = decode(id, 3, r#"{"t":"e","c":"from_the_future","m":"m"}"#);
-        assert!(matches!(unknown, Some(StreamEvent::Error { code: ErrorCode::Internal, .. })));
+        let unknown = decode_entry(id, 3, r#"{"t":"e","c":"from_the_future","m":"m"}"#);
+        assert!(matches!(unknown.as_deref(), Some([StreamEvent::Error { code: ErrorCode::Internal, .. }])));
     }
 }
