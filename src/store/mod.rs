@@ -45,7 +45,7 @@ use self::channels::ChannelHub;
 use self::chats::ChatIndex;
 use self::memory::StreamHub;
 use self::quotas::QuotaCounters;
-use self::redis::{ChannelTail, RedisSettings, RedisStore, Replicator, StreamFollower};
+use self::redis::{ChannelTail, RedisSettings, RedisStore, Replication, StreamFollower};
 use self::tickets::TicketTable;
 use crate::event::StreamId;
 
@@ -147,6 +147,8 @@ struct Shared {
     tail: Arc<ChannelTail>,
     /// Follows, for every remote reader here, the streams they read.
     follower: Arc<StreamFollower>,
+    /// Writes the streams produced here to Redis and keeps their leases.
+    replication: Arc<Replication>,
     /// This process's id among replicas (random per start).
     replica_id: String,
 }
@@ -198,6 +200,7 @@ impl Store {
         let shared = redis.map(|redis| Shared {
             tail: ChannelTail::new(redis.clone(), channels.clone()),
             follower: StreamFollower::new(redis.clone()),
+            replication: Replication::new(redis.clone()),
             redis,
             replica_id: StreamId::random().map(|id| id.to_string()).unwrap_or_else(|_| "replica".to_owned()),
         });
@@ -227,13 +230,16 @@ impl Store {
 
     /// Starts what a shared store runs in the background until `stop`: the
     /// health probe, the cancel and attach listener, the channel tail, the
-    /// stream follower.
+    /// stream follower, and the writer that replicates local streams (which
+    /// goes on after `stop` until the last of them has ended). Without it,
+    /// nothing produced here reaches Redis.
     pub fn spawn_background(&self, stop: &CancellationToken) {
         if let Some(shared) = &self.0.shared {
             tokio::spawn(shared.redis.clone().probe(REDIS_PROBE_EVERY, stop.clone()));
             tokio::spawn(shared.redis.clone().listen_for_cancels(self.0.streams.clone(), stop.clone()));
             tokio::spawn(shared.tail.clone().run(stop.clone()));
             tokio::spawn(shared.follower.clone().run(stop.clone()));
+            tokio::spawn(shared.replication.clone().run(stop.clone()));
         }
     }
 
@@ -266,11 +272,8 @@ impl Store {
             shared.redis.create_stream(&id, owner, generator).await?;
         }
         let log = self.0.streams.create(id, owner, generator, closing);
-        let replicator = self
-            .0
-            .shared
-            .as_ref()
-            .map(|s| Replicator::start(s.redis.clone(), log.clone(), self.0.settings.stream_max_events));
+        let replicator =
+            self.0.shared.as_ref().map(|s| s.replication.start(log.clone(), self.0.settings.stream_max_events));
         let reader = log.attach(0);
         Ok((StreamWriter::new(log, replicator), Cursor::Local(reader)))
     }

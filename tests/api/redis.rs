@@ -697,3 +697,50 @@ async fn a_stream_whose_end_redis_never_confirms_ends_store_unavailable_not_done
     let seqs: Vec<u64> = messages(&all).iter().map(|m| seq_of(&m.2)).collect();
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn a_refused_append_ends_only_its_own_stream_though_the_replica_sends_all_streams_together() {
+    let redis = RedisServer::start();
+    let a = spawn_app_with(shared(&redis)).await;
+    ready(&a).await;
+    let text = "abcdefghijklmnopqrstuvwxyz0123456789";
+    let open = || async {
+        let resp = a.stream(&format!("generator=echo&pace_ms=30&prompt={text}")).await;
+        let mut body = resp.bytes_stream();
+        let mut parser = Parser::new();
+        let first = read_until(
+            &mut body,
+            &mut parser,
+            LIMIT,
+            |e| matches!(e, Event::Message { event, .. } if event == "delta"),
+        )
+        .await;
+        let sid = messages(&first)[0].1["stream_id"].as_str().unwrap().to_owned();
+        (body, parser, first, sid)
+    };
+    let (broken, kept) = (open().await, open().await);
+    // The first stream's log key becomes a string: its next XADD is refused
+    // (WRONGTYPE) inside the pipeline that carries the other's appends too.
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("tg:s:{}", broken.3);
+    ::redis::pipe().del(&key).set(&key, "not a stream").query_async::<()>(&mut conn).await.unwrap();
+    async fn finish(
+        mut body: impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+        mut parser: Parser,
+        mut events: Vec<Event>,
+    ) -> Vec<Event> {
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        while let Ok(Some(Ok(bytes))) = tokio::time::timeout_at(deadline, body.next()).await {
+            events.extend(parser.feed(&bytes));
+        }
+        events
+    }
+    let (broken, kept) = tokio::join!(finish(broken.0, broken.1, broken.2), finish(kept.0, kept.1, kept.2));
+    let last = messages(&broken).pop().unwrap();
+    assert_eq!((last.0.as_str(), last.1["code"].as_str()), ("error", Some("store_unavailable")), "{last:?}");
+    assert!(text.starts_with(&delta_text(&broken)), "{}", delta_text(&broken));
+    // The other stream, in the same pipelines, is untouched.
+    assert_eq!(messages(&kept).pop().map(|m| m.0), Some("done".to_owned()));
+    assert_eq!(delta_text(&kept), text);
+}

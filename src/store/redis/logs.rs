@@ -7,13 +7,14 @@
 //! it, and trimming by `MINID` keeps exactly the newest `stream_max_events`
 //! sequence numbers (plus the rest of a run that straddles the cut).
 //!
-//! Only the [`Replicator`](super::Replicator) of the producing replica writes a log, in sequence
-//! order, so explicit entry ids always grow; readers on any replica read it with plain `XRANGE`
+//! Only the producing replica's writer ([`Replication`](super::Replication)) writes a log, in
+//! sequence order, so explicit entry ids always grow; readers on any replica read it with plain `XRANGE`
 //! (no consumer groups: a reader's position is its own cursor, nothing is acknowledged).
 //!
-//! Trimming is approximate (`MINID ~` drops whole internal nodes), so Redis may keep somewhat
-//! more than `stream_max_events`; a resume is refused as a gap only once its position is really
-//! gone, which can be later than in the exactly trimmed local log.
+//! Trimming is exact (`MINID`, not `MINID ~`): with runs, a log has a few entries per hundred
+//! events, and approximate trimming, which drops only whole internal nodes of 100 entries,
+//! would keep several times `stream_max_events` in Redis. Exact trimming costs Redis about one
+//! entry's deletion per append.
 //!
 //! Run entries (`"t":"r"`) are this version's: a replica of an earlier version reads one as an
 //! undecodable entry, so in a rolling upgrade its cross-replica readers see a gap. Upgrade the
@@ -218,29 +219,35 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Appends events (consecutive, in order) to a stream's log: one pipeline, with runs of
-    /// deltas as single entries ([`MAX_RUN`]).
+    /// Adds to `pipe` the commands that append events (consecutive, in order) to a stream's
+    /// log, with runs of deltas as single entries ([`MAX_RUN`]); returns how many replies they
+    /// get. The replica's writer ([`super::Replication`]) sends many streams' appends in one
+    /// pipeline.
     ///
     /// The entry ids are given explicitly, so the order is the caller's duty: Redis refuses an
     /// id not above the log's newest one. The `first` append (which creates the log key) gives
     /// it the running TTL, which the lease refresh then renews every second, so later appends
     /// while the stream runs are its `XADD`s alone. Once a terminal event is in the batch, log
     /// and metadata get the finished TTL and the lease is deleted, all in one `MULTI`.
-    pub(in crate::store) async fn append(
+    pub(super) fn append_commands(
         &self,
+        pipe: &mut redis::Pipeline,
         id: &StreamId,
         events: &[Arc<StreamEvent>],
         first: bool,
-    ) -> Result<(), StoreError> {
+    ) -> usize {
         let key = keys::stream(id);
         let finished = events.iter().any(|e| e.is_terminal());
-        let mut pipe = redis::pipe();
+        let mut replies = 0;
         if finished {
             // Atomic: the terminal event and the lease's removal are seen
             // together, so a reader never mistakes a finished stream for a
             // lost one. Earlier batches need no transaction: their XADDs
-            // are in order, and a failure stops the stream.
-            pipe.atomic();
+            // are in order, and a failure stops the stream. (MULTI and EXEC
+            // as commands of their own: the pipeline carries other streams'
+            // appends too.)
+            pipe.cmd("MULTI");
+            replies += 1;
         }
         let keep = self.settings.stream_max_events as u64;
         for (last, json) in encode_entries(events) {
@@ -248,19 +255,21 @@ impl RedisStore {
             if last >= keep {
                 // The newest `keep` sequence numbers stay (entry ids are by
                 // sequence number).
-                cmd.arg("MINID").arg("~").arg(keys::entry_id(last + 1 - keep));
+                cmd.arg("MINID").arg(keys::entry_id(last + 1 - keep));
             }
-            cmd.arg(keys::entry_id(last)).arg(keys::EVENT).arg(json).ignore();
+            cmd.arg(keys::entry_id(last)).arg(keys::EVENT).arg(json);
+            replies += 1;
         }
         let ttl = self.settings.stream_ttl_secs();
         if finished {
             // Finished: resumable for the TTL, no lease needed any more.
-            pipe.expire(&key, ttl).ignore().expire(keys::meta(id), ttl).ignore().del(keys::lease(id)).ignore();
+            pipe.expire(&key, ttl).expire(keys::meta(id), ttl).del(keys::lease(id)).cmd("EXEC");
+            replies += 4;
         } else if first {
-            pipe.expire(&key, self.settings.running_ttl_secs()).ignore();
+            pipe.expire(&key, self.settings.running_ttl_secs());
+            replies += 1;
         }
-        pipe.query_async::<()>(&mut self.conn()).await?;
-        Ok(())
+        replies
     }
 
     /// The stream's owner, if Redis still holds the stream. Both metadata fields must be there

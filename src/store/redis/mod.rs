@@ -3,8 +3,10 @@
 //! named in [`super::keys`]; this module holds the connection and its
 //! health, and one file per concern:
 //! - [`logs`]: stream logs and their metadata;
-//! - [`leases`]: producer leases, remote-reader holds, cancels, and the
-//!   [`Replicator`] that copies a local log to Redis;
+//! - [`replication`]: the per-replica [`Replication`] writer that copies
+//!   every local stream's log to Redis and keeps its lease, and each
+//!   stream's [`Replicator`] handle on it;
+//! - [`leases`]: producer leases, remote-reader holds and cancels;
 //! - [`follow`]: the per-replica [`StreamFollower`] that waits for new
 //!   entries of every log local remote readers follow (one blocking
 //!   `XREAD`) and hands them over;
@@ -27,6 +29,7 @@ mod leases;
 mod limits;
 mod logs;
 mod quotas;
+mod replication;
 mod tickets;
 
 use std::collections::HashMap;
@@ -42,7 +45,7 @@ use super::StoreError;
 
 pub(super) use channels::{ChannelTail, id_after};
 pub(super) use follow::{FollowGuard, StreamFollower, TailRead};
-pub(super) use leases::Replicator;
+pub(super) use replication::{Replication, Replicator};
 
 /// How long a producer's lease lives without a refresh.
 const LEASE: Duration = Duration::from_secs(3);
@@ -61,7 +64,7 @@ impl From<RedisError> for StoreError {
 /// Retention in Redis.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct RedisSettings {
-    /// Events kept per stream (approximately: `MINID ~` by sequence number).
+    /// Events kept per stream (`MINID` by sequence number).
     pub stream_max_events: usize,
     /// How long a finished stream stays resumable.
     pub stream_ttl: Duration,
