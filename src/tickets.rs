@@ -230,6 +230,7 @@ mod tests {
     fn store() -> Store {
         Store::memory(StoreSettings {
             stream_max_events: 10,
+            replication_window: Duration::from_millis(50),
             stream_ttl: Duration::from_secs(60),
             channel_max_events: 10,
             channel_ttl: Duration::from_secs(60),

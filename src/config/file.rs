@@ -157,6 +157,7 @@ sections! {
         detach_grace: String,
         stream_ttl: String,
         stream_max_events: usize,
+        replication_window: String,
         channel_max_events: usize,
         channel_ttl: String,
         max_publish_bytes: usize,

@@ -97,6 +97,7 @@ fn build_state(config: Config, generators: Registry) -> Result<AppState, ConfigE
     let store_config = &config.store;
     let retention = StoreSettings {
         stream_max_events: store_config.stream_max_events,
+        replication_window: store_config.replication_window,
         stream_ttl: store_config.stream_ttl,
         channel_max_events: store_config.channel_max_events,
         channel_ttl: store_config.channel_ttl,

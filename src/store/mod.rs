@@ -92,6 +92,9 @@ impl StoreError {
 pub struct StoreSettings {
     /// Events kept per stream; resuming before them is a `resume_gap`.
     pub stream_max_events: usize,
+    /// With Redis, the longest a produced event waits before it is sent
+    /// (the replica's writer sends all its streams' events together).
+    pub replication_window: Duration,
     /// How long a finished stream stays resumable.
     pub stream_ttl: Duration,
     /// Events kept per channel.
@@ -200,7 +203,7 @@ impl Store {
         let shared = redis.map(|redis| Shared {
             tail: ChannelTail::new(redis.clone(), channels.clone()),
             follower: StreamFollower::new(redis.clone()),
-            replication: Replication::new(redis.clone()),
+            replication: Replication::new(redis.clone(), settings.replication_window),
             redis,
             replica_id: StreamId::random().map(|id| id.to_string()).unwrap_or_else(|_| "replica".to_owned()),
         });

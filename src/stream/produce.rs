@@ -423,6 +423,7 @@ mod tests {
     async fn setup() -> (StreamId, StreamWriter, Cursor, RunContext) {
         let store = Store::memory(StoreSettings {
             stream_max_events: 10_000,
+            replication_window: Duration::from_millis(50),
             stream_ttl: Duration::from_secs(60),
             channel_max_events: 10,
             channel_ttl: Duration::from_secs(60),

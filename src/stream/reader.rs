@@ -185,6 +185,7 @@ mod tests {
         let retention = Duration::from_secs(1);
         let settings = StoreSettings {
             stream_max_events: 10,
+            replication_window: Duration::from_millis(50),
             stream_ttl: retention,
             channel_max_events: 1,
             channel_ttl: retention,

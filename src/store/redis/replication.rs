@@ -6,8 +6,8 @@
 //! sent a pipeline per stream per batch through the shared connection, each
 //! with its own wake-ups, encoding and reply parse (12.5% of the server's
 //! samples at 500 paced streams). The writer sends every stream's pending
-//! events in one pipeline, at most once per [`WINDOW`] (a stream's end at
-//! once), and refreshes every stream's lease in one pipeline per second.
+//! events in one pipeline, at most once per window (`replication_window`,
+//! a stream's end at once), and refreshes every stream's lease in one pipeline per second.
 //! Order holds because one task sends one pipeline at a time, and a
 //! stream's events are taken in the order they were queued.
 //!
@@ -32,12 +32,6 @@ use super::{LEASE_REFRESH, RESPONSE_TIMEOUT, RedisStore};
 use crate::event::StreamEvent;
 use crate::store::StoreError;
 
-/// The longest an event waits before the writer sends it, so that a paced
-/// stream's deltas reach Redis as runs of several (one `XADD` each) rather
-/// than one command per grapheme cluster; it is also what replication adds
-/// to a reader's latency on another replica. A terminal event is sent at
-/// once.
-pub(in crate::store) const WINDOW: Duration = Duration::from_millis(20);
 /// Most events of one stream in one pipeline (the rest go in the next).
 const PER_STREAM: usize = 512;
 /// Most events in one pipeline, over all streams (the rest go in the next,
@@ -49,6 +43,12 @@ const PER_PIPELINE: usize = 8192;
 #[derive(Debug)]
 pub(in crate::store) struct Replication {
     store: Arc<RedisStore>,
+    /// The longest an event waits before the writer sends it, so that a
+    /// paced stream's deltas reach Redis as runs of several (one `XADD`
+    /// each) rather than one command per grapheme cluster; it is also what
+    /// replication adds to a reader's latency on another replica. A
+    /// terminal event is sent at once.
+    window: Duration,
     state: Mutex<Pending>,
     /// Something was queued.
     wake: Notify,
@@ -118,8 +118,8 @@ fn has_error(value: &Value) -> bool {
 
 impl Replication {
     /// The writer for `store`; it writes nothing until [`Self::run`] runs.
-    pub(in crate::store) fn new(store: Arc<RedisStore>) -> Arc<Self> {
-        Arc::new(Self { store, state: Mutex::default(), wake: Notify::new(), urgent: Notify::new() })
+    pub(in crate::store) fn new(store: Arc<RedisStore>, window: Duration) -> Arc<Self> {
+        Arc::new(Self { store, window, state: Mutex::default(), wake: Notify::new(), urgent: Notify::new() })
     }
 
     /// Starts replicating `stream`; `capacity` bounds what may queue. Every
@@ -149,7 +149,7 @@ impl Replication {
                 () = self.wake.notified() => {
                     // Gather for the rest of the window, unless an end is waiting.
                     tokio::select! {
-                        () = tokio::time::sleep_until(last_send + WINDOW) => {}
+                        () = tokio::time::sleep_until(last_send + self.window) => {}
                         () = self.urgent.notified() => {}
                     }
                     last_send = Instant::now();
