@@ -59,7 +59,8 @@ pub use subscriptions::{ChannelFeed, ChannelLimits, ChannelPosition, ChannelRefu
 pub use writer::StreamWriter;
 
 /// How long a resume ahead of Redis waits for the producer's replication
-/// (which batches every few milliseconds): at most 50 polls of 20 ms. A
+/// (which sends every `replication_window`, 50 ms by default, at most 1 s):
+/// at most 50 polls of 20 ms. A
 /// producer that died meanwhile leaves the log short, and the remote
 /// cursor then says `generator_lost`.
 const CATCH_UP_POLLS: usize = 50;

@@ -139,6 +139,20 @@ async fn open_demo_on(a: &crate::binary::Server, token: &str, prompt: &str) -> r
     panic!("replica A never accepted the stream");
 }
 
+/// `events` (what was read so far) and the rest of the body, until it ends
+/// (bounded by [`LIMIT`]).
+async fn read_to_end(
+    mut body: impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+    mut parser: Parser,
+    mut events: Vec<Event>,
+) -> Vec<Event> {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while let Ok(Some(Ok(bytes))) = tokio::time::timeout_at(deadline, body.next()).await {
+        events.extend(parser.feed(&bytes));
+    }
+    events
+}
+
 fn seq_of(id: &Option<String>) -> u64 {
     id.as_deref().and_then(|i| i.rsplit('.').next()).and_then(|s| s.parse().ok()).unwrap_or(u64::MAX)
 }
@@ -682,13 +696,8 @@ async fn a_stream_whose_end_redis_never_confirms_ends_store_unavailable_not_done
     // Redis stops answering while the last characters and the end are made:
     // the end cannot be replicated, so other replicas could never see it.
     redis.freeze();
-    let mut rest = Vec::new();
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while let Ok(Some(Ok(bytes))) = tokio::time::timeout_at(deadline, futures_util::StreamExt::next(&mut body)).await {
-        rest.extend(parser.feed(&bytes));
-    }
+    let all = read_to_end(body, parser, first).await;
     redis.thaw();
-    let all: Vec<Event> = first.into_iter().chain(rest).collect();
     let last = messages(&all).pop().unwrap();
     assert_eq!(last.0, "error", "the end: {last:?}");
     assert_eq!(last.1["code"], "store_unavailable", "{last:?}");
@@ -725,18 +734,7 @@ async fn a_refused_append_ends_only_its_own_stream_though_the_replica_sends_all_
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let key = format!("tg:s:{}", broken.3);
     ::redis::pipe().del(&key).set(&key, "not a stream").query_async::<()>(&mut conn).await.unwrap();
-    async fn finish(
-        mut body: impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
-        mut parser: Parser,
-        mut events: Vec<Event>,
-    ) -> Vec<Event> {
-        let deadline = tokio::time::Instant::now() + LIMIT;
-        while let Ok(Some(Ok(bytes))) = tokio::time::timeout_at(deadline, body.next()).await {
-            events.extend(parser.feed(&bytes));
-        }
-        events
-    }
-    let (broken, kept) = tokio::join!(finish(broken.0, broken.1, broken.2), finish(kept.0, kept.1, kept.2));
+    let (broken, kept) = tokio::join!(read_to_end(broken.0, broken.1, broken.2), read_to_end(kept.0, kept.1, kept.2));
     let last = messages(&broken).pop().unwrap();
     assert_eq!((last.0.as_str(), last.1["code"].as_str()), ("error", Some("store_unavailable")), "{last:?}");
     assert!(text.starts_with(&delta_text(&broken)), "{}", delta_text(&broken));
