@@ -16,8 +16,8 @@
 //! would keep several times `stream_max_events` in Redis. Exact trimming costs Redis about one
 //! entry's deletion per append.
 //!
-//! Run entries (`"t":"r"`) are this version's: a replica of an earlier version reads one as an
-//! undecodable entry, so in a rolling upgrade its cross-replica readers see a gap. Upgrade the
+//! Run entries (`"t":"c"`, and `"t":"r"` as an earlier build of this version wrote them, still
+//! read) are this version's: a replica of an earlier version reads one as an undecodable entry, so in a rolling upgrade its cross-replica readers see a gap. Upgrade the
 //! replicas that serve readers first, or drain streams across the upgrade.
 
 use std::borrow::Cow;
@@ -83,12 +83,52 @@ enum Stored<'a> {
         m: Cow<'a, str>,
     },
     /// Consecutive deltas, `x` their clusters in order; the entry id is the
-    /// last one's, so the first is `len - 1` before it. Never empty.
+    /// last one's, so the first is `len - 1` before it. Never empty. Read
+    /// only (an earlier build wrote runs so); [`Stored::Text`] is written.
     #[serde(rename = "r")]
     Run {
         #[serde(borrow)]
         x: Vec<Cow<'a, str>>,
     },
+    /// Consecutive deltas as one text: `x` their clusters concatenated, `l`
+    /// each cluster's length in bytes, absent when every cluster is one
+    /// `char` (most text: ASCII, CJK), so an ASCII run costs Redis about a
+    /// byte per character where a JSON array of strings cost four. The
+    /// entry id is the last one's. Never empty.
+    #[serde(rename = "c")]
+    Text {
+        #[serde(borrow)]
+        x: Cow<'a, str>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        l: Option<Vec<u32>>,
+    },
+}
+
+impl Stored<'_> {
+    /// A run of clusters (at least two) as a [`Stored::Text`].
+    fn text_run(clusters: &[Cow<'_, str>]) -> Stored<'static> {
+        let text: String = clusters.concat();
+        let single = clusters.iter().all(|c| c.chars().nth(1).is_none());
+        let lengths = (!single).then(|| clusters.iter().map(|c| c.len() as u32).collect());
+        Stored::Text { x: Cow::Owned(text), l: lengths }
+    }
+
+    /// The clusters of a [`Stored::Text`], in order; `None` for lengths that
+    /// do not cut the text at character boundaries into non-empty clusters
+    /// that cover it (a corrupt entry).
+    fn text_clusters(text: &str, lengths: Option<&[u32]>) -> Option<Vec<String>> {
+        let Some(lengths) = lengths else {
+            return Some(text.chars().map(String::from).collect());
+        };
+        let mut clusters = Vec::with_capacity(lengths.len());
+        let mut at = 0usize;
+        for &len in lengths {
+            let end = at.checked_add(usize::try_from(len).ok().filter(|&l| l > 0)?)?;
+            clusters.push(text.get(at..end)?.to_owned());
+            at = end;
+        }
+        (at == text.len()).then_some(clusters)
+    }
 }
 
 /// Most deltas in one run entry: bounds what a read from inside a run
@@ -104,7 +144,7 @@ fn encode_entries(events: &[Arc<StreamEvent>]) -> Vec<(u64, String)> {
         let stored = match run.len() {
             0 => return,
             1 => Stored::Delta { x: run.remove(0) },
-            _ => Stored::Run { x: std::mem::take(run) },
+            _ => Stored::text_run(run),
         };
         if let Ok(json) = serde_json::to_string(&stored) {
             out.push((last, json));
@@ -156,14 +196,14 @@ fn encode(event: &StreamEvent) -> Option<String> {
 /// JSON this version cannot read, or a run that would start before
 /// sequence number 1 (a corrupt entry).
 pub(super) fn decode_entry(stream_id: StreamId, last: u64, json: &str) -> Option<Vec<StreamEvent>> {
-    match serde_json::from_str::<Stored>(json).ok()? {
-        Stored::Run { x } => {
-            let first = (last + 1).checked_sub(x.len() as u64).filter(|&f| f >= 1 && !x.is_empty())?;
-            let deltas = x.into_iter().zip(first..);
-            Some(deltas.map(|(text, seq)| StreamEvent::Delta { stream_id, seq, text: text.into_owned() }).collect())
-        }
-        single => Some(vec![from_stored(stream_id, last, single)?]),
-    }
+    let clusters: Vec<String> = match serde_json::from_str::<Stored>(json).ok()? {
+        Stored::Run { x } => x.into_iter().map(Cow::into_owned).collect(),
+        Stored::Text { x, l } => Stored::text_clusters(&x, l.as_deref())?,
+        single => return Some(vec![from_stored(stream_id, last, single)?]),
+    };
+    let first = (last + 1).checked_sub(clusters.len() as u64).filter(|&f| f >= 1 && !clusters.is_empty())?;
+    let deltas = clusters.into_iter().zip(first..);
+    Some(deltas.map(|(text, seq)| StreamEvent::Delta { stream_id, seq, text }).collect())
 }
 
 /// One stored event as the event it was: `stream_id` from the key and `seq` from the entry id
@@ -179,7 +219,7 @@ fn from_stored(stream_id: StreamId, seq: u64, stored: Stored<'_>) -> Option<Stre
             let code = ErrorCode::parse(&c).unwrap_or(ErrorCode::Internal);
             StreamEvent::Error { stream_id, seq, code, message: m.into_owned() }
         }
-        Stored::Run { .. } => return None,
+        Stored::Run { .. } | Stored::Text { .. } => return None,
     })
 }
 
@@ -346,7 +386,9 @@ mod tests {
         // Start, a full run, the rest of the deltas, done; no heartbeat.
         let ids: Vec<u64> = entries.iter().map(|(last, _)| *last).collect();
         assert_eq!(ids, [0, MAX_RUN as u64, 70, 71]);
-        assert!(entries[1].1.starts_with(r#"{"t":"r""#), "{}", entries[1].1);
+        // A run is its text and, as these clusters are longer than one
+        // char, their lengths.
+        assert_eq!(entries[2].1, r#"{"t":"c","x":"c65c66c67c68c69c70","l":[3,3,3,3,3,3]}"#);
         let decoded: Vec<StreamEvent> =
             entries.iter().flat_map(|(last, json)| decode_entry(id, *last, json).unwrap_or_default()).collect();
         let logged: Vec<StreamEvent> = events.iter().filter(|e| e.seq().is_some()).map(|e| (**e).clone()).collect();
@@ -359,6 +401,43 @@ mod tests {
         // A run that would start before sequence number 1 is corrupt.
         assert_eq!(decode_entry(id, 1, r#"{"t":"r","x":["a","b"]}"#), None);
         assert_eq!(decode_entry(id, 2, r#"{"t":"r","x":[]}"#), None);
+        assert_eq!(decode_entry(id, 1, r#"{"t":"c","x":"ab"}"#), None);
+        assert_eq!(decode_entry(id, 5, r#"{"t":"c","x":""}"#), None);
+    }
+
+    #[test]
+    fn a_run_of_one_char_clusters_is_its_text_alone_and_any_other_run_carries_lengths() {
+        let id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| unreachable!());
+        let run = |texts: &[&str]| -> Vec<Arc<StreamEvent>> {
+            let deltas = texts.iter().zip(1..);
+            deltas.map(|(t, seq)| Arc::new(StreamEvent::Delta { stream_id: id, seq, text: (*t).to_owned() })).collect()
+        };
+        let decoded = |last: u64, json: &str| -> Vec<String> {
+            let events = decode_entry(id, last, json).unwrap_or_default();
+            events
+                .into_iter()
+                .map(|e| if let StreamEvent::Delta { text, .. } = e { text } else { String::new() })
+                .collect()
+        };
+        let plain = ["a", "你", "好", "\"", "😀"];
+        let entries = encode_entries(&run(&plain));
+        assert_eq!(entries, [(5, r#"{"t":"c","x":"a你好\"😀"}"#.to_owned())]);
+        assert_eq!(decoded(5, &entries[0].1), plain);
+        let mixed = ["👩‍👩‍👧", "e\u{301}", "x", "\r\n"];
+        let entries = encode_entries(&run(&mixed));
+        assert_eq!(entries, [(4, r#"{"t":"c","x":"👩‍👩‍👧éx\r\n","l":[18,3,1,2]}"#.to_owned())]);
+        assert_eq!(decoded(4, &entries[0].1), mixed);
+        // What an earlier build wrote still reads.
+        assert_eq!(decoded(2, r#"{"t":"r","x":["a","b"]}"#), ["a", "b"]);
+        // Lengths that do not cover the text, cut inside a char, or are zero: corrupt.
+        for json in [
+            r#"{"t":"c","x":"abc","l":[1,1]}"#,
+            r#"{"t":"c","x":"abc","l":[1,1,2]}"#,
+            r#"{"t":"c","x":"你好","l":[1,5]}"#,
+            r#"{"t":"c","x":"ab","l":[0,2]}"#,
+        ] {
+            assert_eq!(decode_entry(id, 9, json), None, "{json}");
+        }
     }
 
     #[test]
