@@ -742,3 +742,19 @@ async fn a_refused_append_ends_only_its_own_stream_though_the_replica_sends_all_
     assert_eq!(messages(&kept).pop().map(|m| m.0), Some("done".to_owned()));
     assert_eq!(delta_text(&kept), text);
 }
+
+#[tokio::test]
+async fn an_unpaced_stream_faster_than_one_pipeline_per_window_replicates_without_overflowing() {
+    let redis = RedisServer::start();
+    let mut settings = shared(&redis);
+    // At most 3,000 events may wait for Redis: an unpaced 12,000-character
+    // stream outruns one pipeline per window and must be sent back to back.
+    settings.stream_max_events = Some(3000);
+    let a = spawn_app_with(settings).await;
+    ready(&a).await;
+    let text: String = (0..12_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let events = read_events(a.stream(&format!("generator=echo&pace_ms=0&prompt={text}")).await, LIMIT).await;
+    let last = messages(&events).pop().unwrap();
+    assert_eq!(last.0, "done", "{:?}", last.1);
+    assert_eq!(delta_text(&events), text);
+}

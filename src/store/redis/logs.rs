@@ -17,8 +17,9 @@
 //! entry's deletion per append.
 //!
 //! Run entries (`"t":"c"`, and `"t":"r"` as an earlier build of this version wrote them, still
-//! read) are this version's: a replica of an earlier version reads one as an undecodable entry, so in a rolling upgrade its cross-replica readers see a gap. Upgrade the
-//! replicas that serve readers first, or drain streams across the upgrade.
+//! read) are this version's: a replica of an earlier version reads one as an undecodable entry,
+//! so in a rolling upgrade its cross-replica readers see a gap. Upgrade the replicas that serve
+//! readers first, or drain streams across the upgrade.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -178,11 +178,15 @@ impl Replication {
     }
 
     /// Sends everything pending, one pipeline of at most [`PER_PIPELINE`]
-    /// events after another.
+    /// events (at most [`PER_STREAM`] of each stream) after another.
     async fn send_pending(&self) {
         loop {
             let mut batch = Vec::new();
             let mut events = 0;
+            // Streams with more than their share pending go back to the end
+            // of the list after this take, so one backlog does not fill the
+            // pipeline while other streams wait.
+            let mut again = Vec::new();
             {
                 let mut state = lock(&self.state);
                 while events < PER_PIPELINE {
@@ -200,20 +204,20 @@ impl Replication {
                     }
                     events += taken.len();
                     if more {
-                        state.dirty.push_back(stream.clone());
+                        again.push(stream.clone());
                     }
                     batch.push((stream, taken, first));
                 }
+                state.dirty.extend(again.iter().cloned());
             }
             if batch.is_empty() {
                 return;
             }
             self.send(&batch).await;
-            if events < PER_PIPELINE {
-                // A stream with more than its share left waits for the next window.
-                if !lock(&self.state).dirty.is_empty() {
-                    self.wake.notify_one();
-                }
+            // A backlog (a full pipeline, or a stream with more than its
+            // share) is sent at once, not a window later: a fast stream
+            // would otherwise outgrow its queue's capacity.
+            if events < PER_PIPELINE && again.is_empty() {
                 return;
             }
         }
@@ -313,6 +317,7 @@ impl Replicator {
             return;
         }
         let terminal = event.is_terminal();
+        let mut full = false;
         let list = {
             let mut queue = lock(&state.queue);
             if queue.events.len() >= state.capacity {
@@ -324,12 +329,16 @@ impl Replicator {
                 queue.last_queued = seq;
             }
             queue.events.push(event);
+            full = queue.events.len() == PER_STREAM;
             !std::mem::replace(&mut queue.listed, true)
         };
         if list {
             self.writer.list(state.clone());
         }
-        if terminal {
+        // An end, or a stream with a pipeline's share waiting (an unpaced
+        // one outgrows its queue in a window), is sent without waiting out
+        // the window.
+        if terminal || full {
             self.writer.urgent.notify_one();
         }
     }
