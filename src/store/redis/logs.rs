@@ -179,7 +179,7 @@ fn encode_entries(events: &[Arc<StreamEvent>]) -> Vec<(u64, String)> {
 
 /// The JSON an event is logged as; `None` for the events that belong to one connection rather
 /// than to the stream (`Shutdown`, `Heartbeat`), which are never logged, and, in principle, for a
-/// serialization failure. [`RedisStore::append`] skips what this refuses.
+/// serialization failure. [`RedisStore::append_commands`] skips what this refuses.
 fn encode(event: &StreamEvent) -> Option<String> {
     let stored = match event {
         StreamEvent::Start { generator, .. } => Stored::Start { g: Cow::Borrowed(generator) },

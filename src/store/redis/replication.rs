@@ -317,8 +317,7 @@ impl Replicator {
             return;
         }
         let terminal = event.is_terminal();
-        let mut full = false;
-        let list = {
+        let (list, full) = {
             let mut queue = lock(&state.queue);
             if queue.events.len() >= state.capacity {
                 drop(queue);
@@ -329,8 +328,7 @@ impl Replicator {
                 queue.last_queued = seq;
             }
             queue.events.push(event);
-            full = queue.events.len() == PER_STREAM;
-            !std::mem::replace(&mut queue.listed, true)
+            (!std::mem::replace(&mut queue.listed, true), queue.events.len() == PER_STREAM)
         };
         if list {
             self.writer.list(state.clone());
