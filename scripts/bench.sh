@@ -742,6 +742,7 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 keys = [("chars_per_s", "chars/s"), ("server_cpu_us_per_char", "server CPU us/char"),
         ("gap_p50", "gap p50 ms"), ("gap_p99", "gap p99 ms"),
         ("server_rss_bytes_per_char_retained", "RSS B/retained char"),
+        ("server_rss_bytes_per_char_retained_settled", "RSS B/retained char, settled"),
         ("server_rss_kib_per_stream", "RSS KiB/open stream"), ("server_cpu_us_per_open", "server CPU us/open"),
         ("server_rss_kib_peak", "peak RSS KiB")]
 def value(r, k):

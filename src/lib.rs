@@ -42,6 +42,8 @@
 //!   healthcheck).
 //! - [`error`]: [`error::ApiError`], the one mapping of failures to HTTP.
 //! - [`metrics`]: Prometheus counters and gauges, per application.
+//! - [`heap_trim`]: gives the heap that ended streams and connections
+//!   freed back to the OS.
 //! - [`shutdown`]: the drain-then-close sequence.
 //! - [`server`]: binding, connections and their limits, serving HTTP/1.1
 //!   and HTTP/2 (native TLS with certificate reload, or h2c).
@@ -58,6 +60,7 @@ pub mod feeds;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod generator;
+pub mod heap_trim;
 pub mod json;
 pub mod limits;
 pub mod log_throttle;

@@ -91,6 +91,13 @@ impl Metrics {
         self.counter("tokengate_tls_reloads_total", "result", result).increment(1);
     }
 
+    /// A heap trim ran ([`crate::heap_trim`]), by whether it gave any
+    /// memory back (`released`: `true`, `false`).
+    pub fn heap_trimmed(&self, released: bool) {
+        let value = if released { "true" } else { "false" };
+        self.counter("tokengate_heap_trims_total", "released", value).increment(1);
+    }
+
     /// An authentication failure, by reason.
     pub fn auth_failed(&self, reason: &'static str) {
         self.counter("tokengate_auth_failures_total", "reason", reason).increment(1);

@@ -239,7 +239,8 @@ impl Application {
 
 /// What runs beside the listener until the server stops: the shutdown
 /// sequence once `signal` fires, the periodic pruning of limiter keys,
-/// expired streams and unused channels, the store's own tasks, the JWKS
+/// expired streams and unused channels, the store's own tasks, the heap
+/// trimmer, the JWKS
 /// refresh when one is configured, and (with a shared store) the renewal
 /// and release of stream leases, whose task is returned.
 fn spawn_background(
@@ -269,6 +270,7 @@ fn spawn_background(
         });
     }
     state.store.spawn_background(state.shutdown.stopped());
+    tokio::spawn(crate::heap_trim::run(state.metrics.clone(), state.shutdown.stopped().clone()));
     if let Some(every) = state.config.demo_feeds {
         tokio::spawn(crate::feeds::run(state.store.clone(), every, state.shutdown.stopped().clone()));
     }
@@ -567,6 +569,7 @@ fn serve_connection(
             report_end(&*e, peer, &activity, &metrics, &connections.logs);
         }
         drop(permit);
+        crate::heap_trim::released();
     });
 }
 

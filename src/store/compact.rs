@@ -3,10 +3,11 @@
 //! `Arc<StreamEvent>`s that is about 165 bytes per character (the `Arc`
 //! box, the enum, a heap string per cluster and the queue slot), which for a
 //! finished stream kept resumable for `stream_ttl` is nearly all of its
-//! memory. Here a delta costs its UTF-8 bytes plus a 4-byte offset; the rare
-//! other events (start, the terminal event) are kept whole. Events are
-//! rebuilt on read, with the same id and sequence number they were
-//! appended with, so readers cannot tell the difference.
+//! memory. Here a delta costs its UTF-8 bytes plus a 4-byte offset while the
+//! stream runs, and its bytes plus one once it has finished (the log is then
+//! sealed); the rare other events (start, the terminal event) are kept
+//! whole. Events are rebuilt on read, with the same id and sequence number
+//! they were appended with, so readers cannot tell the difference.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -17,10 +18,36 @@ use crate::event::{StreamEvent, StreamId};
 /// (below this, or below half the buffer, dropping an event is O(1)).
 const DRAIN_AT: usize = 4096;
 
+/// Events per checkpoint of a sealed log: a read sums at most this many
+/// lengths to find where an event starts.
+const MARK_EVERY: usize = 64;
+
 /// A bounded log of one stream's events, stored compactly.
 #[derive(Debug)]
 pub(super) struct CompactLog {
     stream_id: StreamId,
+    /// The retained events that are not deltas, by sequence number (start
+    /// and terminal: at most a few).
+    others: Vec<(u64, Arc<StreamEvent>)>,
+    /// Sequence number of the oldest retained event.
+    first_seq: u64,
+    /// The deltas' text and where each event ends.
+    body: Body,
+}
+
+/// A log's text and boundaries: growable while the stream runs, then sealed
+/// into exact-size slices with a one-byte length per event, since a finished
+/// log is only read, for `stream_ttl`.
+#[derive(Debug)]
+enum Body {
+    /// Appends and trims are O(1): a 4-byte end offset per event.
+    Live(LiveBody),
+    /// Read-only, about the text's bytes plus one per event.
+    Sealed(SealedBody),
+}
+
+#[derive(Debug, Default)]
+struct LiveBody {
     /// Every retained delta's text, in order, from byte `front` on.
     text: String,
     /// Where the retained text starts (bytes before it belong to dropped
@@ -30,17 +57,88 @@ pub(super) struct CompactLog {
     /// i` spans `ends[i - 1]..ends[i]` (from `front` for the first). Events
     /// that are not deltas span nothing.
     ends: VecDeque<u32>,
-    /// The retained events that are not deltas, by sequence number (start
-    /// and terminal: at most a few).
-    others: Vec<(u64, Arc<StreamEvent>)>,
-    /// Sequence number of the oldest retained event.
-    first_seq: u64,
+}
+
+#[derive(Debug)]
+struct SealedBody {
+    /// The retained deltas' text, in order.
+    text: Box<str>,
+    /// Each event's text length in bytes; `u8::MAX` means "look it up in
+    /// `long`" (a cluster of 255 bytes or more: rare, but an upstream can
+    /// send one).
+    lens: Box<[u8]>,
+    /// Where event `k * MARK_EVERY` starts in `text`.
+    marks: Box<[u32]>,
+    /// The lengths of at least `u8::MAX` bytes, by event index, ascending.
+    long: Box<[(u32, u32)]>,
+}
+
+impl SealedBody {
+    fn seal(live: LiveBody) -> Self {
+        let LiveBody { mut text, front, ends } = live;
+        text.drain(..front);
+        let mut lens = Vec::with_capacity(ends.len());
+        let mut marks = Vec::with_capacity(ends.len().div_ceil(MARK_EVERY));
+        let mut long = Vec::new();
+        let mut begin = front as u32;
+        for (i, &end) in ends.iter().enumerate() {
+            if i % MARK_EVERY == 0 {
+                marks.push(begin - front as u32);
+            }
+            let len = end - begin;
+            match u8::try_from(len) {
+                Ok(l) if l < u8::MAX => lens.push(l),
+                _ => {
+                    lens.push(u8::MAX);
+                    long.push((i as u32, len));
+                }
+            }
+            begin = end;
+        }
+        Self {
+            text: text.into_boxed_str(),
+            lens: lens.into_boxed_slice(),
+            marks: marks.into_boxed_slice(),
+            long: long.into_boxed_slice(),
+        }
+    }
+
+    fn len_of(&self, i: usize) -> usize {
+        match self.lens[i] {
+            u8::MAX => {
+                self.long.binary_search_by_key(&(i as u32), |&(at, _)| at).map_or(0, |k| self.long[k].1 as usize)
+            }
+            l => l as usize,
+        }
+    }
+
+    /// Where event `i` starts in `text`.
+    fn start_of(&self, i: usize) -> usize {
+        let block = i / MARK_EVERY;
+        let mut at = self.marks.get(block).map_or(0, |&m| m as usize);
+        for j in block * MARK_EVERY..i {
+            at += self.len_of(j);
+        }
+        at
+    }
+
+    /// Back to the growable form (only if something is appended after the
+    /// stream finished, which the hub does not do).
+    fn unseal(self) -> LiveBody {
+        let mut ends = VecDeque::with_capacity(self.lens.len());
+        let mut end = 0u32;
+        for i in 0..self.lens.len() {
+            end += self.len_of(i) as u32;
+            ends.push_back(end);
+        }
+        LiveBody { text: self.text.into_string(), front: 0, ends }
+    }
 }
 
 impl CompactLog {
     /// An empty log of stream `stream_id`.
     pub(super) fn new(stream_id: StreamId) -> Self {
-        Self { stream_id, text: String::new(), front: 0, ends: VecDeque::new(), others: Vec::new(), first_seq: 0 }
+        Self { stream_id, others: Vec::new(), first_seq: 0, body: Body::Live(LiveBody::default()) }
     }
 
     /// Sequence number of the oldest retained event.
@@ -50,12 +148,29 @@ impl CompactLog {
 
     /// The next sequence number to be appended.
     pub(super) fn next_seq(&self) -> u64 {
-        self.first_seq + self.ends.len() as u64
+        self.first_seq + self.len() as u64
     }
 
     /// Retained events.
     pub(super) fn len(&self) -> usize {
-        self.ends.len()
+        match &self.body {
+            Body::Live(live) => live.ends.len(),
+            Body::Sealed(sealed) => sealed.lens.len(),
+        }
+    }
+
+    /// The growable body, unsealing a sealed one.
+    fn live(&mut self) -> &mut LiveBody {
+        if let Body::Sealed(_) = self.body {
+            let Body::Sealed(sealed) = std::mem::replace(&mut self.body, Body::Live(LiveBody::default())) else {
+                unreachable!("matched just above")
+            };
+            self.body = Body::Live(sealed.unseal());
+        }
+        match &mut self.body {
+            Body::Live(live) => live,
+            Body::Sealed(_) => unreachable!("unsealed just above"),
+        }
     }
 
     /// Appends the next event. Deltas are copied into the text; other
@@ -63,39 +178,98 @@ impl CompactLog {
     /// else cloned once.
     pub(super) fn push(&mut self, event: &StreamEvent, shared: Option<&Arc<StreamEvent>>) {
         let seq = self.next_seq();
-        match event {
-            StreamEvent::Delta { text, .. } => {
-                // An offset is 4 bytes; a log whose retained text would not
-                // fit drops its oldest events first (resuming before them is
-                // a gap, as with any trimmed event). Only a pathological
-                // upstream (gigabytes in 20,000 clusters) gets here.
-                while !self.ends.is_empty() && self.text.len() - self.front + text.len() > u32::MAX as usize {
-                    self.pop_front();
+        if let StreamEvent::Delta { text, .. } = event {
+            // An offset is 4 bytes; a log whose retained text would not
+            // fit drops its oldest events first (resuming before them is
+            // a gap, as with any trimmed event). Only a pathological
+            // upstream (gigabytes in 20,000 clusters) gets here.
+            loop {
+                let live = self.live();
+                if live.ends.is_empty() || live.text.len() - live.front + text.len() <= u32::MAX as usize {
+                    break;
                 }
-                if self.text.len() + text.len() > u32::MAX as usize {
-                    self.give_back(true);
-                }
-                self.text.push_str(text);
+                self.pop_front();
             }
-            other => {
-                let kept = shared.cloned().unwrap_or_else(|| Arc::new(other.clone()));
-                self.others.push((seq, kept));
+            let live = self.live();
+            if live.text.len() + text.len() > u32::MAX as usize {
+                live.give_back(true);
             }
+            live.text.push_str(text);
+        } else {
+            let kept = shared.cloned().unwrap_or_else(|| Arc::new(event.clone()));
+            self.others.push((seq, kept));
         }
+        let live = self.live();
         // Fits: the text was trimmed to below 4 GiB just above.
-        self.ends.push_back(u32::try_from(self.text.len()).unwrap_or(u32::MAX));
+        live.ends.push_back(u32::try_from(live.text.len()).unwrap_or(u32::MAX));
     }
 
     /// Drops the oldest event.
     pub(super) fn pop_front(&mut self) {
-        let Some(end) = self.ends.pop_front() else { return };
-        self.front = end as usize;
+        let live = self.live();
+        let Some(end) = live.ends.pop_front() else { return };
+        live.front = end as usize;
+        live.give_back(false);
         self.first_seq += 1;
         let first = self.first_seq;
         self.others.retain(|(seq, _)| *seq >= first);
-        self.give_back(false);
     }
 
+    /// Seals the log (the stream is finished: nothing more comes), into
+    /// exact-size slices about a byte per event smaller than the text.
+    pub(super) fn shrink(&mut self) {
+        let body = std::mem::replace(&mut self.body, Body::Live(LiveBody::default()));
+        self.body = match body {
+            Body::Live(live) => Body::Sealed(SealedBody::seal(live)),
+            sealed => sealed,
+        };
+        self.others.shrink_to_fit();
+    }
+
+    /// Adds events `from..` (at most `max`) to `out`, rebuilt; `from` must
+    /// be at or after [`Self::first_seq`].
+    pub(super) fn read(&self, from: u64, max: usize, out: &mut VecDeque<Arc<StreamEvent>>) {
+        let skip = from.saturating_sub(self.first_seq) as usize;
+        let end = self.len().min(skip.saturating_add(max));
+        if skip >= end {
+            return;
+        }
+        let mut begin = match &self.body {
+            Body::Live(live) => match skip {
+                0 => live.front,
+                i => live.ends[i - 1] as usize,
+            },
+            Body::Sealed(sealed) => sealed.start_of(skip),
+        };
+        for i in skip..end {
+            let seq = self.first_seq + i as u64;
+            let (text, stop) = match &self.body {
+                Body::Live(live) => (live.text.as_str(), live.ends[i] as usize),
+                Body::Sealed(sealed) => (&*sealed.text, begin + sealed.len_of(i)),
+            };
+            let span = begin..stop;
+            begin = stop;
+            if let Some((_, event)) = self.others.iter().find(|(s, _)| *s == seq) {
+                out.push_back(event.clone());
+                continue;
+            }
+            let text = text.get(span).unwrap_or_default();
+            out.push_back(Arc::new(StreamEvent::Delta { stream_id: self.stream_id, seq, text: text.to_owned() }));
+        }
+    }
+
+    /// Bytes held on the heap (for tests and sizing).
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
+        let body = match &self.body {
+            Body::Live(live) => live.text.capacity() + live.ends.capacity() * 4,
+            Body::Sealed(s) => s.text.len() + s.lens.len() + s.marks.len() * 4 + s.long.len() * 8,
+        };
+        body + self.others.capacity() * 16
+    }
+}
+
+impl LiveBody {
     /// Gives back the text of dropped events once it is most of the buffer
     /// (or now, with `force`), shifting the offsets: amortised O(1) per
     /// dropped event.
@@ -109,37 +283,6 @@ impl CompactLog {
             *end -= front;
         }
         self.front = 0;
-    }
-
-    /// Releases spare capacity (the stream is finished: nothing more comes).
-    pub(super) fn shrink(&mut self) {
-        self.give_back(true);
-        self.text.shrink_to_fit();
-        self.ends.shrink_to_fit();
-        self.others.shrink_to_fit();
-    }
-
-    /// Adds events `from..` (at most `max`) to `out`, rebuilt; `from` must
-    /// be at or after [`Self::first_seq`].
-    pub(super) fn read(&self, from: u64, max: usize, out: &mut VecDeque<Arc<StreamEvent>>) {
-        let skip = from.saturating_sub(self.first_seq) as usize;
-        let end = self.ends.len().min(skip.saturating_add(max));
-        for i in skip..end {
-            let seq = self.first_seq + i as u64;
-            if let Some((_, event)) = self.others.iter().find(|(s, _)| *s == seq) {
-                out.push_back(event.clone());
-                continue;
-            }
-            let begin = if i == 0 { self.front } else { self.ends[i - 1] as usize };
-            let text = self.text.get(begin..self.ends[i] as usize).unwrap_or_default();
-            out.push_back(Arc::new(StreamEvent::Delta { stream_id: self.stream_id, seq, text: text.to_owned() }));
-        }
-    }
-
-    /// Bytes held on the heap (for tests and sizing).
-    #[cfg(test)]
-    fn heap_bytes(&self) -> usize {
-        self.text.capacity() + self.ends.capacity() * 4 + self.others.capacity() * 16
     }
 }
 
@@ -215,10 +358,54 @@ mod tests {
         for e in &stream(&refs) {
             log.push(e, None);
         }
+        let live = log.heap_bytes() as f64 / 2000.0;
+        // 2 bytes of UTF-8 on average and a 4-byte offset (with growth).
+        assert!(live < 8.5, "{live} bytes per character while the stream runs");
         log.shrink();
-        let per_char = log.heap_bytes() as f64 / 2000.0;
-        // 2 bytes of UTF-8 on average and a 4-byte offset.
-        assert!(per_char < 6.5, "{per_char} bytes per retained character");
+        let sealed = log.heap_bytes() as f64 / 2000.0;
+        // 2 bytes of UTF-8 on average, a length byte, a checkpoint per 64.
+        assert!(sealed < 3.2, "{sealed} bytes per retained character once sealed");
+    }
+
+    #[test]
+    fn a_sealed_log_reads_clusters_of_any_length_from_any_event() {
+        let long = "e".to_owned() + &"\u{301}".repeat(200);
+        let longer = "x".repeat(70_000);
+        let mut texts: Vec<&str> = Vec::new();
+        for i in 0..300 {
+            texts.push(match i % 50 {
+                7 => &long,
+                33 => &longer,
+                n if n % 2 == 0 => "a",
+                _ => "你",
+            });
+        }
+        let events = stream(&texts);
+        let mut log = CompactLog::new(id());
+        for e in &events {
+            log.push(e, None);
+        }
+        log.shrink();
+        for from in 0..events.len() as u64 + 1 {
+            assert_eq!(read_all(&log, from), events[from as usize..].to_vec(), "from {from}");
+        }
+        let mut out = VecDeque::new();
+        log.read(63, 3, &mut out);
+        assert_eq!(out.iter().map(|e| (**e).clone()).collect::<Vec<_>>(), events[63..66].to_vec());
+    }
+
+    #[test]
+    fn appending_to_a_sealed_log_unseals_it() {
+        let events = stream(&["a", "b", "c"]);
+        let mut log = CompactLog::new(id());
+        log.push(&events[0], None);
+        log.push(&events[1], None);
+        log.shrink();
+        for e in &events[2..] {
+            log.push(e, None);
+        }
+        log.pop_front();
+        assert_eq!(read_all(&log, 1), events[1..].to_vec());
     }
 
     proptest! {
@@ -226,7 +413,7 @@ mod tests {
         /// appended, numbered as appended, with the text given back in bulk.
         #[test]
         fn trimming_keeps_the_newest_events_exact(
-            texts in proptest::collection::vec("\\PC{1,3}", 0..300),
+            texts in proptest::collection::vec(prop_oneof![9 => "\\PC{1,3}", 1 => "e\u{301}{100,140}"], 0..300),
             keep in 1usize..64,
         ) {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
@@ -242,7 +429,9 @@ mod tests {
             prop_assert_eq!(log.first_seq(), first as u64);
             prop_assert_eq!(read_all(&log, log.first_seq()), events[first..].to_vec());
             log.shrink();
-            prop_assert_eq!(read_all(&log, log.first_seq()), events[first..].to_vec());
+            for from in log.first_seq()..log.next_seq() + 1 {
+                prop_assert_eq!(read_all(&log, from), events[from as usize..].to_vec());
+            }
         }
     }
 }

@@ -175,10 +175,13 @@ impl StreamHub {
     pub(super) fn sweep(&self) {
         let ttl = self.settings.ttl;
         let now = Instant::now();
-        self.streams
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|_, s| lock(&s.state).finished_at.is_none_or(|at| now.duration_since(at) < ttl));
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner).retain(|_, s| {
+            let keep = lock(&s.state).finished_at.is_none_or(|at| now.duration_since(at) < ttl);
+            if !keep {
+                crate::heap_trim::released();
+            }
+            keep
+        });
     }
 }
 
@@ -199,8 +202,10 @@ impl LiveStream {
         }
         if terminal {
             state.finished_at = Some(Instant::now());
-            // Nothing more comes: the log keeps only what it holds.
+            // Nothing more comes: the log keeps only what it holds, and
+            // what it grew through can go back to the OS.
             state.events.shrink();
+            crate::heap_trim::released();
         }
     }
 

@@ -25,6 +25,24 @@ async fn metrics_cover_streams_deltas_bytes_and_latencies() {
 }
 
 #[tokio::test]
+async fn a_finished_stream_gets_the_heap_trimmed_and_counted() {
+    let app = spawn_app().await;
+    let events = read_events(app.stream("generator=echo&prompt=hello").await, Duration::from_secs(10)).await;
+    assert_eq!(delta_text(&events), "hello");
+    // The trimmer looks once a second; bounded at 10 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let trims = app.metric("tokengate_heap_trims_total{released=\"true\"}").await
+            + app.metric("tokengate_heap_trims_total{released=\"false\"}").await;
+        if trims >= 1.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no heap trim counted after a stream ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
 async fn every_response_carries_a_request_id_and_keeps_the_callers() {
     let app = spawn_app().await;
     let resp = app.get("/healthz", None).await;
