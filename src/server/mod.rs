@@ -42,6 +42,7 @@ use crate::stream::{ConnectionAbort, ServiceParts, ServiceSettings, StreamServic
 use self::body::DeadlineBody;
 
 mod body;
+mod h1;
 mod h2c;
 mod stall;
 mod tls;
@@ -293,6 +294,8 @@ struct Connections {
     header_timeout: Duration,
     /// Bounds each request body, from the end of its head.
     body_timeout: Duration,
+    /// The longest request head (HTTP/1.1: longer is answered 431).
+    max_header_bytes: usize,
     write_stall: Duration,
     /// `SO_SNDBUF` for each accepted socket, if bounded.
     send_buffer: Option<usize>,
@@ -351,6 +354,7 @@ impl Connections {
             h2c: state.config.http2.h2c,
             header_timeout: limits.header_timeout,
             body_timeout: limits.body_timeout,
+            max_header_bytes: limits.max_header_bytes,
             write_stall: limits.max_lag.saturating_mul(2),
             send_buffer: limits.send_buffer,
             open: Arc::new(Semaphore::new(limits.max_connections)),
@@ -543,7 +547,7 @@ fn serve_connection(
                 }
                 Ok(Ok(stream)) => {
                     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    Box::pin(serve_http(stream, h2, &app, peer, &connections, &activity, &metrics)).await
+                    serve_protocol(stream, h2, &app, peer, &connections, &activity, &metrics).await
                 }
             },
             None if connections.h2c => {
@@ -559,11 +563,11 @@ fn serve_connection(
                     }
                     Ok(Ok((prefix, h2))) => {
                         let io = h2c::Replay::new(prefix, io);
-                        Box::pin(serve_http(io, h2, &app, peer, &connections, &activity, &metrics)).await
+                        serve_protocol(io, h2, &app, peer, &connections, &activity, &metrics).await
                     }
                 }
             }
-            None => Box::pin(serve_http(io, false, &app, peer, &connections, &activity, &metrics)).await,
+            None => serve_protocol(io, false, &app, peer, &connections, &activity, &metrics).await,
         };
         if let Err(e) = ended {
             report_end(&*e, peer, &activity, &metrics, &connections.logs);
@@ -574,6 +578,30 @@ fn serve_connection(
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Counts the connection by protocol and serves it: HTTP/2 through hyper,
+/// HTTP/1.1 through [`h1`] (which hands it to hyper at the first request
+/// it does not serve itself). Each way is boxed: the connection's task then
+/// holds only the one it takes, not room for the largest.
+async fn serve_protocol<I>(
+    io: I,
+    h2: bool,
+    app: &axum::Router,
+    peer: SocketAddr,
+    connections: &Connections,
+    activity: &Arc<Activity>,
+    metrics: &Metrics,
+) -> Result<(), BoxError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    metrics.connection_opened(if h2 { "h2" } else { "http1" });
+    if h2 {
+        Box::pin(serve_http(io, true, app, peer, connections, activity, metrics)).await
+    } else {
+        Box::pin(h1::serve(io, app, peer, connections, activity, metrics)).await
+    }
+}
 
 /// Serves HTTP/1.1 or HTTP/2 on an established connection until it ends:
 /// closed by the peer, idle, or shut down gracefully once the listener is
@@ -596,7 +624,6 @@ async fn serve_http<I>(
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    metrics.connection_opened(if h2 { "h2" } else { "http1" });
     let counter = activity.clone();
     // HTTP/1.1 carries one request at a time: aborting the connection ends
     // only that one. HTTP/2 requests get none (it would end their siblings).
@@ -661,10 +688,7 @@ where
         tokio::select! {
             ended = conn.as_mut() => return ended,
             () = &mut aborted => {
-                metrics.refused(ErrorCode::SlowConsumer.as_str());
-                if let Some(suppressed) = connections.logs.slow_subscriber.admit() {
-                    tracing::info!(%peer, suppressed, "slow channel subscriber dropped: it fell out of the log; connection closed");
-                }
+                slow_subscriber_dropped(connections, metrics, peer);
                 return Ok(());
             }
             () = connections.close.cancelled(), if !closing => {
@@ -681,6 +705,14 @@ where
                 changes = now;
             }
         }
+    }
+}
+
+/// Counts and logs a connection dropped by its [`ConnectionAbort`].
+fn slow_subscriber_dropped(connections: &Connections, metrics: &Metrics, peer: SocketAddr) {
+    metrics.refused(ErrorCode::SlowConsumer.as_str());
+    if let Some(suppressed) = connections.logs.slow_subscriber.admit() {
+        tracing::info!(%peer, suppressed, "slow channel subscriber dropped: it fell out of the log; connection closed");
     }
 }
 

@@ -15,6 +15,7 @@ mod cors;
 pub mod dashboard;
 mod fuzz_corpus;
 mod helpers;
+mod http1;
 mod jwks;
 mod lifecycle;
 mod limits;
