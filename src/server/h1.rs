@@ -151,13 +151,13 @@ async fn read_head<I: AsyncRead + Unpin>(io: &mut I, buf: &mut Vec<u8>, max: usi
                 parsed => return Ok(Some(parsed)),
             }
         }
-        let mut chunk = [0u8; 1024];
-        let n = io.read(&mut chunk).await?;
-        if n == 0 {
+        // Straight into the buffer: a stack chunk here would sit in every
+        // connection's future.
+        buf.reserve(1024);
+        if io.read_buf(buf).await? == 0 {
             // Closed mid-head: nothing to answer.
             return Ok(None);
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -251,6 +251,8 @@ where
     let length = if bodiless { Some(0) } else { body.size_hint().exact() };
     let chunked = length.is_none();
     let mut head = Some(encode_head(parts.status, &parts.headers, length, bodiless, close));
+    // The response's headers and extensions are not needed while it streams.
+    drop(parts);
     let mut frames: Vec<(ChunkHeader, Bytes)> = Vec::new();
     let mut ended = bodiless;
     let mut aborted = pin!(abort.cancelled());

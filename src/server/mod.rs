@@ -529,52 +529,79 @@ fn serve_connection(
     let metrics = state.metrics.clone();
     let app = app.clone();
     // Each way of serving is boxed: the task then holds only the one this
-    // connection takes, not room for the largest (TLS with HTTP/2).
+    // connection takes, not room for the largest (a TLS handshake, with
+    // rustls' connection state inline, made every task 8 KB).
     tokio::spawn(async move {
-        let timeout = connections.header_timeout;
+        let (app, connections, activity, metrics) = (&app, &*connections, &activity, &*metrics);
         let ended = match &connections.tls {
-            Some(tls) => match tokio::time::timeout(timeout, tls.acceptor().accept(io)).await {
-                Err(_) => {
-                    metrics.refused("tls_handshake_timeout");
-                    if let Some(suppressed) = connections.logs.tls_handshake_timeout.admit() {
-                        tracing::info!(%peer, suppressed, "TLS handshake not finished in time; connection closed");
-                    }
-                    return;
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, %peer, "TLS handshake failed");
-                    return;
-                }
-                Ok(Ok(stream)) => {
-                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    serve_protocol(stream, h2, &app, peer, &connections, &activity, &metrics).await
-                }
-            },
-            None if connections.h2c => {
-                let mut io = io;
-                match tokio::time::timeout(timeout, h2c::sniff(&mut io)).await {
-                    Err(_) => {
-                        connections.logs.header_timeout(&metrics, peer);
-                        return;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, %peer, "connection failed before a request");
-                        return;
-                    }
-                    Ok(Ok((prefix, h2))) => {
-                        let io = h2c::Replay::new(prefix, io);
-                        serve_protocol(io, h2, &app, peer, &connections, &activity, &metrics).await
-                    }
-                }
-            }
-            None => serve_protocol(io, false, &app, peer, &connections, &activity, &metrics).await,
+            Some(tls) => Box::pin(serve_tls(io, tls, app, peer, connections, activity, metrics)).await,
+            None if connections.h2c => Box::pin(serve_h2c(io, app, peer, connections, activity, metrics)).await,
+            None => Some(serve_protocol(io, false, app, peer, connections, activity, metrics).await),
         };
-        if let Err(e) = ended {
-            report_end(&*e, peer, &activity, &metrics, &connections.logs);
+        if let Some(Err(e)) = ended {
+            report_end(&*e, peer, activity, metrics, &connections.logs);
         }
         drop(permit);
         crate::heap_trim::released();
     });
+}
+
+/// The TLS handshake (bounded like a request head), then HTTP/2 or
+/// HTTP/1.1 as ALPN chose. `None`: the connection ended before a request,
+/// and that has been counted and logged.
+async fn serve_tls(
+    io: StallGuard<TcpStream>,
+    tls: &Tls,
+    app: &axum::Router,
+    peer: SocketAddr,
+    connections: &Connections,
+    activity: &Arc<Activity>,
+    metrics: &Metrics,
+) -> Option<Result<(), BoxError>> {
+    match tokio::time::timeout(connections.header_timeout, tls.acceptor().accept(io)).await {
+        Err(_) => {
+            metrics.refused("tls_handshake_timeout");
+            if let Some(suppressed) = connections.logs.tls_handshake_timeout.admit() {
+                tracing::info!(%peer, suppressed, "TLS handshake not finished in time; connection closed");
+            }
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+            None
+        }
+        Ok(Ok(stream)) => {
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            Some(serve_protocol(stream, h2, app, peer, connections, activity, metrics).await)
+        }
+    }
+}
+
+/// A plain connection that may be h2c with prior knowledge: its first
+/// bytes (bounded like a request head) tell, and are replayed to the
+/// protocol that serves it. `None` as for [`serve_tls`].
+async fn serve_h2c(
+    mut io: StallGuard<TcpStream>,
+    app: &axum::Router,
+    peer: SocketAddr,
+    connections: &Connections,
+    activity: &Arc<Activity>,
+    metrics: &Metrics,
+) -> Option<Result<(), BoxError>> {
+    match tokio::time::timeout(connections.header_timeout, h2c::sniff(&mut io)).await {
+        Err(_) => {
+            connections.logs.header_timeout(metrics, peer);
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, %peer, "connection failed before a request");
+            None
+        }
+        Ok(Ok((prefix, h2))) => {
+            let io = h2c::Replay::new(prefix, io);
+            Some(serve_protocol(io, h2, app, peer, connections, activity, metrics).await)
+        }
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -27,24 +27,39 @@ impl StreamWriter {
     }
 
     /// Appends without waking the readers (the producer wakes them once per
-    /// batch, [`LiveStream::wake_readers`]).
-    pub fn append_quietly(&self, event: StreamEvent) {
+    /// batch, [`LiveStream::wake_readers`]). Returns whether the shared
+    /// store is far behind (half its queue): the producer should then wait
+    /// for [`Self::replicated`] before appending more, or an unpaced stream
+    /// would outrun Redis and end with `store_unavailable`.
+    pub fn append_quietly(&self, event: StreamEvent) -> bool {
         match &self.replicator {
             Some(replicator) => {
                 let event = Arc::new(event);
                 self.log.append_quietly(&event, Some(&event));
-                replicator.push(event);
+                replicator.push(event)
             }
             // The common case allocates nothing per event: the log copies
             // the text into its buffer.
-            None => self.log.append_quietly(&event, None),
+            None => {
+                self.log.append_quietly(&event, None);
+                false
+            }
         }
     }
 
     /// Appends and wakes the readers.
     pub fn append(&self, event: StreamEvent) {
-        self.append_quietly(event);
+        let _behind = self.append_quietly(event);
         self.log.wake_readers();
+    }
+
+    /// Waits until the shared store has caught up to a quarter of its queue
+    /// (bounded, as the terminal event's wait), or replication has failed.
+    /// Returns at once without one.
+    pub async fn replicated(&self) {
+        if let Some(replicator) = &self.replicator {
+            replicator.caught_up().await;
+        }
     }
 
     /// Appends the terminal event so that no reader sees it before the

@@ -303,6 +303,7 @@ async fn run(
         let mut next = Some(event);
         let mut batch = 0;
         let mut ended = false;
+        let mut behind = false;
         while let Some(event) = next.take() {
             // Without a budget nothing is built or awaited per event.
             if meter.is_some()
@@ -321,10 +322,12 @@ async fn run(
                 ended = true;
                 break;
             }
-            writer.append_quietly(event);
+            behind = writer.append_quietly(event);
             batch += 1;
-            // A stop request (one atomic load) ends the batch too.
+            // A stop request (one atomic load) ends the batch too, and so
+            // does a shared store that has fallen behind.
             if settings.batch_ready
+                && !behind
                 && batch < MAX_BATCH
                 && !stopping.may_be_ready()
                 && has_room(stream, settings.window)
@@ -338,6 +341,18 @@ async fn run(
         }
         if ended {
             break None;
+        }
+        if behind {
+            // Redis is half a queue behind: readers here get what there is,
+            // and the stream waits for Redis (bounded) rather than outrun it.
+            stream.wake_readers();
+            unannounced = false;
+            tokio::select! {
+                biased;
+                stop = &mut stopping => break Some(stop),
+                () = writer.replicated() => {}
+            }
+            continue;
         }
         if !settings.batch_ready {
             stream.wake_readers();

@@ -306,29 +306,32 @@ pub(in crate::store) struct Replicator {
 }
 
 impl Replicator {
-    /// Queues an event; a full queue counts as a failure.
+    /// Queues an event; a full queue counts as a failure. Returns whether the queue is at least
+    /// half full: the producer then waits for [`Self::caught_up`].
     ///
     /// Never waits: the producer calls it per event on its hot path. A queue holding `capacity`
-    /// events means Redis is that far behind; the stream ends rather than buffer without bound
-    /// or drop an event.
-    pub(in crate::store) fn push(&self, event: Arc<StreamEvent>) {
+    /// events means Redis is that far behind (the producer did not wait, or Redis did not answer
+    /// within the wait's bound); the stream ends rather than buffer without bound or drop an
+    /// event.
+    pub(in crate::store) fn push(&self, event: Arc<StreamEvent>) -> bool {
         let state = &self.state;
         if state.failed.is_cancelled() {
-            return;
+            return false;
         }
         let terminal = event.is_terminal();
-        let (list, full) = {
+        let (list, full, behind) = {
             let mut queue = lock(&state.queue);
             if queue.events.len() >= state.capacity {
                 drop(queue);
                 state.fail();
-                return;
+                return false;
             }
             if let Some(seq) = event.seq() {
                 queue.last_queued = seq;
             }
             queue.events.push(event);
-            (!std::mem::replace(&mut queue.listed, true), queue.events.len() == PER_STREAM)
+            let queued = queue.events.len();
+            (!std::mem::replace(&mut queue.listed, true), queued == PER_STREAM, queued * 2 >= state.capacity)
         };
         if list {
             self.writer.list(state.clone());
@@ -336,9 +339,26 @@ impl Replicator {
         // An end, or a stream with a pipeline's share waiting (an unpaced
         // one outgrows its queue in a window), is sent without waiting out
         // the window.
-        if terminal || full {
+        if terminal || full || behind {
             self.writer.urgent.notify_one();
         }
+        behind
+    }
+
+    /// Waits (bounded, as [`Replicator::written_through`]) until at most a quarter of the queue
+    /// waits for Redis, or replication has failed.
+    pub(in crate::store) async fn caught_up(&self) {
+        let state = &self.state;
+        let mut written = state.written.subscribe();
+        let wait = async {
+            while lock(&state.queue).events.len() * 4 > state.capacity && !state.failed.is_cancelled() {
+                tokio::select! {
+                    changed = written.changed() => if changed.is_err() { return },
+                    () = state.failed.cancelled() => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(RESPONSE_TIMEOUT * 2, wait).await;
     }
 
     /// Waits (bounded, as [`Replicator::finish`]) until Redis holds the
