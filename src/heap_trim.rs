@@ -9,13 +9,14 @@
 //! every free page of every arena. It walks the arenas' free lists with
 //! each arena locked, and after that burst it took 220 ms (7-30 ms on a
 //! heap in use), so it runs off the async workers, only when something
-//! ended since the last time, and at most one part in [`COST_SHARE`] of the
-//! time: after a trim that took `t`, the next waits `COST_SHARE * t`, and at
-//! least [`TRIM_EVERY`].
+//! ended since the last time and then a second passed without more (see
+//! [`Trigger`]), and at most one part in [`COST_SHARE`] of the time: after a
+//! trim that took `t`, the next waits `COST_SHARE * t`, and at least
+//! [`TRIM_EVERY`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -42,18 +43,38 @@ pub fn released() {
     RELEASES.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Decides when a trim is worth its cost: only after a release.
-#[derive(Debug, Default)]
+/// A trim waits for a quiet second after releases (the end of a burst,
+/// when most is free), but no longer than this while they go on.
+pub const BUSY_TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// Decides when a trim is worth its cost: after releases, once a tick
+/// passes without new ones (or [`BUSY_TRIM_EVERY`] after the last trim
+/// while they keep coming). Trimming in the middle of a burst gives back
+/// pages the burst is about to take again.
+#[derive(Debug)]
 pub struct Trigger {
-    seen: u64,
+    /// The release count at the last trim.
+    trimmed_at: u64,
+    /// The release count at the last tick.
+    ticked_at: u64,
+    last_trim: Instant,
 }
 
 impl Trigger {
-    /// Whether anything was released since the last time this said yes.
-    pub fn due(&mut self) -> bool {
-        let now = RELEASES.load(Ordering::Relaxed);
-        let due = now != self.seen;
-        self.seen = now;
+    /// A trigger that has seen `releases` and trimmed at `now`.
+    pub fn new(releases: u64, now: Instant) -> Self {
+        Self { trimmed_at: releases, ticked_at: releases, last_trim: now }
+    }
+
+    /// At a tick, with the release count `releases`: whether to trim now.
+    pub fn due(&mut self, releases: u64, now: Instant) -> bool {
+        let quiet = releases == self.ticked_at;
+        self.ticked_at = releases;
+        let due = releases != self.trimmed_at && (quiet || now.duration_since(self.last_trim) >= BUSY_TRIM_EVERY);
+        if due {
+            self.trimmed_at = releases;
+            self.last_trim = now;
+        }
         due
     }
 }
@@ -79,18 +100,18 @@ pub fn trim_now() -> bool {
 /// Runs until `stop`: a trim on a blocking thread when something was
 /// released, [`wait_after`] the previous one, counted in `metrics`.
 pub async fn run(metrics: Arc<Metrics>, stop: CancellationToken) {
-    let mut trigger = Trigger::default();
+    let mut trigger = Trigger::new(RELEASES.load(Ordering::Relaxed), Instant::now());
     let mut wait = TRIM_EVERY;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
             () = tokio::time::sleep(wait) => {}
         }
-        if !trigger.due() {
+        if !trigger.due(RELEASES.load(Ordering::Relaxed), Instant::now()) {
             wait = TRIM_EVERY;
             continue;
         }
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         match tokio::task::spawn_blocking(trim_now).await {
             Ok(returned) => {
                 metrics.heap_trimmed(returned);
@@ -106,7 +127,8 @@ pub async fn run(metrics: Arc<Metrics>, stop: CancellationToken) {
 mod tests {
     use std::time::Duration;
 
-    use super::{TRIM_EVERY, Trigger, released, trim_now, wait_after};
+    use super::{BUSY_TRIM_EVERY, TRIM_EVERY, Trigger, trim_now, wait_after};
+    use std::time::Instant;
 
     #[test]
     fn a_costly_trim_puts_the_next_off_a_hundred_times_as_long() {
@@ -116,13 +138,18 @@ mod tests {
     }
 
     #[test]
-    fn a_trim_is_due_only_after_a_release() {
-        let mut trigger = Trigger::default();
-        released();
-        assert!(trigger.due());
-        // Other tests in this process may release too; none can un-release.
-        released();
-        assert!(trigger.due());
+    fn a_trim_waits_for_a_quiet_tick_after_releases() {
+        let t0 = Instant::now();
+        let tick = |n: u64| t0 + TRIM_EVERY * n as u32;
+        let mut trigger = Trigger::new(5, t0);
+        assert!(!trigger.due(5, tick(1)), "nothing released");
+        assert!(!trigger.due(9, tick(2)), "releases this tick: the burst goes on");
+        assert!(trigger.due(9, tick(3)), "a quiet tick after releases");
+        assert!(!trigger.due(9, tick(4)), "trimmed already");
+        // Releases every tick: once BUSY_TRIM_EVERY after the last trim.
+        let ticks = BUSY_TRIM_EVERY.as_secs() / TRIM_EVERY.as_secs();
+        let due: Vec<u64> = (1..=ticks).filter(|&i| trigger.due(9 + i, tick(3 + i))).collect();
+        assert_eq!(due, [ticks]);
     }
 
     /// Resident pages of this process, from `/proc/self/statm`.

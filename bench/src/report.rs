@@ -246,7 +246,7 @@ pub fn main(args: Args) -> Result<()> {
     let (a, b) = runs.pair("s1", "/server_rss_bytes_per_char_retained_settled");
     rows.push(row(
         "1 unpaced",
-        "server RSS per retained character 2.5 s later, bytes (logs kept for resume; the reference keeps none)",
+        "server RSS per retained character 4 s later, bytes (logs kept for resume; the reference keeps none)",
         a,
         b,
         None,

@@ -129,7 +129,10 @@ pub(super) fn spawn(
     // the request id); entering the span on every poll would cost on the
     // hot path, so it is entered once, at the end.
     let span = tracing::Span::current();
-    tokio::spawn(produce(engine, writer, ctx, settings, span));
+    // Boxed here, not in the task: an async fn keeps its arguments in its
+    // future for its whole life, so an engine moved in by value and boxed
+    // there would take its room twice.
+    tokio::spawn(produce(Box::pin(engine), writer, ctx, settings, span));
 }
 
 /// The producer task: produce until the engine ends or something stops
@@ -141,7 +144,7 @@ pub(super) fn spawn(
 /// without a terminal event (not its contract), none is logged and the outcome counts as
 /// `internal`.
 async fn produce(
-    engine: impl Stream<Item = StreamEvent> + Send + 'static,
+    mut engine: std::pin::Pin<Box<impl Stream<Item = StreamEvent> + Send + 'static>>,
     writer: StreamWriter,
     mut ctx: RunContext,
     settings: RunSettings,
@@ -149,7 +152,6 @@ async fn produce(
 ) {
     let started = Instant::now();
     // Boxed (not stack-pinned) so it can be dropped before the slot is freed.
-    let mut engine = Box::pin(engine);
     let mut outcome = Outcome::Error(ErrorCode::Internal);
     let mut meter = ctx.meter.take();
     if let Some(stop) = run(&mut engine, &writer, &ctx, &settings, started, &mut outcome, &mut meter).await {

@@ -58,9 +58,9 @@ struct Totals {
 }
 
 /// How long after the last stream the retained memory is read again: the
-/// connections have closed and the server's heap trimmer (once a second)
-/// has run.
-const RETAINED_SETTLE: Duration = Duration::from_millis(2500);
+/// connections have closed, and the server's heap trimmer has had its
+/// quiet second after them and run.
+const RETAINED_SETTLE: Duration = Duration::from_secs(4);
 
 pub async fn run(mode: &str, a: StreamArgs) -> Result<Value> {
     let c = &a.common;
