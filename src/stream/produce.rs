@@ -129,9 +129,10 @@ pub(super) fn spawn(
     // the request id); entering the span on every poll would cost on the
     // hot path, so it is entered once, at the end.
     let span = tracing::Span::current();
-    // Boxed here, not in the task: an async fn keeps its arguments in its
-    // future for its whole life, so an engine moved in by value and boxed
-    // there would take its room twice.
+    // Boxed (not stack-pinned) so that it can be dropped before the slot is
+    // freed, and boxed here, not in the task: an async fn keeps its
+    // arguments in its future for its whole life, so an engine moved in by
+    // value and boxed there would take its room twice.
     tokio::spawn(produce(Box::pin(engine), writer, ctx, settings, span));
 }
 
@@ -151,7 +152,6 @@ async fn produce(
     span: tracing::Span,
 ) {
     let started = Instant::now();
-    // Boxed (not stack-pinned) so it can be dropped before the slot is freed.
     let mut outcome = Outcome::Error(ErrorCode::Internal);
     let mut meter = ctx.meter.take();
     if let Some(stop) = run(&mut engine, &writer, &ctx, &settings, started, &mut outcome, &mut meter).await {

@@ -12,8 +12,8 @@ use crate::helpers::*;
 
 const LIMIT: Duration = Duration::from_secs(10);
 
-/// Reads until `buf` holds `ends` complete responses, each ended by a
-/// chunked body's last chunk or (for `content-length` bodies) by `marker`.
+/// Reads from `conn` into `buf` until it holds `what` `count` times
+/// (bounded by `LIMIT`).
 async fn read_until(conn: &mut TcpStream, buf: &mut Vec<u8>, what: &str, count: usize) {
     let deadline = tokio::time::Instant::now() + LIMIT;
     while String::from_utf8_lossy(buf).matches(what).count() < count {
