@@ -17,9 +17,7 @@
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
-use std::net::SocketAddr;
 use std::pin::{Pin, pin};
-use std::sync::Arc;
 use std::task::Poll;
 
 use axum::body::Body;
@@ -32,8 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use super::{Activity, BoxError, Connections, OpenRequest, h2c::Replay, serve_http, slow_subscriber_dropped};
-use crate::metrics::Metrics;
+use super::{BoxError, Conn, OpenRequest, h2c::Replay, serve_http, slow_subscriber_dropped};
 use crate::stream::ConnectionAbort;
 
 /// Headers a request may have, as hyper allows by default (more: hyper
@@ -60,17 +57,11 @@ enum Parsed {
 
 /// Serves `io` until it closes, answering bodiless `GET`s here and handing
 /// it to hyper at the first request that is not one.
-pub(super) async fn serve<I>(
-    mut io: I,
-    app: &axum::Router,
-    peer: SocketAddr,
-    connections: &Connections,
-    activity: &Arc<Activity>,
-    metrics: &Metrics,
-) -> Result<(), BoxError>
+pub(super) async fn serve<I>(mut io: I, conn: Conn<'_>) -> Result<(), BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Conn { app, peer, connections, activity, metrics } = conn;
     // One request at a time: aborting the connection ends only that one.
     let abort = CancellationToken::new();
     let max_head = connections.max_header_bytes;
@@ -102,7 +93,7 @@ where
             Ok(Ok(Some(Parsed::Request(request, len, close)))) => (request, len, close),
             Ok(Ok(Some(Parsed::HandOver | Parsed::Partial))) => {
                 let replay = Replay::new(Bytes::from(std::mem::take(&mut buf)), io);
-                return Box::pin(serve_http(replay, false, app, peer, connections, activity, metrics)).await;
+                return Box::pin(serve_http(replay, false, conn)).await;
             }
         };
         // Keep only pipelined bytes, if any; free the rest.

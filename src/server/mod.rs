@@ -532,14 +532,14 @@ fn serve_connection(
     // connection takes, not room for the largest (a TLS handshake, with
     // rustls' connection state inline, made every task 8 KB).
     tokio::spawn(async move {
-        let (app, connections, activity, metrics) = (&app, &*connections, &activity, &*metrics);
+        let conn = Conn { app: &app, peer, connections: &connections, activity: &activity, metrics: &metrics };
         let ended = match &connections.tls {
-            Some(tls) => Box::pin(serve_tls(io, tls, app, peer, connections, activity, metrics)).await,
-            None if connections.h2c => Box::pin(serve_h2c(io, app, peer, connections, activity, metrics)).await,
-            None => Some(serve_protocol(io, false, app, peer, connections, activity, metrics).await),
+            Some(tls) => Box::pin(serve_tls(io, tls, conn)).await,
+            None if connections.h2c => Box::pin(serve_h2c(io, conn)).await,
+            None => Some(serve_protocol(io, false, conn).await),
         };
         if let Some(Err(e)) = ended {
-            report_end(&*e, peer, activity, metrics, &connections.logs);
+            report_end(&*e, peer, &activity, &metrics, &connections.logs);
         }
         drop(permit);
         crate::heap_trim::released();
@@ -549,15 +549,8 @@ fn serve_connection(
 /// The TLS handshake (bounded like a request head), then HTTP/2 or
 /// HTTP/1.1 as ALPN chose. `None`: the connection ended before a request,
 /// and that has been counted and logged.
-async fn serve_tls(
-    io: StallGuard<TcpStream>,
-    tls: &Tls,
-    app: &axum::Router,
-    peer: SocketAddr,
-    connections: &Connections,
-    activity: &Arc<Activity>,
-    metrics: &Metrics,
-) -> Option<Result<(), BoxError>> {
+async fn serve_tls(io: StallGuard<TcpStream>, tls: &Tls, conn: Conn<'_>) -> Option<Result<(), BoxError>> {
+    let Conn { peer, connections, metrics, .. } = conn;
     match tokio::time::timeout(connections.header_timeout, tls.acceptor().accept(io)).await {
         Err(_) => {
             metrics.refused("tls_handshake_timeout");
@@ -572,7 +565,7 @@ async fn serve_tls(
         }
         Ok(Ok(stream)) => {
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            Some(serve_protocol(stream, h2, app, peer, connections, activity, metrics).await)
+            Some(serve_protocol(stream, h2, conn).await)
         }
     }
 }
@@ -580,14 +573,8 @@ async fn serve_tls(
 /// A plain connection that may be h2c with prior knowledge: its first
 /// bytes (bounded like a request head) tell, and are replayed to the
 /// protocol that serves it. `None` as for [`serve_tls`].
-async fn serve_h2c(
-    mut io: StallGuard<TcpStream>,
-    app: &axum::Router,
-    peer: SocketAddr,
-    connections: &Connections,
-    activity: &Arc<Activity>,
-    metrics: &Metrics,
-) -> Option<Result<(), BoxError>> {
+async fn serve_h2c(mut io: StallGuard<TcpStream>, conn: Conn<'_>) -> Option<Result<(), BoxError>> {
+    let Conn { peer, connections, metrics, .. } = conn;
     match tokio::time::timeout(connections.header_timeout, h2c::sniff(&mut io)).await {
         Err(_) => {
             connections.logs.header_timeout(metrics, peer);
@@ -599,35 +586,33 @@ async fn serve_h2c(
         }
         Ok(Ok((prefix, h2))) => {
             let io = h2c::Replay::new(prefix, io);
-            Some(serve_protocol(io, h2, app, peer, connections, activity, metrics).await)
+            Some(serve_protocol(io, h2, conn).await)
         }
     }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What every way of serving one connection works with.
+#[derive(Clone, Copy)]
+struct Conn<'a> {
+    app: &'a axum::Router,
+    peer: SocketAddr,
+    connections: &'a Connections,
+    activity: &'a Arc<Activity>,
+    metrics: &'a Metrics,
+}
+
 /// Counts the connection by protocol and serves it: HTTP/2 through hyper,
 /// HTTP/1.1 through [`h1`] (which hands it to hyper at the first request
 /// it does not serve itself). Each way is boxed: the connection's task then
 /// holds only the one it takes, not room for the largest.
-async fn serve_protocol<I>(
-    io: I,
-    h2: bool,
-    app: &axum::Router,
-    peer: SocketAddr,
-    connections: &Connections,
-    activity: &Arc<Activity>,
-    metrics: &Metrics,
-) -> Result<(), BoxError>
+async fn serve_protocol<I>(io: I, h2: bool, conn: Conn<'_>) -> Result<(), BoxError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    metrics.connection_opened(if h2 { "h2" } else { "http1" });
-    if h2 {
-        Box::pin(serve_http(io, true, app, peer, connections, activity, metrics)).await
-    } else {
-        Box::pin(h1::serve(io, app, peer, connections, activity, metrics)).await
-    }
+    conn.metrics.connection_opened(if h2 { "h2" } else { "http1" });
+    if h2 { Box::pin(serve_http(io, true, conn)).await } else { Box::pin(h1::serve(io, conn)).await }
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on an established connection until it ends:
@@ -639,18 +624,11 @@ where
 /// ([`DeadlineBody`]). An HTTP/1.1 connection is also dropped at once when
 /// its [`ConnectionAbort`] is cancelled (a channel subscriber that fell out of
 /// its log while nothing read the connection).
-async fn serve_http<I>(
-    io: I,
-    h2: bool,
-    app: &axum::Router,
-    peer: SocketAddr,
-    connections: &Connections,
-    activity: &Arc<Activity>,
-    metrics: &Metrics,
-) -> Result<(), BoxError>
+async fn serve_http<I>(io: I, h2: bool, conn: Conn<'_>) -> Result<(), BoxError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let Conn { app, peer, connections, activity, metrics } = conn;
     let counter = activity.clone();
     // HTTP/1.1 carries one request at a time: aborting the connection ends
     // only that one. HTTP/2 requests get none (it would end their siblings).
