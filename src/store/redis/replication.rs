@@ -349,9 +349,24 @@ impl Replicator {
     /// waits for Redis, or replication has failed.
     pub(in crate::store) async fn caught_up(&self) {
         let state = &self.state;
+        self.wait_for(|_| lock(&state.queue).events.len() * 4 <= state.capacity).await;
+    }
+
+    /// Waits (bounded, as [`Replicator::finish`]) until Redis holds the
+    /// event numbered `seq`, or replication has failed; whether Redis holds
+    /// it.
+    pub(in crate::store) async fn written_through(&self, seq: u64) -> bool {
+        self.wait_for(|written| written >= seq).await;
+        *self.state.written.borrow() >= seq
+    }
+
+    /// Waits until `done` (given the sequence number Redis holds through) or a failure, checking
+    /// again each time Redis takes more of this stream; at most twice the response timeout.
+    async fn wait_for(&self, done: impl Fn(u64) -> bool) {
+        let state = &self.state;
         let mut written = state.written.subscribe();
         let wait = async {
-            while lock(&state.queue).events.len() * 4 > state.capacity && !state.failed.is_cancelled() {
+            while !done(*written.borrow_and_update()) && !state.failed.is_cancelled() {
                 tokio::select! {
                     changed = written.changed() => if changed.is_err() { return },
                     () = state.failed.cancelled() => return,
@@ -359,23 +374,6 @@ impl Replicator {
             }
         };
         let _ = tokio::time::timeout(RESPONSE_TIMEOUT * 2, wait).await;
-    }
-
-    /// Waits (bounded, as [`Replicator::finish`]) until Redis holds the
-    /// event numbered `seq`, or replication has failed; whether Redis holds
-    /// it.
-    pub(in crate::store) async fn written_through(&self, seq: u64) -> bool {
-        let mut written = self.state.written.subscribe();
-        let wait = async {
-            while *written.borrow_and_update() < seq && !self.state.failed.is_cancelled() {
-                tokio::select! {
-                    changed = written.changed() => if changed.is_err() { return },
-                    () = self.state.failed.cancelled() => return,
-                }
-            }
-        };
-        let _ = tokio::time::timeout(RESPONSE_TIMEOUT * 2, wait).await;
-        *self.state.written.borrow() >= seq
     }
 
     /// Whether replication failed (and so stopped the stream).
