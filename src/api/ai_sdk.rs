@@ -121,6 +121,7 @@ pub async fn chat(
         // configured grace (stop is `POST .../stop`).
         detach_grace: None,
         protocol: Protocol::AiSdkUi,
+        drive: None,
     };
     let opened = state.streams.open(&principal, open).await.map_err(ApiError::for_model)?;
     if let Err(e) = state.streams.bind_chat(&principal, chat, opened.stream_id).await {

@@ -101,6 +101,7 @@ pub async fn create_message(
         pace_ms: None,
         detach_grace: Some(Duration::ZERO),
         protocol: Protocol::AnthropicMessages,
+        drive: None,
     };
     let opened = state.streams.open(&principal, open).await.map_err(ApiError::for_model)?;
     let id = format!("msg_{}", opened.stream_id);

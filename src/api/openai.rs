@@ -89,6 +89,7 @@ pub async fn chat_completions(
         pace_ms: None,
         detach_grace: Some(Duration::ZERO),
         protocol: Protocol::OpenAiChat,
+        drive: None,
     };
     let opened = state.streams.open(&principal, open).await.map_err(ApiError::for_model)?;
     let id = format!("chatcmpl-{}", opened.stream_id);

@@ -113,6 +113,7 @@ pub async fn create_response(
         pace_ms: None,
         detach_grace: None,
         protocol: Protocol::OpenAiResponses,
+        drive: None,
     };
     let opened = state.streams.open(&principal, open).await.map_err(ApiError::for_model)?;
     let response = ResponseState::new(opened.stream_id, req.model, unix_now());

@@ -4,11 +4,11 @@
 //! stream that id names. A browser `EventSource` reconnecting to the same URL
 //! therefore resumes; it never starts a second generation.
 
-use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use axum::{Extension, Json};
 use serde::Deserialize;
 
 use super::json::json_body;
@@ -18,7 +18,7 @@ use crate::error::ApiError;
 use crate::event::Protocol;
 use crate::generator::{ChatMessage, GenerateRequest};
 use crate::state::AppState;
-use crate::stream::OpenRequest;
+use crate::stream::{DriveHook, OpenRequest};
 
 /// Query of `GET /v1/stream`. Other parameters (the token) are allowed and
 /// ignored here.
@@ -44,10 +44,14 @@ pub struct StreamBody {
 }
 
 /// `GET /v1/stream?prompt=...&generator=...&pace_ms=...`
+///
+/// A connection that can poll the producer itself (tokengate's HTTP/1.1
+/// path) offers a [`DriveHook`]; the stream then runs in its task.
 pub async fn open_stream_get(
     State(state): State<AppState>,
     principal: Principal,
     headers: HeaderMap,
+    drive: Option<Extension<DriveHook>>,
     query: Result<Query<StreamQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     super::require(&principal, Scope::Stream)?;
@@ -56,7 +60,7 @@ pub async fn open_stream_get(
         return resume_at(&state, &principal, id, from).await;
     }
     let request = GenerateRequest { prompt: q.prompt.unwrap_or_default(), ..GenerateRequest::default() };
-    open(&state, &principal, request, q.generator, q.pace_ms).await
+    open(&state, &principal, request, q.generator, q.pace_ms, drive.map(|Extension(hook)| hook)).await
 }
 
 /// `POST /v1/stream` with `{"prompt", "messages"?, "generator"?, "pace_ms"?}`.
@@ -72,7 +76,7 @@ pub async fn open_stream_post(
     }
     let b: StreamBody = json_body(body, state.config.max_body_bytes)?;
     let request = GenerateRequest { prompt: b.prompt, messages: b.messages, ..GenerateRequest::default() };
-    open(&state, &principal, request, b.generator, b.pace_ms).await
+    open(&state, &principal, request, b.generator, b.pace_ms, None).await
 }
 
 /// Opens a native stream and answers it.
@@ -82,8 +86,9 @@ async fn open(
     generate: GenerateRequest,
     generator: Option<String>,
     pace_ms: Option<u32>,
+    drive: Option<DriveHook>,
 ) -> Result<Response, ApiError> {
-    let request = OpenRequest { generate, generator, pace_ms, detach_grace: None, protocol: Protocol::Native };
+    let request = OpenRequest { generate, generator, pace_ms, detach_grace: None, protocol: Protocol::Native, drive };
     let opened = state.streams.open(principal, request).await?;
     Ok(native_response(state, opened.events))
 }

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::{BoxError, Conn, OpenRequest, h2c::Replay, serve_http, slow_subscriber_dropped};
-use crate::stream::ConnectionAbort;
+use crate::stream::{ConnectionAbort, DriveHook};
 
 /// Headers a request may have, as hyper allows by default (more: hyper
 /// answers 431).
@@ -104,6 +104,10 @@ where
         let open = OpenRequest(activity.clone());
         request.extensions_mut().insert(ConnectInfo(peer));
         request.extensions_mut().insert(ConnectionAbort(abort.clone()));
+        // This path polls a stream's producer itself (see `DriveHook`):
+        // it polls the body on every wake-up, and the hook while it writes.
+        let hook = DriveHook::new();
+        request.extensions_mut().insert(hook.clone());
         let response = match app.clone().oneshot(request).await {
             Ok(response) => response,
             Err(never) => match never {},
@@ -115,7 +119,7 @@ where
                 .get_all(CONNECTION)
                 .iter()
                 .any(|v| has_token(v.to_str().unwrap_or_default(), "close"));
-        match respond(&mut io, response, close, &abort, &mut buf, max_head).await? {
+        match respond(&mut io, response, close, &abort, &hook, &mut buf, max_head).await? {
             Ended::Done if !close => {}
             Ended::Done => {
                 let _ = io.shutdown().await;
@@ -223,12 +227,15 @@ enum Next {
 /// Writes `response`: its head with the first ready frames, then each
 /// batch of frames as it is ready, while watching the client's side for
 /// its close (bytes it sends meanwhile, a pipelined request, are kept in
-/// `pipelined`, up to `max`).
+/// `pipelined`, up to `max`). A producer running inline in `hook` is
+/// polled while a write is pending.
+#[allow(clippy::too_many_arguments)]
 async fn respond<I>(
     io: &mut I,
     response: axum::response::Response,
     close: bool,
     abort: &CancellationToken,
+    hook: &DriveHook,
     pipelined: &mut Vec<u8>,
     max: usize,
 ) -> Result<Ended, BoxError>
@@ -298,14 +305,19 @@ where
                 let last = (done && chunked).then_some(LAST_CHUNK);
                 // A write the client does not take is cut short by the
                 // abort (and, without one, by the stalled-write guard).
+                // Meanwhile an inline producer runs on: a slow client
+                // fills its window and meets `max_lag`, as it would with
+                // a producer of its own.
                 let head = head.take();
                 tokio::select! {
+                    biased;
                     written = write_batch(io, head.as_deref(), &frames, chunked, last) => {
                         if written.is_err() {
                             return Ok(Ended::ClientGone);
                         }
                     }
                     () = aborted.as_mut() => return Ok(Ended::Aborted),
+                    () = hook.drive() => {}
                 }
                 frames.clear();
                 if done {

@@ -90,6 +90,15 @@ impl Cursor {
         }
     }
 
+    /// Forgets the waker [`Self::changed`] registered, so that an append
+    /// wakes no one until it is polled again: for a reader that polls the
+    /// producer in its own task, and looks at the log right after.
+    pub fn unwatch(&self) {
+        if let Cursor::Local(r) = self {
+            r.unwatch();
+        }
+    }
+
     /// The client took everything before `next` (local readers hold the
     /// producer's window open; remote ones are not counted).
     pub fn advance(&self, next: u64) {

@@ -373,6 +373,11 @@ impl Reader {
         self.stream.readable(&self.slot, from)
     }
 
+    /// Drops the waker registered by [`Self::changed`].
+    pub fn unwatch(&self) {
+        drop(self.slot.waker.take());
+    }
+
     /// The reader's client took everything before `next`.
     pub fn advance(&self, next: u64) {
         // SeqCst pairs with the producer's flag-then-recheck: one of the two

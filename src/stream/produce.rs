@@ -17,6 +17,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::time::Instant;
 
 use super::OnlyWhenWoken;
+use super::drive::{DriveHook, Inline, ProducerFuture};
 use super::flow::{Wait, abandoned, has_room, wait_for_room};
 use crate::event::{ErrorCode, Outcome, StreamEvent};
 use crate::limits::{SlotPermit, StreamSlots};
@@ -112,28 +113,45 @@ impl Stop {
     }
 }
 
-/// Spawns the producer of a stream. Attach the first reader before calling
+/// Starts the producer of a stream. Attach the first reader before calling
 /// ([`crate::store::Store::create`] does).
 ///
-/// The task is detached: nothing joins it, and it ends by itself (the engine's end or a
-/// `Stop`). The open-streams gauge is set here because the caller has just taken the
-/// slot; the task sets it again once it frees it.
-pub(super) fn spawn(
+/// With a `hook` from the reader's connection the producer runs inline
+/// there (see [`super::drive`]), and the returned [`Inline`] goes to that
+/// reader; otherwise it is spawned. Either way nothing joins it, and it
+/// ends by itself (the engine's end or a `Stop`). The open-streams gauge is
+/// set here because the caller has just taken the slot; the producer sets
+/// it again once it frees it.
+pub(super) fn start(
     engine: impl Stream<Item = StreamEvent> + Send + 'static,
     writer: StreamWriter,
     ctx: RunContext,
     settings: RunSettings,
-) {
+    hook: Option<&DriveHook>,
+) -> Option<Inline> {
     ctx.metrics.set_open_streams(ctx.slots.open());
     // The end-of-stream line is logged in the request's span (it carries
     // the request id); entering the span on every poll would cost on the
     // hot path, so it is entered once, at the end.
     let span = tracing::Span::current();
     // Boxed (not stack-pinned) so that it can be dropped before the slot is
-    // freed, and boxed here, not in the task: an async fn keeps its
+    // freed, and boxed here, not in the future: an async fn keeps its
     // arguments in its future for its whole life, so an engine moved in by
     // value and boxed there would take its room twice.
-    tokio::spawn(produce(Box::pin(engine), writer, ctx, settings, span));
+    let producer = produce(Box::pin(engine), writer, ctx, settings, span);
+    if let Some(hook) = hook {
+        let boxed: ProducerFuture = Box::pin(producer);
+        return match hook.adopt(boxed) {
+            Ok(inline) => Some(inline),
+            Err(producer) => {
+                tokio::spawn(producer);
+                None
+            }
+        };
+    }
+    // Spawned unboxed: the task holds the future itself.
+    tokio::spawn(producer);
+    None
 }
 
 /// The producer task: produce until the engine ends or something stops
@@ -473,7 +491,7 @@ mod tests {
         );
         let settings =
             RunSettings { window: 256, max_lag: Duration::from_secs(30), detach_grace: Duration::ZERO, batch_ready };
-        spawn(engine, writer, ctx, settings);
+        start(engine, writer, ctx, settings, None);
         let follow_settings = FollowSettings {
             heartbeat: Duration::from_secs(60),
             closing: CancellationToken::new(),
@@ -518,7 +536,7 @@ mod tests {
         // Start, then nothing: not the engine's contract, but the producer
         // must end (and free the slot), not spin.
         let engine = futures_util::stream::iter([StreamEvent::Start { stream_id: id, generator: "t".into() }]);
-        spawn(engine, writer, ctx, settings);
+        start(engine, writer, ctx, settings, None);
         for _ in 0..200 {
             if slots.open() == 0 {
                 return;

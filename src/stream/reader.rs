@@ -7,7 +7,9 @@
 //! cannot continue (`resume_gap`, `generator_lost`, `store_unavailable`).
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -15,6 +17,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::OnlyWhenWoken;
+use super::drive::Inline;
 use crate::event::{ErrorCode, StreamEvent};
 use crate::store::{Cursor, Read};
 
@@ -68,7 +71,19 @@ pub(super) fn far_future() -> Instant {
 ///
 /// One generator body (about 80 lines): the batch, the timer and the watch live across its
 /// yields, on the per-event path.
-pub fn follow(mut cursor: Cursor, settings: FollowSettings) -> impl Stream<Item = Arc<StreamEvent>> + Send + 'static {
+pub fn follow(cursor: Cursor, settings: FollowSettings) -> impl Stream<Item = Arc<StreamEvent>> + Send + 'static {
+    follow_driving(cursor, settings, None)
+}
+
+/// [`follow`] by the first reader of a stream whose producer runs inline
+/// (see [`super::drive`]): the reader polls it whenever it waits for
+/// events, before it looks at the log, so an event produced on this
+/// wake-up is read on it too.
+pub(super) fn follow_driving(
+    mut cursor: Cursor,
+    settings: FollowSettings,
+    inline: Option<Inline>,
+) -> impl Stream<Item = Arc<StreamEvent>> + Send + 'static {
     // Taken apart before the generator: it then holds only what it uses
     // (every open stream holds one, so its size is memory per connection).
     let FollowSettings { heartbeat, closing, shutdown_retry_ms, token_deadline } = settings;
@@ -158,6 +173,16 @@ pub fn follow(mut cursor: Cursor, settings: FollowSettings) -> impl Stream<Item 
                     }
                     heartbeat_timer.as_mut().reset(next_tick(last_write));
                 }
+                // The producer's append would wake this very task: the
+                // reader's waker is taken first (`unwatch`), and the log
+                // is looked at right after.
+                () = poll_fn(|cx| {
+                    cursor.unwatch();
+                    if let Some(inline) = &inline {
+                        inline.poll(cx);
+                    }
+                    Poll::<()>::Pending
+                }), if inline.is_some() => {}
                 () = cursor.changed(next) => {}
             }
         }

@@ -10,8 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
 
-use super::produce::{RunContext, RunSettings, spawn};
-use super::reader::{FollowSettings, follow};
+use super::drive::DriveHook;
+use super::produce::{RunContext, RunSettings, start};
+use super::reader::{FollowSettings, follow, follow_driving};
 use super::{EngineSettings, events};
 use crate::auth::Principal;
 use crate::config::{LimitsConfig, StreamConfig};
@@ -90,6 +91,9 @@ pub struct OpenRequest {
     pub detach_grace: Option<Duration>,
     /// The protocol the stream is served in (counted in the metrics).
     pub protocol: Protocol,
+    /// The connection's offer to poll the producer itself (see
+    /// [`super::drive`]); `None` spawns it.
+    pub drive: Option<DriveHook>,
 }
 
 /// A stream that has started, with its first reader attached.
@@ -220,10 +224,10 @@ impl StreamService {
             detach_grace: request.detach_grace.unwrap_or(inner.settings.detach_grace),
             batch_ready,
         };
-        spawn(engine, writer, ctx, run);
+        let inline = start(engine, writer, ctx, run, request.drive.as_ref());
         inner.metrics.stream_opened(request.protocol);
         crate::request_line::stream_opened();
-        let events = Box::pin(follow(cursor, self.follow_settings_for(caller)));
+        let events = Box::pin(follow_driving(cursor, self.follow_settings_for(caller), inline));
         Ok(Opened { stream_id, generator: name, events })
     }
 
