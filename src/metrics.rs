@@ -103,6 +103,19 @@ impl Metrics {
         self.counter("tokengate_auth_failures_total", "reason", reason).increment(1);
     }
 
+    /// A stream's producer started, polled by its reader's connection
+    /// (`connection`) or by a task of its own (`task`).
+    pub fn producer_started(&self, inline: bool) {
+        let driven = if inline { "connection" } else { "task" };
+        self.counter("tokengate_producers_total", "driven", driven).increment(1);
+    }
+
+    /// A producer polled by its reader's connection moved to a task of its
+    /// own: the reader left before the stream ended.
+    pub fn producer_moved(&self) {
+        self.recorder.register_counter(&Key::from_static_name("tokengate_producers_moved_total"), &META).increment(1);
+    }
+
     /// A stream was opened, by the protocol it is served in.
     pub fn stream_opened(&self, protocol: Protocol) {
         self.counter("tokengate_streams_opened_total", "dialect", protocol.as_str()).increment(1);

@@ -25,6 +25,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
+use crate::metrics::Metrics;
+
 /// A producer's future, boxed so that it can move to a task of its own.
 pub(super) type ProducerFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
@@ -69,13 +71,13 @@ impl DriveHook {
 
     /// Takes `producer` to run inline, unless the hook already drives one;
     /// `Err` gives it back, to be spawned.
-    pub(super) fn adopt(&self, producer: ProducerFuture) -> Result<Inline, ProducerFuture> {
+    pub(super) fn adopt(&self, producer: ProducerFuture, metrics: Arc<Metrics>) -> Result<Inline, ProducerFuture> {
         let mut slot = self.0.lock();
         if slot.is_some() {
             return Err(producer);
         }
         *slot = Some(producer);
-        Ok(Inline(self.0.clone()))
+        Ok(Inline { slot: self.0.clone(), metrics })
     }
 
     /// Polls the producer on the caller's wake-ups, for as long as it runs
@@ -93,18 +95,22 @@ impl DriveHook {
 
 /// The first reader's hold on an inline producer. Dropping it (the reader
 /// detaches) moves a producer that has not ended to a task of its own.
-pub(super) struct Inline(Arc<Slot>);
+pub(super) struct Inline {
+    slot: Arc<Slot>,
+    /// Counts the move.
+    metrics: Arc<Metrics>,
+}
 
 impl Inline {
     /// Polls the producer with the reader's context.
     pub(super) fn poll(&self, cx: &mut Context<'_>) {
-        self.0.poll(cx);
+        self.slot.poll(cx);
     }
 }
 
 impl Drop for Inline {
     fn drop(&mut self) {
-        let Some(producer) = self.0.lock().take() else { return };
+        let Some(producer) = self.slot.lock().take() else { return };
         // A producer that panicked is not polled again (dropping it frees
         // its slot); nor can one move once the runtime is gone.
         if std::thread::panicking() {
@@ -115,6 +121,7 @@ impl Drop for Inline {
             // everywhere the producer waits: a future must only be woken
             // through the waker of its latest poll.
             runtime.spawn(producer);
+            self.metrics.producer_moved();
         }
     }
 }
@@ -142,25 +149,29 @@ mod tests {
     async fn a_hook_adopts_one_producer_and_gives_back_a_second() {
         let hook = DriveHook::new();
         let (_tx, rx) = tokio::sync::oneshot::channel();
-        let first = hook.adopt(producer(Arc::default(), rx));
+        let first = hook.adopt(producer(Arc::default(), rx), Arc::default());
         assert!(first.is_ok());
         let (_tx2, rx2) = tokio::sync::oneshot::channel();
-        assert!(hook.adopt(producer(Arc::default(), rx2)).is_err(), "a second producer is spawned");
+        assert!(hook.adopt(producer(Arc::default(), rx2), Arc::default()).is_err(), "a second producer is spawned");
     }
 
     #[tokio::test]
     async fn a_producer_left_by_its_reader_runs_on_in_a_task_of_its_own() {
         let hook = DriveHook::new();
+        let metrics = Arc::new(Metrics::new());
         let polls = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (ended_tx, ended) = tokio::sync::oneshot::channel();
         let counted = polls.clone();
         let body = producer(polls.clone(), rx);
         let inline = hook
-            .adopt(Box::pin(async move {
-                body.await;
-                let _ = ended_tx.send(counted.load(Ordering::SeqCst));
-            }))
+            .adopt(
+                Box::pin(async move {
+                    body.await;
+                    let _ = ended_tx.send(counted.load(Ordering::SeqCst));
+                }),
+                metrics.clone(),
+            )
             .unwrap_or_else(|_| unreachable!());
         poll_fn(|cx| {
             inline.poll(cx);
@@ -174,6 +185,7 @@ mod tests {
         let _ = tx.send(());
         let polled = tokio::time::timeout(Duration::from_secs(5), ended).await;
         assert!(matches!(polled, Ok(Ok(n)) if n >= 2), "the producer did not end on its own: {polled:?}");
+        assert!(metrics.render().contains("tokengate_producers_moved_total 1"), "the move is counted");
     }
 
     #[tokio::test]
@@ -181,7 +193,7 @@ mod tests {
         let hook = DriveHook::new();
         let polls = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let inline = hook.adopt(producer(polls.clone(), rx)).unwrap_or_else(|_| unreachable!());
+        let inline = hook.adopt(producer(polls.clone(), rx), Arc::default()).unwrap_or_else(|_| unreachable!());
         let _ = tx.send(());
         tokio::time::timeout(Duration::from_secs(1), async {
             // `drive` never completes; one poll ends the producer.

@@ -17,7 +17,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::time::Instant;
 
 use super::OnlyWhenWoken;
-use super::drive::{DriveHook, Inline, ProducerFuture};
+use super::drive::{DriveHook, Inline};
 use super::flow::{Wait, abandoned, has_room, wait_for_room};
 use crate::event::{ErrorCode, Outcome, StreamEvent};
 use crate::limits::{SlotPermit, StreamSlots};
@@ -138,20 +138,24 @@ pub(super) fn start(
     // freed, and boxed here, not in the future: an async fn keeps its
     // arguments in its future for its whole life, so an engine moved in by
     // value and boxed there would take its room twice.
+    let metrics = ctx.metrics.clone();
     let producer = produce(Box::pin(engine), writer, ctx, settings, span);
-    if let Some(hook) = hook {
-        let boxed: ProducerFuture = Box::pin(producer);
-        return match hook.adopt(boxed) {
+    let inline = match hook {
+        Some(hook) => match hook.adopt(Box::pin(producer), metrics.clone()) {
             Ok(inline) => Some(inline),
             Err(producer) => {
                 tokio::spawn(producer);
                 None
             }
-        };
-    }
-    // Spawned unboxed: the task holds the future itself.
-    tokio::spawn(producer);
-    None
+        },
+        None => {
+            // Spawned unboxed: the task holds the future itself.
+            tokio::spawn(producer);
+            None
+        }
+    };
+    metrics.producer_started(inline.is_some());
+    inline
 }
 
 /// The producer task: produce until the engine ends or something stops

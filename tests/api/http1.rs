@@ -156,6 +156,29 @@ async fn a_client_that_hangs_up_mid_stream_detaches_it() {
         .await;
 }
 
+#[tokio::test]
+async fn a_get_streams_from_its_connections_task_and_a_post_from_a_task_of_its_own() {
+    let app = spawn_app().await;
+    let token = app.token("alice", "stream");
+    // A GET is served on tokengate's own path, which polls the producer.
+    let resp = app.stream("generator=echo&prompt=inline").await;
+    assert_eq!(delta_text(&read_events(resp, LIMIT).await), "inline");
+    // A POST is hyper's: its producer is spawned.
+    let resp = app
+        .client
+        .post(format!("{}/v1/stream", app.base))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"generator": "echo", "prompt": "spawned"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delta_text(&read_events(resp, LIMIT).await), "spawned");
+    assert_eq!(app.metric("tokengate_producers_total{driven=\"connection\"}").await, 1.0);
+    assert_eq!(app.metric("tokengate_producers_total{driven=\"task\"}").await, 1.0);
+    // Both ran to their end where they started.
+    assert_eq!(app.metric("tokengate_producers_moved_total").await, 0.0);
+}
+
 /// A chunked response with its chunk framing removed (the head kept).
 fn dechunked(response: &str) -> String {
     let Some((head, mut body)) = response.split_once("\r\n\r\n") else { return response.to_owned() };

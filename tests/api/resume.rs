@@ -78,6 +78,11 @@ async fn same_url_reconnect_with_last_event_id_resumes_without_a_second_generati
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "{seqs:?}");
     assert_eq!(parsed(&second).last().unwrap().2, "done");
     assert_eq!(app.state.store.local_streams(), 1, "one generation only");
+    // The producer ran in the first connection's task, and moved to a task
+    // of its own when that connection went: the detach grace, then the
+    // resume, found it running.
+    assert_eq!(app.metric("tokengate_producers_total{driven=\"connection\"}").await, 1.0);
+    assert_eq!(app.metric("tokengate_producers_moved_total").await, 1.0);
 }
 
 #[tokio::test]
