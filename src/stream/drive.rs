@@ -22,7 +22,7 @@
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 
 use crate::metrics::Metrics;
@@ -39,7 +39,7 @@ pub struct DriveHook(Arc<Slot>);
 /// The producer while it runs inline; empty before it is adopted, once it
 /// has ended, and once it has moved to its own task.
 #[derive(Default)]
-struct Slot(Mutex<Option<ProducerFuture>>);
+struct Slot(Mutex<Option<ProducerFuture>>, OnceLock<Arc<Metrics>>);
 
 impl Slot {
     fn lock(&self) -> MutexGuard<'_, Option<ProducerFuture>> {
@@ -77,7 +77,9 @@ impl DriveHook {
             return Err(producer);
         }
         *slot = Some(producer);
-        Ok(Inline { slot: self.0.clone(), metrics })
+        // Counts the move, if there is one.
+        let _ = self.0.1.set(metrics);
+        Ok(Inline(self.0.clone()))
     }
 
     /// Polls the producer on the caller's wake-ups, for as long as it runs
@@ -95,22 +97,18 @@ impl DriveHook {
 
 /// The first reader's hold on an inline producer. Dropping it (the reader
 /// detaches) moves a producer that has not ended to a task of its own.
-pub(super) struct Inline {
-    slot: Arc<Slot>,
-    /// Counts the move.
-    metrics: Arc<Metrics>,
-}
+pub(super) struct Inline(Arc<Slot>);
 
 impl Inline {
     /// Polls the producer with the reader's context.
     pub(super) fn poll(&self, cx: &mut Context<'_>) {
-        self.slot.poll(cx);
+        self.0.poll(cx);
     }
 }
 
 impl Drop for Inline {
     fn drop(&mut self) {
-        let Some(producer) = self.slot.lock().take() else { return };
+        let Some(producer) = self.0.lock().take() else { return };
         // A producer that panicked is not polled again (dropping it frees
         // its slot); nor can one move once the runtime is gone.
         if std::thread::panicking() {
@@ -121,7 +119,9 @@ impl Drop for Inline {
             // everywhere the producer waits: a future must only be woken
             // through the waker of its latest poll.
             runtime.spawn(producer);
-            self.metrics.producer_moved();
+            if let Some(metrics) = self.0.1.get() {
+                metrics.producer_moved();
+            }
         }
     }
 }
