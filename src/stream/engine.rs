@@ -50,14 +50,14 @@ pub fn events(
     async_stream::stream! {
         yield StreamEvent::Start { stream_id, generator };
         let deadline = Instant::now() + settings.max_duration;
-        // Armed once for the whole stream: a fresh deadline timer per event
-        // would be a timer-wheel insert and removal per character.
-        let max_duration = sleep_until(deadline);
-        tokio::pin!(max_duration);
         let mut next_delta = Instant::now();
-        // Likewise one pacing timer, moved for each delta.
-        let pace_timer = sleep_until(next_delta);
-        tokio::pin!(pace_timer);
+        // One timer for the whole stream, for both waits: the pace (due at
+        // the next delta, or the deadline if sooner) and the generator
+        // (due at the deadline). A fresh timer per event would be a
+        // timer-wheel insert and removal per character, and a second one
+        // would take its room in every open stream.
+        let timer = sleep_until(deadline);
+        tokio::pin!(timer);
         let mut splitter = GraphemeSplitter::new();
         // Whole clusters received and not yet sent, in one buffer, taken
         // one cluster at a time from `at`: a large chunk (a long prompt to
@@ -72,14 +72,11 @@ pub fn events(
             if let Some(cluster) = next_cluster(&ready[at..]).map(str::to_owned) {
                 at += cluster.len();
                 if Instant::now() < next_delta {
-                    pace_timer.as_mut().reset(next_delta);
-                    tokio::select! {
-                        biased;
-                        () = &mut max_duration => {
-                            yield max_duration_error(stream_id, seq, settings.max_duration);
-                            return;
-                        }
-                        () = &mut pace_timer => {}
+                    timer.as_mut().reset(next_delta.min(deadline));
+                    (&mut timer).await;
+                    if Instant::now() >= deadline {
+                        yield max_duration_error(stream_id, seq, settings.max_duration);
+                        return;
                     }
                 }
                 seq += 1;
@@ -94,6 +91,9 @@ pub fn events(
             if text_ended {
                 yield StreamEvent::Done { stream_id, seq: seq + 1, finish_reason: FinishReason::Stop, chars: seq, usage };
                 return;
+            }
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
             }
             tokio::select! {
                 biased;
@@ -123,7 +123,7 @@ pub fn events(
                         text_ended = true;
                     }
                 },
-                () = &mut max_duration => {
+                () = &mut timer => {
                     yield max_duration_error(stream_id, seq, settings.max_duration);
                     return;
                 }
@@ -204,5 +204,16 @@ mod tests {
             matches!(all.last(), Some(StreamEvent::Error { code, seq: 4, .. }) if *code == ErrorCode::MaxDuration),
             "{all:?}"
         );
+    }
+
+    /// Every open stream holds its engine, so its size is memory per idle
+    /// stream: one timer (112 bytes) serves both of its waits.
+    #[test]
+    fn an_engines_state_stays_small() {
+        let text: TextStream = Box::pin(stream::iter(vec![Ok("ab".into())]));
+        let engine = events(id(), "t".into(), text, settings(5));
+        let size = std::mem::size_of_val(&engine);
+        eprintln!("an engine is {size} bytes");
+        assert!(size <= 640, "an engine is {size} bytes");
     }
 }

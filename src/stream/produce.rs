@@ -67,7 +67,10 @@ pub(super) struct RunContext {
     pub metrics: Arc<Metrics>,
     /// The subject's usage budget, when one applies: every delta is taken
     /// from it before it is logged.
-    pub meter: Option<Meter>,
+    /// Boxed: most deployments run without quotas, and inline the meter
+    /// would size every producer's future for it (twice: here, and where
+    /// the producer takes it out).
+    pub meter: Option<Box<Meter>>,
 }
 
 /// Why the producer stopped before the engine's own end.
@@ -180,9 +183,11 @@ async fn produce(
         let (code, message) = stop.error(&settings);
         outcome = Outcome::Error(code);
         let log = writer.log();
+        // The end's waits are boxed, like the loop's rare ones: inline they
+        // would size every producer's future, idle ones included.
         let ended =
             writer.append_terminal(StreamEvent::Error { stream_id: log.id, seq: log.next_seq(), code, message });
-        outcome = ended.await.unwrap_or(outcome);
+        outcome = Box::pin(ended).await.unwrap_or(outcome);
     }
     // Generator first, then the slot: nothing runs on a freed slot.
     drop(engine);
@@ -194,11 +199,11 @@ async fn produce(
     // the lease is released) before the stream counts as ended: readers on
     // other replicas see `cancelled` or `generator_lost` at once, and
     // shutdown waits for it.
-    writer.finish().await;
+    Box::pin(writer.finish()).await;
     // What was reserved and not delivered goes back before the slot is
     // freed, so the subject's next stream sees it.
     if let Some(meter) = meter
-        && let Err(e) = meter.finish(chars).await
+        && let Err(e) = Box::pin(meter.finish(chars)).await
     {
         tracing::warn!(stream_id = %id, error = %e, "could not give back an unused quota reservation");
     }
@@ -237,7 +242,7 @@ async fn run(
     settings: &RunSettings,
     started: Instant,
     outcome: &mut Outcome,
-    meter: &mut Option<Meter>,
+    meter: &mut Option<Box<Meter>>,
 ) -> Option<Stop> {
     let stream: &LiveStream = writer.log();
     let mut first_delta_seen = false;
@@ -246,7 +251,7 @@ async fn run(
     // lock and register on several tokens per character. Both watches are
     // polled only when their own wakers fire (see `OnlyWhenWoken`), not on
     // every event.
-    let exhausted = meter.as_ref().map(Meter::exhausted);
+    let exhausted = meter.as_deref().map(Meter::exhausted);
     let mut stopping = OnlyWhenWoken::new(async {
         // One token covers cancel, shutdown and store failure (see
         // `LiveStream::stopped`); the quota's is the subject's.
@@ -399,7 +404,7 @@ async fn run(
 /// character (from the local allowance; the store only when it is empty),
 /// a finish its reported model tokens. A delta the budget cannot pay for
 /// stops the stream before it is logged.
-async fn charge(meter: &mut Option<Meter>, event: &StreamEvent) -> Option<Stop> {
+async fn charge(meter: &mut Option<Box<Meter>>, event: &StreamEvent) -> Option<Stop> {
     let meter = meter.as_mut()?;
     match event {
         // The store's futures are boxed: inline they would size every
@@ -522,6 +527,25 @@ mod tests {
             (writes, received)
         });
         client.await.unwrap_or_default()
+    }
+
+    /// Every open stream holds its producer's future (inline, or in its
+    /// task), so its size is memory per idle stream. The bound catches a
+    /// change that inlines a large wait again.
+    #[tokio::test]
+    async fn a_producers_state_stays_small() {
+        let (id, writer, _cursor, ctx) = setup().await;
+        let engine = futures_util::stream::iter([StreamEvent::Start { stream_id: id, generator: "t".into() }]);
+        let settings = RunSettings {
+            window: 8,
+            max_lag: Duration::from_secs(1),
+            detach_grace: Duration::ZERO,
+            batch_ready: false,
+        };
+        let producer = produce(Box::pin(engine), writer, ctx, settings, tracing::Span::none());
+        let size = std::mem::size_of_val(&producer);
+        eprintln!("a producer's future is {size} bytes");
+        assert!(size <= 4096, "a producer's future is {size} bytes");
     }
 
     // Multi-threaded: a spinning producer must not take the test's own

@@ -216,7 +216,7 @@ impl StreamService {
             permit,
             slots: inner.slots.clone(),
             metrics: inner.metrics.clone(),
-            meter,
+            meter: meter.map(Box::new),
         };
         let run = RunSettings {
             window: limits.send_queue,
