@@ -26,6 +26,8 @@ use crate::metrics::Metrics;
 
 /// Stop adding ready events to one write past this many bytes.
 const MAX_WRITE: usize = 16 * 1024;
+/// The smallest buffer a write starts with (an event or two).
+const MIN_BUFFER: usize = 256;
 
 /// What a dialect renders: whether an event is a text delta is the one
 /// thing the shared framing asks (deltas are counted per write).
@@ -81,14 +83,19 @@ where
     D: Dialect,
 {
     let mut events = events;
-    let mut buf = BytesMut::with_capacity(512);
+    let mut buf = BytesMut::new();
     dialect.preamble(&mut buf);
     let mut finished = false;
     let mut deltas = 0u64;
-    // One counter update per write, never per character.
-    let take = move |buf: &mut BytesMut, deltas: &mut u64| {
+    // The size of the last write: the next buffer starts that large.
+    let mut last = MIN_BUFFER;
+    // One counter update per write, never per character. The whole buffer
+    // goes with the write: an idle stream then holds none (it held 512
+    // bytes), and a buffer given whole to `Bytes` needs no shared header.
+    let take = move |buf: &mut BytesMut, deltas: &mut u64, last: &mut usize| {
         metrics.sent(std::mem::take(deltas), buf.len() as u64);
-        Ok(buf.split().freeze())
+        *last = buf.len().clamp(MIN_BUFFER, MAX_WRITE);
+        Ok(std::mem::take(buf).freeze())
     };
     futures_util::stream::poll_fn(move |cx| {
         if finished {
@@ -99,17 +106,24 @@ where
                 Poll::Ready(Some(event)) => {
                     let event = event.as_ref();
                     deltas += u64::from(event.is_delta());
+                    if buf.capacity() == 0 {
+                        buf.reserve(last);
+                    }
                     dialect.render(event, &mut buf);
                     if buf.len() >= MAX_WRITE {
-                        return Poll::Ready(Some(take(&mut buf, &mut deltas)));
+                        return Poll::Ready(Some(take(&mut buf, &mut deltas, &mut last)));
                     }
                 }
                 Poll::Ready(None) => {
                     finished = true;
-                    return Poll::Ready((!buf.is_empty()).then(|| take(&mut buf, &mut deltas)));
+                    return Poll::Ready((!buf.is_empty()).then(|| take(&mut buf, &mut deltas, &mut last)));
                 }
                 Poll::Pending => {
-                    return if buf.is_empty() { Poll::Pending } else { Poll::Ready(Some(take(&mut buf, &mut deltas))) };
+                    return if buf.is_empty() {
+                        Poll::Pending
+                    } else {
+                        Poll::Ready(Some(take(&mut buf, &mut deltas, &mut last)))
+                    };
                 }
             }
         }

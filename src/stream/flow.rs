@@ -93,9 +93,11 @@ pub(super) async fn abandoned(stream: &LiveStream, grace: Duration) {
         notified.as_mut().enable();
         match abandon_at(stream.attachment(), grace) {
             Some(at) => {
+                // Boxed: this future lives as long as its stream, which is
+                // almost always attached and needs no timer.
                 tokio::select! {
                     () = &mut notified => {}
-                    () = sleep_until(at) => {
+                    () = Box::pin(sleep_until(at)) => {
                         if abandon_at(stream.attachment(), grace).is_some_and(|at| Instant::now() >= at) {
                             return;
                         }
