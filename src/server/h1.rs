@@ -102,27 +102,33 @@ where
         // Keep only pipelined bytes, if any; free the rest.
         buf.drain(..head_len);
         buf.shrink_to_fit();
-        let mut request = *request;
         activity.started();
         let open = OpenRequest(activity.clone());
-        request.extensions_mut().insert(ConnectInfo(peer));
-        request.extensions_mut().insert(ConnectionAbort(abort.clone()));
         // This path polls a stream's producer itself (see `DriveHook`):
         // it polls the body on every wake-up, and the hook while it writes.
         let hook = DriveHook::new();
-        request.extensions_mut().insert(hook.clone());
-        let response = match app.clone().oneshot(request).await {
-            Ok(response) => response,
-            Err(never) => match never {},
+        // The request and the response live in this block only: held
+        // across the writes, their headers would sit in every streaming
+        // connection. The response is taken apart before it streams.
+        let (outgoing, close) = {
+            let mut request = *request;
+            request.extensions_mut().insert(ConnectInfo(peer));
+            request.extensions_mut().insert(ConnectionAbort(abort.clone()));
+            request.extensions_mut().insert(hook.clone());
+            let response = match app.clone().oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            };
+            let close = close
+                || connections.close.is_cancelled()
+                || response
+                    .headers()
+                    .get_all(CONNECTION)
+                    .iter()
+                    .any(|v| has_token(v.to_str().unwrap_or_default(), "close"));
+            (Outgoing::new(response, close), close)
         };
-        let close = close
-            || connections.close.is_cancelled()
-            || response
-                .headers()
-                .get_all(CONNECTION)
-                .iter()
-                .any(|v| has_token(v.to_str().unwrap_or_default(), "close"));
-        match respond(&mut io, response, close, &abort, &hook, &mut buf, max_head).await? {
+        match respond(&mut io, outgoing, &abort, &hook, &mut buf, max_head).await? {
             Ended::Done if !close => {}
             Ended::Done => {
                 let _ = io.shutdown().await;
@@ -227,16 +233,38 @@ enum Next {
     Failed(BoxError),
 }
 
-/// Writes `response`: its head with the first ready frames, then each
+/// A response taken apart for writing: its encoded head and its body.
+struct Outgoing {
+    head: Vec<u8>,
+    body: Body,
+    /// Framed as chunks (its length is not known).
+    chunked: bool,
+    /// A status that has no body.
+    bodiless: bool,
+}
+
+impl Outgoing {
+    /// Encodes `response`'s head (saying `connection: close` if `close`)
+    /// and keeps its body; the headers and extensions are dropped.
+    fn new(response: axum::response::Response, close: bool) -> Self {
+        let (parts, body) = response.into_parts();
+        let bodiless = parts.status.is_informational()
+            || parts.status == StatusCode::NO_CONTENT
+            || parts.status == StatusCode::NOT_MODIFIED;
+        let length = if bodiless { Some(0) } else { body.size_hint().exact() };
+        let head = encode_head(parts.status, &parts.headers, length, bodiless, close);
+        Self { head, body, chunked: length.is_none(), bodiless }
+    }
+}
+
+/// Writes a response: its head with the first ready frames, then each
 /// batch of frames as it is ready, while watching the client's side for
 /// its close (bytes it sends meanwhile, a pipelined request, are kept in
 /// `pipelined`, up to `max`). A producer running inline in `hook` is
 /// polled while a write is pending.
-#[allow(clippy::too_many_arguments)]
 async fn respond<I>(
     io: &mut I,
-    response: axum::response::Response,
-    close: bool,
+    outgoing: Outgoing,
     abort: &CancellationToken,
     hook: &DriveHook,
     pipelined: &mut Vec<u8>,
@@ -245,15 +273,8 @@ async fn respond<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let (parts, mut body) = response.into_parts();
-    let bodiless = parts.status.is_informational()
-        || parts.status == StatusCode::NO_CONTENT
-        || parts.status == StatusCode::NOT_MODIFIED;
-    let length = if bodiless { Some(0) } else { body.size_hint().exact() };
-    let chunked = length.is_none();
-    let mut head = Some(encode_head(parts.status, &parts.headers, length, bodiless, close));
-    // The response's headers and extensions are not needed while it streams.
-    drop(parts);
+    let Outgoing { head, mut body, chunked, bodiless } = outgoing;
+    let mut head = Some(head);
     let mut frames: Vec<(ChunkHeader, Bytes)> = Vec::new();
     let mut ended = bodiless;
     let mut aborted = pin!(abort.cancelled());
@@ -574,5 +595,19 @@ mod tests {
             let plain: usize = sizes.iter().sum();
             assert_eq!(written(&sizes, false).await.len(), "HEAD\r\n".len() + plain, "{sizes:?}");
         }
+    }
+
+    /// Every streaming connection holds this future while its response
+    /// streams, so its size is memory per open stream; the bound catches a
+    /// change that keeps the response's headers in it again (744 bytes in
+    /// a debug build then, 536 without).
+    #[tokio::test]
+    async fn a_streaming_responses_state_stays_small() {
+        let (mut io, _peer) = tokio::io::duplex(64);
+        let (abort, hook, mut pipelined) = (CancellationToken::new(), DriveHook::new(), Vec::new());
+        let response = axum::response::Response::new(Body::empty());
+        let writing = respond(&mut io, Outgoing::new(response, false), &abort, &hook, &mut pipelined, 100);
+        let size = std::mem::size_of_val(&writing);
+        assert!(size <= 600, "a response's writer is {size} bytes");
     }
 }
