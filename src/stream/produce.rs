@@ -251,7 +251,9 @@ async fn run(
     // lock and register on several tokens per character. Both watches are
     // polled only when their own wakers fire (see `OnlyWhenWoken`), not on
     // every event.
-    let exhausted = meter.as_deref().map(Meter::exhausted);
+    // Boxed: without a quota (the common case) it takes no room in the
+    // stop watch that every stream holds.
+    let exhausted = meter.as_deref().map(|meter| Box::pin(meter.exhausted()));
     let mut stopping = OnlyWhenWoken::new(async {
         // One token covers cancel, shutdown and store failure (see
         // `LiveStream::stopped`); the quota's is the subject's.

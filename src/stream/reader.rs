@@ -30,8 +30,8 @@ const BATCH: usize = 256;
 pub struct FollowSettings {
     /// Silence after which a heartbeat is sent.
     pub heartbeat: Duration,
-    /// Fires when the server closes streams for shutdown. The server's shared token: each
-    /// reader takes a child of its own, so per-event checks never contend on it.
+    /// Fires when the server closes streams for shutdown. The server's shared token, watched
+    /// only when it fires (see `OnlyWhenWoken`), so per-event checks never contend on it.
     pub closing: CancellationToken,
     /// The `retry:` hint sent with `shutdown`.
     pub shutdown_retry_ms: u64,
@@ -87,10 +87,9 @@ pub(super) fn follow_driving(
     // Taken apart before the generator: it then holds only what it uses
     // (every open stream holds one, so its size is memory per connection).
     let FollowSettings { heartbeat, closing, shutdown_retry_ms, token_deadline } = settings;
-    // A child token of our own: `is_cancelled` locks the token's mutex,
-    // and the shared shutdown token would be one lock contended by every
-    // reader.
-    let closing = closing.child_token();
+    // The server's own token, not a child: it is looked at (`is_cancelled`
+    // locks its mutex) only once its watch fired, never per event, and a
+    // child would cost every open stream a node of its own.
     // The heartbeat timer also fires at the token's deadline: a second
     // timer would grow every connection's state by a timer entry.
     let deadline = token_deadline.unwrap_or_else(far_future);

@@ -204,11 +204,10 @@ impl StreamService {
             max_duration: limits.max_stream_duration,
         };
         tracing::debug!(subject = %caller.subject, generator = %name, %stream_id, "stream opened");
-        // A child token: polled on every event, it must not be the lock all
-        // streams share.
-        let closing = inner.shutdown.closing().child_token();
-        // The first reader is attached before the producer starts.
-        let (writer, cursor) = inner.store.create(stream_id, &caller.subject, &name, &closing).await?;
+        // The first reader is attached before the producer starts. The
+        // stream's stop token is a child of the server's closing token
+        // (watched only when it fires, never locked per event).
+        let (writer, cursor) = inner.store.create(stream_id, &caller.subject, &name, inner.shutdown.closing()).await?;
         let batch_ready = settings.pace.is_zero();
         let engine = events(stream_id, name.clone(), entry.generator.generate(generate), settings);
         let ctx = RunContext {
