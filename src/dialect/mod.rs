@@ -26,8 +26,8 @@ use crate::metrics::Metrics;
 
 /// Stop adding ready events to one write past this many bytes.
 const MAX_WRITE: usize = 16 * 1024;
-/// The smallest buffer a write starts with (an event or two).
-const MIN_BUFFER: usize = 256;
+/// The buffer a stream starts with again after a quiet spell.
+const MIN_BUFFER: usize = 512;
 
 /// What a dialect renders: whether an event is a text delta is the one
 /// thing the shared framing asks (deltas are counted per write).
@@ -36,15 +36,27 @@ pub trait Rendered {
     fn is_delta(&self) -> bool {
         false
     }
+    /// Whether this is a heartbeat: a write of heartbeats alone means the
+    /// stream is quiet, and its buffer is let go.
+    fn is_heartbeat(&self) -> bool {
+        false
+    }
 }
 
 impl Rendered for crate::event::StreamEvent {
     fn is_delta(&self) -> bool {
         matches!(self, crate::event::StreamEvent::Delta { .. })
     }
+    fn is_heartbeat(&self) -> bool {
+        matches!(self, crate::event::StreamEvent::Heartbeat)
+    }
 }
 
-impl Rendered for crate::stream::ChannelMessage {}
+impl Rendered for crate::stream::ChannelMessage {
+    fn is_heartbeat(&self) -> bool {
+        matches!(self, crate::stream::ChannelMessage::Heartbeat)
+    }
+}
 
 /// Renders the events of one stream (or one subscription) into SSE bytes.
 pub trait Dialect: Send + 'static {
@@ -87,15 +99,16 @@ where
     dialect.preamble(&mut buf);
     let mut finished = false;
     let mut deltas = 0u64;
-    // The size of the last write: the next buffer starts that large.
-    let mut last = MIN_BUFFER;
-    // One counter update per write, never per character. The whole buffer
-    // goes with the write: an idle stream then holds none (it held 512
-    // bytes), and a buffer given whole to `Bytes` needs no shared header.
-    let take = move |buf: &mut BytesMut, deltas: &mut u64, last: &mut usize| {
+    // Whether the buffer holds heartbeats only.
+    let mut quiet = true;
+    // One counter update per write, never per character. A write that is
+    // all heartbeats takes the whole buffer with it: a quiet stream then
+    // holds none (it held up to 512 bytes). Otherwise the rest of the
+    // buffer is kept for the next events.
+    let take = move |buf: &mut BytesMut, deltas: &mut u64, quiet: &mut bool| {
         metrics.sent(std::mem::take(deltas), buf.len() as u64);
-        *last = buf.len().clamp(MIN_BUFFER, MAX_WRITE);
-        Ok(std::mem::take(buf).freeze())
+        let out = if std::mem::replace(quiet, true) { std::mem::take(buf) } else { buf.split() };
+        Ok(out.freeze())
     };
     futures_util::stream::poll_fn(move |cx| {
         if finished {
@@ -106,23 +119,24 @@ where
                 Poll::Ready(Some(event)) => {
                     let event = event.as_ref();
                     deltas += u64::from(event.is_delta());
+                    quiet &= event.is_heartbeat();
                     if buf.capacity() == 0 {
-                        buf.reserve(last);
+                        buf.reserve(MIN_BUFFER);
                     }
                     dialect.render(event, &mut buf);
                     if buf.len() >= MAX_WRITE {
-                        return Poll::Ready(Some(take(&mut buf, &mut deltas, &mut last)));
+                        return Poll::Ready(Some(take(&mut buf, &mut deltas, &mut quiet)));
                     }
                 }
                 Poll::Ready(None) => {
                     finished = true;
-                    return Poll::Ready((!buf.is_empty()).then(|| take(&mut buf, &mut deltas, &mut last)));
+                    return Poll::Ready((!buf.is_empty()).then(|| take(&mut buf, &mut deltas, &mut quiet)));
                 }
                 Poll::Pending => {
                     return if buf.is_empty() {
                         Poll::Pending
                     } else {
-                        Poll::Ready(Some(take(&mut buf, &mut deltas, &mut last)))
+                        Poll::Ready(Some(take(&mut buf, &mut deltas, &mut quiet)))
                     };
                 }
             }
