@@ -213,7 +213,6 @@ mod tests {
         let text: TextStream = Box::pin(stream::iter(vec![Ok("ab".into())]));
         let engine = events(id(), "t".into(), text, settings(5));
         let size = std::mem::size_of_val(&engine);
-        eprintln!("an engine is {size} bytes");
         assert!(size <= 640, "an engine is {size} bytes");
     }
 }

@@ -533,7 +533,7 @@ mod tests {
 
     /// Every open stream holds its producer's future (inline, or in its
     /// task), so its size is memory per idle stream. The bound catches a
-    /// change that inlines a large wait again.
+    /// change that inlines the meter or a large wait again.
     #[tokio::test]
     async fn a_producers_state_stays_small() {
         let (id, writer, _cursor, ctx) = setup().await;
@@ -545,9 +545,9 @@ mod tests {
             batch_ready: false,
         };
         let producer = produce(Box::pin(engine), writer, ctx, settings, tracing::Span::none());
+        // 1,296 bytes in a debug build (1,840 with the meter inline).
         let size = std::mem::size_of_val(&producer);
-        eprintln!("a producer's future is {size} bytes");
-        assert!(size <= 4096, "a producer's future is {size} bytes");
+        assert!(size <= 1400, "a producer's future is {size} bytes");
     }
 
     // Multi-threaded: a spinning producer must not take the test's own
