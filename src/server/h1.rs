@@ -443,31 +443,6 @@ async fn write_batch<I: AsyncWrite + Unpin>(
     chunked: bool,
     last: Option<&[u8]>,
 ) -> io::Result<()> {
-    // A small batch (a paced stream's one event) is copied into one buffer
-    // and written with `write`: the kernel's `writev` costs more per call
-    // than copying a few hundred bytes here.
-    let total = head.map_or(0, <[u8]>::len)
-        + frames
-            .iter()
-            .map(|(size, data)| data.len() + if chunked { size.as_slice().len() + 2 } else { 0 })
-            .sum::<usize>()
-        + last.map_or(0, <[u8]>::len);
-    if total <= FLAT_WRITE_MAX {
-        let mut flat = Vec::with_capacity(total);
-        flat.extend_from_slice(head.unwrap_or_default());
-        for (size, data) in frames {
-            if chunked {
-                flat.extend_from_slice(size.as_slice());
-                flat.extend_from_slice(data);
-                flat.extend_from_slice(b"\r\n");
-            } else {
-                flat.extend_from_slice(data);
-            }
-        }
-        flat.extend_from_slice(last.unwrap_or_default());
-        io.write_all(&flat).await?;
-        return io.flush().await;
-    }
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 + frames.len() * 3);
     if let Some(head) = head {
         slices.push(IoSlice::new(head));
@@ -483,6 +458,18 @@ async fn write_batch<I: AsyncWrite + Unpin>(
     }
     if let Some(last) = last {
         slices.push(IoSlice::new(last));
+    }
+    // A small batch (a paced stream's one event) is copied into one buffer
+    // and written with `write`: the kernel's `writev` costs more per call
+    // than copying a few hundred bytes here.
+    let total: usize = slices.iter().map(|slice| slice.len()).sum();
+    if total <= FLAT_WRITE_MAX {
+        let mut flat = Vec::with_capacity(total);
+        for slice in &slices {
+            flat.extend_from_slice(slice);
+        }
+        io.write_all(&flat).await?;
+        return io.flush().await;
     }
     let mut rest = &mut slices[..];
     while !rest.is_empty() {
