@@ -22,10 +22,10 @@ use crate::generator::{Chunk, TextStream};
 /// Per-generation settings resolved from config and the request.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
-    /// Minimum time between two deltas; zero sends them as fast as they are
-    /// taken. A cadence (each delta due one pace after the previous one was due), except that
-    /// after a stall of the consumer or the generator it restarts from then instead of catching
-    /// up in a burst.
+    /// Time between two deltas; zero sends them as fast as they are taken. A cadence: each
+    /// delta is due one pace after the previous one was due. When the timer fires late or the
+    /// consumer pauses, the overdue deltas go at once, but never more than `CATCH_UP_DELTAS`
+    /// paces' worth; after a slow generator the cadence restarts from its chunk.
     pub pace: Duration,
     /// The stream ends with an `error` (`max_duration`) after this long, counted from when the
     /// event after `Start` is first asked for. The limit is noticed while the engine waits (for
@@ -33,6 +33,15 @@ pub struct EngineSettings {
     /// next pause.
     pub max_duration: Duration,
 }
+
+/// How many paces a stream may fall behind its cadence and still catch up.
+///
+/// On a saturated machine every timer fires late; restarting the cadence from each late
+/// wake-up would deliver fewer characters per second the busier the box, one write each,
+/// while catching up hands the reader the overdue deltas together, for one write. The bound
+/// keeps a long stall (a suspended process, a consumer that stopped reading) from ending in
+/// a flood instead of typed text.
+pub(super) const CATCH_UP_DELTAS: u32 = 8;
 
 /// The event sequence of one generation: `Start` (sequence 0), `Delta`s
 /// (1..=n), then `Done` or `Error` (n+1).
@@ -82,9 +91,11 @@ pub fn events(
                 seq += 1;
                 yield StreamEvent::Delta { stream_id, seq, text: cluster };
                 if !settings.pace.is_zero() {
-                    // Keep the cadence after a late timer, but never burst
-                    // to catch up after a slow generator.
-                    next_delta = (next_delta + settings.pace).max(Instant::now());
+                    // Keep the cadence after a late timer or a paused
+                    // consumer, catching up at most `CATCH_UP_DELTAS`.
+                    let now = Instant::now();
+                    let floor = now.checked_sub(settings.pace * CATCH_UP_DELTAS).unwrap_or(now);
+                    next_delta = (next_delta + settings.pace).max(floor);
                 }
                 continue;
             }
@@ -101,6 +112,9 @@ pub fn events(
                     Some(Ok(Chunk::Text(chunk))) => {
                         ready = splitter.push_complete(&chunk);
                         at = 0;
+                        // A slow generator is not caught up on: its text
+                        // starts a new cadence from when it came.
+                        next_delta = next_delta.max(Instant::now());
                     }
                     Some(Ok(Chunk::Usage(reported))) => usage = Some(reported),
                     Some(Err(err)) => {
@@ -179,6 +193,71 @@ mod tests {
             }
         }
         assert_eq!(times, [Duration::ZERO, Duration::from_millis(100), Duration::from_millis(200)]);
+    }
+
+    /// Pulls every event, pausing `pause` before asking for delta `at`; returns when each
+    /// delta came, counted from the start.
+    async fn delta_times(chunks: Vec<&'static str>, pace_ms: u64, pause: Duration, at: u64) -> Vec<u64> {
+        let text: TextStream = Box::pin(stream::iter(chunks.into_iter().map(|c| Ok(c.into()))));
+        let mut s = Box::pin(events(id(), "t".into(), text, settings(pace_ms)));
+        let start = Instant::now();
+        let mut times = Vec::new();
+        let mut next = 1;
+        loop {
+            if next == at {
+                tokio::time::sleep(pause).await;
+            }
+            match s.next().await {
+                Some(StreamEvent::Delta { .. }) => times.push((Instant::now() - start).as_millis() as u64),
+                Some(_) => continue,
+                None => return times,
+            }
+            next += 1;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_consumer_gets_the_overdue_deltas_at_once_and_the_cadence_holds() {
+        // Deltas due at 0, 10, 20, ...; the consumer asks for the second at
+        // 35 ms: the ones due at 10, 20 and 30 come at once, then 40, 50.
+        let times = delta_times(vec!["abcdef"], 10, Duration::from_millis(35), 2).await;
+        assert_eq!(times, [0, 35, 35, 35, 40, 50]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_stall_catches_up_only_a_bounded_burst() {
+        // A pause of a second is 100 paces; only `CATCH_UP_DELTAS` of them
+        // (plus the one due now) are caught up, then the cadence goes on.
+        let text = "abcdefghijklmnopqrstuvwxyz";
+        let times = delta_times(vec![text], 10, Duration::from_millis(1000), 2).await;
+        let burst = CATCH_UP_DELTAS as usize + 1;
+        assert_eq!(times[0], 0);
+        assert!(times[1..=burst].iter().all(|&t| t == 1000), "{times:?}");
+        assert_eq!(times[burst + 1], 1010, "{times:?}");
+        assert_eq!(times[burst + 2], 1020, "{times:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_generator_restarts_the_cadence_instead_of_bursting() {
+        let text: TextStream = Box::pin(stream::iter(["ab", "cd"]).then(|chunk| async move {
+            if chunk == "cd" {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Ok(chunk.into())
+        }));
+        let mut s = Box::pin(events(id(), "t".into(), text, settings(100)));
+        let start = Instant::now();
+        let mut times = Vec::new();
+        while let Some(ev) = s.next().await {
+            if matches!(ev, StreamEvent::Delta { .. }) {
+                times.push((Instant::now() - start).as_millis() as u64);
+            }
+        }
+        // "cd" comes at 500 ms. The splitter held "b" back (a combining mark
+        // could follow it), so "b" goes then, and "c" and "d" a pace apart
+        // after it: not "b" and "c" at once, as a cadence restarted only
+        // after the first delta would.
+        assert_eq!(times, [0, 500, 600, 700]);
     }
 
     #[tokio::test(start_paused = true)]
