@@ -195,10 +195,9 @@ mod tests {
         assert_eq!(times, [Duration::ZERO, Duration::from_millis(100), Duration::from_millis(200)]);
     }
 
-    /// Pulls every event, pausing `pause` before asking for delta `at`; returns when each
-    /// delta came, counted from the start.
-    async fn delta_times(chunks: Vec<&'static str>, pace_ms: u64, pause: Duration, at: u64) -> Vec<u64> {
-        let text: TextStream = Box::pin(stream::iter(chunks.into_iter().map(|c| Ok(c.into()))));
+    /// Pulls every event of `text` paced at `pace_ms`, pausing `pause` before asking for delta
+    /// `at`; returns when each delta came, in milliseconds from the start.
+    async fn delta_times(text: TextStream, pace_ms: u64, pause: Duration, at: u64) -> Vec<u64> {
         let mut s = Box::pin(events(id(), "t".into(), text, settings(pace_ms)));
         let start = Instant::now();
         let mut times = Vec::new();
@@ -216,11 +215,15 @@ mod tests {
         }
     }
 
+    fn text_of(chunk: &'static str) -> TextStream {
+        Box::pin(stream::iter([Ok(chunk.into())]))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_late_consumer_gets_the_overdue_deltas_at_once_and_the_cadence_holds() {
         // Deltas due at 0, 10, 20, ...; the consumer asks for the second at
         // 35 ms: the ones due at 10, 20 and 30 come at once, then 40, 50.
-        let times = delta_times(vec!["abcdef"], 10, Duration::from_millis(35), 2).await;
+        let times = delta_times(text_of("abcdef"), 10, Duration::from_millis(35), 2).await;
         assert_eq!(times, [0, 35, 35, 35, 40, 50]);
     }
 
@@ -228,8 +231,8 @@ mod tests {
     async fn a_long_stall_catches_up_only_a_bounded_burst() {
         // A pause of a second is 100 paces; only `CATCH_UP_DELTAS` of them
         // (plus the one due now) are caught up, then the cadence goes on.
-        let text = "abcdefghijklmnopqrstuvwxyz";
-        let times = delta_times(vec![text], 10, Duration::from_millis(1000), 2).await;
+        let text = text_of("abcdefghijklmnopqrstuvwxyz");
+        let times = delta_times(text, 10, Duration::from_millis(1000), 2).await;
         let burst = CATCH_UP_DELTAS as usize + 1;
         assert_eq!(times[0], 0);
         assert!(times[1..=burst].iter().all(|&t| t == 1000), "{times:?}");
@@ -245,14 +248,7 @@ mod tests {
             }
             Ok(chunk.into())
         }));
-        let mut s = Box::pin(events(id(), "t".into(), text, settings(100)));
-        let start = Instant::now();
-        let mut times = Vec::new();
-        while let Some(ev) = s.next().await {
-            if matches!(ev, StreamEvent::Delta { .. }) {
-                times.push((Instant::now() - start).as_millis() as u64);
-            }
-        }
+        let times = delta_times(text, 100, Duration::ZERO, 0).await;
         // "cd" comes at 500 ms. The splitter held "b" back (a combining mark
         // could follow it), so "b" goes then, and "c" and "d" a pace apart
         // after it: not "b" and "c" at once, as a cadence restarted only
