@@ -25,7 +25,7 @@ pub struct EngineSettings {
     /// Time between two deltas; zero sends them as fast as they are taken. A cadence: each
     /// delta is due one pace after the previous one was due. When the timer fires late or the
     /// consumer pauses, the overdue deltas go at once, but never more than `CATCH_UP_DELTAS`
-    /// paces' worth; after a slow generator the cadence restarts from its chunk.
+    /// paces' worth; the time spent waiting for the generator is not caught up on.
     pub pace: Duration,
     /// The stream ends with an `error` (`max_duration`) after this long, counted from when the
     /// event after `Start` is first asked for. The limit is noticed while the engine waits (for
@@ -106,15 +106,19 @@ pub fn events(
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
+            let asked = Instant::now();
             tokio::select! {
                 biased;
                 chunk = text.next() => match chunk {
                     Some(Ok(Chunk::Text(chunk))) => {
                         ready = splitter.push_complete(&chunk);
                         at = 0;
-                        // A slow generator is not caught up on: its text
-                        // starts a new cadence from when it came.
-                        next_delta = next_delta.max(Instant::now());
+                        // The time spent waiting for the generator is not
+                        // caught up on (a slow generator's text starts a new
+                        // cadence when it comes); deltas overdue before it
+                        // was asked still are. Most chunks are ready at once.
+                        let now = Instant::now();
+                        next_delta = (next_delta + (now - asked)).min(now.max(next_delta));
                     }
                     Some(Ok(Chunk::Usage(reported))) => usage = Some(reported),
                     Some(Err(err)) => {
@@ -225,6 +229,16 @@ mod tests {
         // 35 ms: the ones due at 10, 20 and 30 come at once, then 40, 50.
         let times = delta_times(text_of("abcdef"), 10, Duration::from_millis(35), 2).await;
         assert_eq!(times, [0, 35, 35, 35, 40, 50]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_catch_up_goes_on_across_chunks_the_generator_had_ready() {
+        // Chunks as the demo generator makes them, all ready at once: the
+        // pause spans their boundaries, and the overdue deltas still go
+        // together.
+        let text: TextStream = Box::pin(stream::iter(["ab", "cd", "ef", "gh"].map(|c| Ok(c.into()))));
+        let times = delta_times(text, 10, Duration::from_millis(35), 2).await;
+        assert_eq!(times, [0, 35, 35, 35, 40, 50, 60, 70]);
     }
 
     #[tokio::test(start_paused = true)]
