@@ -64,6 +64,7 @@ pub mod heap_trim;
 pub mod json;
 pub mod limits;
 pub mod log_throttle;
+pub mod log_writer;
 pub mod metrics;
 pub mod quota;
 pub mod request_line;

@@ -7,12 +7,16 @@ use std::time::Duration;
 use clap::Parser;
 use tokengate::cli::{Cli, Command};
 use tokengate::config::Config;
+use tokengate::log_writer::LogWriter;
 use tokengate::server::Application;
 use tracing_subscriber::EnvFilter;
 
-/// The log thread's write buffer: lines queued while it writes go out
-/// together.
-const LOG_BUFFER_BYTES: usize = 64 * 1024;
+/// How long the log thread waits after a batch's first line for the rest
+/// of it: log lines appear at most this late.
+const LOG_LINGER: Duration = Duration::from_millis(20);
+
+/// Log bytes held for the log thread before new lines are dropped.
+const LOG_MAX_PENDING_BYTES: usize = 8 * 1024 * 1024;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -100,16 +104,18 @@ fn serve(config: Config) -> ExitCode {
     // Colour only on a terminal: escape codes in a log file or a collector
     // are noise (and cost formatting on every line).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    // Log lines are written by a thread of their own: a slow or stalled
-    // stderr reader (a pipe to a busy collector) must not block the
-    // runtime's workers, and lines that pile up are written together: the
-    // thread writes every pending line into the buffer and flushes once
-    // none is left, one write for a burst instead of one per line. When
-    // 128k lines are pending, new ones are dropped rather than waited for.
-    // The guard flushes what is pending when `serve` returns.
-    let stderr = std::io::BufWriter::with_capacity(LOG_BUFFER_BYTES, std::io::stderr());
-    let (writer, _flush_on_exit) =
-        tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(true).finish(stderr);
+    // Log lines are written by a thread of their own (`log_writer`): a slow
+    // or stalled stderr reader must not block the runtime's workers, and a
+    // burst of lines costs one wake-up and one write. When too much is
+    // pending, new lines are dropped (and counted) rather than waited for.
+    // The guard writes what is pending when `serve` returns.
+    let (writer, _flush_on_exit) = match LogWriter::spawn(std::io::stderr(), LOG_LINGER, LOG_MAX_PENDING_BYTES) {
+        Ok(spawned) => spawned,
+        Err(e) => {
+            eprintln!("tokengate: cannot start the log writer: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     if config.log_json {
         subscriber.json().init();

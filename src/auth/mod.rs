@@ -19,6 +19,7 @@ mod extract;
 mod jwks;
 mod keyset;
 mod validate;
+mod verified;
 
 use std::time::Duration;
 

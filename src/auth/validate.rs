@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::claims::{AudienceClaim, Claims, ScopeClaim};
 use super::extract::TokenSources;
 use super::jwks::{Jwks, JwksSettings};
+use super::verified::VerifiedTokens;
 use super::{AuthError, AuthSetupError, MintError, Principal};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -44,6 +45,11 @@ pub enum KeyMaterial {
     /// tokengate cannot mint with them.
     Jwks(JwksSettings),
 }
+
+/// Verified tokens kept per static key: about 2 MB at most with typical
+/// tokens, and more than the number of distinct callers that reconnect
+/// within a token's life on most deployments.
+const VERIFIED_TOKENS: usize = 4096;
 
 /// What verifies signatures.
 #[derive(Clone)]
@@ -76,6 +82,9 @@ pub struct AuthConfig {
     /// that validation will ask for.
     issuer: Option<String>,
     audience: Option<String>,
+    /// Tokens a static key verified, with their callers (see
+    /// [`super::verified`]); shared by clones.
+    verified: Arc<VerifiedTokens>,
     /// The start banner prints a demo token only then: a token for a real
     /// key printed to stdout would end up in log collectors.
     generated_secret: bool,
@@ -269,6 +278,7 @@ impl AuthConfig {
             generated_secret: keys.generated_secret,
             sources,
             class_claim: None,
+            verified: Arc::new(VerifiedTokens::new(VERIFIED_TOKENS)),
         })
     }
 
@@ -276,6 +286,8 @@ impl AuthConfig {
     /// class, e.g. `tier`).
     pub fn with_class_claim(mut self, claim: Option<String>) -> Self {
         self.class_claim = claim;
+        // Callers kept so far were read without (or with another) claim.
+        self.verified = Arc::new(VerifiedTokens::new(VERIFIED_TOKENS));
         self
     }
 
@@ -314,13 +326,25 @@ impl AuthConfig {
     /// an unknown `kid` may wait for one (rate-limited) refresh of the key
     /// set; with a static key it never waits.
     ///
+    /// A token a static key verified is kept with its caller (see
+    /// [`super::verified`]) and found again until its `exp`.
+    ///
     /// With a JWKS the header is read first, only to pick the key: its
     /// `alg` must be on the allow-list and fit the key its `kid` names
     /// (see [`super::keyset`]), and jsonwebtoken then checks the signature
     /// with that key under the same allow-list.
     pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
         let claims = match &self.verifier {
-            Verifier::Static(key) => self.verify(token, key, &self.validation)?,
+            Verifier::Static(key) => {
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                if let Some(principal) = self.verified.get(token, now, self.validation.leeway) {
+                    return Ok(principal);
+                }
+                let principal =
+                    self.verify(token, key, &self.validation)?.into_principal(self.class_claim.as_deref())?;
+                self.verified.insert(token, &principal);
+                return Ok(principal);
+            }
             Verifier::Jwks(jwks) => {
                 let header = jsonwebtoken::decode_header(token).map_err(|e| fold_error(e.kind(), token))?;
                 let Some((_, validation)) = self.by_algorithm.iter().find(|(alg, _)| *alg == header.alg) else {
@@ -407,6 +431,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::auth::Scope;
 
     const SECRET: &[u8] = b"unit-test-secret-0123456789-abcdefghij";
 
@@ -437,6 +462,31 @@ mod tests {
         assert_eq!(auth.authenticate(&other).await, Err(AuthError::Audience));
         // Without a configured audience, an array is no shape error either.
         assert!(config(None).authenticate(&ok).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_verified_token_is_kept_and_a_changed_one_is_still_refused() {
+        let auth = config(None);
+        let token = hs256(json!({"sub": "a", "exp": exp(), "scope": "stream"}));
+        let first = auth.authenticate(&token).await;
+        assert!(first.as_ref().is_ok_and(|p| p.subject == "a" && p.has(Scope::Stream)), "{first:?}");
+        assert_eq!(auth.verified.len(), 1, "kept once verified");
+        assert_eq!(auth.authenticate(&token).await, first, "the same caller again");
+        assert_eq!(auth.clone().verified.len(), 1, "clones share the set");
+        // The same token with another signature, or cut short, is verified
+        // (and refused), not matched to the kept one.
+        let (signed, signature) = token.rsplit_once('.').unwrap_or_else(|| unreachable!());
+        let forged = format!("{signed}.{}", signature.chars().rev().collect::<String>());
+        assert_eq!(auth.authenticate(&forged).await, Err(AuthError::BadSignature));
+        assert!(auth.authenticate(&token[..token.len() - 1]).await.is_err());
+        let refused = hs256(json!({"sub": "a", "exp": exp() - 1200}));
+        assert_eq!(auth.authenticate(&refused).await, Err(AuthError::Expired));
+        assert_eq!(auth.verified.len(), 1, "refused tokens are not kept");
+        // A class claim set afterwards is not served from callers read
+        // without it.
+        let tiered = config(None).with_class_claim(Some("tier".into()));
+        let token = hs256(json!({"sub": "a", "exp": exp(), "tier": "gold"}));
+        assert_eq!(tiered.authenticate(&token).await.map(|p| p.class), Ok(Some("gold".into())));
     }
 
     #[tokio::test]
