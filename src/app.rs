@@ -63,10 +63,35 @@ pub fn routes() -> Vec<(String, String)> {
 
 /// The query string with the credential parameters' values (the token's
 /// and the stream ticket's) replaced, for logs.
+///
+/// A query of printable ASCII whose parameter names are not
+/// percent-encoded (what clients send) is copied pair by pair, with only
+/// the credentials' values replaced; decoding and re-encoding every query
+/// showed in the profile of stream opens. Anything else (an encoded name
+/// could spell a credential's) is decoded, and re-encoded, in full.
 pub fn redact_query(query: &str, secret_params: &[String]) -> String {
+    let is_secret = |name: &str| secret_params.iter().any(|p| p == name) || name.eq_ignore_ascii_case("access_token");
+    let plain = query.bytes().all(|b| b.is_ascii_graphic())
+        && query.split('&').all(|pair| !pair.split('=').next().unwrap_or("").contains(['%', '+']));
+    if plain {
+        let mut out = String::with_capacity(query.len());
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            if !out.is_empty() {
+                out.push('&');
+            }
+            let name = pair.split('=').next().unwrap_or("");
+            if is_secret(name) {
+                out.push_str(name);
+                out.push_str("=%5Bredacted%5D");
+            } else {
+                out.push_str(pair);
+            }
+        }
+        return out;
+    }
     let mut out = form_urlencoded::Serializer::new(String::new());
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-        if secret_params.iter().any(|p| *p == name) || name.eq_ignore_ascii_case("access_token") {
+        if is_secret(&name) {
             out.append_pair(&name, "[redacted]");
         } else {
             out.append_pair(&name, &value);
@@ -229,4 +254,35 @@ fn cors_layer(origins: &[String]) -> CorsLayer {
     }
     let list: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
     base.allow_origin(AllowOrigin::list(list)).allow_credentials(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_query;
+
+    fn redact(query: &str) -> String {
+        redact_query(query, &["token".to_owned(), "ticket".to_owned()])
+    }
+
+    #[test]
+    fn a_plain_query_is_copied_with_only_the_credentials_replaced() {
+        assert_eq!(
+            redact("prompt=%28hi%29&token=SECRET&pace_ms=5&ticket=T1&Access_Token=A2&flag"),
+            "prompt=%28hi%29&token=%5Bredacted%5D&pace_ms=5&ticket=%5Bredacted%5D&Access_Token=%5Bredacted%5D&flag"
+        );
+        assert_eq!(redact("a=1&&token=x="), "a=1&token=%5Bredacted%5D");
+        assert_eq!(redact(""), "");
+    }
+
+    #[test]
+    fn an_encoded_name_cannot_smuggle_a_credential_past_the_redaction() {
+        for query in ["tok%65n=SECRET", "ticke%74=SECRET&a=1", "access%5Ftoken=SECRET", "a=1&tick+et=x&ticket=SECRET"] {
+            let out = redact(query);
+            assert!(!out.contains("SECRET"), "{query} -> {out}");
+        }
+        // Bytes outside printable ASCII are decoded and re-encoded too, so a
+        // log line never carries them raw.
+        let out = redact("prompt=caf\u{e9} x&token=SECRET");
+        assert!(!out.contains("SECRET") && out.is_ascii() && !out.contains(' '), "{out}");
+    }
 }

@@ -10,6 +10,9 @@ use tokengate::config::Config;
 use tokengate::log_writer::LogWriter;
 use tokengate::server::Application;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// How long the log thread waits after a batch's first line for the rest
 /// of it: log lines appear at most this late.
@@ -99,8 +102,23 @@ fn healthcheck(config: &Config, path: &str) -> ExitCode {
     }
 }
 
+/// The log filter for `RUST_LOG` (`info` when unset or unparsable). Levels
+/// per target, the usual case, need only a [`Targets`] filter; an
+/// [`EnvFilter`] also tracks every span to match span and field directives,
+/// which cost a lock on each span's entry and exit (BENCHMARKS.md, scenario
+/// 6), so it is used only when the directives need it.
+fn log_filter(directives: Option<String>) -> (Option<Targets>, Option<EnvFilter>) {
+    let directives = directives.filter(|d| !d.trim().is_empty()).unwrap_or_else(|| "info".to_owned());
+    // Targets would take `target[span]` for a target's name and never match.
+    let per_target = !directives.contains(['[', ']', '{', '}']);
+    match directives.parse::<Targets>() {
+        Ok(targets) if per_target => (Some(targets), None),
+        _ => (None, Some(EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info")))),
+    }
+}
+
 fn serve(config: Config) -> ExitCode {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (targets, env_filter) = log_filter(std::env::var("RUST_LOG").ok());
     // Colour only on a terminal: escape codes in a log file or a collector
     // are noise (and cost formatting on every line).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -116,11 +134,12 @@ fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
+    let layer = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
+    let registry = tracing_subscriber::registry().with(targets).with(env_filter);
     if config.log_json {
-        subscriber.json().init();
+        registry.with(layer.json()).init();
     } else {
-        subscriber.init();
+        registry.with(layer).init();
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -200,5 +219,37 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::Level;
+
+    use super::log_filter;
+
+    #[test]
+    fn levels_per_target_need_no_span_tracking_filter() {
+        let (targets, env) = log_filter(Some("warn,tokengate::stream=debug".into()));
+        let targets = targets.unwrap_or_else(|| panic!("plain directives are a Targets filter"));
+        assert!(env.is_none());
+        assert!(targets.would_enable("tokengate::stream::produce", &Level::DEBUG));
+        assert!(!targets.would_enable("tokengate::server", &Level::INFO));
+        assert!(targets.would_enable("hyper", &Level::WARN));
+        for unset in [None, Some(String::new()), Some("  ".into())] {
+            let (targets, _) = log_filter(unset);
+            let targets = targets.unwrap_or_else(|| panic!("info by default"));
+            assert!(
+                targets.would_enable("tokengate", &Level::INFO) && !targets.would_enable("tokengate", &Level::DEBUG)
+            );
+        }
+    }
+
+    #[test]
+    fn span_and_field_directives_keep_the_env_filter() {
+        for directives in ["tokengate[request]=debug", "info,[request{path=/v1/stream}]=trace"] {
+            let (targets, env) = log_filter(Some(directives.into()));
+            assert!(targets.is_none() && env.is_some(), "{directives}");
+        }
     }
 }

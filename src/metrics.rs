@@ -3,6 +3,7 @@
 //! own. Handlers and streams call the typed methods here; `/metrics` renders.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
@@ -26,6 +27,10 @@ pub struct Metrics {
     bytes: Counter,
     first_delta: Histogram,
     duration: Histogram,
+    /// The labelled counters registered so far, by name and label value:
+    /// registering builds a key and a handle (allocations), and some of
+    /// these are counted on every stream.
+    labelled: Mutex<Vec<(&'static str, &'static str, Counter)>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -67,11 +72,21 @@ impl Metrics {
             bytes,
             first_delta,
             duration,
+            labelled: Mutex::new(Vec::new()),
         }
     }
 
+    /// The counter `name{label="value"}`, registered on its first use. Each
+    /// name has one label, so the name and the value find it; the few dozen
+    /// series are scanned rather than hashed.
     fn counter(&self, name: &'static str, label: &'static str, value: &'static str) -> Counter {
-        self.recorder.register_counter(&Key::from_parts(name, vec![Label::new(label, value)]), &META)
+        let mut labelled = self.labelled.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, _, counter)) = labelled.iter().find(|(n, v, _)| *n == name && *v == value) {
+            return counter.clone();
+        }
+        let counter = self.recorder.register_counter(&Key::from_parts(name, vec![Label::new(label, value)]), &META);
+        labelled.push((name, value, counter.clone()));
+        counter
     }
 
     /// A request or stream refused by a limit or a bound, by reason.
@@ -222,5 +237,27 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         self.recorder.handle().render()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_labelled_counter_is_registered_once_and_counts_every_use() {
+        let metrics = Metrics::new();
+        for _ in 0..3 {
+            metrics.stream_opened(Protocol::Native);
+        }
+        metrics.refused("rate_limited");
+        metrics.refused("too_many_streams");
+        metrics.refused("rate_limited");
+        let text = metrics.render();
+        assert!(text.contains("tokengate_streams_opened_total{dialect=\"native\"} 3"), "{text}");
+        assert!(text.contains("tokengate_refusals_total{reason=\"rate_limited\"} 2"), "{text}");
+        assert!(text.contains("tokengate_refusals_total{reason=\"too_many_streams\"} 1"), "{text}");
+        let kept = metrics.labelled.lock().unwrap_or_else(PoisonError::into_inner).len();
+        assert_eq!(kept, 3, "one handle per series");
     }
 }
