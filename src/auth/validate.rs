@@ -467,7 +467,8 @@ mod tests {
     #[tokio::test]
     async fn a_verified_token_is_kept_and_a_changed_one_is_still_refused() {
         let auth = config(None);
-        let token = hs256(json!({"sub": "a", "exp": exp(), "scope": "stream"}));
+        let claims = json!({"sub": "a", "exp": exp(), "scope": "stream"});
+        let token = hs256(claims.clone());
         let first = auth.authenticate(&token).await;
         assert!(first.as_ref().is_ok_and(|p| p.subject == "a" && p.has(Scope::Stream)), "{first:?}");
         assert_eq!(auth.verified.len(), 1, "kept once verified");
@@ -475,8 +476,10 @@ mod tests {
         assert_eq!(auth.clone().verified.len(), 1, "clones share the set");
         // The same token with another signature, or cut short, is verified
         // (and refused), not matched to the kept one.
-        let (signed, signature) = token.rsplit_once('.').unwrap_or_else(|| unreachable!());
-        let forged = format!("{signed}.{}", signature.chars().rev().collect::<String>());
+        let other_key = EncodingKey::from_secret(b"another-secret-0123456789-abcdefghij");
+        let forged =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &other_key).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(forged.rsplit_once('.').map(|(signed, _)| signed), token.rsplit_once('.').map(|(signed, _)| signed));
         assert_eq!(auth.authenticate(&forged).await, Err(AuthError::BadSignature));
         assert!(auth.authenticate(&token[..token.len() - 1]).await.is_err());
         let refused = hs256(json!({"sub": "a", "exp": exp() - 1200}));
