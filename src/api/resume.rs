@@ -4,6 +4,10 @@
 //! by `/v1/stream` (an `EventSource` reconnecting to the same URL) and
 //! `/v1/streams/{id}`.
 
+use std::convert::Infallible;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
@@ -15,13 +19,34 @@ use crate::state::AppState;
 use crate::store::Located;
 use crate::stream::{EventStream, Resumed, StreamId};
 
+/// The request's `Last-Event-ID` header (the first, as
+/// [`HeaderMap::get`] sees it) and no other: all a resume reads. axum's
+/// `HeaderMap` extractor copies every header, a handful of allocations on
+/// each stream open.
+#[derive(Debug, Default)]
+pub struct ResumeHeaders(pub HeaderMap);
+
+impl<S: Send + Sync> FromRequestParts<S> for ResumeHeaders {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Infallible> {
+        let mut headers = HeaderMap::new();
+        if let Some(value) = parts.headers.get(LAST_EVENT_ID) {
+            headers.insert(LAST_EVENT_ID, value.clone());
+        }
+        Ok(Self(headers))
+    }
+}
+
+const LAST_EVENT_ID: &str = "last-event-id";
+
 /// The resume position a client sent: the header wins over the query; an
 /// empty (or blank) value counts as absent, so an empty header leaves the
 /// query's value in force (an `EventSource` that has seen no id yet sends
 /// none, but a proxy or client library may send the header empty); one that
 /// is not plain text is refused.
 pub fn last_event_id<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Result<Option<&'a str>, ApiError> {
-    let header = match headers.get("last-event-id") {
+    let header = match headers.get(LAST_EVENT_ID) {
         None => None,
         Some(v) => Some(v.to_str().map_err(|_| ApiError::BadRequest("`Last-Event-ID` is not plain text".into()))?),
     };
@@ -116,6 +141,25 @@ mod tests {
         let point = resume_point(&with_header("0123456789abcdef0123456789abcdef.1"), Some(&query)).ok().flatten();
         assert_eq!(point.map(|(_, from)| from), Some(2));
         assert_eq!(last_event_id(&with_header(""), None).ok().flatten(), None);
+    }
+
+    #[tokio::test]
+    async fn a_resume_reads_the_first_last_event_id_and_copies_no_other_header() {
+        let request = axum::http::Request::builder()
+            .header("authorization", "Bearer t")
+            .header("Last-Event-ID", format!("{ID}.3"))
+            .header("last-event-id", format!("{ID}.9"))
+            .header("cookie", "c=1")
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (mut parts, ()) = request.into_parts();
+        let Ok(ResumeHeaders(headers)) = ResumeHeaders::from_request_parts(&mut parts, &()).await;
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        let point = resume_point(&headers, None).ok().flatten();
+        assert_eq!(point.map(|(id, from)| (id.to_string(), from)), Some((ID.to_owned(), 4)));
+        let (mut parts, ()) = axum::http::Request::new(()).into_parts();
+        let Ok(ResumeHeaders(headers)) = ResumeHeaders::from_request_parts(&mut parts, &()).await;
+        assert!(headers.is_empty());
     }
 
     #[test]

@@ -6,13 +6,12 @@
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::{Extension, Json};
 use serde::Deserialize;
 
 use super::json::json_body;
-use super::resume::{native_response, resume_at, resume_point};
+use super::resume::{ResumeHeaders, native_response, resume_at, resume_point};
 use crate::auth::{Principal, Scope};
 use crate::error::ApiError;
 use crate::event::Protocol;
@@ -50,7 +49,7 @@ pub struct StreamBody {
 pub async fn open_stream_get(
     State(state): State<AppState>,
     principal: Principal,
-    headers: HeaderMap,
+    ResumeHeaders(headers): ResumeHeaders,
     drive: Option<Extension<DriveHook>>,
     query: Result<Query<StreamQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -67,7 +66,7 @@ pub async fn open_stream_get(
 pub async fn open_stream_post(
     State(state): State<AppState>,
     principal: Principal,
-    headers: HeaderMap,
+    ResumeHeaders(headers): ResumeHeaders,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     super::require(&principal, Scope::Stream)?;

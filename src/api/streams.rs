@@ -5,11 +5,11 @@
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::resume::{resume, resume_point};
+use super::resume::{ResumeHeaders, resume, resume_point};
 use crate::auth::{Principal, Scope};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -30,7 +30,7 @@ pub async fn resume_stream(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    ResumeHeaders(headers): ResumeHeaders,
     query: Result<Query<ResumeQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     super::require(&principal, Scope::Stream)?;

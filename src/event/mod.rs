@@ -7,12 +7,14 @@
 mod code;
 mod id;
 mod protocol;
+mod text;
 
 use serde::{Deserialize, Serialize};
 
 pub use code::{ErrorCode, Outcome};
 pub use id::StreamId;
 pub use protocol::Protocol;
+pub use text::DeltaText;
 
 /// Token counts an upstream reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +60,7 @@ pub enum StreamEvent {
         /// 1-based sequence number of this delta.
         seq: u64,
         /// Exactly one grapheme cluster.
-        text: String,
+        text: DeltaText,
     },
     /// Terminal: the generator finished.
     Done {

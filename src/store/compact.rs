@@ -254,7 +254,7 @@ impl CompactLog {
                 continue;
             }
             let text = text.get(span).unwrap_or_default();
-            out.push_back(Arc::new(StreamEvent::Delta { stream_id: self.stream_id, seq, text: text.to_owned() }));
+            out.push_back(Arc::new(StreamEvent::Delta { stream_id: self.stream_id, seq, text: text.into() }));
         }
     }
 
@@ -304,7 +304,7 @@ mod tests {
         let stream_id = id();
         let mut events = vec![StreamEvent::Start { stream_id, generator: "echo".into() }];
         for (i, t) in texts.iter().enumerate() {
-            events.push(StreamEvent::Delta { stream_id, seq: i as u64 + 1, text: (*t).to_owned() });
+            events.push(StreamEvent::Delta { stream_id, seq: i as u64 + 1, text: (*t).into() });
         }
         let seq = texts.len() as u64 + 1;
         events.push(StreamEvent::Done {

@@ -16,7 +16,7 @@ use tokio::time::{Instant, sleep_until};
 
 use super::GraphemeSplitter;
 use super::graphemes::next_cluster;
-use crate::event::{ErrorCode, FinishReason, StreamEvent, StreamId};
+use crate::event::{DeltaText, ErrorCode, FinishReason, StreamEvent, StreamId};
 use crate::generator::{Chunk, TextStream};
 
 /// Per-generation settings resolved from config and the request.
@@ -78,7 +78,7 @@ pub fn events(
         let mut text_ended = false;
         let mut usage = None;
         loop {
-            if let Some(cluster) = next_cluster(&ready[at..]).map(str::to_owned) {
+            if let Some(cluster) = next_cluster(&ready[at..]).map(DeltaText::from) {
                 at += cluster.len();
                 if Instant::now() < next_delta {
                     timer.as_mut().reset(next_delta.min(deadline));
@@ -130,7 +130,7 @@ pub fn events(
                         while let Some(cluster) = next_cluster(rest) {
                             rest = &rest[cluster.len()..];
                             seq += 1;
-                            yield StreamEvent::Delta { stream_id, seq, text: cluster.to_owned() };
+                            yield StreamEvent::Delta { stream_id, seq, text: cluster.into() };
                         }
                         yield StreamEvent::Error { stream_id, seq: seq + 1, code: err.code(), message: err.to_string() };
                         return;
@@ -179,7 +179,7 @@ mod tests {
         events
             .iter()
             .filter_map(|e| match e {
-                StreamEvent::Delta { text, .. } => Some(text.clone()),
+                StreamEvent::Delta { text, .. } => Some(text.to_string()),
                 _ => None,
             })
             .collect()

@@ -461,7 +461,7 @@ mod tests {
 
     fn delta(seq: u64) -> StreamEvent {
         let stream_id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| unreachable!());
-        StreamEvent::Delta { stream_id, seq, text: seq.to_string() }
+        StreamEvent::Delta { stream_id, seq, text: seq.to_string().into() }
     }
 
     fn seqs(out: &VecDeque<Arc<StreamEvent>>) -> Vec<u64> {

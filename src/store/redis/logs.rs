@@ -204,7 +204,7 @@ pub(super) fn decode_entry(stream_id: StreamId, last: u64, json: &str) -> Option
     };
     let first = (last + 1).checked_sub(clusters.len() as u64).filter(|&f| f >= 1 && !clusters.is_empty())?;
     let deltas = clusters.into_iter().zip(first..);
-    Some(deltas.map(|(text, seq)| StreamEvent::Delta { stream_id, seq, text }).collect())
+    Some(deltas.map(|(text, seq)| StreamEvent::Delta { stream_id, seq, text: text.into() }).collect())
 }
 
 /// One stored event as the event it was: `stream_id` from the key and `seq` from the entry id
@@ -212,7 +212,7 @@ pub(super) fn decode_entry(stream_id: StreamId, last: u64, json: &str) -> Option
 fn from_stored(stream_id: StreamId, seq: u64, stored: Stored<'_>) -> Option<StreamEvent> {
     Some(match stored {
         Stored::Start { g } => StreamEvent::Start { stream_id, generator: g.into_owned() },
-        Stored::Delta { x } => StreamEvent::Delta { stream_id, seq, text: x.into_owned() },
+        Stored::Delta { x } => StreamEvent::Delta { stream_id, seq, text: x.as_ref().into() },
         Stored::Done { n, u } => {
             StreamEvent::Done { stream_id, seq, finish_reason: FinishReason::Stop, chars: n, usage: u }
         }
@@ -372,7 +372,7 @@ mod tests {
     #[test]
     fn consecutive_deltas_are_stored_as_runs_and_read_back_one_by_one() {
         let id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| unreachable!());
-        let delta = |seq: u64| Arc::new(StreamEvent::Delta { stream_id: id, seq, text: format!("c{seq}") });
+        let delta = |seq: u64| Arc::new(StreamEvent::Delta { stream_id: id, seq, text: format!("c{seq}").into() });
         let mut events = vec![Arc::new(StreamEvent::Start { stream_id: id, generator: "g".into() })];
         events.extend((1..=70).map(delta));
         events.push(Arc::new(StreamEvent::Heartbeat));
@@ -411,13 +411,13 @@ mod tests {
         let id = StreamId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| unreachable!());
         let run = |texts: &[&str]| -> Vec<Arc<StreamEvent>> {
             let deltas = texts.iter().zip(1..);
-            deltas.map(|(t, seq)| Arc::new(StreamEvent::Delta { stream_id: id, seq, text: (*t).to_owned() })).collect()
+            deltas.map(|(t, seq)| Arc::new(StreamEvent::Delta { stream_id: id, seq, text: (*t).into() })).collect()
         };
         let decoded = |last: u64, json: &str| -> Vec<String> {
             let events = decode_entry(id, last, json).unwrap_or_default();
             events
                 .into_iter()
-                .map(|e| if let StreamEvent::Delta { text, .. } = e { text } else { String::new() })
+                .map(|e| if let StreamEvent::Delta { text, .. } = e { text.to_string() } else { String::new() })
                 .collect()
         };
         let plain = ["a", "你", "好", "\"", "😀"];
