@@ -13,10 +13,11 @@
 //!
 //! Lines beyond the buffer's bound are dropped rather than waited for, and
 //! counted: the next batch says how many were lost. Dropping the
-//! [`FlushOnDrop`] guard writes what is pending and stops the thread.
+//! [`FlushOnDrop`] guard writes what is pending and stops the thread,
+//! waiting a second at most.
 
 use std::io::{self, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,12 +27,18 @@ use tracing_subscriber::fmt::MakeWriter;
 #[derive(Clone)]
 pub struct LogWriter(Arc<Shared>);
 
-/// Stops the writer thread once everything pending is written.
+/// Stops the writer thread once everything pending is written, waiting
+/// at most [`FLUSH_WAIT`] for it: a stalled stderr must not keep the
+/// process from exiting.
 #[must_use = "dropping the guard stops the log writer"]
 pub struct FlushOnDrop {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    finished: mpsc::Receiver<()>,
 }
+
+/// How long dropping [`FlushOnDrop`] waits for the last lines to be written.
+const FLUSH_WAIT: Duration = Duration::from_secs(1);
 
 struct Shared {
     pending: Mutex<Pending>,
@@ -74,10 +81,12 @@ impl LogWriter {
             wake_at: max_pending / 4,
         });
         let worker = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("tokengate-log".into())
-            .spawn(move || write_batches(&worker, out, linger))?;
-        Ok((Self(shared.clone()), FlushOnDrop { shared, thread: Some(thread) }))
+        let (done, finished) = mpsc::channel();
+        let thread = std::thread::Builder::new().name("tokengate-log".into()).spawn(move || {
+            write_batches(&worker, out, linger);
+            let _ = done.send(());
+        })?;
+        Ok((Self(shared.clone()), FlushOnDrop { shared, thread: Some(thread), finished }))
     }
 
     /// Queues one line (the subscriber writes each formatted line in one
@@ -141,7 +150,11 @@ impl Drop for FlushOnDrop {
     fn drop(&mut self) {
         self.shared.lock().closed = true;
         self.shared.wake.notify_one();
-        if let Some(thread) = self.thread.take() {
+        // A thread blocked in a write to a stalled stderr is left behind
+        // (the process is exiting); one that finished is joined.
+        if self.finished.recv_timeout(FLUSH_WAIT).is_ok()
+            && let Some(thread) = self.thread.take()
+        {
             let _ = thread.join();
         }
     }
@@ -247,6 +260,35 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(calls.text(), format!("short\n{long}"), "a quarter of the bound cuts the linger short");
+    }
+
+    /// A sink whose writes never return, like a pipe nobody reads.
+    struct Stalled(mpsc::Receiver<()>);
+
+    impl Write for Stalled {
+        fn write(&mut self, _buf: &[u8]) -> io::Result<usize> {
+            let _ = self.0.recv();
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_output_does_not_hold_up_the_guard() {
+        let (release, stalled) = mpsc::channel();
+        let (writer, guard) =
+            LogWriter::spawn(Stalled(stalled), Duration::ZERO, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        line(&writer, "stuck\n");
+        let (dropped_tx, dropped) = mpsc::channel();
+        std::thread::spawn(move || {
+            drop(guard);
+            let _ = dropped_tx.send(());
+        });
+        let returned = dropped.recv_timeout(Duration::from_secs(30));
+        let _ = release.send(());
+        assert!(returned.is_ok(), "dropping the guard waited on a stalled write");
     }
 
     #[test]
