@@ -24,17 +24,21 @@ fn fill_random(out: &mut [u8]) -> Result<(), getrandom::Error> {
     if out.len() > RANDOM_BATCH {
         return getrandom::fill(out);
     }
-    POOL.with_borrow_mut(|pool| {
+    // A thread being torn down has no pool any more: straight to the OS.
+    let pooled = POOL.try_with(|pool| {
+        let mut pool = pool.borrow_mut();
         if RANDOM_BATCH - pool.taken < out.len() {
             getrandom::fill(&mut pool.bytes)?;
             pool.taken = 0;
         }
-        let taken = &mut pool.bytes[pool.taken..pool.taken + out.len()];
+        let start = pool.taken;
+        let taken = &mut pool.bytes[start..start + out.len()];
         out.copy_from_slice(taken);
         taken.fill(0);
         pool.taken += out.len();
         Ok(())
-    })
+    });
+    pooled.unwrap_or_else(|_| getrandom::fill(out))
 }
 
 /// A stream's id: 128 bits from the OS RNG, shown as 32 lowercase hex digits
