@@ -49,9 +49,22 @@ impl Dialect for Native {
                 buf.put_slice(b"}\n\n");
             }
             StreamEvent::Start { stream_id, generator } => {
-                let data = serde_json::json!({ "stream_id": stream_id.to_string(), "generator": generator });
+                // Once per stream, but every stream: pre-shaped like a
+                // delta, in the order serde_json's sorted map writes it.
                 push_id(buf, *stream_id, 0);
-                push_event(buf, None, Some("start"), &data.to_string());
+                buf.put_slice(b"event: start\ndata: {\"generator\":");
+                push_json_string(buf, generator);
+                buf.put_slice(b",\"stream_id\":\"");
+                buf.put_slice(&stream_id.to_hex());
+                buf.put_slice(b"\"}\n\n");
+            }
+            StreamEvent::Done { stream_id, seq, finish_reason, chars, usage: None } => {
+                push_id(buf, *stream_id, *seq);
+                buf.put_slice(b"event: done\ndata: {\"chars\":");
+                crate::sse::push_u64(buf, *chars);
+                buf.put_slice(b",\"finish_reason\":");
+                push_json_string(buf, finish_reason.as_str());
+                buf.put_slice(b"}\n\n");
             }
             StreamEvent::Done { stream_id, seq, finish_reason, chars, usage } => {
                 let mut data = serde_json::json!({ "finish_reason": finish_reason.as_str(), "chars": chars });
@@ -84,6 +97,53 @@ impl Dialect for Native {
                 push_event(buf, None, Some("shutdown"), &data.to_string());
             }
             StreamEvent::Heartbeat => push_comment(buf, "keep-alive"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::FinishReason;
+
+    fn rendered(event: &StreamEvent) -> String {
+        let mut buf = BytesMut::new();
+        Native { retry_ms: 1000 }.render(event, &mut buf);
+        String::from_utf8(buf.to_vec()).unwrap_or_default()
+    }
+
+    /// What the serializer writes, for the pre-shaped events to match.
+    fn serialized(stream_id: StreamId, seq: u64, event: &str, data: serde_json::Value) -> String {
+        let mut buf = BytesMut::new();
+        push_id(&mut buf, stream_id, seq);
+        push_event(&mut buf, None, Some(event), &data.to_string());
+        String::from_utf8(buf.to_vec()).unwrap_or_default()
+    }
+
+    #[test]
+    fn start_and_done_are_written_as_the_serializer_would() {
+        let id = StreamId::random().unwrap_or_else(|e| panic!("{e}"));
+        for generator in ["demo", "openai", "my \"model\" \\ é 你\n\t\u{1}"] {
+            let start = StreamEvent::Start { stream_id: id, generator: generator.into() };
+            let expected =
+                serialized(id, 0, "start", serde_json::json!({ "stream_id": id.to_string(), "generator": generator }));
+            assert_eq!(rendered(&start), expected);
+        }
+        for chars in [0, 8, u64::MAX] {
+            let done = StreamEvent::Done {
+                stream_id: id,
+                seq: chars / 2,
+                finish_reason: FinishReason::Stop,
+                chars,
+                usage: None,
+            };
+            let expected = serialized(
+                id,
+                chars / 2,
+                "done",
+                serde_json::json!({ "finish_reason": FinishReason::Stop.as_str(), "chars": chars }),
+            );
+            assert_eq!(rendered(&done), expected);
         }
     }
 }
