@@ -234,6 +234,14 @@ impl Metrics {
         }
     }
 
+    /// Folds the histogram samples recorded since the last upkeep into
+    /// their buckets. The exporter keeps every raw sample until then (two
+    /// per stream): without a periodic upkeep, or a scrape, they would grow
+    /// without bound on a server nobody scrapes.
+    pub fn upkeep(&self) {
+        self.recorder.handle().run_upkeep();
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         self.recorder.handle().render()
@@ -259,5 +267,19 @@ mod tests {
         assert!(text.contains("tokengate_refusals_total{reason=\"too_many_streams\"} 1"), "{text}");
         let kept = metrics.labelled.lock().unwrap_or_else(PoisonError::into_inner).len();
         assert_eq!(kept, 3, "one handle per series");
+    }
+
+    #[test]
+    fn upkeep_keeps_every_sample_in_the_histogram() {
+        let metrics = Metrics::new();
+        for ms in 0..1000 {
+            metrics.stream_duration(std::time::Duration::from_millis(ms));
+        }
+        metrics.upkeep();
+        metrics.stream_duration(std::time::Duration::from_secs(2));
+        metrics.upkeep();
+        let text = metrics.render();
+        assert!(text.contains("tokengate_stream_duration_seconds_count 1001"), "{text}");
+        assert!(text.contains("tokengate_stream_duration_seconds_bucket{le=\"0.5\"} 501"), "{text}");
     }
 }
