@@ -4,8 +4,9 @@
 //! A runtime worker must never block on stderr (a pipe to a stalled or busy
 //! collector), so lines are handed to a writer thread. Handing each line
 //! over on its own, as a channel does, wakes that thread once per line: at
-//! 10,000 stream opens a second (one log line each) the wake-ups and the
-//! thread's context switches were 7 % of the server's CPU (BENCHMARKS.md,
+//! 10,000 stream opens a second (one log line each) that thread was 6 % of
+//! the server's profile samples, mostly context switches (measured side by
+//! side, this writer saved 2 % of the CPU per open; BENCHMARKS.md,
 //! scenario 6). Here a line is appended to a shared buffer under a short
 //! lock; only the first line into an empty buffer wakes the thread, which
 //! then waits [`LogWriter::spawn`]'s `linger` for more before it writes them

@@ -58,12 +58,6 @@ impl From<String> for DeltaText {
     }
 }
 
-impl From<&String> for DeltaText {
-    fn from(text: &String) -> Self {
-        Self::from(text.as_str())
-    }
-}
-
 impl Deref for DeltaText {
     type Target = str;
 
